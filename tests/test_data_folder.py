@@ -1,0 +1,260 @@
+"""The VTAB-1k folder source: generated folders in tmp_path and the real CIFAR-10.
+
+References are independent of the pipeline: PIL decodes and resizes, numpy
+normalises, and split files are parsed here with plain string handling.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PIL = pytest.importorskip('PIL')
+from PIL import Image  # pylint: disable=g-import-not-at-top
+
+from pyra_jax.data import DataError, get_data  # pylint: disable=g-import-not-at-top
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+SHARED = Path(__file__).resolve().parents[2] / 'shared'
+REAL_CIFAR10 = SHARED / 'data' / 'vtab1k' / 'cifar10'
+
+
+def _write_split(task_dir: Path, split: str, images, labels, ext='png'):
+  """Writes images/<split>/NNNNNN.<ext> and <split>.txt like VTAB-1k folders."""
+  (task_dir / 'images' / split).mkdir(parents=True, exist_ok=True)
+  lines = []
+  for i, (image, label) in enumerate(zip(images, labels)):
+    rel = f'images/{split}/{i:06d}.{ext}'
+    Image.fromarray(image).save(task_dir / rel,
+                                **({'quality': 95} if ext == 'jpg' else {}))
+    lines.append(f'{rel} {label}')
+  (task_dir / f'{split}.txt').write_text('\n'.join(lines) + '\n')
+
+
+def _grey_id_images(n, size=8):
+  """Image i is uniformly grey with value 10 + 6 i: its id survives resizing."""
+  return [np.full((size, size, 3), 10 + 6 * i, np.uint8) for i in range(n)]
+
+
+def _ids(images):
+  """Recovers ids from imagenet-normalised grey images (per-image mean)."""
+  pixels = (images * STD + MEAN) * 255.0
+  return np.round((pixels.mean(axis=(1, 2, 3)) - 10) / 6).astype(int)
+
+
+def _unnormalise(images):
+  return np.round((images * STD + MEAN) * 255.0).astype(int)
+
+
+def test_exact_values_at_native_size(tmp_path):
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            for _ in range(6)]
+  labels = [3, 1, 4, 1, 5, 9]
+  _write_split(tmp_path / 'cifar10', 'val200', images, labels)
+  for norm, expected_fn in (
+      ('imagenet', lambda x: (x / 255.0 - MEAN) / STD),
+      ('inception', lambda x: x / 127.5 - 1.0)):
+    config = {'source': 'folder', 'task': 'cifar10', 'data_dir': str(tmp_path),
+              'normalization': norm}
+    data = get_data(config, 'val200', 4, image_size=16, train=False, seed=0)
+    batches = list(data)
+    got = np.concatenate([b['image'][b['mask']] for b in batches])
+    want = np.stack([expected_fn(x.astype(np.float32)) for x in images])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(
+        np.concatenate([b['label'][b['mask']] for b in batches]), labels)
+
+
+def test_resize_matches_pil_bicubic(tmp_path):
+  # The authors' torchvision pipeline resizes with PIL bicubic (antialiased
+  # when shrinking); ours must agree within rounding.
+  rng = np.random.default_rng(1)
+  small = rng.integers(0, 256, (12, 18, 3), dtype=np.uint8)
+  image = np.asarray(Image.fromarray(small).resize((57, 40), Image.BILINEAR))
+  _write_split(tmp_path / 'cifar10', 'test', [image], [0])
+  for size in (20, 96):
+    data = get_data({'source': 'folder', 'task': 'cifar10',
+                     'data_dir': str(tmp_path)}, 'test', 1, image_size=size,
+                    train=False, seed=0)
+    got = _unnormalise(next(iter(data))['image'][0])
+    want = np.asarray(Image.fromarray(image).resize((size, size),
+                                                    Image.BICUBIC)).astype(int)
+    diff = np.abs(got - want)
+    assert diff.max() <= 2 and diff.mean() < 0.5, (size, diff.max(),
+                                                   diff.mean())
+
+
+def test_padding_counts_every_example_once(tmp_path):
+  n, batch = 37, 8
+  labels = [(7 * i) % 10 for i in range(n)]
+  _write_split(tmp_path / 'cifar10', 'test', _grey_id_images(n), labels)
+  data = get_data({'source': 'folder', 'task': 'cifar10',
+                   'data_dir': str(tmp_path)}, 'test', batch, image_size=4,
+                  train=False, seed=0)
+  assert data.num_examples == n
+  assert data.steps_per_epoch == 5  # ceil(37 / 8)
+  batches = list(data)
+  assert len(batches) == 5
+  for b in batches:
+    assert b['image'].shape == (batch, 4, 4, 3)
+    assert b['label'].shape == b['mask'].shape == (batch,)
+    assert b['mask'].dtype == bool and b['label'].dtype == np.int32
+  masks = np.concatenate([b['mask'] for b in batches])
+  assert masks.sum() == n
+  np.testing.assert_array_equal(batches[-1]['mask'], [True] * 5 + [False] * 3)
+  # Padded rows: zero images, label 0 -- and dropped by the mask.
+  last = batches[-1]
+  assert (last['image'][~last['mask']] == 0).all()
+  assert (last['label'][~last['mask']] == 0).all()
+  ids = np.concatenate([_ids(b['image'][b['mask']]) for b in batches])
+  np.testing.assert_array_equal(ids, np.arange(n))  # Each once, file order.
+  second_pass = list(data)
+  assert len(second_pass) == 5
+  for a, b in zip(batches, second_pass):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['mask'], b['mask'])
+  real_labels = np.concatenate([b['label'][b['mask']] for b in batches])
+  np.testing.assert_array_equal(np.bincount(real_labels, minlength=10),
+                                np.bincount(labels, minlength=10))
+
+
+def test_training_is_deterministic_and_reshuffles(tmp_path):
+  n, batch = 37, 8
+  _write_split(tmp_path / 'cifar10', 'train800', _grey_id_images(n), [0] * n)
+  config = {'source': 'folder', 'task': 'cifar10', 'data_dir': str(tmp_path)}
+
+  def id_stream(seed, num_batches=10):
+    data = get_data(config, 'train800', batch, image_size=4, train=True,
+                    seed=seed)
+    assert data.steps_per_epoch == 4 and data.num_examples == n
+    it = iter(data)
+    batches = [next(it) for _ in range(num_batches)]
+    for b in batches:
+      assert b['image'].shape == (batch, 4, 4, 3) and b['mask'].all()
+    return np.concatenate([_ids(b['image']) for b in batches]), batches
+
+  ids0, batches0 = id_stream(0)
+  ids0_again, batches0_again = id_stream(0)
+  for a, b in zip(batches0, batches0_again):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  np.testing.assert_array_equal(ids0, ids0_again)
+  # Each epoch is a permutation of all examples; epochs differ in order.
+  epoch1, epoch2 = ids0[:n], ids0[n:2 * n]
+  np.testing.assert_array_equal(np.sort(epoch1), np.arange(n))
+  np.testing.assert_array_equal(np.sort(epoch2), np.arange(n))
+  assert not np.array_equal(epoch1, epoch2)
+  assert not np.array_equal(epoch1, np.arange(n))  # Actually shuffled.
+  ids1, _ = id_stream(1)
+  assert not np.array_equal(ids0, ids1)
+  # A second iteration of the same Data restarts the same sequence (tf.data's
+  # seeded shuffle alone would continue its random stream instead).
+  data = get_data(config, 'train800', batch, image_size=4, train=True, seed=0)
+  for _ in range(2):
+    it = iter(data)
+    again = np.concatenate([_ids(next(it)['image']) for _ in range(10)])
+    np.testing.assert_array_equal(again, ids0)
+
+
+def test_folder_aliases_and_jpeg(tmp_path):
+  rng = np.random.default_rng(2)
+  small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+  image = np.asarray(Image.fromarray(small).resize((16, 16), Image.BILINEAR))
+  for folder_name, task, label in (('cifar', 'cifar100', 99),
+                                   ('oxford_pet', 'oxford_iiit_pet', 36)):
+    _write_split(tmp_path / folder_name, 'train800val200', [image], [label],
+                 ext='jpg')
+    data = get_data({'source': 'folder', 'task': task,
+                     'data_dir': str(tmp_path)}, 'train800val200', 1,
+                    image_size=16, train=False, seed=0)
+    assert data.num_classes == (100 if task == 'cifar100' else 37)
+    batch = next(iter(data))
+    assert batch['label'][0] == label
+    decoded = np.asarray(Image.open(
+        tmp_path / folder_name / 'images/train800val200/000000.jpg')).astype(int)
+    # The accurate IDCT reproduces PIL's JPEG decoding.
+    assert np.abs(_unnormalise(batch['image'][0]) - decoded).max() <= 1
+  # data_dir may also be the task directory itself.
+  data = get_data({'source': 'folder', 'task': 'cifar100',
+                   'data_dir': str(tmp_path / 'cifar')}, 'train800val200', 1,
+                  image_size=8, train=False, seed=0)
+  assert data.num_examples == 1
+
+
+def test_folder_errors_name_the_file(tmp_path):
+  task_dir = tmp_path / 'cifar10'
+  _write_split(task_dir, 'train800', _grey_id_images(3), [1, 2, 3])
+  config = {'source': 'folder', 'task': 'cifar10', 'data_dir': str(tmp_path)}
+
+  with pytest.raises(DataError, match=str(task_dir / 'val200.txt')):
+    get_data(config, 'val200', 2, image_size=8, train=False, seed=0)
+
+  lines = (task_dir / 'train800.txt').read_text().splitlines()
+  (task_dir / 'train800.txt').write_text(
+      '\n'.join(lines[:2] + ['images/train800/000002.png 10']) + '\n')
+  with pytest.raises(DataError) as info:
+    get_data(config, 'train800', 2, image_size=8, train=True, seed=0)
+  assert f'{task_dir / "train800.txt"}, line 3' in str(info.value)
+  assert 'label 10 is outside [0, 10)' in str(info.value)
+
+  (task_dir / 'train800.txt').write_text(
+      '\n'.join(lines[:1] + ['images/train800/missing.jpg 4']) + '\n')
+  with pytest.raises(DataError) as info:
+    get_data(config, 'train800', 2, image_size=8, train=True, seed=0)
+  assert f'{task_dir / "train800.txt"}, line 2' in str(info.value)
+  assert str(task_dir / 'images/train800/missing.jpg') in str(info.value)
+
+  (task_dir / 'train800.txt').write_text('\n'.join(lines) + '\n')
+  with pytest.raises(DataError, match='fewer than one batch'):
+    get_data(config, 'train800', 8, image_size=8, train=True, seed=0)
+  with pytest.raises(DataError, match='No folder for task'):
+    get_data({**config, 'task': 'dtd'}, 'train800', 2, image_size=8,
+             train=True, seed=0)
+  with pytest.raises(DataError, match='Unknown split'):
+    get_data(config, 'train', 2, image_size=8, train=True, seed=0)
+  with pytest.raises(DataError, match='Unknown data.source'):
+    get_data({**config, 'source': 'hub'}, 'train800', 2, image_size=8,
+             train=True, seed=0)
+
+
+def _split_labels(split):
+  lines = (REAL_CIFAR10 / f'{split}.txt').read_text().split('\n')
+  return np.array([int(line.split()[1]) for line in lines if line.strip()])
+
+
+@pytest.mark.skipif(not REAL_CIFAR10.is_dir(),
+                    reason='shared/data/vtab1k/cifar10 is absent')
+def test_real_cifar10_folder():
+  config = {'source': 'folder', 'task': 'cifar10',
+            'data_dir': str(REAL_CIFAR10.parent)}
+  for split, count in (('train800', 800), ('val200', 200),
+                       ('train800val200', 1000), ('test', 10_000)):
+    data = get_data(config, split, 512, image_size=32, train=False, seed=0)
+    assert data.num_examples == count, split
+    assert data.num_classes == 10
+    assert data.steps_per_epoch == -(-count // 512)
+
+  test = get_data(config, 'test', 512, image_size=32, train=False, seed=0)
+  total, hist, first = 0, np.zeros(10, int), None
+  for batch in test:
+    total += int(batch['mask'].sum())
+    hist += np.bincount(batch['label'][batch['mask']], minlength=10)
+    first = batch if first is None else first
+  assert total == 10_000
+  np.testing.assert_array_equal(hist, np.bincount(_split_labels('test'),
+                                                  minlength=10))
+  for i in range(3):  # Pixels agree with PIL's decoding of the same JPEGs.
+    decoded = np.asarray(Image.open(
+        REAL_CIFAR10 / f'images/test/{i:06d}.jpg').convert('RGB')).astype(int)
+    assert np.abs(_unnormalise(first['image'][i]) - decoded).max() <= 1
+
+  train = get_data(config, 'train800val200', 100, image_size=32, train=True,
+                   seed=0)
+  assert train.steps_per_epoch == 10
+  it = iter(train)
+  epoch = np.concatenate([next(it)['label'] for _ in range(10)])
+  np.testing.assert_array_equal(
+      np.bincount(epoch, minlength=10),
+      np.bincount(_split_labels('train800val200'), minlength=10))
