@@ -1,0 +1,86 @@
+"""Metrics: JSON lines + TensorBoard in the workdir, a tqdm bar on the console.
+
+`metrics.jsonl` holds one JSON object per logged step ({'step': ..., name:
+value}); it is the file to plot from. TensorBoard event files go to
+`<workdir>/tensorboard`. Only process 0 writes, so multi-host runs produce one
+copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import tqdm
+
+
+class MetricWriter:
+  """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True,
+               tensorboard: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if tensorboard:
+      import tensorboardX  # Heavy import: only when a run really logs.
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records logged after `step`: a resumed run recomputes them."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [l for l in f if l.strip()]
+    kept = [l for l in lines if json.loads(l).get('step', 0) <= step]
+    if len(kept) != len(lines):
+      tmp = self.path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+
+  def write(self, step: int, **scalars: Any) -> None:
+    if not self.enabled:
+      return
+    record = {'step': int(step)}
+    for k, v in scalars.items():
+      v = float(v) if not isinstance(v, (int, str)) else v
+      record[k] = v if not (isinstance(v, float) and not math.isfinite(v)) else str(v)
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self._tb is not None:
+      for k, v in scalars.items():
+        if not isinstance(v, str):
+          self._tb.add_scalar(k, float(v), int(step))
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """Reads back `metrics.jsonl` (for tests and notebooks)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def progress_bar(total: int, initial: int, *, enabled: bool = True,
+                 desc: str = 'train') -> tqdm.tqdm:
+  """A step progress bar with ETA; silent when stderr is not a terminal."""
+  return tqdm.tqdm(total=total, initial=initial, desc=desc, unit='step',
+                   dynamic_ncols=True, leave=True,
+                   disable=not (enabled and sys.stderr.isatty()))

@@ -1,0 +1,566 @@
+"""The training loop, evaluation and export behind `python -m pyra_jax.main`.
+
+One run = one workdir:
+  <workdir>/checkpoints/<step>/   Orbax: trainable params, optimiser state, meta
+  <workdir>/metrics.jsonl         loss, both lrs, train accuracy, images/s, evals
+  <workdir>/tensorboard/          the same scalars for TensorBoard
+  <workdir>/results.json          final and max eval accuracy, config, timings
+  <workdir>/export/               (`--mode=export`) full params with LoRA folded
+
+Exactness: the batch of step s is the s-th batch of the seeded pipeline and
+the dropout key of step s is `fold_in(key, s)`, so a run killed at any point
+and restarted on the same workdir ends with bit-identical parameters (on one
+platform).
+
+Data parallelism: a 1-D mesh 'data' over every device; batches are sharded on
+their first axis, parameters and optimiser state replicated. The global batch
+is `config.batch_size`, whatever the number of devices.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pyra_jax import checkpointing
+from pyra_jax import metrics as metrics_lib
+from pyra_jax import optim
+
+PyTree = Any
+
+
+class TrainingError(ValueError):
+  """A run that cannot continue (e.g. a non-finite loss); the message says why."""
+
+
+# A config that cannot run; the message names the field to change.
+ConfigError = optim.ConfigError
+
+
+# ----------------------------------------------------------------------------
+# Compiled functions are memoised per (model, optimiser, mesh), so several runs
+# in one process (tests, sweeps, eval after train) compile once. Keys are JSON
+# of the config sections that define the function; a field missing from a key
+# could only cause a recompilation, never a wrong reuse, because keys exclude
+# fields by name (`_NOT_IN_STEP`) rather than include them.
+# ----------------------------------------------------------------------------
+
+_CACHE: 'collections.OrderedDict[Any, Any]' = collections.OrderedDict()
+_CACHE_SIZE = 16
+# Fields that never change a compiled train step.
+_NOT_IN_STEP = ('seed', 'model_init', 'model_init_format', 'data',
+                'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
+                'keep_checkpoints', 'eval_batch_size')
+
+
+def _json(obj: Any) -> str:
+  return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _memo(key: Any, make: Callable[[], Any]) -> Any:
+  if key in _CACHE:
+    _CACHE.move_to_end(key)
+    return _CACHE[key]
+  value = _CACHE[key] = make()
+  while len(_CACHE) > _CACHE_SIZE:
+    _CACHE.popitem(last=False)
+  return value
+
+
+# ----------------------------------------------------------------------------
+# The modules this loop drives. Indirections so tests can swap in tiny fakes.
+# ----------------------------------------------------------------------------
+
+def build_model(model_config: ml_collections.ConfigDict, dtype: str = 'float32'):
+  from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
+  try:
+    return _memo(('model', _json(model_config.to_dict()), dtype),
+                 lambda: vit.build_model(model_config, dtype=dtype))
+  except ValueError as e:
+    # Its checks are all about the user's config (model_kwargs validates the
+    # variant, method and schedule before tracing): a plain ValueError there
+    # is a config problem, reported as one.
+    if type(e) is ValueError:
+      raise ConfigError(str(e)) from e
+    raise
+
+
+def get_data(data_config, split: str, batch_size: int, *, image_size: int,
+             train: bool, seed: int):
+  from pyra_jax import data  # pylint: disable=g-import-not-at-top
+  return data.get_data(data_config, split, batch_size, image_size=image_size,
+                       train=train, seed=seed)
+
+
+def load_pretrained(path: str, fmt: str, init_params: PyTree,
+                    model_config: ml_collections.ConfigDict) -> PyTree:
+  from pyra_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  return checkpoints.load_pretrained(path, fmt, init_params, model_config)
+
+
+# ----------------------------------------------------------------------------
+# Setup shared by train, eval and export.
+# ----------------------------------------------------------------------------
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh named 'data' over every device (of every host)."""
+  return Mesh(np.asarray(jax.devices()), ('data',))
+
+
+def resolve_model_config(config: ml_collections.ConfigDict,
+                         num_classes: int) -> ml_collections.ConfigDict:
+  """config.model with num_classes = -1 replaced by the task's class count."""
+  mc = ml_collections.ConfigDict(config.model.to_dict())
+  if mc.num_classes == -1:
+    mc.num_classes = int(num_classes)
+  return mc
+
+
+def init_params(config: ml_collections.ConfigDict,
+                model_config: ml_collections.ConfigDict, model) -> PyTree:
+  """Random init (head, LoRA, PYRA), then the pretrained backbone if given."""
+  # An 'rbg' key: XLA compiles its RNG 3-4x faster than threefry on CPU (init
+  # draws a key per parameter), and init runs on one device, so its values do
+  # not depend on the mesh. Dropout keeps threefry (sharding-invariant).
+  key = jax.random.key(config.seed, impl='rbg')
+  size = model_config.image_size
+
+  def make_init():
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    return jax.jit(lambda k: model.init({'params': k}, dummy, train=False))
+  # id(model) is a safe key: the cached closure keeps the model alive, so its
+  # id cannot be reused by another object while the entry exists.
+  init = _memo(('init', id(model), size), make_init)
+  params = jax.device_get(init(key)['params'])
+  if config.model_init:
+    params = load_pretrained(config.model_init, config.model_init_format,
+                             params, model_config)
+  return params
+
+
+def dropout_key(config: ml_collections.ConfigDict) -> jax.Array:
+  """The root dropout key; step s uses fold_in(root, s), so resume is exact."""
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+
+
+def _check_divisible(name: str, value: int) -> None:
+  n = jax.device_count()
+  if value % n:
+    raise ConfigError(f'config.{name} = {value} is not divisible by the {n} '
+                      f'devices: use a multiple of {n}.')
+
+
+def _shard(batch: dict, sharding: NamedSharding) -> dict:
+  """Places a global numpy batch on the mesh, split along axis 0.
+
+  Every host reads the same global batch (VTAB-1k is small) and contributes
+  its own slice, so multi-host data needs no per-host sharding of the files.
+  """
+  pc, pi = jax.process_count(), jax.process_index()
+
+  def put(x):
+    x = np.asarray(x)
+    if pc > 1:
+      n = x.shape[0] // pc
+      x = x[pi * n:(pi + 1) * n]
+    return jax.make_array_from_process_local_data(sharding, x)
+  return {k: put(batch[k]) for k in ('image', 'label', 'mask')}
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything train/eval/export need, built once from a config."""
+  config: ml_collections.ConfigDict
+  model_config: ml_collections.ConfigDict
+  model: Any
+  mesh: Mesh
+  trainable: PyTree          # host arrays, fresh init (before any restore)
+  frozen: PyTree             # on the mesh, replicated
+  frozen_fingerprint: str
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P('data'))
+
+  def replicate(self, tree: PyTree) -> PyTree:
+    return jax.device_put(tree, self.replicated)
+
+  def abstract(self, tree: PyTree) -> PyTree:
+    """ShapeDtypeStructs with the replicated sharding, for Orbax restores."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                       sharding=self.replicated), tree)
+
+
+def setup(config: ml_collections.ConfigDict, num_classes: int) -> Run:
+  model_config = resolve_model_config(config, num_classes)
+  model = build_model(model_config, config.get('dtype', 'float32'))
+  params = init_params(config, model_config, model)
+  trainable, frozen = optim.split_params(params, config.trainable)
+  if not jax.tree.leaves(trainable):
+    raise ConfigError('No parameter matches config.trainable '
+                      f'{json.loads(config.trainable.to_json())}: nothing would '
+                      'train. Check the regexes against the parameter paths.')
+  fp = checkpointing.fingerprint(frozen)
+  mesh = make_mesh()
+  run = Run(config, model_config, model, mesh, trainable, None, fp)
+  run.frozen = run.replicate(frozen)
+  return run
+
+
+# ----------------------------------------------------------------------------
+# Steps.
+# ----------------------------------------------------------------------------
+
+def _masked_xent(logits, labels, mask):
+  w = mask.astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels)
+  loss = (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
+  correct = ((jnp.argmax(logits, -1) == labels) * w).sum()
+  return loss, correct, w.sum()
+
+
+def step_key(run: 'Run') -> str:
+  """JSON of every config field that can change the compiled train step."""
+  cfg = checkpointing.config_to_dict(run.config)
+  for k in _NOT_IN_STEP:
+    cfg.pop(k, None)
+  return _json([cfg, run.model_config.to_dict()])
+
+
+def make_optimizer(run: 'Run', steps_per_epoch: int):
+  """(tx, schedules, jit(tx.init)), memoised with the train step."""
+  def make():
+    tx, schedules = optim.make_optimizer(run.config, steps_per_epoch)
+    return tx, schedules, jax.jit(tx.init)
+  return _memo(('opt', step_key(run), steps_per_epoch), make)
+
+
+def make_train_step(run: 'Run', steps_per_epoch: int) -> Callable:
+  """jit(train_step)(trainable, opt_state, frozen, batch, step, key).
+
+  Returns (trainable, opt_state, metrics). The dropout key of the step is
+  fold_in(key, step): a pure function of the step, so a resumed run draws the
+  same masks.
+  """
+  model = run.model
+  tx = make_optimizer(run, steps_per_epoch)[0]
+
+  def train_step(trainable, opt_state, frozen, batch, step, key):
+    rng = jax.random.fold_in(key, step)
+
+    def loss_fn(tr):
+      logits = model.apply({'params': optim.merge_params(tr, frozen)},
+                           batch['image'], train=True, rngs={'dropout': rng})
+      loss, correct, count = _masked_xent(logits, batch['label'], batch['mask'])
+      return loss, (correct, count)
+
+    (loss, (correct, count)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {'loss': loss, 'correct': correct,
+                                  'count': count,
+                                  'grad_norm': optax.tree.norm(grads)}
+
+  return _memo(('train', step_key(run), steps_per_epoch, run.mesh),
+               lambda: jax.jit(train_step, donate_argnums=(0, 1),
+                               out_shardings=run.replicated))
+
+
+def make_eval_step(run: 'Run') -> Callable:
+  """jit(eval_step)(trainable, frozen, batch) -> (correct, count) as int32."""
+  model = run.model
+
+  def eval_step(trainable, frozen, batch):
+    logits = model.apply({'params': optim.merge_params(trainable, frozen)},
+                         batch['image'], train=False)
+    hit = (jnp.argmax(logits, -1) == batch['label']) & batch['mask']
+    return hit.sum(dtype=jnp.int32), batch['mask'].sum(dtype=jnp.int32)
+
+  return _memo(('eval', id(model), run.mesh),
+               lambda: jax.jit(eval_step, out_shardings=run.replicated))
+
+
+def evaluate(run: Run, eval_step: Callable, trainable: PyTree,
+             eval_data) -> dict:
+  """Top-1 accuracy over one pass of `eval_data`; padded rows do not count.
+
+  Counts are summed as integers, so the accuracy is exact and reproducible.
+  """
+  correct = count = 0
+  for batch in iter(eval_data):
+    c, n = eval_step(trainable, run.frozen, _shard(batch, run.batch_sharding))
+    correct += int(c)
+    count += int(n)
+  if count != eval_data.num_examples:
+    raise TrainingError(
+        f'The eval pass saw {count} images but the split has '
+        f'{eval_data.num_examples}: the data pipeline must pad and mask the '
+        'last batch so every image counts exactly once.')
+  return {'accuracy': correct / max(count, 1), 'correct': correct,
+          'count': count}
+
+
+# ----------------------------------------------------------------------------
+# Data order.
+# ----------------------------------------------------------------------------
+
+def train_batches(train_data, start_step: int) -> Iterator[dict]:
+  """Yields the training batches from `start_step` on, deterministically.
+
+  The pipeline is a pure function of the seed (seeded shuffle, deterministic
+  tf.data), so the batch of step s is the s-th batch of a fresh iteration:
+  resuming replays and drops the first `start_step` batches. The decoded and
+  resized images are cached in memory by the pipeline, so the replay costs
+  only the shuffle and normalisation (seconds for a 100-epoch VTAB-1k run).
+  """
+  it = iter(train_data)
+  for _ in range(start_step):
+    next(it)
+  yield from it
+
+
+# ----------------------------------------------------------------------------
+# Train.
+# ----------------------------------------------------------------------------
+
+def _meta(run: Run, step: int, evals: list, train_time: float) -> dict:
+  return {'step': int(step),
+          'config': checkpointing.config_to_dict(run.config),
+          'model_config': run.model_config.to_dict(),
+          'frozen_fingerprint': run.frozen_fingerprint,
+          'evals': evals,
+          'train_time_s': float(train_time),
+          'num_devices': jax.device_count()}
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'checkpoints')
+
+
+def _is_eval_epoch(epoch: int, config) -> bool:
+  """After the first epoch, every eval_every_epochs, and after the last.
+
+  With 100 epochs and every 10 that is the paper's 11 evaluations.
+  """
+  every = config.eval_every_epochs
+  return (epoch == 1 or epoch == config.num_epochs or
+          (every > 0 and epoch % every == 0))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the results dict."""
+  t_start = time.time()
+  is_main = jax.process_index() == 0
+  _check_divisible('batch_size', config.batch_size)
+  _check_divisible('eval_batch_size', config.eval_batch_size)
+
+  train_data = get_data(config.data, config.data.train_split,
+                        config.batch_size, image_size=config.model.image_size,
+                        train=True, seed=config.seed)
+  steps_per_epoch = int(train_data.steps_per_epoch)
+  if steps_per_epoch <= 0:
+    raise ConfigError(
+        f'The train split has {train_data.num_examples} images, fewer than '
+        f'config.batch_size = {config.batch_size}: lower the batch size.')
+  eval_data = get_data(config.data, config.data.eval_split,
+                       config.eval_batch_size,
+                       image_size=config.model.image_size, train=False,
+                       seed=config.seed)
+  run = setup(config, train_data.num_classes)
+  _, schedules, tx_init = make_optimizer(run, steps_per_epoch)
+  total_steps = int(config.num_epochs * steps_per_epoch)
+
+  trainable = run.trainable
+  opt_state = jax.device_get(tx_init(trainable))
+  ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir),
+                                    max_to_keep=config.keep_checkpoints)
+  start_step, evals, prior_time = 0, [], 0.0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    meta = ckpt.restore_meta(latest)
+    checkpointing.check_compatible(meta, config, run.frozen_fingerprint,
+                                   ckpt.directory)
+    trainable = ckpt.restore_params(latest, run.abstract(trainable))
+    opt_state = ckpt.restore_opt_state(latest, run.abstract(opt_state))
+    start_step, evals = int(meta['step']), list(meta['evals'])
+    prior_time = float(meta['train_time_s'])
+    logging.info('Resuming from %s at step %d of %d.', ckpt.directory,
+                 start_step, total_steps)
+  trainable, opt_state = run.replicate(trainable), run.replicate(opt_state)
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  writer.truncate_after(start_step)
+  train_step = make_train_step(run, steps_per_epoch)
+  key = run.replicate(dropout_key(config))
+  eval_step = make_eval_step(run)
+  bar = metrics_lib.progress_bar(total_steps, start_step, enabled=is_main)
+  batches = train_batches(train_data, start_step)
+
+  window = {'loss': 0.0, 'correct': 0.0, 'count': 0.0, 'steps': 0,
+            't0': time.time()}
+  train_images, train_seconds = 0, 0.0
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      t0 = time.time()
+      batch = _shard(next(batches), run.batch_sharding)
+      trainable, opt_state, m = train_step(trainable, opt_state, run.frozen,
+                                           batch, np.int32(step - 1), key)
+      loss = float(m['loss'])  # Also the sync point that makes timings real.
+      if not math.isfinite(loss):
+        last = ckpt.latest_step()
+        raise TrainingError(
+            f'The loss became {loss} at step {step} (lr {schedules["lr"](step - 1):.3g}); '
+            'stopping without saving this state. '
+            + (f'The last good checkpoint (step {last}) is intact in '
+               f'{ckpt.directory}. ' if last is not None else '')
+            + 'Lower config.lr / config.pyra_lr or set config.grad_clip_norm.')
+      if step > start_step + 1:  # The first step includes compilation.
+        train_seconds += time.time() - t0
+        train_images += config.batch_size
+      window['loss'] += loss
+      window['correct'] += float(m['correct'])
+      window['count'] += float(m['count'])
+      window['steps'] += 1
+      bar.update(1)
+
+      if step % config.log_every_steps == 0 or step == total_steps:
+        dt = time.time() - window['t0']
+        record = {
+            'loss': window['loss'] / window['steps'],
+            'train_accuracy': window['correct'] / max(window['count'], 1),
+            'lr': float(schedules['lr'](step - 1)),
+            'pyra_lr': float(schedules['pyra_lr'](step - 1)),
+            'grad_norm': float(m['grad_norm']),
+            'images_per_sec': window['steps'] * config.batch_size / max(dt, 1e-9),
+            'epoch': step / steps_per_epoch}
+        writer.write(step, **record)
+        bar.set_postfix(loss=f'{record["loss"]:.4f}', lr=f'{record["lr"]:.2e}')
+        window = {'loss': 0.0, 'correct': 0.0, 'count': 0.0, 'steps': 0,
+                  't0': time.time()}
+
+      if step % steps_per_epoch == 0 and _is_eval_epoch(
+          step // steps_per_epoch, config):
+        result = evaluate(run, eval_step, trainable, eval_data)
+        evals.append({'epoch': step // steps_per_epoch, 'step': step,
+                      'accuracy': result['accuracy']})
+        writer.write(step, eval_accuracy=result['accuracy'])
+        if is_main:
+          bar.write(f'epoch {step // steps_per_epoch}: '
+                    f'{config.data.eval_split} accuracy '
+                    f'{100 * result["accuracy"]:.2f}% '
+                    f'({result["correct"]}/{result["count"]})')
+        window['t0'] = time.time()  # Do not count eval time as training time.
+
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        ckpt.save(step, trainable, opt_state,
+                  _meta(run, step, evals, prior_time + time.time() - t_start))
+        window['t0'] = time.time()
+  finally:
+    batches.close()
+    bar.close()
+    writer.flush()
+    ckpt.close()
+
+  if not evals or evals[-1]['step'] != total_steps:
+    # Resumed after the end, or a config with no eval at the last step.
+    result = evaluate(run, eval_step, trainable, eval_data)
+    evals.append({'epoch': config.num_epochs, 'step': total_steps,
+                  'accuracy': result['accuracy']})
+  wall = prior_time + time.time() - t_start
+  results = {
+      'final_accuracy': evals[-1]['accuracy'],
+      'max_accuracy_paper_protocol': max(e['accuracy'] for e in evals),
+      'evals': evals,
+      'num_test_images': int(eval_data.num_examples),
+      'eval_split': config.data.eval_split,
+      'steps': total_steps,
+      'wall_time_s': wall,
+      'train_images_per_sec': (train_images / train_seconds
+                               if train_seconds else None),
+      'num_devices': jax.device_count(),
+      'config': checkpointing.config_to_dict(config),
+  }
+  if is_main:
+    writer.write(total_steps, final_accuracy=results['final_accuracy'],
+                 max_accuracy_paper_protocol=results['max_accuracy_paper_protocol'])
+    _write_json(os.path.join(workdir, 'results.json'), results)
+  writer.close()
+  return results
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+# Restore for eval / export.
+# ----------------------------------------------------------------------------
+
+def restore_run(config: ml_collections.ConfigDict, workdir: str,
+                step: int | None = None) -> tuple[Run, PyTree, int]:
+  """Rebuilds the model and restores the trainable params of `step` (or latest).
+
+  The restored run must match `config` in the fields that define the
+  parameters (model, trainable groups) and in the frozen weights.
+  """
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise checkpointing.CheckpointMismatchError(
+        f'No checkpoints in {directory}: train first with --mode=train '
+        f'--workdir={workdir}.')
+  ckpt = checkpointing.Checkpointer(directory, read_only=True)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise checkpointing.CheckpointMismatchError(
+          f'No finished checkpoint in {directory}: train first.')
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise checkpointing.CheckpointMismatchError(
+          f'No checkpoint for step {step} in {directory}; available: {steps}.')
+    meta = ckpt.restore_meta(step)
+    run = setup(config, meta['model_config']['num_classes'])
+    checkpointing.check_compatible(meta, config, run.frozen_fingerprint,
+                                   directory, for_eval=True)
+    trainable = ckpt.restore_params(step, run.abstract(run.trainable))
+  finally:
+    ckpt.close()
+  return run, trainable, step
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: int | None = None) -> dict:
+  """Test accuracy of a saved checkpoint, without training."""
+  _check_divisible('eval_batch_size', config.eval_batch_size)
+  run, trainable, step = restore_run(config, workdir, step)
+  eval_data = get_data(config.data, config.data.eval_split,
+                       config.eval_batch_size,
+                       image_size=config.model.image_size, train=False,
+                       seed=config.seed)
+  result = evaluate(run, make_eval_step(run), trainable, eval_data)
+  result.update(step=step, split=config.data.eval_split)
+  return result

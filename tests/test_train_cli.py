@@ -1,0 +1,127 @@
+"""The command line: help, rejected overrides, user errors, and the four modes.
+
+Help and flag errors run in subprocesses (they must exit, and must not print a
+traceback); they import no JAX, so they are quick. train/eval/export run
+in-process through `pyra_jax.main`'s own flag parsing and `main`.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from absl import flags
+
+from pyra_jax import main as main_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args):
+  proc = subprocess.run([sys.executable, '-m', 'pyra_jax.main', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_helpfull_documents_every_config_field():
+  rc, out, err = cli('--config=configs/vitb_high.py', '--helpfull')
+  text = out + err
+  assert "--config.model.schedule='vitb_high'" in text
+  assert '--config.pyra_lr=-1.0' in text
+  assert 'PYRA generators; -1: same as lr' in text  # The doc from common.py.
+  assert '--workdir' in text and '--checkpoint_step' in text  # absl's own help.
+  from configs import vitb_high  # pylint: disable=g-import-not-at-top
+  for field in main_lib._flatten(vitb_high.get_config().to_dict()):  # pylint: disable=protected-access
+    assert f'--config.{field}=' in text, field
+
+
+def test_field_docs_follow_the_comments_of_common_py():
+  docs = main_lib.field_docs()
+  assert docs['config.model.lora_init'].startswith("'zeros': B = 0")
+  assert "'trunc_normal'" in docs['config.model.lora_init']  # Continuation line.
+  assert docs['config.model.method'] == "Token merging. 'peft' (no merging) | 'tome' | 'pyra'"
+  assert docs['config.data.task'].startswith('a VTAB-1k task name')
+  assert 'first group that matches wins' in docs['config.trainable']
+
+
+def test_misspelt_override_is_rejected_with_the_valid_names():
+  rc, out, err = cli('--config=configs/vitb_high.py', '--config.modle.lora_rank=4',
+                     '--workdir=/tmp/unused')
+  assert rc == 2 and 'Traceback' not in err
+  assert "Did you mean 'model'?" in err
+  assert 'Valid fields of config: b1, b2, batch_size' in err
+  rc, out, err = cli('--config=configs/vitb_high.py', '--config.model.lora_rnk=4')
+  assert rc == 2 and "Did you mean 'lora_rank'" in err and 'Traceback' not in err
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config=configs/vitb_high.py:tsk=dtd'], 'keys from task, method'),
+    (['--config=configs/no_such.py'], 'not found'),
+    (['--config=configs/vitb_high.py', '--config.model.lora_rank=abc'], 'lora_rank=abc'),
+    (['--config=configs/vitb_high.py', '--mode=fit'], 'train|eval|export'),
+    (['--config=configs/vitb_high.py', '--mode=eval'], 'needs --workdir'),
+])
+def test_bad_command_lines_fail_with_one_sentence(args, message):
+  rc, out, err = cli(*args)
+  assert rc != 0 and message in err and 'Traceback' not in err
+  assert len(err.strip().splitlines()) == 1, err
+
+
+def reset_flags():
+  """Forgets a previous parse, including the --config.<field> flags that
+  ml_collections registered for it (a second parse would define them twice)."""
+  for name in list(flags.FLAGS):
+    if name.startswith('config.'):
+      delattr(flags.FLAGS, name)
+  flags.FLAGS.unparse_flags()
+
+
+def run_main(capsys, monkeypatch, *args):
+  """Parses flags and runs main in this process; returns (exit code, out, err)."""
+  reset_flags()
+  # ml_collections reads --config.<field> overrides from sys.argv itself.
+  monkeypatch.setattr(sys, 'argv', ['main', *args])
+  main_lib.parse_flags(['main', *args])
+  code = 0
+  try:
+    main_lib.main(['main'])
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_train_eval_export_modes(tmp_path, capsys, monkeypatch):
+  pytest.importorskip('tensorflow')
+  from pyra_jax.data import mnist  # pylint: disable=g-import-not-at-top
+  try:
+    mnist.mnist_path()
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f'offline MNIST unavailable: {e}')
+  common = ['--config=configs/tiny.py', f'--workdir={tmp_path}',
+            '--config.data.eval_split=val200', '--config.log_every_steps=1',
+            '--config.eval_batch_size=64']  # As test_train_loop: compiled once.
+  code, out, _ = run_main(capsys, monkeypatch, *common)
+  assert code == 0
+  results = json.loads((tmp_path / 'results.json').read_text())
+  final = f'{100 * results["final_accuracy"]:.2f}%'
+  assert f'final accuracy (val200, 200 images): {final}' in out
+  assert 'paper protocol (max over periodic evals)' in out
+
+  code, out, _ = run_main(capsys, monkeypatch, *common, '--mode=eval')
+  assert code == 0 and f'checkpoint step 50: val200 accuracy {final}' in out
+  code, out, _ = run_main(capsys, monkeypatch, *common, '--mode=eval', '--checkpoint_step=7')
+  assert code == 1 and 'available: [25, 50]' in out + _
+
+  export_dir = tmp_path / 'deploy'
+  code, out, _ = run_main(capsys, monkeypatch, *common, '--mode=export', f'--export_dir={export_dir}')
+  assert code == 0 and (export_dir / 'params').is_dir()
+  code, out, _ = run_main(capsys, monkeypatch, *common, '--mode=eval', f'--export_dir={export_dir}')
+  assert code == 0 and 'val200 accuracy' in out
+
+  # A user-caused error (missing data) is one line on stderr and exit code 1.
+  code, out, err = run_main(capsys, monkeypatch, '--config=configs/tiny.py:source=folder,data_dir=/nonexistent',
+                            f'--workdir={tmp_path / "other"}')
+  assert code == 1 and err.startswith('Error: ') and len(err.strip().splitlines()) == 1
+  reset_flags()

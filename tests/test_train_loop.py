@@ -1,0 +1,186 @@
+"""The training loop end to end on the tiny config (real offline MNIST digits).
+
+One uninterrupted run is the reference; the other runs must reproduce it bit
+for bit (killed and resumed, same seed) or differ from it (other seed). The
+4-device check is in test_train_multidevice.py, the command line in
+test_train_cli.py.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import tiny
+from pyra_jax import checkpointing
+from pyra_jax import export as export_lib
+from pyra_jax import metrics
+from pyra_jax import train
+
+pytest.importorskip('tensorflow')
+try:
+  from pyra_jax.data import mnist
+  mnist.mnist_path()
+except Exception as e:  # pylint: disable=broad-except
+  pytest.skip(f'offline MNIST unavailable: {e}', allow_module_level=True)
+
+STEPS = 50  # 2 epochs of 1,000 digits at batch 40; checkpoints at 25 and 50.
+
+
+def cfg(**overrides):
+  c = tiny.get_config()
+  c.data.eval_split = 'val200'  # 200 images keep the evals fast.
+  c.eval_batch_size = 64  # 200 = 3 * 64 + 8: the last batch is padded.
+  c.log_every_steps = 1
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def final_params(workdir, config=None):
+  _, trainable, step = train.restore_run(config or cfg(), str(workdir))
+  return step, traverse_util.flatten_dict(jax.device_get(trainable), sep='/')
+
+
+def losses(workdir):
+  return {m['step']: m['loss'] for m in metrics.read_metrics(str(workdir))
+          if 'loss' in m}
+
+
+class Killed(Exception):
+  pass
+
+
+def kill_after(n):
+  """A train_batches that dies after n batches, like a SIGKILL between steps."""
+  original = train.train_batches
+
+  def batches(data, start_step):
+    for i, batch in enumerate(original(data, start_step)):
+      if i == n:
+        raise Killed()
+      yield batch
+  return batches
+
+
+@pytest.fixture(scope='module')
+def workdirs(tmp_path_factory):
+  return tmp_path_factory.mktemp('runs')
+
+
+@pytest.fixture(scope='module')
+def reference(workdirs):
+  wd = workdirs / 'reference'
+  results = train.train_and_evaluate(cfg(), str(wd))
+  return wd, results
+
+
+def test_trains_end_to_end_and_loss_falls(reference):
+  wd, results = reference
+  ls = losses(wd)
+  assert sorted(ls) == list(range(1, STEPS + 1))
+  first, last = np.mean([ls[s] for s in range(1, 6)]), np.mean([ls[s] for s in range(46, 51)])
+  assert last < first - 0.2, (first, last)
+  saved = json.loads((wd / 'results.json').read_text())
+  assert [e['epoch'] for e in saved['evals']] == [1, 2]
+  assert saved['final_accuracy'] == saved['evals'][-1]['accuracy']
+  assert saved['max_accuracy_paper_protocol'] == max(e['accuracy'] for e in saved['evals'])
+  assert saved['num_test_images'] == 200 and saved['config']['seed'] == 0
+  assert saved['final_accuracy'] > 0.2  # 10 classes: chance is 0.1.
+  record = metrics.read_metrics(str(wd))[0]
+  assert {'lr', 'pyra_lr', 'train_accuracy', 'images_per_sec', 'loss'} <= set(record)
+  assert list((wd / 'tensorboard').iterdir())
+  assert checkpointing.Checkpointer(str(wd / 'checkpoints')).all_steps() == [25, 50]
+
+
+def test_eval_restores_the_exact_accuracy_and_counts_each_image_once(reference):
+  wd, results = reference
+  again = train.evaluate_checkpoint(cfg(), str(wd))
+  assert again['accuracy'] == results['final_accuracy']  # Bit for bit.
+  # 4 batches of 64 = 256 rows, 56 of them padding: only the 200 images count.
+  assert again['count'] == 200 and again['accuracy'] == again['correct'] / 200
+  mid = train.evaluate_checkpoint(cfg(), str(wd), step=25)
+  assert mid['accuracy'] == results['evals'][0]['accuracy']
+
+
+def test_kill_and_resume_equals_uninterrupted_run(reference, workdirs, monkeypatch):
+  ref_wd, ref_results = reference
+  wd = workdirs / 'resumed'
+  monkeypatch.setattr(train, 'train_batches', kill_after(37))
+  with pytest.raises(Killed):
+    train.train_and_evaluate(cfg(), str(wd))
+  assert checkpointing.Checkpointer(str(wd / 'checkpoints')).latest_step() == 25
+  # A save killed half-way leaves only Orbax's tmp directory: it must be ignored.
+  junk = wd / 'checkpoints' / '50.orbax-checkpoint-tmp-123' / 'params'
+  junk.mkdir(parents=True)
+  (junk / 'garbage').write_text('half a checkpoint')
+  monkeypatch.undo()
+  results = train.train_and_evaluate(cfg(), str(wd))
+  step, resumed = final_params(wd)
+  _, uninterrupted = final_params(ref_wd)
+  assert step == STEPS and resumed.keys() == uninterrupted.keys()
+  for k in resumed:
+    np.testing.assert_array_equal(resumed[k], uninterrupted[k], err_msg=k)
+  # Same seed, same results: the steps before the kill (computed by another
+  # run) and after it match the reference exactly, and so do the evals.
+  assert losses(wd) == losses(ref_wd)
+  assert results['evals'] == ref_results['evals']
+
+
+def test_a_different_seed_gives_different_results(reference, workdirs):
+  wd = workdirs / 'seed1'
+  train.train_and_evaluate(cfg(seed=1), str(wd))
+  _, p1 = final_params(wd, cfg(seed=1))
+  _, p0 = final_params(reference[0])
+  assert not np.array_equal(p1['head/kernel'], p0['head/kernel'])
+  assert losses(wd)[1] != losses(reference[0])[1]
+
+
+def test_workdir_of_another_config_is_refused(reference):
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r'lr: 0\.03 -> 0\.01'):
+    train.train_and_evaluate(cfg(lr=0.01), str(reference[0]))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    reference, workdirs, monkeypatch):
+  original = train.train_batches
+
+  def poisoned(data, start_step):
+    for i, batch in enumerate(original(data, start_step)):
+      if start_step + i == 30:  # Step 31.
+        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+      yield batch
+  monkeypatch.setattr(train, 'train_batches', poisoned)
+  wd = workdirs / 'nan'
+  with pytest.raises(train.TrainingError, match=r'nan at step 31.*step 25\) is intact'):
+    train.train_and_evaluate(cfg(), str(wd))
+  assert checkpointing.Checkpointer(str(wd / 'checkpoints')).all_steps() == [25]
+  step, params = final_params(wd)
+  assert step == 25 and all(np.isfinite(v).all() for v in params.values())
+
+
+def test_failed_save_leaves_no_checkpoint(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  params, opt = {'w': np.ones(3, np.float32)}, {'m': np.zeros(3, np.float32)}
+  ckpt.save(1, params, opt, {'step': 1})
+  with pytest.raises(TypeError):
+    ckpt.save(2, params, opt, {'step': object()})  # Not JSON: dies mid-save.
+  ckpt.close()
+  again = checkpointing.Checkpointer(str(tmp_path))
+  assert again.all_steps() == [1]
+  assert not (tmp_path / '2').exists()
+
+
+def test_export_folds_lora_and_keeps_the_accuracy(reference, workdirs):
+  wd, results = reference
+  out = export_lib.export(cfg(), str(wd), str(workdirs / 'export'))
+  params, config = export_lib.load_export(out)
+  flat = traverse_util.flatten_dict(params, sep='/')
+  assert not any('/lora/' in k for k in flat) and config.model.lora_rank == 0
+  assert any(k.endswith('pyra/w_d') for k in flat) and 'head/kernel' in flat
+  r = export_lib.evaluate_export(out, cfg())
+  assert r['count'] == 200
+  assert abs(r['accuracy'] - results['final_accuracy']) <= 1 / 200
