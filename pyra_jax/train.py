@@ -360,11 +360,13 @@ def checkpoint_dir(workdir: str) -> str:
 def _is_eval_epoch(epoch: int, config) -> bool:
   """After the first epoch, every eval_every_epochs, and after the last.
 
-  With 100 epochs and every 10 that is the paper's 11 evaluations.
+  With 100 epochs and every 10 that is the paper's 11 evaluations; with
+  eval_every_epochs <= 0, only after the last epoch.
   """
   every = config.eval_every_epochs
-  return (epoch == 1 or epoch == config.num_epochs or
-          (every > 0 and epoch % every == 0))
+  if epoch == config.num_epochs:
+    return True
+  return every > 0 and (epoch == 1 or epoch % every == 0)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

