@@ -30,4 +30,5 @@ def get_config(arg=None):
   config.lr = 3e-3
   config.log_every_steps, config.eval_every_epochs = 5, 0  # test once, at the end
   config.checkpoint_every_steps = 50
+  config.benchmark_after_training = True  # print the speed-up over uncompressed
   return paper.apply_arg(config, arg)

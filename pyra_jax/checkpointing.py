@@ -37,7 +37,7 @@ PyTree = Any
 RESUMABLE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
     'keep_checkpoints', 'eval_batch_size', 'data.data_dir',
-    'data.num_parallel_calls', 'model_init',
+    'data.num_parallel_calls', 'model_init', 'benchmark_after_training',
 })
 
 # What must match to evaluate or export a checkpoint: the fields that decide what

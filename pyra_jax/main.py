@@ -266,6 +266,30 @@ class _QuietOrbax:
     return record.levelno >= 30 or '/orbax/' not in record.pathname
 
 
+def _report_speedup(config, workdir: str) -> None:
+  """Times the trained method against the uncompressed model (deployed, LoRA folded).
+
+  Random weights of the same shapes: throughput does not depend on their values.
+  Stored in <workdir>/speedup.json.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  from pyra_jax import benchmark  # pylint: disable=g-import-not-at-top
+  method = config.model.method
+  if method == 'peft':
+    return
+  print(f'measuring inference throughput: uncompressed vs {method} '
+        f'(batch {config.eval_batch_size}, deployed models) ...', flush=True)
+  res = benchmark.run_forward(config, batch_size=config.eval_batch_size,
+                              methods=('peft', method), num_iters=5, warmup=1,
+                              matmul_size=512)
+  fast, slow = res['models'][method], res['models']['peft']
+  print(f'throughput: {method} {fast["images_per_sec"]:.1f} images/s vs uncompressed '
+        f'{slow["images_per_sec"]:.1f} images/s: {fast["speedup"]:.2f}x faster '
+        f'(FLOPs ratio {fast["flops_ratio"]:.2f}x)')
+  with open(os.path.join(workdir, 'speedup.json'), 'w') as f:
+    json.dump(res, f, indent=1, default=str)
+
+
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietOrbax())
   if len(argv) > 1:
@@ -289,7 +313,10 @@ def main(argv: list[str]) -> None:
         print(f'final accuracy ({split}): {100 * r["final_accuracy"]:.2f}%')
         print(f'max accuracy ({split}), paper protocol (max over periodic '
               f'evals): {100 * r["max_accuracy_paper_protocol"]:.2f}%')
+        print(f'checkpoint (Orbax): {train_lib.checkpoint_dir(_WORKDIR.value)}/{r["steps"]}')
         print(f'results: {os.path.join(_WORKDIR.value, "results.json")}')
+        if config.get('benchmark_after_training', False):
+          _report_speedup(config, _WORKDIR.value)
     elif mode == 'eval':
       if _EXPORT_DIR.value:
         r = export_lib.evaluate_export(_EXPORT_DIR.value, config)

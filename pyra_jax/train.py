@@ -63,7 +63,7 @@ _CACHE_SIZE = 16
 # Fields that never change a compiled train step.
 _NOT_IN_STEP = ('seed', 'model_init', 'model_init_format', 'data',
                 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
-                'keep_checkpoints', 'eval_batch_size')
+                'keep_checkpoints', 'eval_batch_size', 'benchmark_after_training')
 
 
 def _json(obj: Any) -> str:

@@ -1,0 +1,174 @@
+"""The benchmark tool end to end on a tiny ViT, and the accuracy/throughput plot."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pyra_jax import benchmark
+from pyra_jax import plots
+from pyra_jax import schedules
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A config file as a user would write one: get_config() on top of the base.
+TINY_CONFIG = '''
+from configs import common
+
+def get_config(arg=None):
+  config = common.get_base_config()
+  m = config.model
+  m.variant, m.image_size, m.patch_size = 'Ti/8', 32, 8
+  m.width, m.depth, m.num_heads, m.mlp_dim = 32, 2, 2, 64
+  m.lora_rank, m.schedule, m.num_classes = 4, '4,2', 10
+  return config
+'''
+
+
+def _flops(schedule, num_tokens=17, width=32):
+  """Blocks' FLOPs written out from the reference formula (section 3)."""
+  total, n = 0, num_tokens
+  for r in schedule:
+    total += 2 * (4 * n * width ** 2 + 2 * n * n * width)
+    n -= r
+    total += 2 * (2 * 2 * n * width ** 2)  # mlp_dim 64 = 2 x width
+  return total
+
+
+def test_forward_cli_writes_sane_json(tmp_path):
+  cfg = tmp_path / 'tiny_bench.py'
+  cfg.write_text(TINY_CONFIG)
+  out = tmp_path / 'bench' / 'tiny.json'
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'pyra_jax.benchmark', f'--config={cfg}', '--num_iters=3',
+       '--warmup=1', '--matmul_size=128', '--batch_size=4', f'--out={out}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'No recompilation' in proc.stdout
+  res = json.loads(out.read_text())
+  assert res['mode'] == 'forward' and res['recompiled'] is False
+  assert res['settings']['batch_size'] == 4 and res['settings']['rounds'] >= 3
+  assert res['matmul']['size'] == 128 and res['matmul']['gflops_per_s'] > 0
+  models = res['models']
+  assert list(models) == ['peft', 'tome', 'pyra']
+  # The config's schedule '4,2' on 16 patches + class token, and none for peft.
+  assert models['peft']['schedule'] == [0, 0]
+  assert models['tome']['schedule'] == models['pyra']['schedule'] == [4, 2]
+  assert models['pyra']['tokens'] == [17, 13, 11]
+  full, merged = _flops([0, 0]), _flops([4, 2])
+  for name, m in models.items():
+    want = full if name == 'peft' else merged
+    assert m['gflops'] == pytest.approx(want / 1e9, rel=1e-12)
+    assert m['flops_ratio'] == pytest.approx(full / want, rel=1e-12)
+    assert m['images_per_sec'] > 0 and m['speedup'] > 0 and m['matmul_fraction'] > 0
+    assert m['images_per_sec'] == pytest.approx(4 / m['seconds'])
+    assert m['traces'] == 1 and m['recompiled'] is False
+  assert models['peft']['speedup'] == 1.0
+  # Paired speed-up: the median over rounds of the within-round time ratio.
+  rounds = {k: np.asarray(m['round_seconds']) for k, m in models.items()}
+  assert all(len(t) == res['settings']['rounds'] for t in rounds.values())
+  assert models['pyra']['speedup'] == pytest.approx(
+      np.median(rounds['peft'] / rounds['pyra']))
+  assert models['pyra']['speedup_of_medians'] == pytest.approx(
+      models['pyra']['images_per_sec'] / models['peft']['images_per_sec'])
+  assert res['pyra_cost_over_tome'] == pytest.approx(
+      1 - np.median(rounds['tome'] / rounds['pyra']))
+  mm = np.asarray(res['matmul']['round_seconds'])
+  assert models['tome']['matmul_fraction'] == pytest.approx(np.median(
+      (4 * merged / rounds['tome']) / (2 * 128 ** 3 / mm)))
+  assert 0 < res['merge_ops']['seconds']
+
+
+def test_train_mode_reports_step_speed_and_memory(tmp_path):
+  config = _load_config(tmp_path)
+  res = benchmark.run_train(config, batch_size=2, num_iters=2, warmup=1,
+                            matmul_size=64, methods=('peft', 'pyra'))
+  assert res['recompiled'] is False
+  for m in res['models'].values():
+    assert m['images_per_sec'] > 0 and m['traces'] == 1
+    ma = m['memory_analysis']
+    # At least the arguments (every parameter + optimiser state) are resident.
+    assert m['peak_bytes'] >= ma['argument_size_in_bytes'] > 0
+  # PYRA's model has more trainable state (its generators) than PEFT's.
+  assert (res['models']['pyra']['memory_analysis']['argument_size_in_bytes']
+          > res['models']['peft']['memory_analysis']['argument_size_in_bytes'])
+
+
+def _load_config(tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'tiny_cfg.py'
+  path.write_text(TINY_CONFIG)
+  spec = importlib.util.spec_from_file_location('tiny_cfg', path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def test_recompilation_is_detected():
+  f = benchmark.Traced(lambda x: x + 1)
+  f(jnp.zeros(2))
+  f(jnp.ones(2))
+  assert f.traces == 1
+  f(jnp.zeros(3))  # a new shape: a second trace, which the tool reports
+  assert f.traces == 2
+
+
+def test_round_robin_interleaves_calls():
+  order = []
+  calls = {'a': lambda: order.append('a'), 'b': lambda: order.append('b')}
+  times = benchmark.round_robin(calls, num_iters=3, min_seconds=0.0, warmup=1)
+  assert order == ['a', 'b'] + ['a', 'b'] * 3  # warm-up, then a, b per round
+  assert [len(t) for t in times.values()] == [3, 3]
+
+
+def _result(path, task, acc, method, schedule, throughput=None):
+  data = {'final_accuracy': acc,
+          'config': {'data': {'task': task},
+                     'model': {'variant': 'Ti/8', 'image_size': 32, 'width': 32,
+                               'depth': 2, 'num_heads': 2, 'mlp_dim': 64,
+                               'num_classes': 10, 'method': method,
+                               'schedule': schedule}}}
+  if throughput is not None:
+    data['throughput'] = throughput
+  path.write_text(json.dumps(data))
+
+
+def test_plot_writes_png_and_joins_benchmarks(tmp_path):
+  _result(tmp_path / 'a.json', 'dtd', 0.50, 'pyra', '4,2')
+  _result(tmp_path / 'b.json', 'cifar100', 0.70, 'pyra', [4, 2])  # same model
+  _result(tmp_path / 'c.json', 'dtd', 0.80, 'peft', 'none', throughput=100.0)
+  (tmp_path / 'broken.json').write_text('{not json')
+  (tmp_path / 'noacc.json').write_text(json.dumps({'config': {}}))
+  bench = {'config': {'variant': 'Ti/8', 'image_size': 32, 'width': 32, 'depth': 2,
+                      'num_heads': 2, 'mlp_dim': 64, 'num_classes': 10,
+                      'schedule': '4,2', 'method': 'pyra'},
+           'settings': {'image_size': 32},
+           'models': {'tome': {'method': 'tome', 'images_per_sec': 150.0},
+                      'pyra': {'method': 'pyra', 'images_per_sec': 140.0}}}
+  (tmp_path / 'bench.json').write_text(json.dumps(bench))
+  out = tmp_path / 'plot.png'
+  plots.main(['--results', str(tmp_path / '*.json'), '--benchmarks',
+              str(tmp_path / 'bench.json'), '--out', str(out)])
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  points = plots.collect(sorted(str(p) for p in tmp_path.glob('[abc].json')),
+                         plots.benchmark_table([str(tmp_path / 'bench.json')]))
+  by_method = {p['method']: p for p in points}
+  assert len(points) == 2
+  assert by_method['pyra']['accuracy'] == pytest.approx(60.0)  # mean of two tasks
+  assert by_method['pyra']['num_runs'] == 2
+  assert by_method['pyra']['images_per_sec'] == 140.0  # joined from the benchmark
+  assert by_method['peft']['images_per_sec'] == 100.0  # its own `throughput` key
+  assert by_method['pyra']['gflops'] == pytest.approx(_flops([4, 2]) / 1e9)
+
+
+def test_plot_falls_back_to_gflops_without_throughput(tmp_path):
+  _result(tmp_path / 'a.json', 'dtd', 0.5, 'tome', '4,2')
+  out = tmp_path / 'p.png'
+  plots.main(['--results', str(tmp_path / 'a.json'), '--out', str(out)])
+  assert out.stat().st_size > 0
