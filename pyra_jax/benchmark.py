@@ -72,6 +72,7 @@ import optax
 from flax import traverse_util
 
 from pyra_jax import merge as merge_lib
+from pyra_jax import optim
 from pyra_jax import schedules
 from pyra_jax.models import vit
 from pyra_jax.models.lora import fold_lora
@@ -428,30 +429,6 @@ def _per_model(methods, infos, times, traced, batch_size, mm_flops) -> dict[str,
   return out
 
 
-def trainable_mask(params: PyTree, trainable: Any) -> dict[str, bool]:
-  """'/'-joined path -> trainable, by `config.trainable`'s regexes (full match)."""
-  rxs = [re.compile(rx) for rx in dict(trainable).values()]
-  flat = traverse_util.flatten_dict(params, sep='/')
-  return {k: any(rx.fullmatch(k) for rx in rxs) for k in flat}
-
-
-def split(params: PyTree, trainable: Any) -> tuple[PyTree, PyTree]:
-  flat = traverse_util.flatten_dict(params, sep='/')
-  mask = trainable_mask(params, trainable)
-  tr = {k: v for k, v in flat.items() if mask[k]}
-  fr = {k: v for k, v in flat.items() if not mask[k]}
-  if not tr:
-    raise BenchmarkError('config.trainable matches no parameter: nothing to train.')
-  return (traverse_util.unflatten_dict(tr, sep='/'),
-          traverse_util.unflatten_dict(fr, sep='/'))
-
-
-def _join(a: PyTree, b: PyTree) -> PyTree:
-  flat = traverse_util.flatten_dict(a, sep='/')
-  flat.update(traverse_util.flatten_dict(b, sep='/'))
-  return traverse_util.unflatten_dict(flat, sep='/')
-
-
 def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
               dtype: str = 'float32', image_size: int = 0, num_iters: int = 5,
               min_seconds: float = 0.0, warmup: int = 1, matmul_size: int = 2048,
@@ -475,7 +452,9 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   key = jax.random.PRNGKey(0)
   for m in methods:
     model = vit.build_model(cfgs[m], dtype=jdtype)
-    trainable, frozen = split(train_params[m], config.trainable)
+    trainable, frozen = optim.split_params(train_params[m], config.trainable)
+    if not trainable:
+      raise BenchmarkError('config.trainable matches no parameter: nothing to train.')
     infos[m] = model_info(model, m, image_size, batch_size)
     # Forward + backward to the inputs only: frozen kernels get no gradient, so
     # each forward matmul has one backward matmul (LoRA's extras are tiny).
@@ -484,7 +463,7 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
 
     def step(tr, opt, frozen, x, y, key, model=model):
       def loss_fn(tr):
-        logits = model.apply({'params': _join(frozen, tr)}, x, train=True,
+        logits = model.apply({'params': optim.merge_params(tr, frozen)}, x, train=True,
                              rngs={'dropout': key})
         return optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), y).mean()
