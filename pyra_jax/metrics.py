@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import tqdm
+import tqdm.auto
 
 
 class MetricWriter:
@@ -78,9 +79,24 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(l) for l in f if l.strip()]
 
 
+def in_notebook() -> bool:
+  """Whether this runs inside a Jupyter/Colab kernel (stderr is no tty there)."""
+  ipython = sys.modules.get('IPython')
+  shell = ipython.get_ipython() if ipython is not None else None
+  return shell is not None and 'IPKernelApp' in getattr(shell, 'config', {})
+
+
 def progress_bar(total: int, initial: int, *, enabled: bool = True,
                  desc: str = 'train') -> tqdm.tqdm:
-  """A step progress bar with ETA; silent when stderr is not a terminal."""
+  """A step progress bar with ETA.
+
+  On a terminal: tqdm on stderr. In a notebook: tqdm.auto's widget (Colab
+  shows it; stderr there is not a tty). Otherwise (logs, CI) silent, so log
+  files do not fill with carriage returns.
+  """
+  if enabled and in_notebook():
+    return tqdm.auto.tqdm(total=total, initial=initial, desc=desc, unit='step',
+                          leave=True)
   return tqdm.tqdm(total=total, initial=initial, desc=desc, unit='step',
                    dynamic_ncols=True, leave=True,
                    disable=not (enabled and sys.stderr.isatty()))

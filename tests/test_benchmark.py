@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -83,6 +84,15 @@ def test_forward_cli_writes_sane_json(tmp_path):
   assert models['tome']['matmul_fraction'] == pytest.approx(np.median(
       (4 * merged / rounds['tome']) / (2 * 128 ** 3 / mm)))
   assert 0 < res['merge_ops']['seconds']
+  # The dense-matmul ceiling: timed in the same rounds, paired like the models.
+  gb = res['gemm_bound']
+  dense = {k: np.asarray(g['round_seconds']) for k, g in gb.items()}
+  assert gb['peft']['speedup_bound'] == 1.0
+  assert gb['tome']['speedup_bound'] == pytest.approx(
+      np.median(dense['peft'] / dense['tome']))
+  assert gb['pyra']['speedup_over_bound'] == pytest.approx(
+      models['pyra']['speedup'] / gb['pyra']['speedup_bound'])
+  assert 'speed-up bound' in proc.stdout
 
 
 def test_train_mode_reports_step_speed_and_memory(tmp_path):
@@ -108,6 +118,33 @@ def _load_config(tmp_path):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config()
+
+
+def test_dense_layers_call_is_the_models_matmuls_at_its_token_counts(tmp_path):
+  """Same result as a numpy chain over the model's own kernels; FLOPs as written."""
+  config = _load_config(tmp_path)
+  cfg = benchmark.method_config(config.model, 'tome', image_size=32, num_classes=10)
+  params = benchmark.init_params(cfg, 32)
+  model, deployed_params = benchmark.deployed(cfg, 32, jnp.float32, params)
+  call, flops = benchmark.dense_layers_call(model, 3, 32, deployed_params, jnp.float32)
+  got = np.asarray(call())
+  # Independent: tokens 17 -> 13 -> 11 (schedule '4,2'), width 32, mlp 64.
+  tokens, d = [17, 13, 11], 32
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (3, 17, d)), np.float64)
+  want_flops = 0
+  for i in range(2):
+    blk = deployed_params['Transformer'][f'encoderblock_{i}']
+    att, mlp = blk['MultiHeadDotProductAttention_0'], blk['MlpBlock_0']
+    k = {n: np.asarray(att[n]['kernel'], np.float64).reshape(d, d)
+         for n in ('query', 'key', 'value', 'out')}
+    x = x[:, :tokens[i]]
+    y = (x @ k['query'] + x @ k['key'] + x @ k['value']) @ k['out']
+    x = (y[:, :tokens[i + 1]] @ np.asarray(mlp['Dense_0']['kernel'], np.float64)
+         ) @ np.asarray(mlp['Dense_1']['kernel'], np.float64)
+    want_flops += 2 * 3 * (4 * tokens[i] * d * d + 2 * tokens[i + 1] * d * 64)
+  assert got.shape == (3, 11, d)
+  np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4 * np.abs(x).max())
+  assert flops == want_flops
 
 
 def test_recompilation_is_detected():
