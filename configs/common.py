@@ -64,6 +64,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model_init = ''
   config.model_init_format = 'auto'  # 'auto' | 'npz' | 'timm' | 'pyra_torch' |
                                      # 'dinov2_hf' | 'onnx_dinov2' | 'pyra_jax'
+  # True: a model shallower than the checkpoint (model.depth) loads its first
+  # model.depth blocks and the final norm, a smaller model of the same
+  # pretraining; False: any depth mismatch is an error (usually a wrong variant).
+  config.model_init_first_blocks = False
 
   # --- Data -----------------------------------------------------------------
   data = config.data = ml_collections.ConfigDict()

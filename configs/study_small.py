@@ -25,6 +25,8 @@ inside a stage so that a stopped study has balanced seeds. A stage is a dict:
   seeds      config.seed values
   bench      True: time the forward pass of peft/tome/pyra at every schedule of
              the stage (pyra_jax.benchmark), once per schedule, for the plot
+  bench_variants  (optional) no-merging variants whose own model is timed
+             (e.g. a shallower backbone), once each
 Runs already finished (results.json present) are skipped, so the study resumes.
 """
 
@@ -61,6 +63,14 @@ VARIANTS = {
     # Table 17's control: ToMe + LoRA with 4x the rank, no PYRA (more
     # trainable parameters than PYRA adds, without the modulation).
     'tome_rank16': dict(method='tome', lora_rank=16),
+    # "Closes the gap to a smaller model": we have no smaller pretrained model
+    # of this family offline, so the smaller model is the first blocks of the
+    # same ViT-S/14 (no merging; final norm kept), at the merged models' FLOPs:
+    # 6 blocks ~ low (2.0x fewer FLOPs), 4 blocks ~ high (3.0x, vs 3.5x).
+    'peft_d6': dict(method='peft', merges=False, depth=6,
+                    config=dict(model_init_first_blocks=True)),
+    'peft_d4': dict(method='peft', merges=False, depth=4,
+                    config=dict(model_init_first_blocks=True)),
 }
 
 # Keys cannot hold dots (ConfigDict): 'f25' is a 2.5x FLOPs ratio.
@@ -77,6 +87,7 @@ SCHEDULES = {
 MAIN = ('peft', 'tome', 'pyra')
 ABLATIONS = ('pyra_wd_only', 'pyra_wr_only', 'pyra_no_sigmoid', 'tome_rank16')
 SWEEP = ('f15', 'f25', 'f30', 'f40')
+SMALLER = ('peft_d6', 'peft_d4')
 SEEDS = (0, 1, 2)
 # The accuracy-throughput sweep is a curve, not a claim: one seed.
 SWEEP_SEEDS = (0,)
@@ -116,6 +127,9 @@ def get_config(arg=None):
            schedules=('low', 'high'), seeds=SEEDS, bench=False),
       dict(name='main_cifar10', tasks=('cifar10',), variants=MAIN,
            schedules=('low', 'high'), seeds=SEEDS, bench=False),
+      # The smaller-model comparison (no merging), timed on its own.
+      dict(name='smaller_mnist', tasks=('mnist',), variants=SMALLER,
+           schedules=(), seeds=SEEDS, bench=False, bench_variants=SMALLER),
       # Tables 6 and 17 at high compression.
       dict(name='ablation_mnist', tasks=('mnist',), variants=ABLATIONS,
            schedules=('high',), seeds=SEEDS, bench=False),

@@ -42,7 +42,8 @@ RESUMABLE_FIELDS = frozenset({
 
 # What must match to evaluate or export a checkpoint: the fields that decide what
 # the stored parameters mean. Anything else (data split, lr, ...) may differ.
-EVAL_PREFIXES = ('model.', 'trainable.', 'model_init_format')
+EVAL_PREFIXES = ('model.', 'trainable.', 'model_init_format',
+                 'model_init_first_blocks')
 
 
 class CheckpointMismatchError(ValueError):

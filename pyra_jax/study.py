@@ -69,6 +69,12 @@ CLAIMS = (
     ('pyra_high - pyra_no_sigmoid_high', 'pyra', 'pyra_no_sigmoid', 'high', 'high'),
     ('tome_rank16_high - tome_high', 'tome_rank16', 'tome', 'high', 'high'),
     ('pyra_high - tome_rank16_high', 'pyra', 'tome_rank16', 'high', 'high'),
+    # "Closes the gap to a smaller model": the merged model against a shallower
+    # model of the same pretraining (first blocks, no merging) at similar FLOPs.
+    ('pyra_low - peft_d6', 'pyra', 'peft_d6', 'low', 'none'),
+    ('tome_low - peft_d6', 'tome', 'peft_d6', 'low', 'none'),
+    ('pyra_high - peft_d4', 'pyra', 'peft_d4', 'high', 'none'),
+    ('tome_high - peft_d4', 'tome', 'peft_d4', 'high', 'none'),
 )
 
 
@@ -96,13 +102,20 @@ class Cell:
 
 @dataclasses.dataclass(frozen=True)
 class Bench:
-  """One forward timing of peft/tome/pyra at one merging schedule."""
+  """One forward timing: peft/tome/pyra at one merging schedule, or (with
+  `variant`) one no-merging variant's own model, e.g. a shallower backbone."""
   stage: str
   schedule: str
+  variant: str = ''
 
   @property
   def name(self) -> str:
-    return f'bench-{self.schedule}'
+    return f'bench-{self.variant or self.schedule}'
+
+  @property
+  def key(self) -> str:
+    """The benchmark file's name under <outdir>/bench/ (without .json)."""
+    return self.variant or self.schedule
 
 
 # ----------------------------------------------------------------------------
@@ -129,6 +142,14 @@ def check_study(config: ml_collections.ConfigDict) -> None:
             f'known: {sorted(table)}. Add them to study.{field}.')
     if not stage.get('seeds'):
       raise StudyError(f'Stage {stage.get("name")!r} has no seeds.')
+    for variant in stage.get('bench_variants', ()):
+      if variant not in study.variants or _merges(study, variant):
+        raise StudyError(
+            f'Stage {stage.get("name")!r}: bench_variants lists {variant!r}, '
+            'which is not a no-merging variant of study.variants.')
+      if variant in study.schedules:
+        raise StudyError(f'Variant {variant!r} shares its name with a schedule; '
+                         'their benchmark files would collide. Rename one.')
 
 
 def plan(config: ml_collections.ConfigDict) -> list[Cell | Bench]:
@@ -148,12 +169,15 @@ def plan(config: ml_collections.ConfigDict) -> list[Cell | Bench]:
             if cell.name not in seen:
               seen.add(cell.name)
               items.append(cell)
+    benches = []
     if stage.get('bench'):
-      for sched in stage['schedules']:
-        bench = Bench(name, sched)
-        if bench.name not in seen and study.schedules[sched] != 'none':
-          seen.add(bench.name)
-          items.append(bench)
+      benches += [Bench(name, sched) for sched in stage['schedules']
+                  if study.schedules[sched] != 'none']
+    benches += [Bench(name, 'none', v) for v in stage.get('bench_variants', ())]
+    for bench in benches:
+      if bench.name not in seen:
+        seen.add(bench.name)
+        items.append(bench)
   return items
 
 
@@ -198,13 +222,23 @@ def cell_config(config: ml_collections.ConfigDict, cell: Cell
   c = base_config(config)
   for key, value in study.tasks[cell.task].items():
     c.data[key] = value
-  variant = dict(study.variants[cell.variant])
-  merges = variant.pop('merges', True)
-  for key, value in variant.items():
-    c.model[key] = value
+  merges = apply_variant(c, study, cell.variant)
   c.model.schedule = study.schedules[cell.schedule] if merges else 'none'
   c.seed = cell.seed
   return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, study: ml_collections.ConfigDict,
+                  name: str) -> bool:
+  """Sets a variant's fields on `c` (model fields, and top-level ones under
+  its `config` key, e.g. model_init_first_blocks); returns whether it merges."""
+  variant = dict(study.variants[name])
+  merges = variant.pop('merges', True)
+  for key, value in dict(variant.pop('config', {})).items():
+    c[key] = value
+  for key, value in variant.items():
+    c.model[key] = value
+  return merges
 
 
 def workdir_of(outdir: str, cell: Cell) -> str:
@@ -228,6 +262,27 @@ def config_diff(a: dict, b: dict, prefix: str = '') -> list[str]:
   return out
 
 
+def with_defaults(stored: dict, defaults: dict) -> dict:
+  """`stored` plus every field of `defaults` it lacks, recursively.
+
+  A results.json written before a config field existed ran with the behaviour
+  that the field's default keeps (new fields default to the old behaviour), so
+  the field counts as set to its default there.
+  """
+  out = dict(stored)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = with_defaults(out[key], value)
+  return out
+
+
+def _base_defaults() -> dict:
+  from configs import common  # pylint: disable=g-import-not-at-top
+  return _plain(common.get_base_config().to_dict())
+
+
 def is_done(outdir: str, item: Cell | Bench,
             config: Optional[ml_collections.ConfigDict] = None) -> bool:
   """Whether the item finished; with `config`, a finished run must match it.
@@ -236,7 +291,7 @@ def is_done(outdir: str, item: Cell | Bench,
   after some runs) must not be averaged with the new ones: that is an error.
   """
   if isinstance(item, Bench):
-    return os.path.isfile(bench_path(outdir, item.schedule))
+    return os.path.isfile(bench_path(outdir, item.key))
   if os.path.isfile(failed_path(outdir, item)):
     return True  # Diverged: deterministic, rerunning would diverge again.
   path = os.path.join(workdir_of(outdir, item), 'results.json')
@@ -245,7 +300,8 @@ def is_done(outdir: str, item: Cell | Bench,
   if config is not None:
     with open(path) as f:
       stored = json.load(f).get('config', {})
-    diff = config_diff(_plain(cell_config(config, item).to_dict()), _plain(stored))
+    diff = config_diff(_plain(cell_config(config, item).to_dict()),
+                       with_defaults(_plain(stored), _base_defaults()))
     if diff:
       raise StudyError(
           f'{path} was trained with another config than the study asks for '
@@ -259,8 +315,9 @@ def failed_path(outdir: str, cell: Cell) -> str:
   return os.path.join(workdir_of(outdir, cell), 'failed.json')
 
 
-def bench_path(outdir: str, schedule: str) -> str:
-  return os.path.join(outdir, 'bench', f'{schedule}.json')
+def bench_path(outdir: str, key: str) -> str:
+  """key: a schedule name (peft/tome/pyra at it) or a no-merging variant."""
+  return os.path.join(outdir, 'bench', f'{key}.json')
 
 
 # ----------------------------------------------------------------------------
@@ -283,19 +340,26 @@ def parse_deadline(text: str, now: Optional[datetime.datetime] = None
   return when
 
 
-def run_bench(config: ml_collections.ConfigDict, schedule: str) -> dict:
-  """Forward images/s of the deployed peft/tome/pyra at one schedule."""
+def run_bench(config: ml_collections.ConfigDict, bench: Bench) -> dict:
+  """Forward images/s of the deployed peft/tome/pyra at one schedule, or of
+  one no-merging variant's model (as 'peft')."""
   from pyra_jax import benchmark  # pylint: disable=g-import-not-at-top
   c = base_config(config)
-  c.model.schedule = config.study.schedules[schedule]
-  c.model.method = 'pyra'
-  c.model.modulation = 'pyra'
+  if bench.variant:
+    apply_variant(c, config.study, bench.variant)
+    c.model.schedule = 'none'
+    methods = ('peft',)
+  else:
+    c.model.schedule = config.study.schedules[bench.schedule]
+    c.model.method = 'pyra'
+    c.model.modulation = 'pyra'
+    methods = ('peft', 'tome', 'pyra')
   return benchmark.run_forward(
       c, batch_size=int(config.study.get('bench_batch_size', 8)),
       image_size=int(c.model.image_size),
       num_iters=int(config.study.get('bench_iters', 10)),
       matmul_size=int(config.study.get('bench_matmul_size', 256)),
-      methods=('peft', 'tome', 'pyra'), num_classes=10, gemm_bound=False)
+      methods=methods, num_classes=10, gemm_bound=False)
 
 
 def run_study(config: ml_collections.ConfigDict, outdir: str, *, only: str = '',
@@ -331,9 +395,9 @@ def run_study(config: ml_collections.ConfigDict, outdir: str, *, only: str = '',
     t0 = time.time()
     log(f'[{now:%H:%M:%S}] ({i + 1}/{len(items)}) {item.name}')
     if isinstance(item, Bench):
-      result = run_bench(config, item.schedule)
-      os.makedirs(os.path.dirname(bench_path(outdir, item.schedule)), exist_ok=True)
-      _write_json(bench_path(outdir, item.schedule), result)
+      result = run_bench(config, item)
+      os.makedirs(os.path.dirname(bench_path(outdir, item.key)), exist_ok=True)
+      _write_json(bench_path(outdir, item.key), result)
       summary = {m: round(v['images_per_sec'], 1)
                  for m, v in result['models'].items()}
       log(f'    images/s {summary}')
@@ -410,7 +474,7 @@ def load_results(config: ml_collections.ConfigDict, outdir: str
 
 
 def load_bench(outdir: str) -> dict[str, dict]:
-  """schedule -> benchmark JSON, for every timing done."""
+  """schedule or variant -> benchmark JSON, for every timing done."""
   out = {}
   bdir = os.path.join(outdir, 'bench')
   if os.path.isdir(bdir):
@@ -425,9 +489,14 @@ def throughput_of(config, variant: str, schedule: str,
                   bench: dict[str, dict]) -> Optional[float]:
   """Forward images/s of a cell's deployed model, from the benchmark files."""
   method = config.study.variants[variant]['method']
-  if method == 'peft':  # Timed in every benchmark round: the median of them.
-    values = [b['models']['peft']['images_per_sec'] for b in bench.values()
-              if 'peft' in b.get('models', {})]
+  if variant in bench:  # A variant timed on its own (a shallower model).
+    return bench[variant]['models']['peft']['images_per_sec']
+  if method == 'peft':  # Timed in every schedule's round: the median of them.
+    if set(config.study.variants[variant]) - {'method', 'merges'}:
+      return None  # Another model than the one timed (e.g. another depth).
+    values = [b['models']['peft']['images_per_sec']
+              for s, b in bench.items()
+              if s in config.study.schedules and 'peft' in b.get('models', {})]
     return statistics.median(values) if values else None
   b = bench.get(schedule)
   if b is None or method not in b.get('models', {}):
@@ -619,9 +688,9 @@ def write_summary(config: ml_collections.ConfigDict, outdir: str,
     bench = load_bench(outdir)
     if bench:
       os.makedirs(os.path.join(target, 'bench'), exist_ok=True)
-      for sched in bench:
-        shutil.copyfile(bench_path(outdir, sched),
-                        os.path.join(target, 'bench', f'{sched}.json'))
+      for key in bench:
+        shutil.copyfile(bench_path(outdir, key),
+                        os.path.join(target, 'bench', f'{key}.json'))
     for task in sorted({c['task'] for c in summary['cells']}):
       plot_accuracy(summary, task, os.path.join(target, f'acc_vs_throughput_{task}.png'))
       plot_curves(config, outdir, task, ('low', 'high'), 0,

@@ -61,7 +61,8 @@ ConfigError = optim.ConfigError
 _CACHE: 'collections.OrderedDict[Any, Any]' = collections.OrderedDict()
 _CACHE_SIZE = 16
 # Fields that never change a compiled train step.
-_NOT_IN_STEP = ('seed', 'model_init', 'model_init_format', 'data',
+_NOT_IN_STEP = ('seed', 'model_init', 'model_init_format',
+                'model_init_first_blocks', 'data',
                 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
                 'keep_checkpoints', 'eval_batch_size', 'benchmark_after_training')
 
@@ -106,9 +107,11 @@ def get_data(data_config, split: str, batch_size: int, *, image_size: int,
 
 
 def load_pretrained(path: str, fmt: str, init_params: PyTree,
-                    model_config: ml_collections.ConfigDict) -> PyTree:
+                    model_config: ml_collections.ConfigDict, *,
+                    first_blocks: bool = False) -> PyTree:
   from pyra_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  return checkpoints.load_pretrained(path, fmt, init_params, model_config)
+  return checkpoints.load_pretrained(path, fmt, init_params, model_config,
+                                     first_blocks=first_blocks)
 
 
 # ----------------------------------------------------------------------------
@@ -146,8 +149,9 @@ def init_params(config: ml_collections.ConfigDict,
   init = _memo(('init', id(model), size), make_init)
   params = jax.device_get(init(key)['params'])
   if config.model_init:
-    params = load_pretrained(config.model_init, config.model_init_format,
-                             params, model_config)
+    params = load_pretrained(
+        config.model_init, config.model_init_format, params, model_config,
+        first_blocks=config.get('model_init_first_blocks', False))
   return params
 
 

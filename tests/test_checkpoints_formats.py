@@ -385,6 +385,33 @@ def test_error_depth_and_unexpected_keys(tmp_path, tiny_init):
   assert 'depth differs: the checkpoint has 3 blocks, the config 2' in msg
 
 
+def test_first_blocks_loads_a_shallower_model(tmp_path):
+  """model_init_first_blocks: a depth-1 model gets block 0 of a depth-3 file.
+
+  Without the flag the same load is an error whose message names the flag; a
+  checkpoint shallower than the model stays an error either way.
+  """
+  sd = ref.random_timm_state(np.random.default_rng(9), depth=3)
+  path = tmp_path / 'c.safetensors'
+  save_file(sd, str(path))
+  cfg = tiny_config(depth=1)
+  init = init_params(cfg)
+  with pytest.raises(CheckpointError, match=r'depth differs: the checkpoint has 3 '
+                                            r'blocks, the config 1.*'
+                                            r'model_init_first_blocks=True'):
+    load_pretrained(str(path), 'timm', init, cfg)
+  with pytest.warns(CheckpointWarning, match=r'first 1 of 3 blocks; blocks 1-2'):
+    p = flat(load_pretrained(str(path), 'timm', init, cfg, first_blocks=True))
+  check_torch_stem(p, sd)  # includes the final norm, kept
+  check_torch_block(p, sd, 0)
+  assert set(p) == set(flat(init))
+  deeper = tiny_config(depth=4)
+  with pytest.raises(CheckpointError, match=r'has 3 blocks, the config 4: set '
+                                            r'model\.depth=3 \(or the checkpoint'):
+    load_pretrained(str(path), 'timm', init_params(deeper), deeper,
+                    first_blocks=True)
+
+
 def test_error_layerscale_and_qkv_bias_hints(tmp_path, tiny_init):
   cfg, init = tiny_init
   _, path = _save_timm(tmp_path, layerscale=True, qkv_bias=False)

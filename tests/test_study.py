@@ -30,7 +30,10 @@ def tiny_study_config(stages=None) -> ml_collections.ConfigDict:
   s.variants = {'peft': dict(method='peft', merges=False),
                 'tome': dict(method='tome'),
                 'pyra': dict(method='pyra', modulation='pyra'),
-                'big': dict(method='tome', lora_rank=8)}
+                'big': dict(method='tome', lora_rank=8),
+                # A shallower backbone: a top-level field under `config`.
+                'shallow': dict(method='peft', merges=False, depth=1,
+                                config=dict(model_init_first_blocks=True))}
   s.schedules = {'none': 'none', 'high': '4,2', 'low': '2,1'}
   s.delete_checkpoints = True
   # Two seeds of one cell: one compilation serves both runs.
@@ -66,6 +69,11 @@ def test_unknown_names_are_rejected():
                                    schedules=('high',), seeds=(0,))])
   with pytest.raises(study.StudyError, match="unknown variants \\['lora'\\]"):
     study.plan(config)
+  config = tiny_study_config([dict(name='x', tasks=('mnist',), variants=('peft',),
+                                   schedules=('high',), seeds=(0,),
+                                   bench_variants=('tome',))])
+  with pytest.raises(study.StudyError, match="bench_variants lists 'tome'"):
+    study.plan(config)
 
 
 def test_cell_config_applies_task_variant_schedule_seed():
@@ -78,6 +86,37 @@ def test_cell_config_applies_task_variant_schedule_seed():
   assert (c.model.method, c.model.schedule, c.data.eval_split) == (
       'peft', 'none', 'val200')
   assert config.model.lora_rank == 4  # The study's base is untouched.
+
+
+def test_variant_sets_top_level_fields_under_config():
+  config = tiny_study_config()
+  c = study.cell_config(config, study.Cell('s', 'mnist', 'shallow', 'none', 0))
+  assert (c.model.depth, c.model_init_first_blocks, c.model.schedule) == (1, True, 'none')
+  assert 'config' not in c.model
+  c = study.cell_config(config, study.Cell('s', 'mnist', 'peft', 'none', 0))
+  assert (c.model.depth, c.model_init_first_blocks) == (2, False)
+
+
+def test_a_field_added_since_a_run_counts_as_its_default(tmp_path):
+  """results.json written before model_init_first_blocks existed: still the
+  same recipe where the cell keeps the default, another where it does not."""
+  config = tiny_study_config([dict(name='m', tasks=('mnist',),
+                                   variants=('peft', 'shallow'), seeds=(0,),
+                                   schedules=('high',))])
+  for variant in ('peft', 'shallow'):
+    cell = study.Cell('m', 'mnist', variant, 'none', 0)
+    _fake_result(config, str(tmp_path), cell, 0.5)
+    path = os.path.join(study.workdir_of(str(tmp_path), cell), 'results.json')
+    with open(path) as f:
+      res = json.load(f)
+    del res['config']['model_init_first_blocks']  # as a run from before the field
+    with open(path, 'w') as f:
+      json.dump(res, f)
+  peft, shallow = study.plan(config)
+  assert study.is_done(str(tmp_path), peft, config)
+  with pytest.raises(study.StudyError,
+                     match=r'another config.*model_init_first_blocks: False -> True'):
+    study.is_done(str(tmp_path), shallow, config)
 
 
 def test_deadline_in_the_past_launches_nothing(tmp_path):
@@ -199,13 +238,20 @@ def test_end_to_end_tiny_runs_then_resume_skips(tmp_path):
 
 def test_bench_times_the_three_deployed_models(tmp_path):
   config = tiny_study_config([dict(name='b', tasks=('mnist',), variants=('pyra',),
-                                   schedules=('high',), seeds=(0,), bench=True)])
+                                   schedules=('high',), seeds=(0,), bench=True,
+                                   bench_variants=('shallow',))])
   config.study.bench_batch_size, config.study.bench_iters = 2, 2
   config.study.bench_matmul_size = 32
   statuses = study.run_study(config, str(tmp_path), only='bench-*', log=lambda _: None)
-  assert [s['name'] for s in statuses] == ['bench-high']
+  assert [s['name'] for s in statuses] == ['bench-high', 'bench-shallow']
   bench = study.load_bench(str(tmp_path))
   assert set(bench['high']['models']) == {'peft', 'tome', 'pyra'}
+  # The shallower variant is its own model: timed alone, with its own depth
+  # (random init: the benchmark builds the model, it loads no weights).
+  assert set(bench['shallow']['models']) == {'peft'}
+  assert bench['shallow']['config']['depth'] == 1
+  assert study.throughput_of(config, 'shallow', 'none', bench) == (
+      bench['shallow']['models']['peft']['images_per_sec'])
   # Ablation variants take their method's timing; peft the median over files.
   assert study.throughput_of(config, 'pyra', 'high', bench) == (
       bench['high']['models']['pyra']['images_per_sec'])

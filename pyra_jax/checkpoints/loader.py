@@ -113,7 +113,8 @@ def read_checkpoint(path: str, fmt: str = 'auto',
 
 
 def load_pretrained(path: str, fmt: str, init_params: Mapping[str, Any],
-                    model_config: Any = None) -> dict[str, Any]:
+                    model_config: Any = None, *,
+                    first_blocks: bool = False) -> dict[str, Any]:
   """Returns a copy of `init_params` with the checkpoint's tensors put in.
 
   Args:
@@ -122,6 +123,8 @@ def load_pretrained(path: str, fmt: str, init_params: Mapping[str, Any],
     init_params: the model's freshly initialised params (head, LoRA and PYRA
       already re-initialised for the task).
     model_config: `config.model`, only used to phrase errors.
+    first_blocks: `config.model_init_first_blocks`: a checkpoint deeper than
+      the model gives its first blocks (see `fit_to_model`).
 
   Raises:
     CheckpointError: naming every missing, unexpected or mis-shaped tensor and
@@ -130,17 +133,28 @@ def load_pretrained(path: str, fmt: str, init_params: Mapping[str, Any],
   flat_init = common.flatten(init_params)
   num_heads = flat_init[_QKV0].shape[1] if _QKV0 in flat_init else None
   conv = read_checkpoint(path, fmt, num_heads=num_heads)
-  return fit_to_model(conv, init_params, model_config, source=path)
+  return fit_to_model(conv, init_params, model_config, source=path,
+                      first_blocks=first_blocks)
 
 
 def fit_to_model(conv: common.Converted, init_params: Mapping[str, Any],
-                 model_config: Any = None, source: str = '') -> dict[str, Any]:
-  """Puts a converted checkpoint into a copy of `init_params` (module docstring)."""
+                 model_config: Any = None, source: str = '', *,
+                 first_blocks: bool = False) -> dict[str, Any]:
+  """Puts a converted checkpoint into a copy of `init_params` (module docstring).
+
+  first_blocks: the model may be shallower than the checkpoint; it then gets
+  the checkpoint's first `depth` blocks (and its final norm), the rest is
+  dropped with a warning. This is how a smaller model of the same pretraining
+  is made (the study's baseline at a merged model's FLOPs). Off by default,
+  because a depth mismatch is far more often a wrong variant than a wish.
+  """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   init = common.flatten(init_params)
   src = dict(conv.params)
   where = f'{source} ({conv.fmt})' if source else conv.fmt
   _check_width(src, init, model_config, where)
+  if first_blocks:
+    src = _drop_blocks_beyond(src, len(block_ids(init)), where)
 
   out = dict(init)
   trained_ok = conv.fmt in _TRAINED_TASK_PARAMS
@@ -209,6 +223,20 @@ def fit_to_model(conv: common.Converted, init_params: Mapping[str, Any],
 
   leaves = {k: jnp.asarray(v, dtype=init[k].dtype) for k, v in out.items()}
   return common.unflatten(leaves)
+
+
+def _drop_blocks_beyond(src: dict[str, Any], depth: int, where: str
+                        ) -> dict[str, Any]:
+  """`src` without the tensors of blocks `depth`, `depth + 1`, ... (warns)."""
+  dropped = sorted(i for i in block_ids(src) if i >= depth)
+  if not dropped:
+    return src
+  warnings.warn(
+      f'{where}: model_init_first_blocks: loading the first {depth} of '
+      f'{depth + len(dropped)} blocks; blocks {dropped[0]}-{dropped[-1]} are '
+      'not used.', common.CheckpointWarning, stacklevel=4)
+  return {k: v for k, v in src.items()
+          if not ((m := _BLOCK.match(k)) and int(m.group(1)) >= depth)}
 
 
 def _check_width(src, init, model_config, where) -> None:
@@ -293,7 +321,9 @@ def _mismatch_report(where, src, init, missing, extra, unexpected,
   ds, di = len(block_ids(src)), len(block_ids(init))
   if ds != di:
     fixes.append(f'depth differs: the checkpoint has {ds} blocks, the config '
-                 f'{di}: set model.depth={ds} (or the checkpoint\'s variant).')
+                 f'{di}: set model.depth={ds} (or the checkpoint\'s variant)'
+                 + (f', or model_init_first_blocks=True to load only its first '
+                    f'{di} blocks.' if ds > di else '.'))
   has = lambda keys, pat: any(re.search(pat, k) for k in keys)
   for pat, what, on, off in (
       (r'/(query|key|value)/bias$', 'q/k/v biases', 'model.qkv_bias=True',
