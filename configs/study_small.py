@@ -139,6 +139,8 @@ def get_config(arg=None):
       # The accuracy-throughput curve.
       dict(name='sweep_mnist', tasks=('mnist',), variants=('tome', 'pyra'),
            schedules=SWEEP, seeds=SWEEP_SEEDS, bench=True),
+      dict(name='smaller_cifar10', tasks=('cifar10',), variants=('peft_d4',),
+           schedules=(), seeds=SEEDS, bench=False),
       dict(name='ablation_cifar10', tasks=('cifar10',), variants=ABLATIONS,
            schedules=('high',), seeds=SEEDS, bench=False),
       dict(name='sweep_cifar10', tasks=('cifar10',), variants=('tome', 'pyra'),
