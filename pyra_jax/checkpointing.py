@@ -18,6 +18,7 @@ and the half-written directory is ignored (and cleaned up).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -68,6 +69,34 @@ def fingerprint(tree: PyTree) -> str:
     h.update(f'{path}|{a.dtype}|{a.shape}|'.encode())
     h.update(a.tobytes())
   return h.hexdigest()
+
+
+def with_defaults(saved: dict, defaults: dict) -> dict:
+  """`saved` plus every field of `defaults` it lacks, recursively (no mutation).
+
+  A config stored before a field existed ran with the behaviour that the
+  field's default keeps (a new field defaults to the old behaviour), so the
+  field counts as set to its default there: adding a config field must not
+  make every earlier workdir or study run look like another run.
+  """
+  out = dict(saved)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = with_defaults(out[key], value)
+  return out
+
+
+@functools.lru_cache(maxsize=1)
+def _base_defaults_json() -> str:
+  from configs import common  # pylint: disable=g-import-not-at-top
+  return common.get_base_config().to_json_best_effort()
+
+
+def base_defaults() -> dict:
+  """Every config field at its default (configs/common.py), as plain JSON types."""
+  return json.loads(_base_defaults_json())
 
 
 def config_differences(saved: dict, current: dict, *,
@@ -142,7 +171,7 @@ def check_compatible(meta: dict, config: ml_collections.ConfigDict,
   evaluate or export only the fields that give the parameters their meaning.
   """
   diffs = config_differences(
-      meta.get('config', {}), config_to_dict(config),
+      with_defaults(meta.get('config', {}), base_defaults()), config_to_dict(config),
       only_prefixes=EVAL_PREFIXES if for_eval else None)
   if diffs:
     shown = '; '.join(diffs[:12]) + ('; ...' if len(diffs) > 12 else '')

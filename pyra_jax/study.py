@@ -262,27 +262,6 @@ def config_diff(a: dict, b: dict, prefix: str = '') -> list[str]:
   return out
 
 
-def with_defaults(stored: dict, defaults: dict) -> dict:
-  """`stored` plus every field of `defaults` it lacks, recursively.
-
-  A results.json written before a config field existed ran with the behaviour
-  that the field's default keeps (new fields default to the old behaviour), so
-  the field counts as set to its default there.
-  """
-  out = dict(stored)
-  for key, value in defaults.items():
-    if key not in out:
-      out[key] = value
-    elif isinstance(value, dict) and isinstance(out[key], dict):
-      out[key] = with_defaults(out[key], value)
-  return out
-
-
-def _base_defaults() -> dict:
-  from configs import common  # pylint: disable=g-import-not-at-top
-  return _plain(common.get_base_config().to_dict())
-
-
 def is_done(outdir: str, item: Cell | Bench,
             config: Optional[ml_collections.ConfigDict] = None) -> bool:
   """Whether the item finished; with `config`, a finished run must match it.
@@ -300,8 +279,11 @@ def is_done(outdir: str, item: Cell | Bench,
   if config is not None:
     with open(path) as f:
       stored = json.load(f).get('config', {})
+    # A field added since the run counts as its default (as when resuming).
+    from pyra_jax import checkpointing  # pylint: disable=g-import-not-at-top
     diff = config_diff(_plain(cell_config(config, item).to_dict()),
-                       with_defaults(_plain(stored), _base_defaults()))
+                       checkpointing.with_defaults(_plain(stored),
+                                                   checkpointing.base_defaults()))
     if diff:
       raise StudyError(
           f'{path} was trained with another config than the study asks for '

@@ -144,6 +144,22 @@ def test_workdir_of_another_config_is_refused(reference):
     train.train_and_evaluate(cfg(lr=0.01), str(reference[0]))
 
 
+def test_a_field_added_since_a_checkpoint_counts_as_its_default():
+  """A checkpoint written before `model_init_first_blocks` existed still resumes
+  and evaluates; one whose stored value differs from the current is refused."""
+  config = cfg()
+  saved = checkpointing.config_to_dict(config)
+  del saved['model_init_first_blocks']
+  meta = {'config': saved, 'step': 5}
+  for for_eval in (False, True):
+    checkpointing.check_compatible(meta, config, 'fp', '/wd', for_eval=for_eval)
+  config.model_init_first_blocks = True
+  for for_eval in (False, True):
+    with pytest.raises(checkpointing.CheckpointMismatchError,
+                       match=r'model_init_first_blocks: False -> True'):
+      checkpointing.check_compatible(meta, config, 'fp', '/wd', for_eval=for_eval)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     reference, workdirs, monkeypatch):
   original = train.train_batches
