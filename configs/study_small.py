@@ -28,6 +28,7 @@ inside a stage so that a stopped study has balanced seeds. A stage is a dict:
   bench_variants  (optional) no-merging variants whose own model is timed
              (e.g. a shallower backbone), once each
 Runs already finished (results.json present) are skipped, so the study resumes.
+`curve_plots` names the training-loss plots (seed 0) that the summary draws.
 """
 
 from pathlib import Path
@@ -71,6 +72,11 @@ VARIANTS = {
                     config=dict(model_init_first_blocks=True)),
     'peft_d4': dict(method='peft', merges=False, depth=4,
                     config=dict(model_init_first_blocks=True)),
+    # Convergence check: at high compression the 10-epoch models are still
+    # fitting the training set when the learning rate reaches 0; the same
+    # recipe with twice the epochs says whether the comparison changes.
+    'tome_e20': dict(method='tome', config=dict(num_epochs=20)),
+    'pyra_e20': dict(method='pyra', modulation='pyra', config=dict(num_epochs=20)),
 }
 
 # Keys cannot hold dots (ConfigDict): 'f25' is a 2.5x FLOPs ratio.
@@ -118,6 +124,13 @@ def get_config(arg=None):
   # Forward timing for the accuracy-throughput plot (pyra_jax.benchmark):
   study.bench_batch_size = 8
   study.bench_iters = 10
+  # Loss curves (seed 0), file stem -> what to draw, for every task that has
+  # all of a plot's variants.
+  study.curve_plots = {
+      'curves': dict(schedules=('low', 'high'), variants=MAIN),
+      'curves_epochs': dict(schedules=('high',),
+                            variants=('tome', 'pyra', 'tome_e20', 'pyra_e20')),
+  }
   study.stages = [
       # Timings first, while the machine is quietest (about a minute).
       dict(name='bench', tasks=(), variants=(), schedules=('low', 'high'),
@@ -145,5 +158,7 @@ def get_config(arg=None):
            schedules=('high',), seeds=SEEDS, bench=False),
       dict(name='sweep_cifar10', tasks=('cifar10',), variants=('tome', 'pyra'),
            schedules=SWEEP, seeds=SWEEP_SEEDS, bench=False),
+      dict(name='converge_mnist', tasks=('mnist',), variants=('tome_e20', 'pyra_e20'),
+           schedules=('high',), seeds=SEEDS, bench=False),
   ]
   return config

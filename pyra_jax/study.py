@@ -75,6 +75,13 @@ CLAIMS = (
     ('tome_low - peft_d6', 'tome', 'peft_d6', 'low', 'none'),
     ('pyra_high - peft_d4', 'pyra', 'peft_d4', 'high', 'none'),
     ('tome_high - peft_d4', 'tome', 'peft_d4', 'high', 'none'),
+    # Twice the epochs at high compression (the 10-epoch models are not converged).
+    ('pyra_e20_high - tome_e20_high', 'pyra_e20', 'tome_e20', 'high', 'high'),
+    ('tome_e20_high - tome_high', 'tome_e20', 'tome', 'high', 'high'),
+    ('pyra_e20_high - pyra_high', 'pyra_e20', 'pyra', 'high', 'high'),
+    # The accuracy-throughput sweep, schedule by schedule (configs/study_small.py).
+    *((f'pyra_{s} - tome_{s}', 'pyra', 'tome', s, s)
+      for s in ('f15', 'f25', 'f30', 'f40')),
 )
 
 
@@ -623,26 +630,46 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def curve_plots(study: ml_collections.ConfigDict) -> dict[str, dict]:
+  """The loss-curve plots to draw: `study.curve_plots` (file stem ->
+  dict(schedules, variants)), by default peft/tome/pyra at low and high."""
+  default = {'curves': dict(schedules=('low', 'high'),
+                            variants=('peft', 'tome', 'pyra'))}
+  plots = study.get('curve_plots') or default
+  return {name: dict(spec) for name, spec in dict(plots).items()}
+
+
 def plot_curves(config, outdir: str, task: str, schedules: Sequence[str],
-                seed: int, out: str) -> bool:
-  """Training loss against epoch of peft/tome/pyra at the given schedules."""
+                seed: int, out: str,
+                variants: Sequence[str] = ('peft', 'tome', 'pyra')) -> bool:
+  """Training loss against epoch of `variants` at the given schedules (a
+  no-merging variant at 'none'), seed `seed`.
+
+  Drawn only when every variant has a run with metrics (returns False and
+  writes nothing otherwise): a comparison with a side missing, e.g. a study
+  stopped before its longer-training stage, would read as if it were complete.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  lines = []
+  for variant in variants:
+    if variant not in config.study.variants:
+      return False
+    merges = _merges(config.study, variant)
+    for sched in (schedules if merges else ('none',)):
+      cell = Cell('', task, variant, sched, seed)
+      rows = [r for r in read_metrics(workdir_of(outdir, cell)) if 'loss' in r]
+      if rows:
+        lines.append((variant, sched, rows))
+  if {v for v, _, _ in lines} != set(variants):
+    return False
   fig, ax = plt.subplots(figsize=(6.4, 4.0))
-  drawn = False
-  lines = [(v, 'none' if not _merges(config.study, v) else s)
-           for v in ('peft', 'tome', 'pyra') if v in config.study.variants
-           for s in (schedules if _merges(config.study, v) else ('none',))]
-  for variant, sched in lines:
-    cell = Cell('', task, variant, sched, seed)
-    rows = [r for r in read_metrics(workdir_of(outdir, cell)) if 'loss' in r]
-    if rows:
-      ax.plot([r['epoch'] for r in rows], [r['loss'] for r in rows],
-              label=f'{variant} ({sched})',
-              linestyle='--' if sched == 'low' else '-')
-      drawn = True
-  if drawn:
+  for variant, sched, rows in lines:
+    ax.plot([r['epoch'] for r in rows], [r['loss'] for r in rows],
+            label=f'{variant} ({sched})',
+            linestyle='--' if sched == 'low' else '-')
+  if lines:
     ax.set_xlabel('epoch')
     ax.set_ylabel(f'training loss (mean over {config.log_every_steps} steps)')
     ax.set_title(f'{task}, seed {seed}')
@@ -651,7 +678,7 @@ def plot_curves(config, outdir: str, task: str, schedules: Sequence[str],
     fig.tight_layout()
     fig.savefig(out, dpi=110)
   plt.close(fig)
-  return drawn
+  return bool(lines)
 
 
 def write_summary(config: ml_collections.ConfigDict, outdir: str,
@@ -675,8 +702,10 @@ def write_summary(config: ml_collections.ConfigDict, outdir: str,
                         os.path.join(target, 'bench', f'{key}.json'))
     for task in sorted({c['task'] for c in summary['cells']}):
       plot_accuracy(summary, task, os.path.join(target, f'acc_vs_throughput_{task}.png'))
-      plot_curves(config, outdir, task, ('low', 'high'), 0,
-                  os.path.join(target, f'curves_{task}.png'))
+      for name, spec in curve_plots(config.study).items():
+        plot_curves(config, outdir, task, spec['schedules'], 0,
+                    os.path.join(target, f'{name}_{task}.png'),
+                    variants=spec['variants'])
   return summary
 
 

@@ -279,3 +279,36 @@ def test_a_diverged_run_is_recorded_and_the_grid_goes_on(tmp_path):
   summary = study.summarize(config, str(tmp_path))
   assert summary['failed_runs'] == ['mnist-pyra-high-s0']
   assert [c['n'] for c in summary['cells']] == [1]
+
+
+def _fake_metrics(outdir, cell, losses):
+  workdir = study.workdir_of(outdir, cell)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    for epoch, loss in enumerate(losses, 1):
+      f.write(json.dumps({'epoch': epoch, 'loss': loss}) + '\n')
+      f.write(json.dumps({'epoch': epoch, 'eval_accuracy': 0.5}) + '\n')
+
+
+def test_curve_plot_is_drawn_only_with_every_variant(tmp_path):
+  pytest.importorskip('matplotlib')
+  config = tiny_study_config()
+  out = str(tmp_path)
+  _fake_metrics(out, study.Cell('', 'mnist', 'peft', 'none', 0), [2.0, 1.0])
+  _fake_metrics(out, study.Cell('', 'mnist', 'tome', 'high', 0), [2.0, 1.5])
+  png = tmp_path / 'c.png'
+  # pyra has no run yet: a two-sided plot would pass for the full comparison.
+  assert not study.plot_curves(config, out, 'mnist', ('high',), 0, str(png))
+  assert not png.exists()
+  assert not study.plot_curves(config, out, 'mnist', ('high',), 0, str(png),
+                               variants=('tome', 'no_such_variant'))
+  _fake_metrics(out, study.Cell('', 'mnist', 'pyra', 'high', 0), [2.0, 1.4])
+  assert study.plot_curves(config, out, 'mnist', ('high',), 0, str(png))
+  assert png.is_file()
+  # The configured plots replace the default; the stem names the file.
+  config.study.curve_plots = {'cmp': dict(schedules=('high',),
+                                          variants=('tome', 'pyra'))}
+  assert study.curve_plots(config.study) == {
+      'cmp': {'schedules': ('high',), 'variants': ('tome', 'pyra')}}
+  del config.study['curve_plots']
+  assert set(study.curve_plots(config.study)) == {'curves'}
