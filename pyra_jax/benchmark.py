@@ -373,11 +373,18 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                 dtype: str = 'float32', image_size: int = 0, num_iters: int = 10,
                 min_seconds: float = 0.0, warmup: int = 2, matmul_size: int = 2048,
                 methods: Sequence[str] = METHODS, params_path: str = '',
-                num_classes: int = 100, gemm_bound: bool = True) -> dict[str, Any]:
+                num_classes: int = 100, gemm_bound: bool = True,
+                reference_model: Optional[ml_collections.ConfigDict] = None
+                ) -> dict[str, Any]:
   """Times the deployed models round-robin; returns the results dict (module doc).
 
   gemm_bound: also time each model's dense-layer matmuls alone
   (`dense_layers_call`) in the same rounds and report the speed-up they allow.
+  reference_model: another model section (e.g. the full-depth backbone, when
+  `config` is a shallower one), deployed without merging and timed in the same
+  rounds as 'reference'; every speed-up is then over it. Throughput on a shared
+  machine drifts by 10-30 % between runs a minute apart, so a speed-up is only
+  trustworthy between models timed in the same rounds.
   """
   load_before = _load()
   jdtype = DTYPES[dtype]
@@ -397,6 +404,22 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
     counter = iter(range(1 << 62))
     calls[m] = (lambda fn=fn, params=params, counter=counter:
                 fn(params, batches[next(counter) % 2]))
+  names = list(methods)
+  if reference_model is not None:
+    ref_cfg = method_config(reference_model, 'peft', image_size=image_size,
+                            num_classes=num_classes)
+    ref_cfg.schedule = 'none'
+    ref_params = strip_scope(init_params(
+        method_config(ref_cfg, 'pyra', image_size=image_size,
+                      num_classes=num_classes), image_size), 'pyra')
+    model, params = deployed(ref_cfg, image_size, jdtype, ref_params)
+    infos['reference'] = model_info(model, 'peft', image_size, batch_size)
+    fn = Traced(lambda p, x, model=model: model.apply({'params': p}, x, train=False))
+    traced['reference'] = fn
+    counter = iter(range(1 << 62))
+    calls['reference'] = (lambda fn=fn, params=params, counter=counter:
+                          fn(params, batches[next(counter) % 2]))
+    names.append('reference')
   mm, mm_flops = matmul_call(matmul_size, jdtype)
   calls['matmul'] = mm
   dense_flops = {}
@@ -419,7 +442,8 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   out = _results('forward', config, image_size, batch_size, dtype, warmup, times,
                  elapsed, load_before)
   out['matmul'] = _matmul_result(matmul_size, mm_flops, times['matmul'])
-  out['models'] = _per_model(methods, infos, times, traced, batch_size, mm_flops)
+  out['models'] = _per_model(names, infos, times, traced, batch_size, mm_flops,
+                             base='reference' if reference_model is not None else None)
   if 'pyra' in methods and 'tome' in methods:
     out['pyra_cost_over_tome'] = 1.0 - _paired_median(times['tome'], times['pyra'])
   if merge_call is not None:
@@ -475,15 +499,17 @@ def _paired_median(num: Sequence[float], den: Sequence[float]) -> float:
   return float(np.median(np.asarray(num) / np.asarray(den)))
 
 
-def _per_model(methods, infos, times, traced, batch_size, mm_flops) -> dict[str, Any]:
+def _per_model(methods, infos, times, traced, batch_size, mm_flops,
+               base: Optional[str] = None) -> dict[str, Any]:
   """Per-model figures from the round-robin times.
 
   images/s is from the median time. Speed-ups and matmul fractions are paired:
   the median over rounds of the ratio within each round (the ratio of the
-  medians is kept as `speedup_of_medians`).
+  medians is kept as `speedup_of_medians`), over `base` (default: peft, else
+  the first model).
   """
   out = {}
-  base = 'peft' if 'peft' in methods else methods[0]
+  base = base or ('peft' if 'peft' in methods else methods[0])
   base_sec = _median_iqr(times[base])[0]
   mm_sec = _median_iqr(times['matmul'])[0]
   for m in methods:

@@ -334,7 +334,11 @@ def run_bench(config: ml_collections.ConfigDict, bench: Bench) -> dict:
   one no-merging variant's model (as 'peft')."""
   from pyra_jax import benchmark  # pylint: disable=g-import-not-at-top
   c = base_config(config)
+  reference = None
   if bench.variant:
+    # The full model in the same rounds: the variant's speed-up over it is
+    # paired, as the merged models' speed-ups over peft are.
+    reference = base_config(config).model
     apply_variant(c, config.study, bench.variant)
     c.model.schedule = 'none'
     methods = ('peft',)
@@ -348,7 +352,8 @@ def run_bench(config: ml_collections.ConfigDict, bench: Bench) -> dict:
       image_size=int(c.model.image_size),
       num_iters=int(config.study.get('bench_iters', 10)),
       matmul_size=int(config.study.get('bench_matmul_size', 256)),
-      methods=methods, num_classes=10, gemm_bound=False)
+      methods=methods, num_classes=10, gemm_bound=False,
+      reference_model=reference)
 
 
 def run_study(config: ml_collections.ConfigDict, outdir: str, *, only: str = '',
@@ -493,6 +498,24 @@ def throughput_of(config, variant: str, schedule: str,
   return b['models'][method]['images_per_sec']
 
 
+def speedup_of(config, variant: str, schedule: str,
+               bench: dict[str, dict]) -> Optional[float]:
+  """A cell's forward speed-up over the uncompressed model, paired within the
+  benchmark's rounds (steadier than a ratio of images/s timed a minute apart)."""
+  method = config.study.variants[variant]['method']
+  if variant in bench:
+    models = bench[variant]['models']
+    return models['peft']['speedup'] if 'reference' in models else None
+  if method == 'peft':
+    if set(config.study.variants[variant]) - {'method', 'merges'}:
+      return None
+    return 1.0
+  b = bench.get(schedule)
+  if b is None or method not in b.get('models', {}):
+    return None
+  return b['models'][method]['speedup']
+
+
 def summarize(config: ml_collections.ConfigDict, outdir: str) -> dict:
   """Per-cell mean +- std over seeds and the paired claim differences."""
   results = load_results(config, outdir)
@@ -518,6 +541,7 @@ def summarize(config: ml_collections.ConfigDict, outdir: str) -> dict:
         'max_protocol_mean': mean_std(mx)[0],
         'gflops': _gflops(cfg),
         'images_per_sec': throughput_of(config, variant, sched, bench),
+        'speedup': speedup_of(config, variant, sched, bench),
         'train_images_per_sec': mean_std(train_ips)[0] if train_ips else None,
         'wall_time_s_mean': mean_std([r['wall_time_s'] for _, r in runs])[0],
     })
@@ -560,9 +584,9 @@ def _fmt(x: Optional[float], nd: int = 2) -> str:
 def summary_markdown(summary: dict) -> str:
   """The summary as two markdown tables (cells, paired claim differences)."""
   lines = ['| task | variant | schedule | n | final acc % (mean +- std) | '
-           'max acc % (paper protocol) | GFLOPs | fwd images/s | '
+           'max acc % (paper protocol) | GFLOPs | fwd speed-up | fwd images/s | '
            'train images/s | wall s/run |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   order = {'peft': 0, 'tome': 1, 'pyra': 2}
   for c in sorted(summary['cells'], key=lambda c: (
       c['task'], c['gflops'] is None, -(c['gflops'] or 0),
@@ -571,7 +595,7 @@ def summary_markdown(summary: dict) -> str:
         f"| {c['task']} | {c['variant']} | {c['schedule']} ({c['schedule_spec']}) "
         f"| {c['n']} | {_fmt(c['mean'])} +- {_fmt(c['std'])} | "
         f"{_fmt(c['max_protocol_mean'])} | {_fmt(c['gflops'], 3)} | "
-        f"{_fmt(c['images_per_sec'], 1)} | {_fmt(c['train_images_per_sec'], 1)} | "
+        f"{_fmt(c.get('speedup'), 2)} | {_fmt(c['images_per_sec'], 1)} | {_fmt(c['train_images_per_sec'], 1)} | "
         f"{_fmt(c['wall_time_s_mean'], 0)} |")
   lines += ['', '| task | paired difference (points, same seed) | n | mean +- std '
             '| a > b in | per seed |', '|---|---|---|---|---|---|']
@@ -592,11 +616,15 @@ def plot_accuracy(summary: dict, task: str, out: str) -> str:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   cells = [c for c in summary['cells'] if c['task'] == task]
-  x_field = ('images_per_sec' if cells and all(c['images_per_sec'] for c in cells)
-             else 'gflops')
+  # The paired speed-up where every cell has one (throughput a minute apart
+  # drifts more than the differences between schedules), else images/s, else
+  # our FLOPs count.
+  x_field = next((f for f in ('speedup', 'images_per_sec')
+                  if cells and all(c.get(f) for c in cells)), 'gflops')
   fig, ax = plt.subplots(figsize=(6.4, 4.8))
   styles = {'peft': ('s', 'black'), 'tome': ('o', 'tab:blue'),
-            'pyra': ('*', 'tab:red')}
+            'pyra': ('*', 'tab:red'), 'peft_d4': ('D', 'tab:green'),
+            'peft_d6': ('D', 'tab:olive')}
   for variant in sorted({c['variant'] for c in cells}):
     pts = sorted((c for c in cells if c['variant'] == variant),
                  key=lambda c: c[x_field])
@@ -609,9 +637,10 @@ def plot_accuracy(summary: dict, task: str, out: str) -> str:
     for c in pts:
       ax.annotate(f"{c['schedule']} (n={c['n']})", (c[x_field], c['mean']),
                   textcoords='offset points', xytext=(4, 4), fontsize=7)
-  ax.set_xlabel('forward throughput (images/s, deployed model, this CPU)'
-                if x_field == 'images_per_sec'
-                else 'GFLOPs per image (blocks, our counter)')
+  ax.set_xlabel({
+      'speedup': 'forward speed-up over the uncompressed model (paired, this CPU)',
+      'images_per_sec': 'forward throughput (images/s, deployed model, this CPU)',
+      'gflops': 'GFLOPs per image (blocks, our counter)'}[x_field])
   ax.set_ylabel('final test accuracy (%), mean +- std over seeds')
   ax.set_title(f'{task}: {summary.get("model", "")}')
   ax.grid(alpha=0.3)

@@ -209,3 +209,29 @@ def test_plot_falls_back_to_gflops_without_throughput(tmp_path):
   out = tmp_path / 'p.png'
   plots.main(['--results', str(tmp_path / 'a.json'), '--out', str(out)])
   assert out.stat().st_size > 0
+
+
+def test_reference_model_is_timed_in_the_same_rounds():
+  """A shallower model timed with the full one: speed-ups are over the full one."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = common.get_base_config()
+  m = config.model
+  m.variant, m.image_size, m.patch_size = 'Ti/8', 32, 8
+  m.width, m.depth, m.num_heads, m.mlp_dim = 32, 3, 2, 64
+  m.lora_rank, m.schedule, m.num_classes = 4, 'none', 10
+  full = config.model.copy_and_resolve_references()
+  config.model.depth = 1
+  res = benchmark.run_forward(config, batch_size=2, num_iters=3, warmup=1,
+                              matmul_size=64, methods=('peft',), gemm_bound=False,
+                              reference_model=full)
+  models = res['models']
+  assert list(models) == ['peft', 'reference']
+  assert models['reference']['speedup'] == 1.0 and models['peft']['baseline'] == 'reference'
+  rounds = {k: np.asarray(v['round_seconds']) for k, v in models.items()}
+  assert len(rounds['peft']) == len(rounds['reference']) == res['settings']['rounds']
+  assert models['peft']['speedup'] == pytest.approx(
+      np.median(rounds['reference'] / rounds['peft']))
+  # FLOPs from the formula: 1 block against 3, no merging.
+  assert models['peft']['gflops'] == pytest.approx(_flops([0]) / 1e9, rel=1e-12)
+  assert models['reference']['gflops'] == pytest.approx(_flops([0, 0, 0]) / 1e9, rel=1e-12)
+  assert models['peft']['flops_ratio'] == pytest.approx(3.0, rel=1e-12)

@@ -246,12 +246,22 @@ def test_bench_times_the_three_deployed_models(tmp_path):
   assert [s['name'] for s in statuses] == ['bench-high', 'bench-shallow']
   bench = study.load_bench(str(tmp_path))
   assert set(bench['high']['models']) == {'peft', 'tome', 'pyra'}
-  # The shallower variant is its own model: timed alone, with its own depth
-  # (random init: the benchmark builds the model, it loads no weights).
-  assert set(bench['shallow']['models']) == {'peft'}
+  # The shallower variant is its own model, with its own depth (random init:
+  # the benchmark builds the model, it loads no weights), timed in the same
+  # rounds as the full-depth model, its speed-up reference.
+  shallow = bench['shallow']['models']
+  assert set(shallow) == {'peft', 'reference'}
   assert bench['shallow']['config']['depth'] == 1
+  assert shallow['peft']['flops_ratio'] == pytest.approx(config.model.depth)
   assert study.throughput_of(config, 'shallow', 'none', bench) == (
-      bench['shallow']['models']['peft']['images_per_sec'])
+      shallow['peft']['images_per_sec'])
+  assert study.speedup_of(config, 'shallow', 'none', bench) == pytest.approx(np.median(
+      np.asarray(shallow['reference']['round_seconds'])
+      / np.asarray(shallow['peft']['round_seconds'])))
+  assert study.speedup_of(config, 'pyra', 'high', bench) == (
+      bench['high']['models']['pyra']['speedup'])
+  assert study.speedup_of(config, 'peft', 'none', bench) == 1.0
+  assert study.speedup_of(config, 'big', 'low', bench) is None
   # Ablation variants take their method's timing; peft the median over files.
   assert study.throughput_of(config, 'pyra', 'high', bench) == (
       bench['high']['models']['pyra']['images_per_sec'])
