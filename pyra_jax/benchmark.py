@@ -394,32 +394,22 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.normal(size=(batch_size, image_size, image_size, 3)),
                          jnp.float32) for _ in range(2)]
+  names = list(methods)
+  if reference_model is not None:  # timed like the others, under its own name
+    cfgs['reference'] = method_config(reference_model, 'peft', image_size=image_size,
+                                      num_classes=num_classes)
+    train_params['reference'] = init_params(cfgs['reference'], image_size)
+    names.append('reference')
   models, calls, infos, traced = {}, {}, {}, {}
-  for m in methods:
+  for m in names:
     model, params = deployed(cfgs[m], image_size, jdtype, train_params[m])
     models[m] = (model, params)
-    infos[m] = model_info(model, m, image_size, batch_size)
+    infos[m] = model_info(model, cfgs[m].method, image_size, batch_size)
     fn = Traced(lambda p, x, model=model: model.apply({'params': p}, x, train=False))
     traced[m] = fn
     counter = iter(range(1 << 62))
     calls[m] = (lambda fn=fn, params=params, counter=counter:
                 fn(params, batches[next(counter) % 2]))
-  names = list(methods)
-  if reference_model is not None:
-    ref_cfg = method_config(reference_model, 'peft', image_size=image_size,
-                            num_classes=num_classes)
-    ref_cfg.schedule = 'none'
-    ref_params = strip_scope(init_params(
-        method_config(ref_cfg, 'pyra', image_size=image_size,
-                      num_classes=num_classes), image_size), 'pyra')
-    model, params = deployed(ref_cfg, image_size, jdtype, ref_params)
-    infos['reference'] = model_info(model, 'peft', image_size, batch_size)
-    fn = Traced(lambda p, x, model=model: model.apply({'params': p}, x, train=False))
-    traced['reference'] = fn
-    counter = iter(range(1 << 62))
-    calls['reference'] = (lambda fn=fn, params=params, counter=counter:
-                          fn(params, batches[next(counter) % 2]))
-    names.append('reference')
   mm, mm_flops = matmul_call(matmul_size, jdtype)
   calls['matmul'] = mm
   dense_flops = {}

@@ -479,41 +479,51 @@ def load_bench(outdir: str) -> dict[str, dict]:
   return out
 
 
+def _is_full_model(study, variant: str) -> bool:
+  """The uncompressed model of the base recipe (no other field changed)."""
+  fields = study.variants[variant]
+  return fields['method'] == 'peft' and not set(fields) - {'method', 'merges'}
+
+
+def timings_of(config, variant: str, schedule: str,
+               bench: dict[str, dict]) -> list[dict]:
+  """The benchmark entries that time a cell's deployed model (empty: untimed).
+
+  A variant timed on its own (a shallower model): its file's entry. The full
+  uncompressed model: its entry in every schedule's file (timed in each round).
+  A merging variant: its method's entry in its schedule's file (an ablation runs
+  at its method's speed).
+  """
+  method = config.study.variants[variant]['method']
+  if variant in bench:
+    return [bench[variant]['models']['peft']]
+  if method == 'peft':
+    if not _is_full_model(config.study, variant):
+      return []  # Another model than the one timed (e.g. another depth).
+    return [b['models']['peft'] for s, b in bench.items()
+            if s in config.study.schedules and 'peft' in b.get('models', {})]
+  models = bench.get(schedule, {}).get('models', {})
+  return [models[method]] if method in models else []
+
+
 def throughput_of(config, variant: str, schedule: str,
                   bench: dict[str, dict]) -> Optional[float]:
-  """Forward images/s of a cell's deployed model, from the benchmark files."""
-  method = config.study.variants[variant]['method']
-  if variant in bench:  # A variant timed on its own (a shallower model).
-    return bench[variant]['models']['peft']['images_per_sec']
-  if method == 'peft':  # Timed in every schedule's round: the median of them.
-    if set(config.study.variants[variant]) - {'method', 'merges'}:
-      return None  # Another model than the one timed (e.g. another depth).
-    values = [b['models']['peft']['images_per_sec']
-              for s, b in bench.items()
-              if s in config.study.schedules and 'peft' in b.get('models', {})]
-    return statistics.median(values) if values else None
-  b = bench.get(schedule)
-  if b is None or method not in b.get('models', {}):
-    return None
-  return b['models'][method]['images_per_sec']
+  """Forward images/s of a cell's deployed model (the median over its timings)."""
+  values = [t['images_per_sec'] for t in timings_of(config, variant, schedule, bench)]
+  return statistics.median(values) if values else None
 
 
 def speedup_of(config, variant: str, schedule: str,
                bench: dict[str, dict]) -> Optional[float]:
   """A cell's forward speed-up over the uncompressed model, paired within the
   benchmark's rounds (steadier than a ratio of images/s timed a minute apart)."""
-  method = config.study.variants[variant]['method']
   if variant in bench:
-    models = bench[variant]['models']
-    return models['peft']['speedup'] if 'reference' in models else None
-  if method == 'peft':
-    if set(config.study.variants[variant]) - {'method', 'merges'}:
-      return None
-    return 1.0
-  b = bench.get(schedule)
-  if b is None or method not in b.get('models', {}):
-    return None
-  return b['models'][method]['speedup']
+    if 'reference' not in bench[variant]['models']:
+      return None  # Timed alone: nothing to pair it with.
+  elif _is_full_model(config.study, variant):
+    return 1.0  # The baseline itself, timed or not.
+  values = [t['speedup'] for t in timings_of(config, variant, schedule, bench)]
+  return statistics.median(values) if values else None
 
 
 def summarize(config: ml_collections.ConfigDict, outdir: str) -> dict:
@@ -595,8 +605,8 @@ def summary_markdown(summary: dict) -> str:
         f"| {c['task']} | {c['variant']} | {c['schedule']} ({c['schedule_spec']}) "
         f"| {c['n']} | {_fmt(c['mean'])} +- {_fmt(c['std'])} | "
         f"{_fmt(c['max_protocol_mean'])} | {_fmt(c['gflops'], 3)} | "
-        f"{_fmt(c.get('speedup'), 2)} | {_fmt(c['images_per_sec'], 1)} | {_fmt(c['train_images_per_sec'], 1)} | "
-        f"{_fmt(c['wall_time_s_mean'], 0)} |")
+        f"{_fmt(c['speedup'], 2)} | {_fmt(c['images_per_sec'], 1)} | "
+        f"{_fmt(c['train_images_per_sec'], 1)} | {_fmt(c['wall_time_s_mean'], 0)} |")
   lines += ['', '| task | paired difference (points, same seed) | n | mean +- std '
             '| a > b in | per seed |', '|---|---|---|---|---|---|']
   for d in summary['claims']:
@@ -620,7 +630,7 @@ def plot_accuracy(summary: dict, task: str, out: str) -> str:
   # drifts more than the differences between schedules), else images/s, else
   # our FLOPs count.
   x_field = next((f for f in ('speedup', 'images_per_sec')
-                  if cells and all(c.get(f) for c in cells)), 'gflops')
+                  if cells and all(c[f] for c in cells)), 'gflops')
   fig, ax = plt.subplots(figsize=(6.4, 4.8))
   styles = {'peft': ('s', 'black'), 'tome': ('o', 'tab:blue'),
             'pyra': ('*', 'tab:red'), 'peft_d4': ('D', 'tab:green'),
