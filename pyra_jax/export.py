@@ -17,7 +17,9 @@ deployment) and writes one self-contained Orbax checkpoint:
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -65,10 +67,64 @@ def strip_lora(params: PyTree) -> PyTree:
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
+# What an export of ours holds at its top level (Orbax's composite layout).
+_EXPORT_ENTRIES = frozenset({'params', 'config', '_CHECKPOINT_METADATA',
+                             'commit_success.txt'})
+
+
+def is_export(path: str) -> bool:
+  """Whether `path` holds a pyra_jax export and nothing else."""
+  try:
+    entries = set(os.listdir(path))
+    with open(os.path.join(path, 'config', 'metadata')) as f:
+      info = json.load(f).get('export_info')
+  except (OSError, ValueError, AttributeError):
+    return False
+  return {'params', 'config'} <= entries <= _EXPORT_ENTRIES and bool(info)
+
+
+def check_export_dir(export_dir: str, workdir: str) -> None:
+  """Refuses an export target whose contents an export would destroy.
+
+  An export goes into a new or empty folder, or replaces an earlier export
+  of ours. Anything else, the workdir itself or a folder that holds it
+  included, is the user's data and is left alone.
+  """
+  export_dir, workdir = os.path.abspath(export_dir), os.path.abspath(workdir)
+  inside = os.path.commonpath([export_dir, workdir]) == export_dir
+  if inside:
+    raise ExportError(
+        f'--export_dir={export_dir} is the workdir or a folder that contains it: '
+        'an export there would replace the checkpoints it is made from. Give a '
+        f'new folder, e.g. --export_dir={os.path.join(workdir, "export")}.')
+  checkpoints = os.path.abspath(train_lib.checkpoint_dir(workdir))
+  if os.path.commonpath([export_dir, checkpoints]) == checkpoints:
+    raise ExportError(
+        f'--export_dir={export_dir} is inside the checkpoint folder {checkpoints}, '
+        'where it would be taken for a training checkpoint: give a folder outside it.')
+  if not os.path.exists(export_dir):
+    return
+  if not os.path.isdir(export_dir):
+    raise ExportError(f'--export_dir={export_dir} is a file: give a new or empty folder.')
+  entries = sorted(os.listdir(export_dir))
+  if entries and not is_export(export_dir):
+    shown = ', '.join(entries[:5]) + (', ...' if len(entries) > 5 else '')
+    raise ExportError(
+        f'--export_dir={export_dir} is not empty ({shown}) and holds no pyra_jax '
+        'export: an export only goes into a new or empty folder, or replaces an '
+        'earlier export. Give another --export_dir.')
+
+
 def export(config: ml_collections.ConfigDict, workdir: str,
            export_dir: str | None = None, step: int | None = None) -> str:
-  """Writes the folded, deployable checkpoint; returns its directory."""
+  """Writes the folded, deployable checkpoint; returns its directory.
+
+  The export is written next to its target and renamed into place, so the
+  target holds the old export or the new one, never a mix or nothing; the
+  target is checked first (`check_export_dir`).
+  """
   export_dir = os.path.abspath(export_dir or os.path.join(workdir, 'export'))
+  check_export_dir(export_dir, workdir)
   run, trainable, step = train_lib.restore_run(config, workdir, step)
   params = optim.merge_params(jax.device_get(trainable),
                               jax.device_get(run.frozen))
@@ -78,13 +134,41 @@ def export(config: ml_collections.ConfigDict, workdir: str,
   cfg = folded_config(config, run.model_config)
   meta = checkpointing.config_to_dict(cfg)
   meta['export_info'] = {'workdir': os.path.abspath(workdir), 'step': int(step)}
+  parent = os.path.dirname(export_dir)
+  os.makedirs(parent, exist_ok=True)
+  # Same name on every host (Orbax coordinates a multi-host save on one path);
+  # a leftover from a killed export is ours and incomplete.
+  staging = os.path.join(parent, f'.{os.path.basename(export_dir)}.staging')
+  if os.path.exists(staging) and jax.process_index() == 0:
+    shutil.rmtree(staging)
   # Every process calls save: Orbax coordinates multi-host writes itself.
   ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  ckptr.save(export_dir, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      config=ocp.args.JsonSave(meta)), force=True)
-  ckptr.close()
+  try:
+    ckptr.save(staging, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        config=ocp.args.JsonSave(meta)))
+  finally:
+    ckptr.close()
+  if jax.process_index() == 0:
+    _replace_dir(staging, export_dir)
   return export_dir
+
+
+def _replace_dir(new: str, target: str) -> None:
+  """Puts directory `new` at `target`, atomically as seen from `target`.
+
+  A rename cannot replace a non-empty directory, so the old export is first
+  renamed aside (one rename), the new one renamed in (another), and only then
+  the old one deleted: a kill in between leaves a complete export at `target`
+  or at the aside name, never nothing.
+  """
+  if not os.path.exists(target):
+    os.replace(new, target)
+    return
+  old = f'{target}.old-{os.getpid()}'
+  os.replace(target, old)
+  os.replace(new, target)
+  shutil.rmtree(old)
 
 
 def load_export(path: str) -> tuple[PyTree, ml_collections.ConfigDict]:

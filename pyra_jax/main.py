@@ -59,6 +59,13 @@ _CHECKPOINT_STEP = flags.DEFINE_integer(
 _EXPORT_DIR = flags.DEFINE_string(
     'export_dir', None, 'export: where to write (default <workdir>/export). '
     'eval: evaluate this exported model instead of a training checkpoint.')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
+    'allow_config_change', [], 'train: resume a workdir whose checkpoint was '
+    'written with other values of these fields (comma-separated, e.g. '
+    'lr,grad_clip_norm after a divergence). Only optimisation fields may change '
+    '(lr, pyra_lr, min_lr, warmup_init_lr, warmup_epochs, num_epochs, '
+    'weight_decay, grad_clip_norm, b1, b2, eps); each change is recorded in '
+    'metrics.jsonl and results.json.')
 _MULTIHOST = flags.DEFINE_bool(
     'multihost', False, 'Call jax.distributed.initialize() (one process per '
     'host). Also done automatically when a SLURM/Open MPI/JAX coordinator '
@@ -272,7 +279,6 @@ def _report_speedup(config, workdir: str) -> None:
   Random weights of the same shapes: throughput does not depend on their values.
   Stored in <workdir>/speedup.json.
   """
-  import json  # pylint: disable=g-import-not-at-top
   from pyra_jax import benchmark  # pylint: disable=g-import-not-at-top
   method = config.model.method
   if method == 'peft':
@@ -286,8 +292,8 @@ def _report_speedup(config, workdir: str) -> None:
   print(f'throughput: {method} {fast["images_per_sec"]:.1f} images/s vs uncompressed '
         f'{slow["images_per_sec"]:.1f} images/s: {fast["speedup"]:.2f}x faster '
         f'(FLOPs ratio {fast["flops_ratio"]:.2f}x)')
-  with open(os.path.join(workdir, 'speedup.json'), 'w') as f:
-    json.dump(res, f, indent=1, default=str)
+  from pyra_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  train_lib.write_json(os.path.join(workdir, 'speedup.json'), res)
 
 
 def main(argv: list[str]) -> None:
@@ -307,7 +313,9 @@ def main(argv: list[str]) -> None:
     from pyra_jax import train as train_lib  # pylint: disable=g-import-not-at-top
     logging.info('JAX devices: %s', jax.devices())
     if mode == 'train':
-      r = train_lib.train_and_evaluate(config, _WORKDIR.value)
+      r = train_lib.train_and_evaluate(
+          config, _WORKDIR.value,
+          allow_config_change=[f.strip() for f in _ALLOW_CONFIG_CHANGE.value])
       if jax.process_index() == 0:
         split = f'{r["eval_split"]}, {r["num_test_images"]} images'
         print(f'final accuracy ({split}): {100 * r["final_accuracy"]:.2f}%')

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any
 
+from absl import logging
 import tqdm
 import tqdm.auto
 
@@ -34,13 +35,19 @@ class MetricWriter:
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def truncate_after(self, step: int) -> None:
-    """Drops records logged after `step`: a resumed run recomputes them."""
+    """Drops records logged after `step`: a resumed run recomputes them.
+
+    Also drops lines that are not JSON: a run killed in the middle of a write
+    leaves a torn last line, which must not stop the resume (the record it
+    held is recomputed, since it came after the checkpoint).
+    """
     if not self.enabled or not os.path.exists(self.path):
       return
     with open(self.path) as f:
-      lines = [l for l in f if l.strip()]
-    kept = [l for l in lines if json.loads(l).get('step', 0) <= step]
-    if len(kept) != len(lines):
+      lines = f.readlines()
+    records = _parse_lines(lines, self.path)
+    kept = [json.dumps(r) + '\n' for r in records if r.get('step', 0) <= step]
+    if kept != lines:
       tmp = self.path + '.tmp'
       with open(tmp, 'w') as f:
         f.writelines(kept)
@@ -76,7 +83,25 @@ def read_metrics(workdir: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
+    return _parse_lines(f.readlines(), path)
+
+
+def _parse_lines(lines: list[str], path: str) -> list[dict]:
+  """The JSON records of `lines`; a line that is not one is skipped, with a warning."""
+  out = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    if not isinstance(record, dict):
+      logging.warning('%s:%d is not a JSON record (a run killed while writing '
+                      'it?); skipped.', path, number)
+      continue
+    out.append(record)
+  return out
 
 
 def in_notebook() -> bool:

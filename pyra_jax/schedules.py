@@ -165,8 +165,14 @@ def _parse(spec: ScheduleSpec, depth: int, num_patches: int, num_protected: int,
     if s in NAMED_SCHEDULES:
       return list(NAMED_SCHEDULES[s]), False
     if s.startswith('flops:'):
+      try:
+        ratio = float(s.split(':', 1)[1])
+      except ValueError:
+        raise ScheduleError(
+            f"config.model.schedule = {spec!r}: 'flops:' takes the FLOPs ratio "
+            "to reach, a number such as 'flops:3.5'.") from None
       return schedule_for_flops_ratio(
-          float(s.split(':', 1)[1]), depth=depth, num_patches=num_patches,
+          ratio, depth=depth, num_patches=num_patches,
           num_protected=num_protected, width=width, mlp_ratio=mlp_ratio), False
     parts = [p for p in s.replace('(', '').replace(')', '').split(',') if p.strip()]
     try:
@@ -177,7 +183,7 @@ def _parse(spec: ScheduleSpec, depth: int, num_patches: int, num_protected: int,
       return [int(p) for p in parts], False
     except ValueError:
       raise ScheduleError(
-          f'Cannot read schedule {spec!r}. Use a name ({", ".join(NAMED_SCHEDULES)}), '
+          f'Cannot read config.model.schedule = {spec!r}. Use a name ({", ".join(NAMED_SCHEDULES)}), '
           "an int, 'r,inflection', 'flops:<ratio>' or one int per layer.") from None
   spec = tuple(spec)
   if (len(spec) == 2 and isinstance(spec[1], float) and depth != 2):

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 from absl import logging
 import jax
@@ -165,6 +165,47 @@ def _check_divisible(name: str, value: int) -> None:
   if value % n:
     raise ConfigError(f'config.{name} = {value} is not divisible by the {n} '
                       f'devices: use a multiple of {n}.')
+
+
+def check_config(config: ml_collections.ConfigDict, *, training: bool = True) -> None:
+  """Refuses loop settings that cannot work, before anything is compiled.
+
+  Each would otherwise fail deep inside a step (a modulo by zero after
+  compilation), be reported under another field's name, or run silently with
+  a meaning nobody asked for (a negative warm-up, float16 on a model that is
+  only tested in float32 and bfloat16).
+  """
+  def need(ok: bool, field: str, what: str) -> None:
+    if not ok:
+      raise ConfigError(f'config.{field} = {config.get(field, None)!r}: {what}.')
+
+  need(config.eval_batch_size >= 1, 'eval_batch_size', 'use a positive batch size')
+  dtype = config.get('dtype', 'float32')
+  if dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f"config.dtype = {dtype!r}: use 'float32' or 'bfloat16' "
+                      '(float16 overflows in the attention logits without loss '
+                      'scaling, which pyra_jax does not implement).')
+  if not training:
+    return
+  need(config.batch_size >= 1, 'batch_size', 'use a positive batch size')
+  need(config.num_epochs > 0, 'num_epochs', 'train for at least one epoch')
+  need(config.warmup_epochs >= 0, 'warmup_epochs', 'use 0 for no warm-up')
+  need(config.log_every_steps >= 1, 'log_every_steps', 'log every N >= 1 steps')
+  need(config.checkpoint_every_steps >= 1, 'checkpoint_every_steps',
+       'save every N >= 1 steps (a very large N saves only at the end)')
+  need(config.keep_checkpoints >= 1, 'keep_checkpoints',
+       'at least the latest checkpoint is kept, or the run would delete its own result')
+  need(config.lr > 0, 'lr', 'use a positive learning rate')
+  need(config.pyra_lr >= 0 or config.pyra_lr == -1, 'pyra_lr',
+       'use a learning rate >= 0, or -1 for the same as config.lr')
+  for field in ('min_lr', 'warmup_init_lr', 'weight_decay', 'grad_clip_norm'):
+    need(config[field] >= 0, field, 'use a value >= 0')
+
+
+def check_workdir(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir={workdir} is a file, not a folder: give a '
+                      'folder (new or an earlier run of this config).')
 
 
 def _shard(batch: dict, sharding: NamedSharding) -> dict:
@@ -347,8 +388,10 @@ def train_batches(train_data, start_step: int) -> Iterator[dict]:
 # Train.
 # ----------------------------------------------------------------------------
 
-def _meta(run: Run, step: int, evals: list, train_time: float) -> dict:
+def _meta(run: Run, step: int, evals: list, train_time: float,
+          config_changes: list) -> dict:
   return {'step': int(step),
+          'config_changes': config_changes,
           'config': checkpointing.config_to_dict(run.config),
           'model_config': run.model_config.to_dict(),
           'frozen_fingerprint': run.frozen_fingerprint,
@@ -373,8 +416,84 @@ def _is_eval_epoch(epoch: int, config) -> bool:
   return every > 0 and (epoch == 1 or epoch % every == 0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the results dict."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: Collection[str] = ()) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the results dict.
+
+  The workdir is locked for the whole run (`checkpointing.WorkdirLock`), so a
+  second run started on it is refused instead of interleaving its checkpoints
+  and metrics with this one's. `allow_config_change` names the fields
+  (`checkpointing.CHANGEABLE_ON_REQUEST`) that may differ from the
+  checkpoint's config on resume; every such change is recorded.
+  """
+  check_workdir(workdir)
+  check_config(config)
+  checkpointing.check_allowed_changes(allow_config_change)
+  if jax.process_index() != 0:  # Process 0 holds the lock for the whole job.
+    return _train_and_evaluate(config, workdir, allow_config_change)
+  with checkpointing.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, allow_config_change)
+
+
+def _restore_opt_state(ckpt: checkpointing.Checkpointer, step: int, meta: dict,
+                       run: Run, steps_per_epoch: int, template: PyTree,
+                       changed: dict) -> PyTree:
+  """The saved optimiser state, in the structure of the current optimiser.
+
+  When allowed fields changed (e.g. gradient clipping switched on), the saved
+  state has the structure of the *saved* config's optimiser: restore it as
+  that, then carry its leaves (Adam moments, step counts) over. Stateless
+  transforms such as clipping add no leaves, so the leaves line up.
+  """
+  if not changed:
+    return ckpt.restore_opt_state(step, run.abstract(template))
+  saved_config = ml_collections.ConfigDict(checkpointing.with_defaults(
+      meta['config'], checkpointing.base_defaults()))
+  saved_tx, _ = optim.make_optimizer(saved_config, steps_per_epoch)
+  restored = ckpt.restore_opt_state(
+      step, run.abstract(jax.eval_shape(saved_tx.init, run.trainable)))
+  leaves, target = jax.tree.leaves(restored), jax.tree.leaves(template)
+  if [np.shape(a) for a in leaves] != [np.shape(b) for b in target]:
+    raise checkpointing.CheckpointMismatchError(
+        f'The optimiser state of step {step} in {ckpt.directory} does not fit the '
+        f'optimiser of the changed config ({", ".join(changed)}): use a new --workdir.')
+  return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def _diverged(ckpt: checkpointing.Checkpointer, step: int, what: str,
+              lr: float, config_lr: float, suspect: int | None) -> TrainingError:
+  """The error for a non-finite loss or parameters at `step`.
+
+  The checkpoint of step `suspect` (the one whose parameters produced a
+  non-finite loss), if it is the latest and nothing has vouched for it, is set
+  aside, so the latest checkpoint left is one whose parameters gave a finite
+  loss, and a rerun resumes from there.
+  """
+  moved = ''
+  if (suspect is not None and ckpt.latest_step() == suspect
+      and not ckpt.is_verified(suspect)):
+    dest = ckpt.set_aside(suspect, 'diverged')
+    moved = (f' (step {suspect}, whose parameters gave this loss, was moved '
+             f'to {dest})')
+  last = ckpt.latest_step()
+  where = (f'The last checkpoint whose parameters gave a finite loss is step '
+           f'{last} in {ckpt.directory}{moved}; rerunning the same command resumes '
+           'from it.' if last is not None else
+           'No checkpoint was saved before it, so a rerun starts from the beginning.')
+  return TrainingError(
+      f'{what} at step {step} (lr {lr:.3g}): training stopped without saving '
+      f'this state. {where} To continue with a lower learning rate or gradient '
+      f'clipping, add e.g. --config.lr={config_lr / 10:.2g} --config.grad_clip_norm=1.0 '
+      '--allow_config_change=lr,grad_clip_norm.')
+
+
+def _all_finite(tree: PyTree) -> bool:
+  return all(bool(np.isfinite(np.asarray(x)).all())
+             for x in jax.tree.leaves(jax.device_get(tree)))
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        allow_config_change: Collection[str]) -> dict:
   t_start = time.time()
   is_main = jax.process_index() == 0
   _check_divisible('batch_size', config.batch_size)
@@ -396,32 +515,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _, schedules, tx_init = make_optimizer(run, steps_per_epoch)
   total_steps = int(config.num_epochs * steps_per_epoch)
 
+  # --------------------------------------------------------------------------
+  # Restore: the newest readable checkpoint, if any.
+  # --------------------------------------------------------------------------
   trainable = run.trainable
   opt_state = jax.device_get(tx_init(trainable))
   ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir),
-                                    max_to_keep=config.keep_checkpoints)
-  start_step, evals, prior_time = 0, [], 0.0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    meta = ckpt.restore_meta(latest)
-    checkpointing.check_compatible(meta, config, run.frozen_fingerprint,
-                                   ckpt.directory)
-    trainable = ckpt.restore_params(latest, run.abstract(trainable))
-    opt_state = ckpt.restore_opt_state(latest, run.abstract(opt_state))
+                                    keep=config.keep_checkpoints)
+  start_step, evals, prior_time, changes = 0, [], 0.0, []
+  if ckpt.latest_step() is not None:
+    def read(step):
+      meta = ckpt.restore_meta(step)
+      changed = checkpointing.check_compatible(
+          meta, config, run.frozen_fingerprint, ckpt.directory,
+          allow=allow_config_change)
+      params = ckpt.restore_params(step, run.abstract(trainable))
+      opt = _restore_opt_state(ckpt, step, meta, run, steps_per_epoch,
+                               opt_state, changed)
+      return meta, changed, params, opt
+    _, (meta, changed, trainable, opt_state) = ckpt.restore_newest_readable(read)
     start_step, evals = int(meta['step']), list(meta['evals'])
     prior_time = float(meta['train_time_s'])
+    changes = list(meta.get('config_changes', []))
+    if changed:
+      changes.append({'step': start_step, 'changes': {
+          k: [va, vb] for k, (va, vb) in changed.items()}})
+      logging.info('Resuming with changed config: %s', changes[-1])
     logging.info('Resuming from %s at step %d of %d.', ckpt.directory,
                  start_step, total_steps)
   trainable, opt_state = run.replicate(trainable), run.replicate(opt_state)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   writer.truncate_after(start_step)
+  if changes and changes[-1]['step'] == start_step and start_step > 0:
+    writer.write(start_step, config_change=json.dumps(changes[-1]['changes']))
   train_step = make_train_step(run, steps_per_epoch)
   key = run.replicate(dropout_key(config))
   eval_step = make_eval_step(run)
   bar = metrics_lib.progress_bar(total_steps, start_step, enabled=is_main)
   batches = train_batches(train_data, start_step)
 
+  # --------------------------------------------------------------------------
+  # Train.
+  # --------------------------------------------------------------------------
   window = {'loss': 0.0, 'correct': 0.0, 'count': 0.0, 'steps': 0,
             't0': time.time()}
   train_images, train_seconds = 0, 0.0
@@ -433,13 +569,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                            batch, np.int32(step - 1), key)
       loss = float(m['loss'])  # Also the sync point that makes timings real.
       if not math.isfinite(loss):
-        last = ckpt.latest_step()
-        raise TrainingError(
-            f'The loss became {loss} at step {step} (lr {schedules["lr"](step - 1):.3g}); '
-            'stopping without saving this state. '
-            + (f'The last good checkpoint (step {last}) is intact in '
-               f'{ckpt.directory}. ' if last is not None else '')
-            + 'Lower config.lr / config.pyra_lr or set config.grad_clip_norm.')
+        raise _diverged(ckpt, step, f'The loss became {loss}',
+                        float(schedules['lr'](step - 1)), config.lr,
+                        suspect=step - 1)
+      ckpt.mark_verified(step - 1)  # Its parameters just gave a finite loss.
       if step > start_step + 1:  # The first step includes compilation.
         train_seconds += time.time() - t0
         train_images += config.batch_size
@@ -478,15 +611,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         window['t0'] = time.time()  # Do not count eval time as training time.
 
       if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        if not _all_finite(trainable):
+          raise _diverged(ckpt, step, 'The parameters became non-finite',
+                          float(schedules['lr'](step - 1)), config.lr,
+                          suspect=None)
         ckpt.save(step, trainable, opt_state,
-                  _meta(run, step, evals, prior_time + time.time() - t_start))
+                  _meta(run, step, evals, prior_time + time.time() - t_start,
+                        changes))
         window['t0'] = time.time()
+    ckpt.finish()
   finally:
     batches.close()
     bar.close()
     writer.flush()
     ckpt.close()
 
+  # --------------------------------------------------------------------------
+  # Final evaluation and results.
+  # --------------------------------------------------------------------------
   if not evals or evals[-1]['step'] != total_steps:
     # Resumed after the end, or a config with no eval at the last step.
     result = evaluate(run, eval_step, trainable, eval_data)
@@ -505,19 +647,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                if train_seconds else None),
       'num_devices': jax.device_count(),
       'config': checkpointing.config_to_dict(config),
+      'config_changes': changes,
   }
   if is_main:
     writer.write(total_steps, final_accuracy=results['final_accuracy'],
                  max_accuracy_paper_protocol=results['max_accuracy_paper_protocol'])
-    _write_json(os.path.join(workdir, 'results.json'), results)
+    write_json(os.path.join(workdir, 'results.json'), results)
   writer.close()
   return results
 
 
-def _write_json(path: str, obj: dict) -> None:
-  tmp = path + '.tmp'
+def write_json(path: str, obj: dict) -> None:
+  """Writes JSON atomically: a kill leaves the old file or the new, never half."""
+  tmp = f'{path}.tmp.{os.getpid()}'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
+    json.dump(obj, f, indent=2, default=str)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
 
 
@@ -530,29 +676,30 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
   """Rebuilds the model and restores the trainable params of `step` (or latest).
 
   The restored run must match `config` in the fields that define the
-  parameters (model, trainable groups) and in the frozen weights.
+  parameters (model, trainable groups) and in the frozen weights. Without a
+  `step`, a latest checkpoint that cannot be read falls back to the newest
+  one that can, with a warning (nothing is moved: eval and export only read).
   """
+  check_workdir(workdir)
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise checkpointing.CheckpointMismatchError(
         f'No checkpoints in {directory}: train first with --mode=train '
         f'--workdir={workdir}.')
   ckpt = checkpointing.Checkpointer(directory, read_only=True)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise checkpointing.CheckpointMismatchError(
-          f'No finished checkpoint in {directory}: train first.')
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise checkpointing.CheckpointMismatchError(
-          f'No checkpoint for step {step} in {directory}; available: {steps}.')
-    meta = ckpt.restore_meta(step)
-    run = setup(config, meta['model_config']['num_classes'])
+  runs = {}
+
+  def read(s: int):
+    meta = ckpt.restore_meta(s)
+    num_classes = meta['model_config']['num_classes']
+    if num_classes not in runs:
+      runs[num_classes] = setup(config, num_classes)
+    run = runs[num_classes]
     checkpointing.check_compatible(meta, config, run.frozen_fingerprint,
                                    directory, for_eval=True)
-    trainable = ckpt.restore_params(step, run.abstract(run.trainable))
+    return run, ckpt.restore_params(s, run.abstract(run.trainable))
+  try:
+    step, (run, trainable) = ckpt.restore_newest_readable(read, step)
   finally:
     ckpt.close()
   return run, trainable, step
@@ -561,6 +708,7 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> dict:
   """Test accuracy of a saved checkpoint, without training."""
+  check_config(config, training=False)
   _check_divisible('eval_batch_size', config.eval_batch_size)
   run, trainable, step = restore_run(config, workdir, step)
   eval_data = get_data(config.data, config.data.eval_split,

@@ -59,7 +59,8 @@ def test_flops_ratio_solver_hits_the_target():
 
 @pytest.mark.parametrize('spec,match', [
     ([1] * 11, 'has 11 entries but the model has 12 layers'),
-    ('abc,def', 'Cannot read schedule'),
+    ('abc,def', 'Cannot read config.model.schedule'),
+    ('flops:abc', "config.model.schedule = 'flops:abc'"),
     ('flops:0.5', 'below 1'),
 ])
 def test_bad_specs(spec, match):

@@ -171,7 +171,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
       yield batch
   monkeypatch.setattr(train, 'train_batches', poisoned)
   wd = workdirs / 'nan'
-  with pytest.raises(train.TrainingError, match=r'nan at step 31.*step 25\) is intact'):
+  with pytest.raises(train.TrainingError, match=r'nan at step 31.*finite loss is step 25 in'):
     train.train_and_evaluate(cfg(), str(wd))
   assert checkpointing.Checkpointer(str(wd / 'checkpoints')).all_steps() == [25]
   step, params = final_params(wd)
