@@ -96,7 +96,7 @@ def read_vit_npz(path: str) -> common.Converted:
         f'it has no {_ANCHOR!r} tensor and holds '
         f'{filecheck.what_names_suggest(arrays)}; point model_init (or '
         f'`--src`) at the ViT weights, or set the format '
-        f'({filecheck.FORMAT_SETTING})'
+        f'({filecheck.FORMAT_SETTING}) '
         'to what the file is.')
   return convert_vit_npz(arrays)
 
