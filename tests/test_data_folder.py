@@ -196,14 +196,14 @@ def test_folder_errors_name_the_file(tmp_path):
       '\n'.join(lines[:2] + ['images/train800/000002.png 10']) + '\n')
   with pytest.raises(DataError) as info:
     get_data(config, 'train800', 2, image_size=8, train=True, seed=0)
-  assert f'{task_dir / "train800.txt"}, line 3' in str(info.value)
+  assert f'{task_dir / "train800.txt"}:3' in str(info.value)
   assert 'label 10 is outside [0, 10)' in str(info.value)
 
   (task_dir / 'train800.txt').write_text(
       '\n'.join(lines[:1] + ['images/train800/missing.jpg 4']) + '\n')
   with pytest.raises(DataError) as info:
     get_data(config, 'train800', 2, image_size=8, train=True, seed=0)
-  assert f'{task_dir / "train800.txt"}, line 2' in str(info.value)
+  assert f'{task_dir / "train800.txt"}:2' in str(info.value)
   assert str(task_dir / 'images/train800/missing.jpg') in str(info.value)
 
   (task_dir / 'train800.txt').write_text('\n'.join(lines) + '\n')
