@@ -42,6 +42,9 @@ def write_bad_files(folder):
   # Random bytes whose first 8 happen to be a small length: the JSON check.
   put('random.safetensors', struct.pack('<Q', 100) + rng.bytes(3000),
       'is not a safetensors file')
+  # Not a zip or a pickle / not a protobuf starting with its version field.
+  put('random.pth', b'\x00' + rng.bytes(3000), 'is not a PyTorch checkpoint')
+  put('random.onnx', b'\x00' + rng.bytes(3000), 'is not an ONNX model')
   put('page.npz', b'<!DOCTYPE html><html><body>Sign in</body></html>',
       'looks like a web page')
   np.savez(folder / 'full.npz', **vit)
@@ -69,7 +72,7 @@ def bad_files(tmp_path_factory):
 
 
 CASES = ['empty.npz', 'empty.safetensors', 'random.npz', 'random.safetensors',
-         'page.npz', 'cut.npz', 'cut.safetensors', 'unrelated.npz',
+         'random.pth', 'random.onnx', 'page.npz', 'cut.npz', 'cut.safetensors', 'unrelated.npz',
          'unrelated.safetensors', 'no_cls.npz']
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from PIL import UnidentifiedImageError
 import tensorflow as tf
 
 from pyra_jax.data.errors import DataError
@@ -64,14 +65,6 @@ class Listed:
   path: str
   label: int
   where: str  # '<task_dir>/<split>.txt:<line>'
-
-
-def read_split_file(task_dir: Path, split: str,
-                    num_classes: int) -> tuple[list[str], np.ndarray]:
-  """Parses and checks `<task_dir>/<split>.txt`: absolute paths, int32 labels."""
-  listed = list_split(task_dir, split, num_classes)
-  return ([item.path for item in listed],
-          np.asarray([item.label for item in listed], np.int32))
 
 
 def list_split(task_dir: Path, split: str, num_classes: int) -> list[Listed]:
@@ -150,8 +143,10 @@ def image_problem(path: Path) -> str | None:
         image_format = image.format
   except Image.DecompressionBombError:
     return None  # Huge but well-formed; its pixels are not our concern here.
+  except UnidentifiedImageError:
+    doubt = 'is not an image file (its first bytes match no image format)'
   except (OSError, SyntaxError, ValueError) as e:
-    doubt = f'is not an image PIL recognises ({e})'
+    doubt = f'has a damaged header ({e})'
   else:
     marker = _END_MARKERS.get(image_format)
     if image_format not in _DECODABLE:
