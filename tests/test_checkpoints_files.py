@@ -20,10 +20,6 @@ from tests import reference_vit as ref
 from tests.test_train_cli import reset_flags, run_main
 
 
-def _zip_cut_short(data: bytes) -> bytes:
-  return data[:len(data) // 2]
-
-
 def write_bad_files(folder):
   """{case: (path, phrase the error must contain)}; files written into folder."""
   rng = np.random.default_rng(0)
@@ -48,8 +44,11 @@ def write_bad_files(folder):
   put('page.npz', b'<!DOCTYPE html><html><body>Sign in</body></html>',
       'looks like a web page')
   np.savez(folder / 'full.npz', **vit)
-  put('cut.npz', _zip_cut_short((folder / 'full.npz').read_bytes()),
+  put('cut.npz', (folder / 'full.npz').read_bytes()[:1000],
       'is truncated')
+  damaged = bytearray((folder / 'full.npz').read_bytes())
+  damaged[200:260] = b'x' * 60  # Inside the first array: its CRC no longer matches.
+  put('damaged.npz', bytes(damaged), 'could not be read as an .npz checkpoint')
   save_file(timm, str(folder / 'full.safetensors'))
   put('cut.safetensors',
       (folder / 'full.safetensors').read_bytes()[:-100], 'is truncated')
@@ -72,8 +71,9 @@ def bad_files(tmp_path_factory):
 
 
 CASES = ['empty.npz', 'empty.safetensors', 'random.npz', 'random.safetensors',
-         'random.pth', 'random.onnx', 'page.npz', 'cut.npz', 'cut.safetensors', 'unrelated.npz',
-         'unrelated.safetensors', 'no_cls.npz']
+         'random.pth', 'random.onnx', 'page.npz', 'cut.npz', 'damaged.npz',
+         'cut.safetensors', 'unrelated.npz', 'unrelated.safetensors',
+         'no_cls.npz']
 
 
 @pytest.mark.parametrize('case', CASES)

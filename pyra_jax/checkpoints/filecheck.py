@@ -203,14 +203,16 @@ def reading(path: str, what: str) -> Iterator[None]:
     yield
   except common.CheckpointError:
     raise
-  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+  except _file_errors() as e:
     raise common.CheckpointError(_damaged(path, what, e)) from e
-  except Exception as e:  # pylint: disable=broad-except
-    # safetensors' SafetensorError and protobuf's DecodeError derive from
-    # Exception only; anything else is a bug of ours and keeps its traceback.
-    if type(e).__name__ not in ('SafetensorError', 'DecodeError'):
-      raise
-    raise common.CheckpointError(_damaged(path, what, e)) from e
+
+
+def _file_errors() -> tuple[type[BaseException], ...]:
+  """What the parsers raise for a bad file (anything else is a bug of ours)."""
+  from google.protobuf.message import DecodeError  # pylint: disable=g-import-not-at-top
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  return (OSError, EOFError, ValueError, zipfile.BadZipFile, SafetensorError,
+          DecodeError)
 
 
 def _damaged(path: str, what: str, e: BaseException) -> str:
