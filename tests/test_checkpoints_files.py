@@ -35,7 +35,7 @@ def write_bad_files(folder):
   put('empty.npz', b'', 'is empty (0 bytes)')
   put('empty.safetensors', b'', 'is empty (0 bytes)')
   put('random.npz', rng.bytes(3000), 'is not an .npz archive')
-  # Random bytes whose first 8 happen to be a small length: the JSON check.
+  # Random bytes behind a plausible header length: refused for lack of JSON.
   put('random.safetensors', struct.pack('<Q', 100) + rng.bytes(3000),
       'is not a safetensors file')
   # Not a zip or a pickle / not a protobuf starting with its version field.
@@ -43,6 +43,8 @@ def write_bad_files(folder):
   put('random.onnx', b'\x00' + rng.bytes(3000), 'is not an ONNX model')
   put('page.npz', b'<!DOCTYPE html><html><body>Sign in</body></html>',
       'looks like a web page')
+  put('lfs.safetensors', b'version https://git-lfs.github.com/spec/v1\n'
+      b'oid sha256:0123\nsize 345678\n', 'looks like a Git LFS pointer')
   np.savez(folder / 'full.npz', **vit)
   put('cut.npz', (folder / 'full.npz').read_bytes()[:1000],
       'is truncated')
@@ -71,7 +73,8 @@ def bad_files(tmp_path_factory):
 
 
 CASES = ['empty.npz', 'empty.safetensors', 'random.npz', 'random.safetensors',
-         'random.pth', 'random.onnx', 'page.npz', 'cut.npz', 'damaged.npz',
+         'random.pth', 'random.onnx', 'page.npz', 'lfs.safetensors', 'cut.npz',
+         'damaged.npz',
          'cut.safetensors', 'unrelated.npz', 'unrelated.safetensors',
          'no_cls.npz']
 
