@@ -365,3 +365,17 @@ def test_doubtful_but_decodable_images_are_accepted(tmp_path):
                    'data_dir': str(tmp_path)}, 'val200', 2, image_size=8,
                   train=False, seed=0)
   np.testing.assert_array_equal(_ids(next(iter(data))['image']), [0, 1])
+
+
+def test_every_unreadable_image_is_counted_in_one_message(tmp_path):
+  task_dir = tmp_path / 'cifar10'
+  _write_split(task_dir, 'val200', _grey_id_images(6), [0] * 6)
+  (task_dir / 'images/val200/000001.png').write_bytes(b'')
+  (task_dir / 'images/val200/000004.png').unlink()
+  with pytest.raises(DataError) as info:
+    get_data({'source': 'folder', 'task': 'cifar10', 'data_dir': str(tmp_path)},
+             'val200', 2, image_size=8, train=False, seed=0)
+  message, split_file = str(info.value), task_dir / 'val200.txt'
+  assert message.startswith(f'2 images listed in {split_file} cannot be read')
+  assert f'{split_file}:2: image {task_dir / "images/val200/000001.png"} is empty' in message
+  assert f'{split_file}:5: image {task_dir / "images/val200/000004.png"} does not exist' in message

@@ -73,7 +73,7 @@ def list_split(task_dir: Path, split: str, num_classes: int) -> list[Listed]:
   split_file = task_dir / f'{split}.txt'
   if not split_file.is_file():
     raise DataError(f'Split file {split_file} does not exist.')
-  listed = []
+  listed, unreadable = [], []
   with open(split_file, encoding='utf-8') as f:
     for line_no, line in enumerate(f, start=1):
       line = line.strip()
@@ -98,13 +98,17 @@ def list_split(task_dir: Path, split: str, num_classes: int) -> list[Listed]:
             f'{task_dir}; split files list paths relative to it (like '
             f'images/{split}/000000.jpg): fix the line.')
       path = task_dir / parts[0]
-      if not path.is_file():
-        raise DataError(f'{where}: image {path} does not exist.')
-      problem = image_problem(path)
+      problem = 'does not exist' if not path.is_file() else image_problem(path)
       if problem:
-        raise DataError(f'{where}: image {path} {problem}: replace the file '
-                        'or remove the line.')
+        unreadable.append(f'{where}: image {path} {problem}')
       listed.append(Listed(str(path), label, where))
+  if len(unreadable) == 1:
+    raise DataError(f'{unreadable[0]}: replace the file or remove the line.')
+  if unreadable:  # All of them at once, so that one pass fixes the folder.
+    raise DataError(
+        f'{len(unreadable)} images listed in {split_file} cannot be read, '
+        f'e.g. {"; ".join(unreadable[:3])}: replace the files or remove '
+        'their lines.')
   if not listed:
     raise DataError(f'Split file {split_file} lists no images.')
   return listed
