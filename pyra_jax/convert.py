@@ -64,11 +64,15 @@ def describe(conv: common.Converted) -> dict:
 
 def convert(src: str, out: str, fmt: str = 'auto', num_heads: int | None = None,
             overwrite: bool = False) -> dict:
-  """Reads `src`, writes `out` in our layout; returns the metadata written."""
-  if os.path.exists(out) and not overwrite:
-    raise common.CheckpointError(
-        f'{out} already exists (converted once is enough; point '
-        'config.model_init at it). Pass --overwrite to convert again.')
+  """Reads `src`, writes `out` in our layout; returns the metadata written.
+
+  Missing folders of `out` are created (what `--out runs/weights/x.npz` on a
+  fresh machine means). `out` is checked before `src` is read, since reading
+  a large checkpoint takes a while, and written under a temporary name that is
+  renamed at the end, so an interrupted run never leaves a truncated `out`
+  that the next run would refuse to overwrite.
+  """
+  _check_out(out, overwrite)
   conv = loader.read_checkpoint(src, fmt, num_heads=num_heads)
   if conv.fmt == 'pyra_jax':
     raise common.CheckpointError(f'{src} is already in the pyra_jax format.')
@@ -82,8 +86,46 @@ def convert(src: str, out: str, fmt: str = 'auto', num_heads: int | None = None,
   meta = describe(conv)
   meta['source'] = os.path.basename(src)
   meta['ignored'] = sorted(conv.ignored)[:50]
-  npz.save_pyra_jax(out, conv.params, meta)
+  _write_atomically(out, conv.params, meta)
   return meta
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+  """Refuses an `out` that cannot be written, before any work is done."""
+  if os.path.isdir(out):
+    raise common.CheckpointError(
+        f'--out {out} is a directory: give a file name, e.g. '
+        f'--out {os.path.join(out, "converted.npz")}.')
+  if os.path.exists(out) and not overwrite:
+    raise common.CheckpointError(
+        f'{out} already exists (converted once is enough; point '
+        'config.model_init at it). Pass --overwrite to convert again.')
+  nearest = os.path.dirname(os.path.abspath(out))
+  while not os.path.exists(nearest):
+    nearest = os.path.dirname(nearest)
+  if not os.path.isdir(nearest):
+    raise common.CheckpointError(
+        f'--out {out}: {nearest} is a file, so the folder for the output '
+        'cannot be created; choose another --out.')
+  if not os.access(nearest, os.W_OK):
+    raise common.CheckpointError(
+        f'--out {out}: {nearest} is not writable; choose another --out.')
+
+
+def _write_atomically(out: str, params: dict, meta: dict) -> None:
+  """Writes `out` via a temporary file in the same folder, then renames it."""
+  folder = os.path.dirname(os.path.abspath(out))
+  partial = out + '.partial'
+  try:
+    os.makedirs(folder, exist_ok=True)
+    npz.save_pyra_jax(partial, params, meta)
+    os.replace(partial, out)
+  except OSError as e:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise common.CheckpointError(
+        f'Could not write {out} ({e.strerror or e}); nothing was written: free '
+        'space or choose another --out.') from e
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -455,7 +455,7 @@ def test_error_torch_pickle_without_torch(tmp_path, tiny_init):
   except ImportError:
     pass
   cfg, init = tiny_init
-  (tmp_path / 'vit.pth').write_bytes(b'not read')
+  (tmp_path / 'vit.pth').write_bytes(b'PK\x03\x04 not read')  # torch.save's zip magic.
   with pytest.raises(CheckpointError, match=r'torch is not installed(.|\n)*safetensors'):
     load_pretrained(str(tmp_path / 'vit.pth'), 'timm', init, cfg)
 

@@ -196,14 +196,14 @@ def test_folder_errors_name_the_file(tmp_path):
       '\n'.join(lines[:2] + ['images/train800/000002.png 10']) + '\n')
   with pytest.raises(DataError) as info:
     get_data(config, 'train800', 2, image_size=8, train=True, seed=0)
-  assert f'{task_dir / "train800.txt"}, line 3' in str(info.value)
+  assert f'{task_dir / "train800.txt"}:3' in str(info.value)
   assert 'label 10 is outside [0, 10)' in str(info.value)
 
   (task_dir / 'train800.txt').write_text(
       '\n'.join(lines[:1] + ['images/train800/missing.jpg 4']) + '\n')
   with pytest.raises(DataError) as info:
     get_data(config, 'train800', 2, image_size=8, train=True, seed=0)
-  assert f'{task_dir / "train800.txt"}, line 2' in str(info.value)
+  assert f'{task_dir / "train800.txt"}:2' in str(info.value)
   assert str(task_dir / 'images/train800/missing.jpg') in str(info.value)
 
   (task_dir / 'train800.txt').write_text('\n'.join(lines) + '\n')
@@ -258,3 +258,124 @@ def test_real_cifar10_folder():
   np.testing.assert_array_equal(
       np.bincount(epoch, minlength=10),
       np.bincount(_split_labels('train800val200'), minlength=10))
+
+
+# --- Broken folders, through the command line ----------------------------------
+
+def _cli_folder(root: Path, n_train=40, n_test=4):
+  """A cifar10 task folder the tiny config can train on (batch 40, 32 px)."""
+  task_dir = root / 'cifar10'
+  _write_split(task_dir, 'train800val200', _grey_id_images(n_train),
+               [i % 10 for i in range(n_train)])
+  _write_split(task_dir, 'test', _grey_id_images(n_test), [1] * n_test,
+               ext='jpg')
+  return task_dir
+
+
+def _run_on_folder(capsys, monkeypatch, root, workdir):
+  from tests.test_train_cli import reset_flags, run_main  # pylint: disable=g-import-not-at-top
+  code, out, err = run_main(
+      capsys, monkeypatch,
+      f'--config=configs/tiny.py:source=folder,data_dir={root}',
+      '--config.data.task=cifar10', f'--workdir={workdir}')
+  reset_flags()
+  return code, out, err.strip()
+
+
+def _png_with_bad_crc(image) -> bytes:
+  """A PNG whose header and end marker are intact but whose pixel data fail
+  their checksum: only a full decode notices."""
+  import io  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, 'PNG')
+  data = bytearray(buf.getvalue())
+  idat = data.index(b'IDAT')
+  data[idat + 6] ^= 0xFF  # A byte of the compressed pixels.
+  return bytes(data)
+
+
+@pytest.mark.parametrize('damage', ['random_bytes', 'cut_short', 'empty'])
+def test_cli_corrupt_test_image_fails_before_training(damage, tmp_path, capsys,
+                                                      monkeypatch):
+  task_dir = _cli_folder(tmp_path / 'data')
+  bad = task_dir / 'images/test/000002.jpg'  # Line 3 of test.txt.
+  good = bad.read_bytes()
+  bad.write_bytes({'random_bytes': np.random.default_rng(0).bytes(len(good)),
+                   'cut_short': good[:len(good) // 2], 'empty': b''}[damage])
+  code, out, err = _run_on_folder(capsys, monkeypatch, tmp_path / 'data',
+                                  tmp_path / 'run')
+  assert code == 1 and 'Traceback' not in err
+  assert err.startswith(f'Error: {task_dir / "test.txt"}:3: image {bad} ')
+  assert len(err.splitlines()) == 1
+  assert not (tmp_path / 'run' / 'metrics.jsonl').exists()  # No step was trained.
+
+
+@pytest.mark.parametrize('kind', ['dotdot', 'absolute'])
+def test_cli_split_paths_must_stay_inside_the_task_folder(kind, tmp_path, capsys,
+                                                         monkeypatch):
+  task_dir = _cli_folder(tmp_path / 'data')
+  outside = tmp_path / 'secret.png'  # Exists and is a valid image: still refused.
+  Image.fromarray(_grey_id_images(1)[0]).save(outside)
+  listed = {'dotdot': '../../secret.png', 'absolute': str(outside)}[kind]
+  split_file = task_dir / 'train800val200.txt'
+  lines = split_file.read_text().splitlines()
+  lines[4] = f'{listed} 4'
+  split_file.write_text('\n'.join(lines) + '\n')
+  code, out, err = _run_on_folder(capsys, monkeypatch, tmp_path / 'data',
+                                  tmp_path / 'run')
+  assert code == 1 and 'Traceback' not in err and len(err.splitlines()) == 1
+  assert err.startswith(f'Error: {split_file}:5: image path {listed!r} leaves '
+                        f'the task folder {task_dir}')
+
+
+def test_paths_that_stay_inside_are_accepted(tmp_path):
+  task_dir = tmp_path / 'cifar10'
+  _write_split(task_dir, 'val200', _grey_id_images(2), [3, 4])
+  (task_dir / 'val200.txt').write_text(
+      'images/val200/../val200/000000.png 3\n./images/val200/000001.png 4\n')
+  data = get_data({'source': 'folder', 'task': 'cifar10',
+                   'data_dir': str(tmp_path)}, 'val200', 2, image_size=8,
+                  train=False, seed=0)
+  np.testing.assert_array_equal(_ids(next(iter(data))['image']), [0, 1])
+
+
+def test_cli_image_damaged_inside_is_named_when_decoding_fails(
+    tmp_path, capsys, monkeypatch):
+  task_dir = _cli_folder(tmp_path / 'data')
+  bad = task_dir / 'images/train800val200/000007.png'  # Line 8.
+  bad.write_bytes(_png_with_bad_crc(_grey_id_images(8)[7]))
+  with Image.open(bad) as image:  # The header is fine: the up-front check passes.
+    assert image.format == 'PNG' and image.size == (8, 8)
+  code, out, err = _run_on_folder(capsys, monkeypatch, tmp_path / 'data',
+                                  tmp_path / 'run')
+  assert code == 1 and 'Traceback' not in err and len(err.splitlines()) == 1
+  assert err.startswith(f'Error: {task_dir / "train800val200.txt"}:8: image '
+                        f'{bad} cannot be decoded')
+
+
+def test_doubtful_but_decodable_images_are_accepted(tmp_path):
+  """An image the cheap checks doubt (here: data after the JPEG end marker,
+  beyond the bytes they look at) is decoded in full and kept if it decodes."""
+  task_dir = tmp_path / 'cifar10'
+  images = _grey_id_images(2)
+  _write_split(task_dir, 'val200', images, [0, 1], ext='jpg')
+  padded = task_dir / 'images/val200/000001.jpg'
+  padded.write_bytes(padded.read_bytes() + b'\0' * 10_000)  # E.g. camera trailers.
+  data = get_data({'source': 'folder', 'task': 'cifar10',
+                   'data_dir': str(tmp_path)}, 'val200', 2, image_size=8,
+                  train=False, seed=0)
+  np.testing.assert_array_equal(_ids(next(iter(data))['image']), [0, 1])
+
+
+def test_every_unreadable_image_is_counted_in_one_message(tmp_path):
+  task_dir = tmp_path / 'cifar10'
+  _write_split(task_dir, 'val200', _grey_id_images(6), [0] * 6)
+  (task_dir / 'images/val200/000001.png').write_bytes(b'')
+  (task_dir / 'images/val200/000004.png').unlink()
+  with pytest.raises(DataError) as info:
+    get_data({'source': 'folder', 'task': 'cifar10', 'data_dir': str(tmp_path)},
+             'val200', 2, image_size=8, train=False, seed=0)
+  message, split_file = str(info.value), task_dir / 'val200.txt'
+  assert message.startswith(f'2 images listed in {split_file} cannot be read')
+  assert f'{split_file}:2: image {task_dir / "images/val200/000001.png"} is empty' in message
+  assert f'{split_file}:5: image {task_dir / "images/val200/000004.png"} does not exist' in message

@@ -28,6 +28,7 @@ import numpy as np
 
 from pyra_jax.checkpoints import common
 from pyra_jax.checkpoints import dinov2
+from pyra_jax.checkpoints import filecheck
 from pyra_jax.checkpoints import npz
 from pyra_jax.checkpoints import onnx_dinov2
 from pyra_jax.checkpoints import posemb as posemb_lib
@@ -62,8 +63,11 @@ def detect_format(path: str) -> str:
     if any(k.endswith('patch_embed.proj.weight') for k in keys):
       return 'timm'
     raise CheckpointError(
-        f'Cannot tell the format of {path} from its tensor names (first: '
-        f'{sorted(keys)[:6]}); set model_init_format to one of {common.FORMATS}.')
+        f'{path} is not a ViT checkpoint we read: it holds '
+        f'{filecheck.what_names_suggest(keys)} and none of the names that '
+        "timm/PYRA ('patch_embed.proj.weight') or DINOv2 ('embeddings."
+        "patch_embeddings.projection.weight') ViTs have; point model_init (or "
+        '`--src`) at the ViT weights.')
   raise CheckpointError(
       f'Cannot tell the format of {path} from its extension {ext!r}; set '
       f'model_init_format to one of {common.FORMATS} (.npz: npz/pyra_jax, '
@@ -94,8 +98,34 @@ def read_checkpoint(path: str, fmt: str = 'auto',
         'ViT-B_16.npz .`, and optionally convert them once with\n'
         '  python -m pyra_jax.convert --src <downloaded file> --out '
         f'{path if path.endswith(".npz") else "<converted>.npz"}')
+  filecheck.check_file(path, fmt)
   if fmt == 'auto':
     fmt = detect_format(path)
+  conv = _read_format(path, fmt, num_heads)
+  _require_backbone(conv, path)
+  return conv
+
+
+# What `fit_to_model` and `convert.describe` read before anything else.
+_BACKBONE_KEYS = ('cls', 'embedding/kernel', POSEMB,
+                  'Transformer/encoder_norm/scale', _QKV0,
+                  'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel')
+
+
+def _require_backbone(conv: common.Converted, path: str) -> None:
+  """A converted file must hold at least a ViT's stem, first block and norm."""
+  missing = [k for k in _BACKBONE_KEYS if k not in conv.params]
+  if missing:
+    raise CheckpointError(
+        f'{path} ({conv.fmt}) lacks {len(missing)} tensor(s) every ViT has '
+        f'({common.short_list(missing)}), so it is not a complete ViT '
+        f'checkpoint (it holds {len(conv.params)} that we map); point '
+        'model_init (or `--src`) at the full pretrained weights.')
+
+
+def _read_format(path: str, fmt: str, num_heads: int | None
+                 ) -> common.Converted:
+  """Dispatches to the reader of `fmt` (a FORMATS name, not 'auto')."""
   if fmt == 'npz':
     if npz.is_pyra_jax(path):
       raise CheckpointError(

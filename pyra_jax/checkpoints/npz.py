@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pyra_jax.checkpoints import common
+from pyra_jax.checkpoints import filecheck
 
 META_KEY = '__pyra_jax__'
 _MODULE_NUM = re.compile(r'^(.*)_(\d+)$')
@@ -66,12 +67,12 @@ _TOP_LEAVES = {'cls', 'dist', 'embedding/kernel', 'embedding/bias',
                'Transformer/posembed_input/pos_embedding',
                'Transformer/encoder_norm/scale', 'Transformer/encoder_norm/bias'}
 _DROPPED = re.compile(r'^(pre_logits|head)(/|$)')
+_ANCHOR = 'embedding/kernel'  # Every ViT has it; what precedes it is a wrapper.
 
 
 def convert_vit_npz(arrays: Mapping[str, np.ndarray]) -> common.Converted:
   """google-research/vision_transformer npz contents -> our layout."""
-  prefix, inside, outside = common.split_wrapper_prefix(
-      arrays, 'embedding/kernel', '/')
+  prefix, inside, outside = common.split_wrapper_prefix(arrays, _ANCHOR, '/')
   flat = convert_pre_linen({k: arrays[prefix + k] for k in inside})
   res = common.Converted(params={}, fmt='npz', heads_fixed=True)
   for k, v in flat.items():
@@ -86,8 +87,17 @@ def convert_vit_npz(arrays: Mapping[str, np.ndarray]) -> common.Converted:
 
 
 def read_vit_npz(path: str) -> common.Converted:
-  with np.load(path, allow_pickle=False) as f:
-    arrays = {k: f[k] for k in f.files}
+  with filecheck.reading(path, 'an .npz checkpoint'):
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {k: f[k] for k in f.files}
+  if not any(k == _ANCHOR or k.endswith('/' + _ANCHOR) for k in arrays):
+    raise common.CheckpointError(
+        f'{path} is not a google-research/vision_transformer ViT checkpoint: '
+        f'it has no {_ANCHOR!r} tensor and holds '
+        f'{filecheck.what_names_suggest(arrays)}; point model_init (or '
+        f'`--src`) at the ViT weights, or set the format '
+        f'({filecheck.FORMAT_SETTING}) '
+        'to what the file is.')
   return convert_vit_npz(arrays)
 
 
@@ -101,7 +111,8 @@ def save_pyra_jax(path: str, params: Mapping[str, np.ndarray],
 
 
 def read_pyra_jax(path: str) -> common.Converted:
-  with np.load(path, allow_pickle=False) as f:
+  with filecheck.reading(path, 'an .npz checkpoint'), np.load(
+      path, allow_pickle=False) as f:
     if META_KEY not in f.files:
       raise common.CheckpointError(
           f'{path} has no {META_KEY!r} entry, so it was not written by '
@@ -116,5 +127,6 @@ def read_pyra_jax(path: str) -> common.Converted:
 
 
 def is_pyra_jax(path: str) -> bool:
-  with np.load(path, allow_pickle=False) as f:
+  with filecheck.reading(path, 'an .npz checkpoint'), np.load(
+      path, allow_pickle=False) as f:
     return META_KEY in f.files

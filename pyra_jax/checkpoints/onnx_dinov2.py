@@ -32,6 +32,7 @@ import numpy as np
 
 from pyra_jax.checkpoints import common
 from pyra_jax.checkpoints import dinov2
+from pyra_jax.checkpoints import filecheck
 
 _MATMUL_LAYER = re.compile(
     r'^/backbone/encoder/layer\.(\d+)/(attention/attention/query|'
@@ -61,7 +62,8 @@ def read_onnx_state_dict(path: str) -> dict[str, np.ndarray]:
   """The ONNX file's backbone as an HF Dinov2 state dict (+ `decoder.*`)."""
   import onnx  # pylint: disable=g-import-not-at-top
   from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
-  model = onnx.load(path)
+  with filecheck.reading(path, 'an ONNX model'):
+    model = onnx.load(path)
   graph = model.graph
   consumers: dict[str, list] = {}
   for node in graph.node:

@@ -46,15 +46,17 @@ from typing import Any, Mapping
 import numpy as np
 
 from pyra_jax.checkpoints import common
+from pyra_jax.checkpoints import filecheck
 
-TORCH_EXTS = ('.pth', '.pt', '.bin', '.ckpt')
+TORCH_EXTS = filecheck.TORCH_EXTS
 _WRAPPER_KEYS = ('state_dict', 'model', 'module', 'model_ema', 'net', 'params')
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Every tensor of a .safetensors file as numpy (bf16 via ml_dtypes)."""
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  with safe_open(path, framework='numpy') as f:
+  with filecheck.reading(path, 'a safetensors file'), safe_open(
+      path, framework='numpy') as f:
     return {k: f.get_tensor(k) for k in f.keys()}
 
 
@@ -62,7 +64,8 @@ def state_dict_keys(path: str) -> list[str]:
   """Tensor names only (cheap for .safetensors: the header alone is read)."""
   if path.lower().endswith('.safetensors'):
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    with safe_open(path, framework='numpy') as f:
+    with filecheck.reading(path, 'a safetensors file'), safe_open(
+        path, framework='numpy') as f:
       return list(f.keys())
   return list(read_state_dict(path))
 

@@ -62,6 +62,9 @@ class Data:
     steps_per_epoch: num_examples // batch_size when training (drop_remainder),
       ceil(num_examples / batch_size) for evaluation (= batches per pass).
     batch_size, image_size, train, task, split: as requested.
+    locate_failure: for sources whose pipeline errors do not say which file
+      failed (an image that decodes badly), finds it and returns a sentence
+      naming it; None if not found or the source has none.
   """
   make_dataset: Callable[[], tf.data.Dataset] = dataclasses.field(repr=False)
   num_examples: int
@@ -72,6 +75,8 @@ class Data:
   train: bool
   task: str
   split: str
+  locate_failure: Callable[[], str | None] | None = dataclasses.field(
+      default=None, repr=False)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     """A fresh pass: infinite when training, one epoch when evaluating.
@@ -87,8 +92,9 @@ class Data:
         return
       except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
         # Undecodable or vanished images and the label range check.
-        raise DataError(f'Reading task {self.task!r} split {self.split!r} '
-                        f'failed: {e.message.strip()}') from e
+        located = self.locate_failure() if self.locate_failure else None
+        raise DataError(located or f'Reading task {self.task!r} split '
+                        f'{self.split!r} failed: {e.message.strip()}') from e
       yield batch
 
 
@@ -132,10 +138,12 @@ def get_data(data_config: Any, split: str, batch_size: int, *,
 
   normalise = _normaliser(_field(data_config, 'normalization', 'imagenet'))
   to_example = lambda example: example  # Source example -> image, label.
+  locate_failure = None
   if source == 'tfds':
     ds, num_examples, to_example = _tfds_examples(task, split, data_dir or None)
   elif source == 'folder':
-    ds, num_examples = folder.make_dataset(data_dir, task, split, npc)
+    ds, num_examples, listed = folder.make_dataset(data_dir, task, split, npc)
+    locate_failure = lambda: folder.locate_unreadable(listed)
   elif source == 'mnist':
     if task.name != 'mnist':
       raise DataError(f"data.source='mnist' reads the offline MNIST task; set "
@@ -197,7 +205,7 @@ def get_data(data_config: Any, split: str, batch_size: int, *,
   return Data(make_dataset=make_dataset, num_examples=num_examples,
               num_classes=task.num_classes, steps_per_epoch=steps,
               batch_size=batch_size, image_size=image_size, train=train,
-              task=task.name, split=split)
+              task=task.name, split=split, locate_failure=locate_failure)
 
 
 def resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
