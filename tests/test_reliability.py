@@ -252,6 +252,12 @@ def test_bad_loop_settings_name_their_field(tmp_path, capsys, monkeypatch,
   assert not (tmp_path / 'wd' / 'checkpoints').exists()
 
 
+def test_an_unset_folder_data_dir_is_named(tmp_path, capsys, monkeypatch):
+  code, out, err = run_main(capsys, monkeypatch, '--config=configs/tiny.py:source=folder',
+                            f'--workdir={tmp_path / "wd"}')
+  assert one_sentence(code, err) and 'config.data.data_dir is not set' in err, err
+
+
 def test_a_workdir_that_is_a_file_is_one_sentence(tmp_path, capsys, monkeypatch):
   f = tmp_path / 'file'
   f.write_text('mine')

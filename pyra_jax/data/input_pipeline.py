@@ -132,6 +132,11 @@ def get_data(data_config: Any, split: str, batch_size: int, *,
   data_dir = _field(data_config, 'data_dir', '') or ''
   npc = int(_field(data_config, 'num_parallel_calls', -1))
   npc = tf.data.AUTOTUNE if npc < 0 else max(npc, 1)
+  if source == 'folder' and not data_dir:
+    raise DataError(
+        "config.data.data_dir is not set: with data.source='folder' it is the "
+        'VTAB-1k root that holds <task>/train800.txt, <task>/test.txt, ... '
+        '(e.g. source=folder,data_dir=/data/vtab-1k).')
   if batch_size <= 0 or image_size <= 0:
     raise DataError(f'batch_size ({batch_size}) and image_size ({image_size}) '
                     'must be positive.')
