@@ -105,7 +105,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 10  # periodic test evals: after epoch 1, every N, and at
                                  # the end (paper: 11 of them); <= 0: only at the end
   config.checkpoint_every_steps = 200  # Orbax checkpoint cadence (and one at the end)
-  config.keep_checkpoints = 2   # how many recent checkpoints Orbax keeps
+  config.keep_checkpoints = 2   # how many recent good checkpoints stay (>= 1; the newest
+                                # always stays; README "Reliability")
   config.benchmark_after_training = False  # time the deployed model vs uncompressed
   config.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16'
   return config
