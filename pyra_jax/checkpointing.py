@@ -158,14 +158,6 @@ def changed_fields(saved: dict, current: dict, *,
   return out
 
 
-def config_differences(saved: dict, current: dict, *,
-                       ignore: Collection[str] = RESUMABLE_FIELDS,
-                       only_prefixes: tuple[str, ...] | None = None) -> list[str]:
-  """Lists 'field: saved -> current' for every differing field that counts."""
-  return [f'{k}: {va!r} -> {vb!r}' for k, (va, vb) in changed_fields(
-      saved, current, ignore=ignore, only_prefixes=only_prefixes).items()]
-
-
 class Checkpointer:
   """A synchronous `ocp.CheckpointManager` for one workdir, with our retention.
 
