@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from pyra_jax import checkpointing
 from pyra_jax import metrics as metrics_lib
 from pyra_jax import optim
+from pyra_jax import param_counts
 
 PyTree = Any
 
@@ -393,6 +394,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        image_size=config.model.image_size, train=False,
                        seed=config.seed)
   run = setup(config, train_data.num_classes)
+  # What the run trains, as Table 1 reports it (LoRA, generators, head).
+  trainable_params = param_counts.trainable_report(run.trainable, run.frozen)
+  if is_main:
+    print(param_counts.format_trainable(trainable_params), flush=True)
   _, schedules, tx_init = make_optimizer(run, steps_per_epoch)
   total_steps = int(config.num_epochs * steps_per_epoch)
 
@@ -504,6 +509,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'train_images_per_sec': (train_images / train_seconds
                                if train_seconds else None),
       'num_devices': jax.device_count(),
+      'trainable_params': trainable_params,
       'config': checkpointing.config_to_dict(config),
   }
   if is_main:
