@@ -14,7 +14,7 @@ Every parameter falls in one category, by its path:
   generator_norms  '.../pyra/norm/...'    the generators' LayerNorm (2·D per
                                           layer); the paper never counts it
                                           (its "86M + 9.4K" for PYRA is L·D + Σr)
-  head             'head/...'             the classification head
+  head             'head/...', 'head_dist/...'  the classification head(s)
   backbone         everything else        the pretrained ViT
 The paper's trainable percentages (e.g. 0.35 % for PYRA at ViT-B high) are
 (LoRA + generators) over the backbone: no head, no generator LayerNorm.
@@ -63,7 +63,7 @@ def category(path: str) -> str:
     return 'lora'
   if 'pyra' in parts:
     return 'generator_norms' if 'norm' in parts[parts.index('pyra'):] else 'generators'
-  if parts[0] == 'head':
+  if parts[0] in ('head', 'head_dist'):
     return 'head'
   return 'backbone'
 
