@@ -53,7 +53,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.prop_attn = True        # add log(size) to the key logits
   # PYRA generator form (only for method='pyra'); the ablations of Tables 6-8:
   # 'pyra' | 'wr_only' | 'wd_only' | 'sigmoid_wr_only' | 'sigmoid_wd_only' |
-  # 'no_sigmoid' | 'full_matrix' | 'mlp' (gated, hidden 4) | 'low_rank' (rank s)
+  # 'no_sigmoid' | 'full_matrix' | 'mlp' (per token, D -> 4 -> D) | 'low_rank' (rank s)
+  # (formulas: pyra_jax/models/pyra.py)
   model.modulation = 'pyra'
   model.modulation_rank = 1     # s, for modulation='low_rank' (Fig. 6)
   model.wr_init = 'uniform'     # 'uniform' U(-1, 1) (authors' code) | 'normal'

@@ -233,8 +233,8 @@ def merge_ops_call(model: vit.VisionTransformer, batch_size: int, image_size: in
 
   Run on random tokens of the shapes each merging layer sees, with the model's
   own PYRA parameters, so its time over the model's is the merge's share. The
-  generator is included for modulation 'pyra' / 'low_rank' (the paper's form);
-  the other ablation generators are left out of this figure.
+  generator is included for modulation 'pyra' (the paper's form); the ablation
+  generators are left out of this figure.
   """
   prefix = 1 + int(model.distilled)
   n = (image_size // model.patch_size) ** 2 + prefix
@@ -262,7 +262,7 @@ def merge_ops_call(model: vit.VisionTransformer, batch_size: int, image_size: in
       plan = merge_lib.bipartite_soft_matching(metric, r, class_token=True,
                                                distill_token=model.distilled)
       modulate = None
-      if p is not None and model.modulation in ('pyra', 'low_rank'):
+      if p is not None and model.modulation == 'pyra':
         modulate = lambda s, t, p=p: merge_lib.pyra_modulation(
             s, t, p['w_r'].astype(dtype), p['w_d'].astype(dtype),
             p['norm']['scale'].astype(dtype), p['norm']['bias'].astype(dtype),

@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from pyra_jax import checkpointing
 from pyra_jax import metrics as metrics_lib
 from pyra_jax import optim
+from pyra_jax import param_counts
 
 PyTree = Any
 
@@ -512,6 +513,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        image_size=config.model.image_size, train=False,
                        seed=config.seed)
   run = setup(config, train_data.num_classes)
+  # What the run trains, as Table 1 reports it (LoRA, generators, head).
+  trainable_params = param_counts.trainable_report(run.trainable, run.frozen)
+  if is_main:
+    print(param_counts.format_trainable(trainable_params), flush=True)
   _, schedules, tx_init = make_optimizer(run, steps_per_epoch)
   total_steps = int(config.num_epochs * steps_per_epoch)
 
@@ -646,6 +651,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'train_images_per_sec': (train_images / train_seconds
                                if train_seconds else None),
       'num_devices': jax.device_count(),
+      'trainable_params': trainable_params,
       'config': checkpointing.config_to_dict(config),
       'config_changes': changes,
   }

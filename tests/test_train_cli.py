@@ -108,6 +108,12 @@ def test_train_eval_export_modes(tmp_path, capsys, monkeypatch):
   final = f'{100 * results["final_accuracy"]:.2f}%'
   assert f'final accuracy (val200, 200 images): {final}' in out
   assert 'paper protocol (max over periodic evals)' in out
+  # configs/tiny.py: PYRA on 2 blocks of width 32 merging (4, 2), LoRA rank 4.
+  lora, generators, norms, head = 2 * (32 * 4 + 4 * 96), 2 * 32 + 6, 2 * 2 * 32, 32 * 10 + 10
+  trained = results['trainable_params']
+  assert (trained['lora'], trained['generators'], trained['generator_norms'],
+          trained['head']) == (lora, generators, norms, head)
+  assert f'Trainable parameters: {lora + generators + norms + head:,} = ' in out
 
   code, out, _ = run_main(capsys, monkeypatch, *common, '--mode=eval')
   assert code == 0 and f'checkpoint step 50: val200 accuracy {final}' in out

@@ -1,0 +1,79 @@
+"""Parameter counts (Tables 1 and 6-8) against hand-written formulas."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import tiny, vitb_high
+from pyra_jax import optim
+from pyra_jax import param_counts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# configs/tiny.py: width D = 32, 2 blocks, MLP 64, patch 8 on 32 px (16 patches),
+# LoRA rank h = 4, schedule (4, 2), MNIST's 10 classes.
+D, L, MLP, H, SCHEDULE, CLASSES = 32, 2, 64, 4, (4, 2), 10
+
+
+def _tiny_counts(modulation, rank=1):
+  config = tiny.get_config()
+  config.model.modulation_rank = rank
+  return param_counts.variant_counts(config.model, CLASSES, [modulation])[modulation]
+
+
+@pytest.mark.parametrize('modulation,generators,norms', [
+    ('pyra', L * D + sum(SCHEDULE), 2 * D * L),            # W_D (1, D) + W_r (r, 1) per layer
+    ('no_sigmoid', L * D + sum(SCHEDULE), 2 * D * L),
+    ('sigmoid_wr_only', sum(SCHEDULE), 2 * D * L),
+    ('wr_only', sum(SCHEDULE), 2 * D * L),
+    ('sigmoid_wd_only', L * D, 2 * D * L),
+    ('wd_only', L * D, 2 * D * L),
+    ('full_matrix', D * sum(SCHEDULE), 0),                 # W (r, D), no LayerNorm
+    ('mlp', L * 2 * D * 4, 2 * D * L),                     # D -> 4 -> D, no biases
+])
+def test_generator_counts(modulation, generators, norms):
+  counts = _tiny_counts(modulation)
+  assert (counts['generators'], counts['generator_norms']) == (generators, norms)
+
+
+def test_low_rank_counts_scale_with_s():
+  assert _tiny_counts('low_rank', 3)['generators'] == 3 * (sum(SCHEDULE) + L * D)
+
+
+def test_categories_of_the_tiny_model():
+  counts = _tiny_counts('pyra')
+  per_block = 2 * 2 * D + 3 * (D * D + D) + (D * D + D) + (D * MLP + MLP) + (MLP * D + D)
+  embed = 8 * 8 * 3 * D + D + D + (16 + 1) * D  # patches, cls, position
+  assert counts['backbone'] == embed + L * per_block + 2 * D  # + the final norm
+  assert counts['lora'] == L * (D * H + H * 3 * D)            # shared down, q|k|v up
+  assert counts['head'] == D * CLASSES + CLASSES
+
+
+def test_vitb_high_pyra_trains_035_percent_of_the_backbone():
+  """Table 1: PYRA at ViT-B/16 high trains 0.35 % (LoRA + generators, no head)."""
+  config = vitb_high.get_config()
+  params = param_counts.abstract_params(config.model, 100)
+  trainable, frozen = optim.split_params(params, config.trainable)
+  report = param_counts.trainable_report(trainable, frozen)
+  lora = 12 * (768 * 8 + 8 * 3 * 768)
+  generators = 12 * 768 + sum((40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3))
+  assert report['backbone'] == 86_567_656 - (768 * 1000 + 1000)  # timm's ViT-B/16 minus its head
+  assert (report['lora'], report['generators'], report['generator_norms']) == (
+      lora, generators, 12 * 2 * 768)
+  assert report['head'] == 768 * 100 + 100
+  assert round(report['lora_generators_percent_of_backbone'], 2) == 0.35
+  assert report['trainable'] == lora + generators + 12 * 2 * 768 + 768 * 100 + 100
+
+
+@pytest.mark.parametrize('args,message', [
+    ([], 'Give --config=configs/<setting>.py, e.g. configs/vitb_high.py.'),
+    (['--config=configs/tiny.py', '--config.model.modulation=xyz'],
+     "model.modulation must be one of ('pyra', "),
+])
+def test_bad_command_lines_fail_with_one_sentence(args, message):
+  proc = subprocess.run([sys.executable, '-m', 'pyra_jax.param_counts', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(message)
