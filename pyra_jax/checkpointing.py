@@ -22,7 +22,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Collection
 
 import jax
 import ml_collections
@@ -164,14 +164,18 @@ class Checkpointer:
 
 def check_compatible(meta: dict, config: ml_collections.ConfigDict,
                      frozen_fingerprint: str, directory: str, *,
-                     for_eval: bool = False) -> None:
+                     for_eval: bool = False,
+                     allow: Collection[str] = ()) -> None:
   """Raises CheckpointMismatchError unless `meta` was written by this run.
 
   To resume training every field must match except RESUMABLE_FIELDS; to
   evaluate or export only the fields that give the parameters their meaning.
+  `allow` names further dotted fields (e.g. 'model.method') that the caller
+  has decided may differ.
   """
   diffs = config_differences(
       with_defaults(meta.get('config', {}), base_defaults()), config_to_dict(config),
+      ignore=RESUMABLE_FIELDS | frozenset(allow),
       only_prefixes=EVAL_PREFIXES if for_eval else None)
   if diffs:
     shown = '; '.join(diffs[:12]) + ('; ...' if len(diffs) > 12 else '')

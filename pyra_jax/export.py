@@ -66,10 +66,16 @@ def strip_lora(params: PyTree) -> PyTree:
 
 
 def export(config: ml_collections.ConfigDict, workdir: str,
-           export_dir: str | None = None, step: int | None = None) -> str:
-  """Writes the folded, deployable checkpoint; returns its directory."""
+           export_dir: str | None = None, step: int | None = None, *,
+           two_stage: bool = False) -> str:
+  """Writes the folded, deployable checkpoint; returns its directory.
+
+  With `two_stage`, the model exported merges as `config` says (see
+  `train.restore_run`), and `export_info` names the method it was trained with.
+  """
   export_dir = os.path.abspath(export_dir or os.path.join(workdir, 'export'))
-  run, trainable, step = train_lib.restore_run(config, workdir, step)
+  run, trainable, step = train_lib.restore_run(config, workdir, step,
+                                               two_stage=two_stage)
   params = optim.merge_params(jax.device_get(trainable),
                               jax.device_get(run.frozen))
   if run.model_config.lora_rank > 0:
@@ -78,6 +84,10 @@ def export(config: ml_collections.ConfigDict, workdir: str,
   cfg = folded_config(config, run.model_config)
   meta = checkpointing.config_to_dict(cfg)
   meta['export_info'] = {'workdir': os.path.abspath(workdir), 'step': int(step)}
+  if two_stage:
+    trained = train_lib.checkpoint_model(workdir, step)
+    meta['export_info']['trained'] = {'method': trained['method'],
+                                      'schedule': trained['schedule']}
   # Every process calls save: Orbax coordinates multi-host writes itself.
   ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   ckptr.save(export_dir, args=ocp.args.Composite(
