@@ -617,9 +617,20 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
           f'No checkpoint for step {step} in {directory}; available: {steps}.')
     meta = ckpt.restore_meta(step)
     run = setup(config, meta['model_config']['num_classes'])
-    checkpointing.check_compatible(
-        meta, config, run.frozen_fingerprint, directory, for_eval=True,
-        allow=TWO_STAGE_FIELDS if two_stage else ())
+    try:
+      checkpointing.check_compatible(
+          meta, config, run.frozen_fingerprint, directory, for_eval=True,
+          allow=TWO_STAGE_FIELDS if two_stage else ())
+    except checkpointing.CheckpointMismatchError as e:
+      if two_stage:
+        raise
+      # Only the merging differs: say how to evaluate these weights with it.
+      checkpointing.check_compatible(meta, config, run.frozen_fingerprint,
+                                     directory, for_eval=True,
+                                     allow=TWO_STAGE_FIELDS)
+      raise checkpointing.CheckpointMismatchError(
+          f'{e} To evaluate these weights with this merging (two-stage), add '
+          '--two_stage.') from None
     if two_stage:
       stored, added = _two_stage_tree(_stored_trainable_shapes(meta, config),
                                       run.trainable, meta, config, directory)

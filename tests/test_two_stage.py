@@ -140,9 +140,14 @@ def test_two_stage_export_merges_and_names_the_trained_method(peft_workdir, tmp_
 
 
 @pytest.mark.parametrize('setting,extra,message', [
-    # Without the option a merging change is refused as before.
+    # Without the option a merging change is refused as before, naming the option.
     ('configs/tiny.py:method=tome', (), "different config (model.method: 'peft' -> "
      "'tome'; model.schedule: 'none' -> '4,2')"),
+    ('configs/tiny.py:method=tome', (), 'with this merging (two-stage), add --two_stage.'),
+    # Other changes are refused without the hint.
+    ('configs/tiny.py:method=peft', ('--config.model.lora_rank=8',),
+     'different config (model.lora_rank: 4 -> 8). Use a new --workdir, or rerun '
+     'with the same config to resume.\n'),
     # The option allows the merging only: a different LoRA rank is another tree.
     ('configs/tiny.py:method=tome', ('--two_stage', '--config.model.lora_rank=8'),
      'different config (model.lora_rank: 4 -> 8)'),
