@@ -4,7 +4,8 @@ One run = one workdir:
   <workdir>/checkpoints/<step>/   Orbax: trainable params, optimiser state, meta
   <workdir>/metrics.jsonl         loss, both lrs, train accuracy, images/s, evals
   <workdir>/tensorboard/          the same scalars for TensorBoard
-  <workdir>/results.json          final and max eval accuracy, config, timings
+  <workdir>/results.json          final and max eval accuracy, config, timings;
+                                  `--two_stage` evaluations under 'two_stage'
   <workdir>/export/               (`--mode=export`) full params with LoRA folded
 
 Exactness: the batch of step s is the s-th batch of the seeded pipeline and
@@ -136,8 +137,9 @@ def resolve_model_config(config: ml_collections.ConfigDict,
 def check_model_init(config: ml_collections.ConfigDict) -> None:
   """Refuses an empty `model_init`, naming the weights to fetch.
 
-  A random frozen backbone trains without error and learns almost nothing, so
-  it must be asked for by name (model_init='random', the tiny test configs).
+  A random frozen backbone trains without error, so a forgotten `init=` would
+  silently give a meaningless run: it must be asked for by name
+  (model_init='random', as the tiny test config does).
   """
   if not config.model_init:
     from pyra_jax import checkpoints  # pylint: disable=g-import-not-at-top
@@ -580,9 +582,9 @@ def _two_stage_tree(stored: PyTree, fresh: PyTree, meta: dict,
         f'method {trained["method"]!r}, schedule {trained["schedule"]!r}, whose '
         f'trained parameters ({", ".join(lost[:3])}{", ..." if len(lost) > 3 else ""}) '
         f'do not fit method {config.model.method!r}, schedule '
-        f'{config.model.schedule!r}: --two_stage may change only the merging '
-        'of a model trained without trained generators (e.g. peft -> tome or '
-        'pyra); evaluate with the config it was trained with.')
+        f'{config.model.schedule!r}: --two_stage may change only the merging, '
+        'and only of a model trained without PYRA generators (e.g. peft -> tome '
+        'or pyra); evaluate with the config it was trained with.')
   added = sorted(k for k in flat_fresh if k not in flat_stored)
   kept = {k: v for k, v in flat_fresh.items() if k in flat_stored}
   return traverse_util.unflatten_dict(kept, sep='/'), added

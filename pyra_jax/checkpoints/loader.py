@@ -71,8 +71,8 @@ _PAPER_WEIGHTS = {
 def missing_weights_message(model_config) -> str:
   """Why a run without `model_init` is refused, and the commands that fix it.
 
-  A frozen random backbone trains without error but learns almost nothing, so
-  a forgotten `init=` would silently waste a whole run.
+  A frozen random backbone trains without error, so a forgotten `init=` would
+  silently waste a whole run.
   """
   variant = model_config.variant
   fetch, src = _PAPER_WEIGHTS.get(
