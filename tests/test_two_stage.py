@@ -1,8 +1,9 @@
 """Two-stage evaluation (train without merging, deploy with merging: the paper's
 Table 16) and the refusal of a run without pretrained weights.
 
-One tiny PEFT run is trained through the command line; everything else
-evaluates or exports it, so the module takes seconds.
+One tiny PEFT run is trained once (test_train_cli covers training through the
+command line); the tests evaluate or export it through the command line or
+`train.restore_run`.
 """
 
 import json
@@ -19,8 +20,14 @@ from pyra_jax import train
 from tests.test_train_cli import reset_flags, run_main
 
 
+# As test_train_cli: the 200 val200 images in batches of 64 (compiled once).
+EVAL_FLAGS = ('--config.data.eval_split=val200', '--config.eval_batch_size=64',
+              '--config.log_every_steps=25')
+
+
 @pytest.fixture(scope='module')
 def peft_workdir(tmp_path_factory):
+  """A finished tiny PEFT run (trained without merging), for every test here."""
   pytest.importorskip('tensorflow')
   from pyra_jax.data import mnist  # pylint: disable=g-import-not-at-top
   try:
@@ -28,28 +35,11 @@ def peft_workdir(tmp_path_factory):
   except Exception as e:  # pylint: disable=broad-except
     pytest.skip(f'offline MNIST unavailable: {e}')
   workdir = tmp_path_factory.mktemp('peft')
-  mp = pytest.MonkeyPatch()
-  capture = _Capture()
-  try:
-    code, _, err = run_main(capture, mp, '--config=configs/tiny.py:method=peft',
-                            f'--workdir={workdir}', *EVAL_FLAGS)
-  finally:
-    mp.undo()
-    reset_flags()
-  assert code == 0, err
+  config = tiny.get_config('method=peft')
+  config.data.eval_split, config.eval_batch_size = 'val200', 64
+  config.log_every_steps = 25
+  train.train_and_evaluate(config, str(workdir))
   return workdir
-
-
-class _Capture:
-  """capsys for a module-scoped fixture: run_main's stdout/stderr are not needed."""
-
-  def readouterr(self):
-    return '', ''
-
-
-# As test_train_cli: the 200 val200 images in batches of 64 (compiled once).
-EVAL_FLAGS = ('--config.data.eval_split=val200', '--config.eval_batch_size=64',
-              '--config.log_every_steps=25')
 
 
 def eval_cli(capsys, monkeypatch, workdir, setting, *extra):
