@@ -204,3 +204,17 @@ def test_every_paper_setting_needs_weights_or_an_explicit_random_init(setting, f
   assert fetched in str(e.value)
   config.model_init = 'random'
   train.check_model_init(config)  # Asked for explicitly: allowed.
+
+
+def test_two_stage_eval_of_an_unfinished_run_is_refused(peft_workdir, tmp_path,
+                                                         capsys, monkeypatch):
+  """The evaluation is recorded next to the training run's results, so a run
+  that has not written them yet (checkpoints only) is refused, not given a
+  results.json that would mark it finished."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(peft_workdir / 'checkpoints', tmp_path / 'checkpoints')
+  code, out, err = eval_cli(capsys, monkeypatch, tmp_path,
+                            'configs/tiny.py:method=tome', '--two_stage')
+  assert code == 1 and 'results.json does not exist' in err
+  assert 'finish training first' in err and len(err.strip().splitlines()) == 1
+  assert not (tmp_path / 'results.json').exists()
