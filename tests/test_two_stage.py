@@ -185,7 +185,7 @@ def test_a_paper_setting_without_weights_is_refused_naming_what_to_fetch(
   assert rc == 1 and err.startswith('Error: ') and 'Traceback' not in err, err
   assert len(err.strip().splitlines()) == 1, err
   assert 'config.model_init is empty, so the frozen B/16 backbone would be random' in err
-  assert 'gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz .' in err
+  assert '`gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz .`' in err
   assert 'python -m pyra_jax.convert --src ViT-B_16.npz --out weights.npz' in err
   assert '--config.model_init=random' in err
   assert not (tmp_path / 'checkpoints').exists()

@@ -54,10 +54,12 @@ RANDOM_INIT = 'random'
 # (variant, distilled), for the message that refuses a run without weights.
 # ViT-L/16 covers both the ImageNet-21K and the MAE settings (same variant).
 _PAPER_WEIGHTS = {
-    ('B/16', False): ('gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz .',
+    ('B/16', False): ('`gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz .`',
                       'ViT-B_16.npz'),
-    ('L/16', False): ('gsutil cp gs://vit_models/imagenet21k/ViT-L_16.npz . (MAE '
-                      'settings: model.safetensors of timm/vit_large_patch16_224.mae)',
+    ('L/16', False): ('ImageNet-21K settings: `gsutil cp '
+                      'gs://vit_models/imagenet21k/ViT-L_16.npz .`; MAE settings: '
+                      'model.safetensors of the Hugging Face repository '
+                      'timm/vit_large_patch16_224.mae, converted the same way',
                       'ViT-L_16.npz'),
     ('B/16', True): ('model.safetensors of the Hugging Face repository '
                      'timm/deit_base_distilled_patch16_224.fb_in1k',
@@ -77,8 +79,8 @@ def missing_weights_message(model_config) -> str:
   variant = model_config.variant
   fetch, src = _PAPER_WEIGHTS.get(
       (variant, bool(model_config.get('distilled', False))),
-      (f'a pretrained {variant} checkpoint (formats: README, "Pretrained weights")',
-       'FILE'))
+      (f'a pretrained {variant} checkpoint in one of the formats of README '
+       '"Pretrained weights"', 'FILE'))
   return (f'config.model_init is empty, so the frozen {variant} backbone would be '
           f'random: fetch the weights ({fetch}), convert them once with '
           f'`python -m pyra_jax.convert --src {src} --out weights.npz` and add '
