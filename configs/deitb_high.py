@@ -1,6 +1,6 @@
 """DeiT-B/16 distilled + LoRA h=8 + PYRA, high merging (schedule deitb_high), batch 128.
 
-Argument: key=value pairs (configs/paper.py), e.g. `configs/deitb_high.py:task=dtd,method=tome`.
+Argument: key=value pairs (configs/paper.py), e.g. `configs/deitb_high.py:task=dtd,init=WEIGHTS.npz,method=tome`.
 """
 
 from configs import paper

@@ -1,6 +1,6 @@
 """DeiT-S/16 distilled + LoRA h=4, no merging: the smaller-model reference for DeiT-B.
 
-Argument: key=value pairs (configs/paper.py), e.g. `configs/deits_peft.py:task=dtd,method=tome`.
+Argument: key=value pairs (configs/paper.py), e.g. `configs/deits_peft.py:task=dtd,init=WEIGHTS.npz`.
 """
 
 from configs import paper

@@ -1,4 +1,7 @@
-"""The paper's settings (Tables 1-3, 10-12), shared by the configs/<setting>.py files.
+"""The paper's settings, shared by the configs/<setting>.py files.
+
+ViT-B/16 at low and high merging are the paper's Tables 2 and 3; the per-backbone
+recipe is Tables 10-12, the schedules Table 13.
 
 Each setting file is `get_config(arg)` -> `paper_config(backbone, level, arg)`.
 

@@ -17,6 +17,7 @@ def get_config(arg=None):
   m.variant, m.image_size, m.patch_size = 'Ti/8', 32, 8
   m.width, m.depth, m.num_heads, m.mlp_dim = 32, 2, 2, 64
   m.lora_rank, m.schedule = 4, '4,2'
+  config.model_init = 'random'  # No pretrained tiny ViT exists: random on purpose.
   config.data.source, config.data.task = 'mnist', 'mnist'
   config.batch_size, config.eval_batch_size = 40, 200  # Divisible by 1, 2, 4, 8 devices.
   config.num_epochs, config.warmup_epochs = 2, 1

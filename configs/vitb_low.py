@@ -1,6 +1,6 @@
 """ViT-B/16 (ImageNet-21k) + LoRA h=8 + PYRA, low merging (schedule vitb_low, ~1.7x faster).
 
-Argument: key=value pairs (configs/paper.py), e.g. `configs/vitb_low.py:task=dtd,method=tome`.
+Argument: key=value pairs (configs/paper.py), e.g. `configs/vitb_low.py:task=dtd,init=WEIGHTS.npz,method=tome`.
 """
 
 from configs import paper

@@ -1,6 +1,6 @@
 """ViT-S/16 + LoRA h=4, no merging: the paper's smaller-model reference for ViT-B.
 
-Argument: key=value pairs (configs/paper.py), e.g. `configs/vits_peft.py:task=dtd,method=tome`.
+Argument: key=value pairs (configs/paper.py), e.g. `configs/vits_peft.py:task=dtd,init=WEIGHTS.npz`.
 """
 
 from configs import paper

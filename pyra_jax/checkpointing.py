@@ -350,9 +350,11 @@ def check_compatible(meta: dict, config: ml_collections.ConfigDict,
   """Raises CheckpointMismatchError unless `meta` was written by this run.
 
   To resume training every field must match except RESUMABLE_FIELDS and the
-  fields in `allow` (which the user named explicitly); to evaluate or export,
-  only the fields that give the parameters their meaning. Returns the allowed
-  fields that did change, {field: (saved, current)}, for the record.
+  fields in `allow`; to evaluate or export, only the fields that give the
+  parameters their meaning (and those in `allow`). `allow` names dotted fields
+  the user or the caller decided may differ: `--allow_config_change` on resume,
+  the merging fields for a two-stage evaluation. Returns the allowed fields
+  that did change, {field: (saved, current)}, for the record.
   """
   changed = changed_fields(
       with_defaults(meta.get('config', {}), base_defaults()), config_to_dict(config),

