@@ -376,13 +376,15 @@ def check_compatible(meta: dict, config: ml_collections.ConfigDict,
         f'same config to resume.{hint}')
   if meta.get('frozen_fingerprint') not in (None, frozen_fingerprint):
     saved = meta.get('config', {})
-    if not config.model_init:
+    from pyra_jax.checkpoints import RANDOM_INIT  # pylint: disable=g-import-not-at-top
+    if config.model_init in ('', RANDOM_INIT):
       seeds = (f' (config.seed: {saved.get("seed")!r} -> {config.seed!r})'
                if saved.get('seed') != config.seed else '')
       raise CheckpointMismatchError(
           f'{directory} holds a checkpoint trained on a different random frozen '
-          f'backbone than the one built now{seeds}: with config.model_init = \'\' '
-          'the backbone comes from config.seed. Use the run\'s seed, or a new --workdir.')
+          f'backbone than the one built now{seeds}: with config.model_init = '
+          f'{config.model_init!r} the backbone comes from config.seed. Use the '
+          "run's seed, or a new --workdir.")
     raise CheckpointMismatchError(
         f'{directory} holds a checkpoint trained on different frozen backbone '
         'weights than the ones loaded now (fingerprints differ): the file at '
