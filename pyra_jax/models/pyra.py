@@ -1,7 +1,7 @@
 """PYRA's modulation-weight generators (and the ablation variants).
 
 A generator sees the r size-weighted source tokens about to be merged and their
-destinations, and returns re-activated sources (reference section 1, Eqs. 5-7).
+destinations, and returns re-activated sources (docs/algorithm.md §1, Eqs. 5-7).
 It lives in the `pyra` scope of a merging block, with parameters sized by that
 block's static r. Every variant starts exactly as ToMe when its zero-initialised
 parameter is zero, except the two that have no such parameter (wr_only,
