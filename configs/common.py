@@ -5,7 +5,7 @@ a method, a merging schedule and a task. Every field is documented here, so
 `python -m pyra_jax.main --config=configs/vitb_high.py --helpfull` lists them all
 and a misspelt `--config.field=value` override is rejected by ml_collections.
 
-Recipe defaults are the paper's (reference section 4): AdamW, lr 1e-3, weight decay
+Recipe defaults are the paper's (docs/algorithm.md §4): AdamW, lr 1e-3, weight decay
 1e-4, 10 warm-up epochs then cosine to 1e-5, 100 epochs, batch 64, train on
 train800val200 and test on the full test split.
 """

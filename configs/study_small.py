@@ -12,7 +12,7 @@ still falling: docs/results.md keeps it as an appendix.) Every method in a
 comparison uses exactly this recipe; only `model.method`, `model.schedule`,
 `model.modulation` and (Table 17's control) `model.lora_rank` change.
 
-Merging levels follow the paper's ViT-B FLOPs ratios (reference section 3):
+Merging levels follow the paper's ViT-B FLOPs ratios (docs/algorithm.md §3):
 low 2.02x -> 'flops:2.0', high 3.52x -> 'flops:3.5', solved by Eq. 8 for our
 36 patches (4.0x is the most Eq. 8 reaches there). The sweep adds more ratios for the accuracy-throughput curve.
 

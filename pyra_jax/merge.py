@@ -2,7 +2,7 @@
 
 Everything here is a pure function of arrays and static Python ints, so it jits,
 vmaps and differentiates, and every output shape is known at trace time. The
-order of operations follows reference section 1 (ToMe's `bipartite_soft_matching`
+order of operations follows docs/algorithm.md §1 (ToMe's `bipartite_soft_matching`
 and `merge_wavg`, with PYRA's modulation inserted between the gather and the
 scatter of the source tokens, as in the authors' code).
 

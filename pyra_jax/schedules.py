@@ -5,7 +5,7 @@ token count is static under jit (one compilation, no padding). This module turns
 the ways people write schedules into that tuple, checks it against the model
 (loudly, at construction, naming the layer), and counts FLOPs.
 
-Forms accepted by `resolve_schedule` (reference section 3):
+Forms accepted by `resolve_schedule` (docs/algorithm.md §3):
   * a name from `NAMED_SCHEDULES` ('vitb_high', ...), or 'none';
   * an int r: ToMe's constant schedule;
   * 'r,inflection' (or a (int, float) tuple): ToMe's linear ramp;
@@ -104,7 +104,7 @@ def vit_flops(schedule: Sequence[int], *, num_tokens: int, width: int,
               mlp_ratio: float = 4.0) -> float:
   """FLOPs (2 x multiply-adds) of the transformer blocks with a schedule.
 
-  Reference section 3: a block with N tokens entering and N' after its merge costs
+  docs/algorithm.md §3: a block with N tokens entering and N' after its merge costs
   2(4ND^2 + 2N^2 D) for attention and 2(2 * mlp_ratio * N' D^2) for the MLP
   (= 2(8N'D^2) at the standard ratio 4). Patch embedding and head are not counted,
   matching the paper's 34.9 GFLOPs for ViT-B/16 at 224.

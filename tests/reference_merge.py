@@ -1,4 +1,4 @@
-"""Slow, obviously-correct numpy transcriptions of reference sections 1-2.
+"""Slow, obviously-correct numpy transcriptions of docs/algorithm.md §1-2.
 
 Loops over the batch, the pairs and the tokens; no vectorised tricks, so a bug in
 the fast path cannot be mirrored here. Used only by the tests.

@@ -32,7 +32,7 @@ def get_config(arg=None):
 
 
 def _flops(schedule, num_tokens=17, width=32):
-  """Blocks' FLOPs written out from the reference formula (section 3)."""
+  """Blocks' FLOPs written out from the formula of docs/algorithm.md §3."""
   total, n = 0, num_tokens
   for r in schedule:
     total += 2 * (4 * n * width ** 2 + 2 * n * n * width)

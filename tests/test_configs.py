@@ -1,7 +1,7 @@
 """Every setting in configs/ loads, builds, and matches the paper's tables.
 
 Expected numbers are the paper's (Tables 10-13 and "86M + 9.4K" for ViT-B high,
-as transcribed in the reference), not values read from the configs.
+as transcribed in docs/algorithm.md §1-4), not values read from the configs.
 """
 
 import importlib.util
@@ -22,7 +22,7 @@ SETTINGS = sorted(p.name for p in CONFIG_DIR.glob('*.py') if p.name not in HELPE
 VITB_HIGH = (40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3)
 VITL_HIGH = (20, 19, 18, 17, 15, 13, 13, 12, 10, 9, 8, 6, 6, 4, 4, 4, 3, 3, 2, 2,
              1, 1, 1, 1)
-# file -> (variant, distilled, lora rank, batch, schedule) from the reference.
+# file -> (variant, distilled, lora rank, batch, schedule) from docs/algorithm.md §2-4.
 PAPER = {
     'vitb_low.py': ('B/16', False, 8, 64, (16,) * 11 + (10,)),
     'vitb_high.py': ('B/16', False, 8, 64, VITB_HIGH),
@@ -67,7 +67,7 @@ def test_setting_loads_and_builds(name):
 
 
 @pytest.mark.parametrize('name,pyra_params', [
-    # Reference section 1: "12*768 + 192 = 9,408, the paper's 86M + 9.4K".
+    # docs/algorithm.md §1: 12*768 + 192 = 9,408, the paper's "86M + 9.4K".
     ('vitb_high.py', 12 * 768 + sum(VITB_HIGH)),
     ('vitb_low.py', 12 * 768 + 16 * 11 + 10),
     ('vits_peft.py', 0),

@@ -1,7 +1,7 @@
-"""The VTAB-1k task registry against the reference (section 5), written by hand.
+"""The VTAB-1k task registry against docs/algorithm.md §5, written by hand.
 
-Label functions are checked on hand-computed cases from the reference's
-definitions; split strings against a transcription of the reference table.
+Label functions are checked on hand-computed cases from its
+definitions; split strings against a transcription of its table.
 """
 
 import numpy as np
@@ -10,7 +10,7 @@ import pytest
 from pyra_jax.data import tasks as tasks_lib
 from pyra_jax.data.errors import DataError
 
-# Transcribed by hand from reference section 5:
+# Transcribed by hand from docs/algorithm.md §5:
 # task: (TFDS name:version, classes, train800, val200, test).
 REFERENCE_TABLE = {
     'caltech101': ('caltech101:3.*.*', 102, 'train[:800]', 'train[2754:2954]', 'test'),
@@ -51,7 +51,7 @@ def test_registry_matches_reference_table():
 
 
 def test_folder_names_and_aliases():
-  # Reference: folder names; cifar/cifar100 and oxford_iiit_pet/oxford_pet.
+  # docs/algorithm.md §5: folder names; cifar/cifar100 and oxford_iiit_pet/oxford_pet.
   assert tasks_lib.get_task('cifar').name == 'cifar100'
   assert tasks_lib.get_task('cifar100').name == 'cifar100'
   assert tasks_lib.get_task('oxford_pet').name == 'oxford_iiit_pet'

@@ -33,7 +33,7 @@ def _fake_examples(features):
 
 
 def _numpy_label(task_name, ex):
-  """The reference's label definitions, in numpy, written independently."""
+  """The label definitions of docs/algorithm.md §5, in numpy, written independently."""
   if task_name == 'clevr_count':
     return len(ex['objects']['size']) - 3
   if task_name == 'clevr_dist':

@@ -1,4 +1,4 @@
-"""The functional merge against the slow numpy reference (reference section 1)."""
+"""The functional merge against the slow numpy reference (docs/algorithm.md §1)."""
 
 import jax
 import jax.numpy as jnp

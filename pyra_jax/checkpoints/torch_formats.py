@@ -19,7 +19,7 @@ Names (timm 0.5.4, which the PYRA/ToMe code builds on, and current timm):
 MAE: pre-training checkpoints (`mae_pretrain_vit_large.pth`, what PYRA uses)
 hold the encoder's `norm`; their decoder (`decoder_*`, `mask_token`) is dropped
 with a warning. Fine-tuned MAE checkpoints trained with global average pooling
-have `fc_norm` instead of `norm`: we use the class token (the reference's model),
+have `fc_norm` instead of `norm`: we use the class token (docs/algorithm.md §1),
 so we load `fc_norm` as the final norm and warn that the checkpoint's own head
 read the average of the patch tokens, not the class token.
 

@@ -1,7 +1,7 @@
 """tf.data input pipelines: VTAB-1k from TFDS, the VTAB-1k folder, offline MNIST.
 
 Every source yields examples {'image': uint8 (H, W, 3), 'label': int}; the same
-preprocessing then follows (the recipe of reference section 4, no augmentation):
+preprocessing then follows (the recipe of docs/algorithm.md §4, no augmentation):
 
   1. resize to image_size x image_size, bicubic, no crop, aspect ratio not kept;
      `antialias=True`, so downscaling filters like PIL's bicubic resize that

@@ -1,4 +1,4 @@
-"""The 19 VTAB-1k tasks (reference section 5), plus two offline stand-ins.
+"""The 19 VTAB-1k tasks (docs/algorithm.md §5), plus two offline stand-ins.
 
 One frozen `Task` per task, in a plain dict: which TFDS builder and version
 to read, the exact TFDS split string behind each VTAB-1k split, the number of

@@ -2,7 +2,7 @@
 
 One shared down-projection A (D -> h) and one up-projection B (h -> 3D) whose
 output is split into q, k and v deltas; no bias, no alpha/h scaling, dropout on
-LoRA's input in training (reference section 2). Because the whole update is the
+LoRA's input in training (docs/algorithm.md §2). Because the whole update is the
 linear map A @ B, it folds into the frozen q/k/v kernels exactly for deployment.
 """
 

@@ -3,7 +3,7 @@
 Parameter names and shapes follow the linen layout of
 google-research/vision_transformer (docs/architecture.md has the full tree), so
 converted checkpoints load by name. The block's order of operations is
-reference section 1: LN -> attention (q/k/v + LoRA, proportional attention) ->
+docs/algorithm.md §1: LN -> attention (q/k/v + LoRA, proportional attention) ->
 residual -> merge (matching on the head-mean keys, PYRA on the size-weighted
 sources) -> LN -> MLP -> residual.
 
