@@ -159,7 +159,7 @@ def show(fig, path: str) -> None:
 # inspect.ipynb can train the checkpoint it inspects when none exists.
 MAKE_CONFIG = '''
 import tempfile
-from configs import vitb_high
+from pyra_jax.configs import vitb_high
 
 DEMO_WORKDIR = os.path.join(tempfile.gettempdir(), 'pyra_jax_demo')
 

@@ -735,6 +735,13 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
   sys.stdout.flush()
 
 
+def run() -> None:
+  """The `pyra-jax-benchmark` command (also `python -m pyra_jax.benchmark`)."""
+  from pyra_jax import configs  # pylint: disable=g-import-not-at-top
+  configs.resolve_argv(sys.argv)  # A packaged setting by name: --config=vitb_high.
+  fl = define_flags()
+  app.run(lambda argv: main(argv, fl))
+
+
 if __name__ == '__main__':
-  _FLAGS = define_flags()
-  app.run(lambda argv: main(argv, _FLAGS))
+  run()

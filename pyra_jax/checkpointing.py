@@ -130,7 +130,7 @@ def with_defaults(saved: dict, defaults: dict) -> dict:
 
 @functools.lru_cache(maxsize=1)
 def _base_defaults_json() -> str:
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from pyra_jax.configs import common  # pylint: disable=g-import-not-at-top
   return common.get_base_config().to_json_best_effort()
 
 

@@ -29,18 +29,13 @@ import re
 import sys
 import tokenize
 import traceback
-from pathlib import Path
 
-# Setting files do `from configs import common`: make the repository root
-# importable whatever the working directory.
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(_REPO_ROOT))
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from pyra_jax import configs
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None,
@@ -100,7 +95,7 @@ def field_docs(source: str | None = None) -> dict[str, str]:
   Section rulers ('# --- Model ---') are not docs.
   """
   if source is None:
-    source = (_REPO_ROOT / 'configs' / 'common.py').read_text()
+    source = (configs.SETTINGS_DIR / 'common.py').read_text()
   aliases = {'config': 'config'}
   docs: dict[str, str] = {}
   pending: list[str] = []          # Comment lines above the next assignment.
@@ -196,7 +191,8 @@ def load_config(spec: str):
   path, sep, arg = spec.partition(':')  # As ml_collections splits it.
   if not os.path.isfile(path):
     raise UsageError(f'Config file {path!r} not found (relative paths are from '
-                     f'{os.getcwd()}); the settings are in {_REPO_ROOT / "configs"}.')
+                     f'{os.getcwd()}); the packaged settings, runnable by name '
+                     f'(--config=vitb_high:task=dtd): {", ".join(configs.setting_names())}.')
   try:
     module_spec = importlib.util.spec_from_file_location('_pyra_config', path)
     module = importlib.util.module_from_spec(module_spec)
@@ -225,7 +221,13 @@ def check_overrides(config, argv: list[str]) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, plus config help and one-line errors."""
+  """absl flag parsing, plus config help and one-line errors.
+
+  A packaged setting may be named instead of given as a file
+  (`--config=vitb_high:task=dtd`, `configs.resolve`).
+  """
+  configs.resolve_argv(argv)
+  configs.resolve_argv(sys.argv)
   spec = _config_arg(argv)
   try:
     config = load_config(spec) if spec else None

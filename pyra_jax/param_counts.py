@@ -23,14 +23,9 @@ The paper's trainable percentages (e.g. 0.35 % for PYRA at ViT-B high) are
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(_REPO_ROOT))
-
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -180,10 +175,17 @@ def main(argv: Sequence[str]) -> None:
     raise SystemExit(f'{e}') from None
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """`python -m pyra_jax.param_counts --config=...`."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from pyra_jax import configs  # pylint: disable=g-import-not-at-top
+  configs.resolve_argv(sys.argv)
   config_flags.DEFINE_config_file(
       'config', None, 'A config file with get_config(), e.g. configs/vitb_high.py.',
       lock_config=False)
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

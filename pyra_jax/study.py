@@ -44,14 +44,9 @@ import shutil
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(_REPO_ROOT))
-
-import ml_collections  # pylint: disable=g-import-not-at-top
+import ml_collections
 
 MERGE_METHODS = ('tome', 'pyra')
 # Paired comparisons reported for the claims: (name, a, b, schedule of a,

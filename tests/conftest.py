@@ -1,8 +1,10 @@
-"""Shared pytest setup: make the repository importable and keep JAX on the CPU."""
+"""Shared pytest setup: keep JAX on the CPU, compile quickly.
+
+The repository root is importable because tests/ is a package (pytest puts the
+first folder above it without an __init__.py on sys.path).
+"""
 
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -12,6 +14,3 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_backend_optimization_level=0').strip()
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A config file as a user would write one: get_config() on top of the base.
 TINY_CONFIG = '''
-from configs import common
+from pyra_jax.configs import common
 
 def get_config(arg=None):
   config = common.get_base_config()
@@ -213,7 +213,7 @@ def test_plot_falls_back_to_gflops_without_throughput(tmp_path):
 
 def test_reference_model_is_timed_in_the_same_rounds():
   """A shallower model timed with the full one: speed-ups are over the full one."""
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from pyra_jax.configs import common  # pylint: disable=g-import-not-at-top
   config = common.get_base_config()
   m = config.model
   m.variant, m.image_size, m.patch_size = 'Ti/8', 32, 8

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from configs.common import get_base_config
+from pyra_jax.configs.common import get_base_config
 from pyra_jax import convert as convert_lib
 from pyra_jax.checkpoints import CheckpointError, CheckpointWarning, load_pretrained
 from pyra_jax.checkpoints import common, detect_format

@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import pytest
 from flax import traverse_util
 
-from configs import paper
+from pyra_jax import configs
+from pyra_jax.configs import paper
 from pyra_jax.models import vit
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
-HELPERS = {'common.py', 'paper.py', '__init__.py'}
+CONFIG_DIR = configs.SETTINGS_DIR
+HELPERS = {"common.py", "paper.py", "__init__.py"}
 SETTINGS = sorted(p.name for p in CONFIG_DIR.glob('*.py') if p.name not in HELPERS)
 
 VITB_HIGH = (40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3)

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs.common import get_base_config
+from pyra_jax.configs.common import get_base_config
 from pyra_jax import schedules
 from pyra_jax.models import build_model
 from pyra_jax.models.lora import fold_lora

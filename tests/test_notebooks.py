@@ -96,7 +96,7 @@ def test_colab_runs_the_paper_setting():
   """On Colab, make_config() is `configs/vitb_high.py:task=dtd` plus only the
   weights and data locations (the offline shrinking must not leak into it)."""
   import os
-  from configs import vitb_high
+  from pyra_jax.configs import vitb_high
   from pyra_jax.checkpoints.common import FORMATS
   scope = {'os': os, 'OFFLINE': False, 'TASK': 'dtd', 'NUM_EPOCHS': 100,
            'MODEL_INIT': '/content/weights/vitb16_in21k.npz',

@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from configs import common
+from pyra_jax.configs import common
 from pyra_jax import optim
 
 # Paths in the architecture's layout (docs/architecture.md), with the group

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import tiny, vitb_high
+from pyra_jax.configs import tiny, vitb_high
 from pyra_jax import optim
 from pyra_jax import param_counts
 

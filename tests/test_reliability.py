@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from configs import tiny
+from pyra_jax.configs import tiny
 from pyra_jax import checkpointing
 from pyra_jax import metrics
 from pyra_jax import train

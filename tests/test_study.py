@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import tiny
+from pyra_jax.configs import tiny
 from pyra_jax import checkpointing
 from pyra_jax import study
 

@@ -31,7 +31,7 @@ def test_helpfull_documents_every_config_field():
   assert '--config.pyra_lr=-1.0' in text
   assert 'PYRA generators; -1: same as lr' in text  # The doc from common.py.
   assert '--workdir' in text and '--checkpoint_step' in text  # absl's own help.
-  from configs import vitb_high  # pylint: disable=g-import-not-at-top
+  from pyra_jax.configs import vitb_high  # pylint: disable=g-import-not-at-top
   for field in main_lib._flatten(vitb_high.get_config().to_dict()):  # pylint: disable=protected-access
     assert f'--config.{field}=' in text, field
 

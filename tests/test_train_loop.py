@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from configs import tiny
+from pyra_jax.configs import tiny
 from pyra_jax import checkpointing
 from pyra_jax import export as export_lib
 from pyra_jax import metrics

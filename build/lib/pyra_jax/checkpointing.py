@@ -1,0 +1,472 @@
+"""Training checkpoints with Orbax, and the guard against resuming the wrong run.
+
+A step directory `<workdir>/checkpoints/<step>/` holds three Orbax items:
+  * `params`: the trainable params only (LoRA, PYRA, head: a few hundred KB for
+    ViT-B); the frozen backbone is re-created from the pretrained weights on
+    restore;
+  * `opt_state`: the optimiser state (a separate item so eval/export need not
+    rebuild the optimiser);
+  * `meta` (JSON): the step, the config, the resolved model config, a
+    fingerprint of the frozen params, the periodic evaluations so far and the
+    training time so far. The data iterator position is the step itself (see
+    `train.train_batches`).
+
+Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it when
+complete, so a run killed while saving leaves the previous step as the latest
+and the half-written directory is ignored (and cleaned up).
+
+What else keeps a user's work (README "Reliability"):
+  * retention is ours, not Orbax's: the newest `keep` *verified* checkpoints stay,
+    plus the one just written. A checkpoint is verified once the step after it
+    computed a finite loss from its parameters, so after a divergence the
+    checkpoint that produced the non-finite loss is set aside and an earlier,
+    verified one is always still there to resume from;
+  * a checkpoint that cannot be read (a truncated array file, an empty meta
+    file) is set aside to `<workdir>/checkpoints_unreadable/<step>` and the
+    newest one that restores is used, with a warning naming both steps;
+  * `WorkdirLock`: one training run per workdir at a time;
+  * `check_compatible(..., allow=...)`: fields the user explicitly allows to
+    change on resume (lr, clipping, epochs, ...; `--allow_config_change`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from typing import Any, Callable, Collection
+
+from absl import logging
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+PyTree = Any
+
+# Config fields that may change between a run and its resumption without
+# changing what is computed: logging, checkpoint cadence, eval batching and
+# where the data lives.
+RESUMABLE_FIELDS = frozenset({
+    'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
+    'keep_checkpoints', 'eval_batch_size', 'data.data_dir',
+    'data.num_parallel_calls', 'model_init', 'benchmark_after_training',
+})
+
+# What must match to evaluate or export a checkpoint: the fields that decide what
+# the stored parameters mean. Anything else (data split, lr, ...) may differ.
+EVAL_PREFIXES = ('model.', 'trainable.', 'model_init_format',
+                 'model_init_first_blocks')
+
+
+# Fields a user may change when resuming, but only when asking for it by name
+# (`--allow_config_change=lr,grad_clip_norm`): they change how the remaining
+# steps train, not what the saved parameters mean or which batch comes next,
+# so the resumed run continues the same run with new hyperparameters. The
+# change is recorded in metrics.jsonl and results.json.
+CHANGEABLE_ON_REQUEST = frozenset({
+    'lr', 'pyra_lr', 'min_lr', 'warmup_init_lr', 'warmup_epochs', 'num_epochs',
+    'weight_decay', 'grad_clip_norm', 'b1', 'b2', 'eps',
+})
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir holds a checkpoint of a different run; the message says which fields differ."""
+
+
+class WorkdirInUseError(ValueError):
+  """Another live process trains in this workdir; the message names it."""
+
+
+class CheckpointUnreadableError(ValueError):
+  """No checkpoint of the workdir (or not the one asked for) can be read."""
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  """JSON-able dict of a config (tuples become lists, as after a JSON round trip)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def fingerprint(tree: PyTree) -> str:
+  """sha256 over the paths, shapes, dtypes and bytes of every leaf.
+
+  Used to refuse resuming on top of different frozen weights (e.g. the file at
+  `model_init` was replaced): the checkpoint alone could not detect it.
+  """
+  h = hashlib.sha256()
+  flat = traverse_util.flatten_dict(jax.device_get(tree), sep='/')
+  for path in sorted(flat):
+    a = np.ascontiguousarray(np.asarray(flat[path]))
+    h.update(f'{path}|{a.dtype}|{a.shape}|'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def with_defaults(saved: dict, defaults: dict) -> dict:
+  """`saved` plus every field of `defaults` it lacks, recursively (no mutation).
+
+  A config stored before a field existed ran with the behaviour that the
+  field's default keeps (a new field defaults to the old behaviour), so the
+  field counts as set to its default there: adding a config field must not
+  make every earlier workdir or study run look like another run.
+  """
+  out = dict(saved)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = with_defaults(out[key], value)
+  return out
+
+
+@functools.lru_cache(maxsize=1)
+def _base_defaults_json() -> str:
+  from pyra_jax.configs import common  # pylint: disable=g-import-not-at-top
+  return common.get_base_config().to_json_best_effort()
+
+
+def base_defaults() -> dict:
+  """Every config field at its default (configs/common.py), as plain JSON types."""
+  return json.loads(_base_defaults_json())
+
+
+def changed_fields(saved: dict, current: dict, *,
+                   ignore: Collection[str] = RESUMABLE_FIELDS,
+                   only_prefixes: tuple[str, ...] | None = None
+                   ) -> dict[str, tuple[Any, Any]]:
+  """{field: (saved value, current value)} for every differing field that counts."""
+  a = traverse_util.flatten_dict(saved, sep='.') if saved else {}
+  b = traverse_util.flatten_dict(current, sep='.') if current else {}
+  out = {}
+  for key in sorted(set(a) | set(b)):
+    if key in ignore:
+      continue
+    if only_prefixes is not None and not key.startswith(only_prefixes):
+      continue
+    va, vb = a.get(key, '<absent>'), b.get(key, '<absent>')
+    if va != vb:
+      out[key] = (va, vb)
+  return out
+
+
+class Checkpointer:
+  """A synchronous `ocp.CheckpointManager` for one workdir, with our retention.
+
+  Orbax's own `max_to_keep` would delete the previous checkpoint as soon as a
+  new one is written, before anything has shown that the new parameters are
+  any good. Here a step is *verified* once the training step after it computed
+  a finite loss from its parameters (`mark_verified`), and `save` deletes only
+  verified checkpoints beyond the newest `keep` of them: whatever happens next,
+  a checkpoint known to be good stays on disk.
+  """
+
+  def __init__(self, directory: str, *, keep: int | None = None,
+               read_only: bool = False):
+    if keep is not None and keep < 1:
+      raise ValueError(f'keep = {keep}: at least the latest checkpoint is kept.')
+    self.directory = os.path.abspath(directory)
+    self.keep = keep
+    self.read_only = read_only
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None, create=not read_only, read_only=read_only,
+        # Synchronous: the state is a few MB and a save that returns is on disk,
+        # which keeps "the last good checkpoint" simple to reason about.
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=not read_only)
+    self._mgr = ocp.CheckpointManager(self.directory, options=options)
+    # What is on disk was written under this retention rule: every step but
+    # the newest was followed by a finite loss (or is older still).
+    self._verified = set(self.all_steps()[:-1])
+
+  def latest_step(self) -> int | None:
+    return self._mgr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mgr.all_steps())
+
+  def is_verified(self, step: int) -> bool:
+    return int(step) in self._verified
+
+  def mark_verified(self, step: int) -> None:
+    """The parameters saved at `step` produced a finite loss: keep them."""
+    self._verified.add(int(step))
+
+  def save(self, step: int, params: PyTree, opt_state: PyTree,
+           meta: dict) -> None:
+    self._mgr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+    self._mgr.wait_until_finished()
+    self._prune()
+
+  def _prune(self) -> None:
+    if self.keep is None:
+      return
+    verified = [s for s in self.all_steps() if s in self._verified]
+    for old in verified[:-self.keep]:
+      self._mgr.delete(old)
+      self._verified.discard(old)
+
+  def finish(self) -> None:
+    """The run ended: its last checkpoint is the result, so it counts as good."""
+    latest = self.latest_step()
+    if latest is not None:
+      self.mark_verified(latest)
+      self._prune()
+
+  def set_aside(self, step: int, reason: str) -> str:
+    """Moves `<step>/` to `<workdir>/checkpoints_<reason>/<step>` (never deletes).
+
+    Orbax then no longer sees the step, so a resume takes the newest one left,
+    and the moved files stay for the user to inspect.
+    """
+    src = os.path.join(self.directory, str(step))
+    dest_root = f'{self.directory}_{reason}'
+    os.makedirs(dest_root, exist_ok=True)
+    dest = os.path.join(dest_root, str(step))
+    if os.path.exists(dest):
+      dest = f'{dest}.{int(time.time())}'
+    shutil.move(src, dest)
+    self._mgr.reload()
+    self._verified.discard(step)
+    return dest
+
+  def restore_meta(self, step: int) -> dict:
+    with _damage_of(step):
+      meta = self._mgr.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      if not isinstance(meta, dict) or 'step' not in meta:
+        raise ValueError('its meta item is empty or not written by pyra_jax')
+    return meta
+
+  def restore_params(self, step: int, abstract: PyTree) -> PyTree:
+    """Restores the trainable params onto the shardings given in `abstract`."""
+    with _damage_of(step):
+      return self._mgr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract))).params
+
+  def restore_opt_state(self, step: int, abstract: PyTree) -> PyTree:
+    with _damage_of(step):
+      return self._mgr.restore(step, args=ocp.args.Composite(
+          opt_state=ocp.args.StandardRestore(abstract))).opt_state
+
+  def restore_newest_readable(
+      self, read: Callable[[int], Any], step: int | None = None
+  ) -> tuple[int, Any]:
+    """(step, read(step)) for `step`, or else the newest step that reads.
+
+    `read` restores whatever the caller needs from one step with the
+    `restore_*` methods, which raise `CheckpointDamaged` when the files cannot
+    be read. Without an explicit `step`, a damaged step is skipped with a
+    warning naming it and the step used instead (and, unless read-only, set
+    aside to `checkpoints_unreadable/`). Any other error (a config mismatch,
+    missing pretrained weights) is the user's to fix and goes through.
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointUnreadableError(
+          f'No finished checkpoint in {self.directory}: train first.')
+    if step is not None:
+      if step not in steps:
+        raise CheckpointUnreadableError(
+            f'No checkpoint for step {step} in {self.directory}; available: {steps}.')
+      try:
+        return step, read(step)
+      except CheckpointDamaged as e:
+        raise CheckpointUnreadableError(
+            f'Checkpoint step {step} in {self.directory} cannot be read '
+            f'({_short(e)}): its files are damaged. Other steps: '
+            f'{[s for s in steps if s != step] or "none"}.') from None
+    failed = []
+    for candidate in reversed(steps):
+      try:
+        value = read(candidate)
+      except CheckpointDamaged as e:
+        failed.append((candidate, _short(e)))
+        where = ''
+        if not self.read_only:
+          where = f'; moved to {self.set_aside(candidate, "unreadable")}'
+        logging.warning('Checkpoint step %d in %s cannot be read (%s)%s.',
+                        candidate, self.directory, _short(e), where)
+        continue
+      if failed:
+        msg = (f'Warning: checkpoint step {failed[0][0]} in {self.directory} cannot '
+               f'be read ({failed[0][1]}); using step {candidate}, the newest '
+               'that restores' + (f' (also unreadable: '
+                                  f'{[f for f, _ in failed[1:]]})' if failed[1:] else '')
+               + ('; the damaged files were moved to '
+                  f'{self.directory}_unreadable/.' if not self.read_only else '.'))
+        print(msg, flush=True)
+        logging.warning('%s', msg)
+      return candidate, value
+    raise CheckpointUnreadableError(
+        f'No checkpoint in {self.directory} can be read (steps '
+        f'{[f for f, _ in failed]}: {failed[0][1]})'
+        + (f'; they were moved to {self.directory}_unreadable/' if not self.read_only else '')
+        + '. Train again in a new --workdir, or restore the files from a backup.')
+
+  def close(self) -> None:
+    self._mgr.close()
+
+
+class CheckpointDamaged(Exception):
+  """Orbax could not read a step's files; `str()` says what it hit."""
+
+
+@contextlib.contextmanager
+def _damage_of(step: int):
+  """Turns whatever reading a step's files raises into CheckpointDamaged.
+
+  Truncated tensorstore chunks, an empty JSON file or a missing item surface
+  as many different exception types from deep inside Orbax; they all mean the
+  same thing to a user, so they become one type that the fallback catches.
+  """
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointDamaged(_short(e)) from e
+
+
+def _short(e: BaseException) -> str:
+  """The first line of an exception, for one-sentence messages."""
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0][:160]}' if text else type(e).__name__
+
+
+def check_compatible(meta: dict, config: ml_collections.ConfigDict,
+                     frozen_fingerprint: str, directory: str, *,
+                     for_eval: bool = False,
+                     allow: Collection[str] = ()) -> dict[str, tuple[Any, Any]]:
+  """Raises CheckpointMismatchError unless `meta` was written by this run.
+
+  To resume training every field must match except RESUMABLE_FIELDS and the
+  fields in `allow`; to evaluate or export, only the fields that give the
+  parameters their meaning (and those in `allow`). `allow` names dotted fields
+  the user or the caller decided may differ: `--allow_config_change` on resume,
+  the merging fields for a two-stage evaluation. Returns the allowed fields
+  that did change, {field: (saved, current)}, for the record.
+  """
+  changed = changed_fields(
+      with_defaults(meta.get('config', {}), base_defaults()), config_to_dict(config),
+      only_prefixes=EVAL_PREFIXES if for_eval else None)
+  allowed = {k: v for k, v in changed.items() if k in allow}
+  refused = [f'{k}: {va!r} -> {vb!r}' for k, (va, vb) in changed.items()
+             if k not in allow]
+  if refused:
+    shown = '; '.join(refused[:12]) + ('; ...' if len(refused) > 12 else '')
+    changeable = [k for k in changed if k in CHANGEABLE_ON_REQUEST]
+    hint = ''
+    if not for_eval and changeable:
+      hint = (' To continue this run with the new '
+              f'{", ".join(changeable)}, add --allow_config_change='
+              f'{",".join(changeable)}.')
+    raise CheckpointMismatchError(
+        f'{directory} holds a checkpoint (step {meta.get("step")}) of a run with a '
+        f'different config ({shown}). Use a new --workdir, or rerun with the '
+        f'same config to resume.{hint}')
+  if meta.get('frozen_fingerprint') not in (None, frozen_fingerprint):
+    saved = meta.get('config', {})
+    from pyra_jax.checkpoints import RANDOM_INIT  # pylint: disable=g-import-not-at-top
+    if config.model_init in ('', RANDOM_INIT):
+      seeds = (f' (config.seed: {saved.get("seed")!r} -> {config.seed!r})'
+               if saved.get('seed') != config.seed else '')
+      raise CheckpointMismatchError(
+          f'{directory} holds a checkpoint trained on a different random frozen '
+          f'backbone than the one built now{seeds}: with config.model_init = '
+          f'{config.model_init!r} the backbone comes from config.seed. Use the '
+          "run's seed, or a new --workdir.")
+    raise CheckpointMismatchError(
+        f'{directory} holds a checkpoint trained on different frozen backbone '
+        'weights than the ones loaded now (fingerprints differ): the file at '
+        f'config.model_init ({config.model_init}) changed. Restore that file or '
+        'use a new --workdir.')
+  return allowed
+
+
+def check_allowed_changes(allow: Collection[str]) -> None:
+  """Refuses `--allow_config_change` names that are not CHANGEABLE_ON_REQUEST."""
+  bad = sorted(set(allow) - CHANGEABLE_ON_REQUEST)
+  if bad:
+    raise CheckpointMismatchError(
+        f'--allow_config_change: {", ".join(bad)} cannot change within a run '
+        '(it would change what the saved parameters mean or which batch comes '
+        f'next); fields that can: {", ".join(sorted(CHANGEABLE_ON_REQUEST))}. '
+        'Use a new --workdir for the other changes.')
+
+
+# ----------------------------------------------------------------------------
+# One run per workdir.
+# ----------------------------------------------------------------------------
+
+class WorkdirLock:
+  """An exclusive `flock` on `<workdir>/.lock`, held while a run trains there.
+
+  The kernel drops a flock when its process dies, however it dies (SIGKILL
+  included), so a dead run's lock is taken over by the next run with no
+  stale-lock cleanup; the file keeps the holder's pid, host and start time so
+  the refusal can name them.
+  """
+
+  FILENAME = '.lock'
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(os.path.abspath(workdir), self.FILENAME)
+    self._fd: int | None = None
+
+  def holder(self) -> dict:
+    try:
+      with open(self.path) as f:
+        return json.loads(f.read() or '{}')
+    except (OSError, ValueError):
+      return {}
+
+  def acquire(self) -> None:
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(fd)
+      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        raise
+      h = self.holder()
+      who = (f'pid {h.get("pid")} on {h.get("host")}, running since '
+             f'{h.get("started")}' if h else 'another process')
+      raise WorkdirInUseError(
+          f'{os.path.dirname(self.path)} is in use by another run ({who}): two '
+          'runs in one workdir would overwrite each other\'s checkpoints and '
+          'results. Wait for it to finish (or stop it), or use another --workdir.'
+      ) from None
+    previous = self.holder()
+    if previous.get('pid') and previous.get('pid') != os.getpid():
+      logging.info('Taking over the lock of %s left by pid %s on %s (no longer running).',
+                   self.path, previous.get('pid'), previous.get('host'))
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({
+        'pid': os.getpid(), 'host': socket.gethostname(),
+        'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}).encode())
+    os.fsync(fd)
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> 'WorkdirLock':
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()

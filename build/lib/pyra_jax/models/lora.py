@@ -1,0 +1,70 @@
+"""LoRA on the fused q/k/v projection, in the authors' form, and its folding.
+
+One shared down-projection A (D -> h) and one up-projection B (h -> 3D) whose
+output is split into q, k and v deltas; no bias, no alpha/h scaling, dropout on
+LoRA's input in training (docs/algorithm.md §2). Because the whole update is the
+linear map A @ B, it folds into the frozen q/k/v kernels exactly for deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LORA_INITS = ('zeros', 'trunc_normal')
+
+
+class LoRA(nn.Module):
+  """Returns the (B, N, 3D) q|k|v delta for (B, N, D) inputs.
+
+  Attributes:
+    rank: h, the bottleneck width.
+    dropout: rate of the dropout on LoRA's input during training.
+    init: 'zeros' sets B = 0 so LoRA starts as the identity (the paper);
+      'trunc_normal' draws A and B from a truncated normal with std 0.02, which is
+      what the authors' code ends up with after its later init pass.
+  """
+  rank: int
+  dropout: float = 0.1
+  init: str = 'zeros'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    if self.init not in LORA_INITS:
+      raise ValueError(f'model.lora_init must be one of {LORA_INITS}, got {self.init!r}.')
+    dim = x.shape[-1]
+    tn = nn.initializers.truncated_normal(stddev=0.02)
+    down = self.param('down', tn, (dim, self.rank))
+    up_init = nn.initializers.zeros if self.init == 'zeros' else tn
+    up = self.param('up', up_init, (self.rank, 3 * dim))
+    x = nn.Dropout(rate=self.dropout, deterministic=not train)(x)
+    return (x @ down.astype(self.dtype)) @ up.astype(self.dtype)
+
+
+def fold_lora(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Folds every `lora` scope into its q/k/v kernels and removes it.
+
+  The result is the parameter tree of the same model with `lora_rank=0`
+  (see `pyra_jax.models.vit.deployed_config`): same logits, no extra FLOPs.
+  """
+  def fold(tree: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, sub in tree.items():
+      if isinstance(sub, Mapping):
+        out[name] = fold(sub)
+    for name, sub in tree.items():
+      if not isinstance(sub, Mapping):
+        out[name] = sub
+    if 'lora' in out and 'query' in out:
+      lora = out.pop('lora')
+      delta = jnp.asarray(lora['down']) @ jnp.asarray(lora['up'])  # (D, 3D)
+      for i, proj in enumerate(('query', 'key', 'value')):
+        kernel = out[proj]['kernel']
+        d = delta[:, i * kernel.shape[0]:(i + 1) * kernel.shape[0]]
+        out[proj] = dict(out[proj], kernel=kernel + d.reshape(kernel.shape))
+    return out
+  return fold(params)

@@ -1,0 +1,424 @@
+"""The Vision Transformer of pyra_jax: frozen backbone + LoRA + token merging + PYRA.
+
+Parameter names and shapes follow the linen layout of
+google-research/vision_transformer (docs/architecture.md has the full tree), so
+converted checkpoints load by name. The block's order of operations is
+docs/algorithm.md §1: LN -> attention (q/k/v + LoRA, proportional attention) ->
+residual -> merge (matching on the head-mean keys, PYRA on the size-weighted
+sources) -> LN -> MLP -> residual.
+
+Speed notes (see README "Performance"; measured with `pyra_jax.benchmark`):
+q/k/v are three (D, D) matmuls on the stored kernels (concatenating them into
+one (D, 3D) kernel copies 7 MB per layer per call on ViT-B: XLA does not hoist
+it, and it cost ~9% of a merged model); attention runs on a (B, H, N, hd)
+layout, heads as a leading batch dimension (the (B, N, H, hd) einsums were ~4x
+slower on XLA:CPU), with the softmax normalisation applied to the (B, H, N, hd)
+output rather than the (B, H, N, N) weights; the patch embedding is a reshape
++ matmul rather than a strided convolution. The exact (erf) GELU stays: it
+costs ~3-4% of the forward.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from pyra_jax import merge as merge_lib
+from pyra_jax import schedules
+from pyra_jax.models.lora import LoRA
+from pyra_jax.models.pyra import MODULATIONS, PyraGenerator
+
+Array = jax.Array
+
+# name -> (width, depth, num_heads, mlp_dim); the patch size comes from '/NN'.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    'Ti': (192, 12, 3, 768),
+    'S': (384, 12, 6, 1536),
+    'B': (768, 12, 12, 3072),
+    'L': (1024, 24, 16, 4096),
+    'H': (1280, 32, 16, 5120),
+}
+METHODS = ('peft', 'tome', 'pyra')
+
+
+class ParamsOnly(nn.Module):
+  """Declares `kernel` (and `bias`) under its own name and returns them.
+
+  Lets a fused computation keep the per-projection parameter names that
+  checkpoints use (`query/kernel`, `key/kernel`, ...).
+  """
+  kernel_shape: tuple[int, ...]
+  bias_shape: Optional[tuple[int, ...]]
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self) -> tuple[Array, Optional[Array]]:
+    kernel = self.param('kernel', self.kernel_init, self.kernel_shape)
+    bias = (self.param('bias', nn.initializers.zeros, self.bias_shape)
+            if self.bias_shape is not None else None)
+    return kernel, bias
+
+
+def embed_patches(images: Array, kernel: Array, bias: Array, dtype: Any) -> Array:
+  """Non-overlapping P x P patches -> D with `embedding/{kernel (P,P,3,D), bias}`.
+
+  Equal to the strided convolution of the original ViT, computed as a reshape
+  and one matmul, which XLA:CPU runs faster than a convolution.
+  """
+  b, h, w, c = images.shape
+  p, d = kernel.shape[0], kernel.shape[-1]
+  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  x = x.reshape(b, (h // p) * (w // p), p * p * c).astype(dtype)
+  return x @ kernel.reshape(p * p * c, d).astype(dtype) + bias.astype(dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with LoRA on q/k/v and proportional attention.
+
+  Returns the attention output and the merge metric: the keys (after LoRA)
+  averaged over heads, (B, N, D/H).
+  """
+  num_heads: int
+  qkv_bias: bool = True
+  lora_rank: int = 0
+  lora_dropout: float = 0.0
+  lora_init: str = 'zeros'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, size: Optional[Array], *, train: bool) -> tuple[Array, Array]:
+    b, n, d = x.shape
+    h = self.num_heads
+    hd = d // h
+    bias_shape = (h, hd) if self.qkv_bias else None
+    delta = None
+    if self.lora_rank > 0:
+      delta = LoRA(self.lora_rank, self.lora_dropout, self.lora_init,
+                   dtype=self.dtype, name='lora')(x, train=train)  # (B, N, 3D)
+    heads = []
+    for i, name in enumerate(('query', 'key', 'value')):
+      # Three (D, D) matmuls, not one on the concatenated (D, 3D) kernel: the
+      # concatenation is a copy of the kernels on every call that XLA does not
+      # hoist (parameters are arguments), ~9% of a merged ViT-B's time on CPU.
+      kernel, bias = ParamsOnly((d, h, hd), bias_shape, name=name)()
+      y = x @ kernel.reshape(d, d).astype(self.dtype)
+      if bias is not None:
+        y = y + bias.reshape(d).astype(self.dtype)
+      if delta is not None:
+        y = y + delta[..., i * d:(i + 1) * d]
+      # (B, H, N, hd): heads become a leading batch dimension of both attention
+      # matmuls. XLA:CPU runs 'bhqd,bhkd' batched dots several times faster than
+      # the same dots on the (B, N, H, hd) layout, where the batch dims are not
+      # leading; the transpose fuses with the bias add before it.
+      heads.append(y.reshape(b, n, h, hd).transpose(0, 2, 1, 3))
+    q, k, v = heads
+    logits = jnp.einsum('bhqd,bhkd->bhqk', q * (hd ** -0.5), k).astype(jnp.float32)
+    if size is not None:
+      logits = logits + jnp.log(size)[:, None, None, :, 0]
+    # Softmax with the normalisation deferred past the value matmul: divide the
+    # (B, H, N, hd) output by the row sums instead of the (B, H, N, N) weights,
+    # saving one pass over the N x N matrix (same result up to round-off).
+    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    out = jnp.einsum('bhqk,bhkd->bhqd', e.astype(self.dtype), v)
+    out = out / e.sum(axis=-1, keepdims=True).astype(self.dtype)
+    out = out.transpose(0, 2, 1, 3).reshape(b, n, d)
+    w_out, b_out = ParamsOnly((h, hd, d), (d,), name='out')()
+    out = out @ w_out.reshape(d, d).astype(self.dtype) + b_out.astype(self.dtype)
+    return out, k.mean(axis=1)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> exact (erf) GELU -> Dense, as timm and the authors' code."""
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    init = nn.initializers.xavier_uniform()
+    bias_init = nn.initializers.normal(stddev=1e-6)
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=init, bias_init=bias_init,
+                 name='Dense_0')(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=init, bias_init=bias_init,
+                    name='Dense_1')(x)
+
+
+class LayerScale(nn.Module):
+  """DINOv2's per-channel residual scale, `LayerScale_i/scale (D,)`.
+
+  Initialised to 1 here; pretrained DINOv2 weights overwrite it.
+  """
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return x * self.param('scale', nn.initializers.ones, (x.shape[-1],)).astype(x.dtype)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops a sample's whole residual branch, scaled by 1/keep."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    if not train or self.rate == 0.0:
+      return x
+    return nn.Dropout(self.rate, broadcast_dims=(1, 2), deterministic=False)(x)
+
+
+class EncoderBlock(nn.Module):
+  """One transformer block, merging `r` tokens after attention when r > 0."""
+  num_heads: int
+  mlp_dim: int
+  r: int = 0
+  modulation: str = 'none'  # 'none' = ToMe; else a PyraGenerator variant
+  modulation_rank: int = 1
+  wr_init: str = 'uniform'
+  pyra_ln_eps: float = 1e-5
+  distilled: bool = False
+  prop_attn: bool = True
+  qkv_bias: bool = True
+  layerscale: bool = False
+  ln_eps: float = 1e-6
+  drop_path: float = 0.0
+  lora_rank: int = 0
+  lora_dropout: float = 0.0
+  lora_init: str = 'zeros'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, size: Optional[Array], source: Optional[Array], *,
+               train: bool) -> tuple[Array, Optional[Array], Optional[Array]]:
+    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_0')(x)
+    y, metric = Attention(self.num_heads, self.qkv_bias, self.lora_rank, self.lora_dropout,
+                          self.lora_init, dtype=self.dtype,
+                          name='MultiHeadDotProductAttention_0')(
+                              y, size if self.prop_attn else None, train=train)
+    if self.layerscale:
+      y = LayerScale(name='LayerScale_0')(y)
+    x = x + DropPath(self.drop_path)(y, train=train)
+
+    if self.r > 0:
+      plan = merge_lib.bipartite_soft_matching(
+          metric, self.r, class_token=True, distill_token=self.distilled)
+      modulate = None
+      if self.modulation != 'none':
+        modulate = PyraGenerator(self.r, self.modulation, self.modulation_rank,
+                                 self.wr_init, self.pyra_ln_eps, name='pyra')
+      if size is None:
+        size = jnp.ones(x.shape[:2] + (1,), x.dtype)
+      x, size = merge_lib.merge_wavg(x, size, plan, distill_token=self.distilled,
+                                     modulate=modulate)
+      if source is not None:
+        source = merge_lib.merge_source(source, plan, distill_token=self.distilled)
+
+    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_1')(x)
+    y = MlpBlock(self.mlp_dim, dtype=self.dtype, name='MlpBlock_0')(y)
+    if self.layerscale:
+      y = LayerScale(name='LayerScale_1')(y)
+    x = x + DropPath(self.drop_path)(y, train=train)
+    return x, size, source
+
+
+class VisionTransformer(nn.Module):
+  """ViT with LoRA on q/k/v, ToMe merging and PYRA modulation.
+
+  `apply({'params': p}, images, train=False)` -> logits (B, num_classes). In
+  training pass `rngs={'dropout': key}` (LoRA dropout, stochastic depth). With
+  `trace_source=True`, `mutable=['intermediates']` returns each block's
+  (B, N_out, N_in) 0/1 source matrix under `intermediates/source_{i}`; each
+  block's token sizes are always sown as `intermediates/size_{i}`.
+  """
+  num_classes: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  schedule: tuple[int, ...]
+  modulation: str = 'none'
+  modulation_rank: int = 1
+  wr_init: str = 'uniform'
+  pyra_ln_eps: float = 1e-5
+  prop_attn: bool = True
+  qkv_bias: bool = True
+  layerscale: bool = False
+  ln_eps: float = 1e-6
+  distilled: bool = False
+  distilled_eval: str = 'cls'
+  drop_path: float = 0.0
+  head_init_std: float = 0.02
+  lora_rank: int = 0
+  lora_dropout: float = 0.0
+  lora_init: str = 'zeros'
+  trace_source: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: Array, *, train: bool = False) -> Array:
+    p = self.patch_size
+    if images.shape[1] % p or images.shape[2] % p:
+      raise ValueError(f'Image size {images.shape[1:3]} is not a multiple of the patch size {p}.')
+    kernel, bias = ParamsOnly((p, p, images.shape[-1], self.width), (self.width,),
+                              name='embedding')()
+    x = embed_patches(images, kernel, bias, self.dtype)
+    b = x.shape[0]
+    prefix = [self.param('cls', nn.initializers.zeros, (1, 1, self.width))]
+    if self.distilled:
+      prefix.append(self.param('dist', nn.initializers.zeros, (1, 1, self.width)))
+    prefix = [jnp.broadcast_to(t.astype(x.dtype), (b, 1, self.width)) for t in prefix]
+    x = jnp.concatenate(prefix + [x], axis=1)
+    block = dict(
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, modulation=self.modulation,
+        modulation_rank=self.modulation_rank, wr_init=self.wr_init,
+        pyra_ln_eps=self.pyra_ln_eps, distilled=self.distilled, prop_attn=self.prop_attn,
+        qkv_bias=self.qkv_bias, layerscale=self.layerscale, ln_eps=self.ln_eps,
+        lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
+        lora_init=self.lora_init, dtype=self.dtype)
+    x = Encoder(schedule=self.schedule, drop_path=self.drop_path,
+                trace_source=self.trace_source, block=tuple(sorted(block.items())),
+                name='Transformer')(x, train=train)
+
+    head_init = nn.initializers.truncated_normal(stddev=self.head_init_std)
+    logits = nn.Dense(self.num_classes, kernel_init=head_init, name='head',
+                      dtype=jnp.float32)(x[:, 0].astype(jnp.float32))
+    if self.distilled:
+      logits_dist = nn.Dense(self.num_classes, kernel_init=head_init, name='head_dist',
+                             dtype=jnp.float32)(x[:, 1].astype(jnp.float32))
+      if self.distilled_eval == 'avg':
+        logits = 0.5 * (logits + logits_dist)
+    return logits
+
+
+class Encoder(nn.Module):
+  """`Transformer/`: position embeddings, the blocks, the final LayerNorm.
+
+  `block` holds the EncoderBlock fields shared by every layer, as sorted
+  (name, value) pairs so the module stays hashable.
+  """
+  schedule: tuple[int, ...]
+  drop_path: float
+  trace_source: bool
+  block: tuple[tuple[str, Any], ...]
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    block = dict(self.block)
+    depth = len(self.schedule)
+    x = AddPositionEmbs(name='posembed_input')(x)
+    size = None
+    source = None
+    if self.trace_source:
+      source = jnp.broadcast_to(jnp.eye(x.shape[1], dtype=x.dtype), (x.shape[0],) + (x.shape[1],) * 2)
+    for i in range(depth):
+      rate = self.drop_path * i / max(depth - 1, 1)  # linear 0 -> drop_path
+      x, size, source = EncoderBlock(
+          r=self.schedule[i], drop_path=rate, name=f'encoderblock_{i}', **block)(
+              x, size, source, train=train)
+      if size is not None:
+        self.sow('intermediates', f'size_{i}', size)
+      if source is not None:
+        self.sow('intermediates', f'source_{i}', source)
+    return nn.LayerNorm(epsilon=block['ln_eps'], dtype=block['dtype'], name='encoder_norm')(x)
+
+
+class AddPositionEmbs(nn.Module):
+  """`posembed_input/pos_embedding (1, N, D)`, learned, covering the prefix tokens."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
+                    (1,) + x.shape[1:])
+    return x + pe.astype(x.dtype)
+
+
+def _parse_variant(variant: str) -> tuple[tuple[int, int, int, int], int]:
+  m = re.fullmatch(r'(\w+)/(\d+)', variant or '')
+  if not m or m.group(1) not in VARIANTS:
+    raise ValueError(f'model.variant {variant!r} is not one of '
+                     f'{[k + "/16" for k in VARIANTS]} (any patch size after the slash).')
+  return VARIANTS[m.group(1)], int(m.group(2))
+
+
+def model_kwargs(model_config: ml_collections.ConfigDict, *,
+                 num_classes: Optional[int] = None, dtype: Any = None) -> dict[str, Any]:
+  """Resolves a config's `model` section into VisionTransformer fields.
+
+  Every check that can fail on user input happens here, so a bad variant,
+  method or schedule is reported before anything is traced.
+  """
+  c = model_config
+  (width, depth, heads, mlp), patch = _parse_variant(c.get('variant', 'B/16'))
+  pick = lambda field, default: c.get(field, -1) if c.get(field, -1) > 0 else default
+  width, depth = pick('width', width), pick('depth', depth)
+  heads, mlp, patch = pick('num_heads', heads), pick('mlp_dim', mlp), pick('patch_size', patch)
+  if width % heads:
+    raise ValueError(f'model.width {width} is not divisible by model.num_heads {heads}.')
+  image_size = c.get('image_size', 224)
+  if image_size % patch:
+    raise ValueError(f'model.image_size {image_size} is not a multiple of the patch size {patch}.')
+  n_classes = c.get('num_classes', -1)
+  if n_classes <= 0:
+    n_classes = num_classes
+  if not n_classes or n_classes <= 0:
+    raise ValueError('model.num_classes is unset: set it, or pass the task\'s class count.')
+  method = c.get('method', 'pyra')
+  if method not in METHODS:
+    raise ValueError(f'model.method must be one of {METHODS}, got {method!r}.')
+  modulation = c.get('modulation', 'pyra') if method == 'pyra' else 'none'
+  if method == 'pyra' and modulation not in MODULATIONS:
+    raise ValueError(f'model.modulation must be one of {MODULATIONS}, got {modulation!r}.')
+  distilled = c.get('distilled', False)
+  num_protected = 1 + int(distilled)
+  num_patches = (image_size // patch) ** 2
+  if method == 'peft':
+    schedule = (0,) * depth
+  else:
+    spec = c.get('schedule', 0)
+    if isinstance(spec, (list, tuple)):
+      spec = tuple(spec)
+    schedule = schedules.resolve_schedule(
+        spec, depth=depth, num_patches=num_patches, num_protected=num_protected,
+        width=width, mlp_ratio=mlp / width)
+  if dtype is None:
+    dtype = jnp.float32
+  return dict(
+      num_classes=n_classes, patch_size=patch, width=width, depth=depth, num_heads=heads,
+      mlp_dim=mlp, schedule=schedule, modulation=modulation,
+      modulation_rank=c.get('modulation_rank', 1), wr_init=c.get('wr_init', 'uniform'),
+      pyra_ln_eps=c.get('pyra_ln_eps', 1e-5), prop_attn=c.get('prop_attn', True),
+      qkv_bias=c.get('qkv_bias', True), layerscale=c.get('layerscale', False),
+      ln_eps=c.get('ln_eps', 1e-6), distilled=distilled,
+      distilled_eval=c.get('distilled_eval', 'cls'), drop_path=c.get('drop_path', 0.0),
+      head_init_std=c.get('head_init_std', 0.02), lora_rank=c.get('lora_rank', 0),
+      lora_dropout=c.get('lora_dropout', 0.0), lora_init=c.get('lora_init', 'zeros'),
+      dtype=jnp.dtype(dtype))
+
+
+def build_model(model_config: ml_collections.ConfigDict, *,
+                num_classes: Optional[int] = None, dtype: Any = None,
+                trace_source: bool = False) -> VisionTransformer:
+  """The one entry point: a config's `model` section -> VisionTransformer."""
+  return VisionTransformer(**model_kwargs(model_config, num_classes=num_classes, dtype=dtype),
+                           trace_source=trace_source)
+
+
+def deployed_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of the deployed model: LoRA folded in (rank 0), no dropout."""
+  c = ml_collections.ConfigDict(model_config.to_dict())
+  c.lora_rank = 0
+  c.lora_dropout = 0.0
+  c.drop_path = 0.0
+  return c
+
+
+def num_tokens(model: VisionTransformer, image_size: int) -> list[int]:
+  """Tokens entering each block and after the last one, for `model` at `image_size`."""
+  prefix = 1 + int(model.distilled)
+  return schedules.token_counts(model.schedule, (image_size // model.patch_size) ** 2 + prefix)
+

@@ -1,0 +1,863 @@
+"""The training loop, evaluation and export behind `python -m pyra_jax.main`.
+
+One run = one workdir:
+  <workdir>/checkpoints/<step>/   Orbax: trainable params, optimiser state, meta
+  <workdir>/metrics.jsonl         loss, both lrs, train accuracy, images/s, evals
+  <workdir>/tensorboard/          the same scalars for TensorBoard
+  <workdir>/results.json          final and max eval accuracy, config, timings;
+                                  `--two_stage` evaluations under 'two_stage'
+  <workdir>/export/               (`--mode=export`) full params with LoRA folded
+
+Exactness: the batch of step s is the s-th batch of the seeded pipeline and
+the dropout key of step s is `fold_in(key, s)`, so a run killed at any point
+and restarted on the same workdir ends with bit-identical parameters (on one
+platform).
+
+Data parallelism: a 1-D mesh 'data' over every device; batches are sharded on
+their first axis, parameters and optimiser state replicated. The global batch
+is `config.batch_size`, whatever the number of devices.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Collection, Iterator
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pyra_jax import checkpointing
+from pyra_jax import metrics as metrics_lib
+from pyra_jax import optim
+from pyra_jax import param_counts
+
+PyTree = Any
+
+
+class TrainingError(ValueError):
+  """A run that cannot continue (e.g. a non-finite loss); the message says why."""
+
+
+# A config that cannot run; the message names the field to change.
+ConfigError = optim.ConfigError
+
+
+# ----------------------------------------------------------------------------
+# Compiled functions are memoised per (model, optimiser, mesh), so several runs
+# in one process (tests, sweeps, eval after train) compile once. Keys are JSON
+# of the config sections that define the function; a field missing from a key
+# could only cause a recompilation, never a wrong reuse, because keys exclude
+# fields by name (`_NOT_IN_STEP`) rather than include them.
+# ----------------------------------------------------------------------------
+
+_CACHE: 'collections.OrderedDict[Any, Any]' = collections.OrderedDict()
+_CACHE_SIZE = 16
+# Fields that never change a compiled train step.
+_NOT_IN_STEP = ('seed', 'model_init', 'model_init_format',
+                'model_init_first_blocks', 'data',
+                'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
+                'keep_checkpoints', 'eval_batch_size', 'benchmark_after_training')
+
+
+def _json(obj: Any) -> str:
+  return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _memo(key: Any, make: Callable[[], Any]) -> Any:
+  if key in _CACHE:
+    _CACHE.move_to_end(key)
+    return _CACHE[key]
+  value = _CACHE[key] = make()
+  while len(_CACHE) > _CACHE_SIZE:
+    _CACHE.popitem(last=False)
+  return value
+
+
+# ----------------------------------------------------------------------------
+# The modules this loop drives. Indirections so tests can swap in tiny fakes.
+# ----------------------------------------------------------------------------
+
+def build_model(model_config: ml_collections.ConfigDict, dtype: str = 'float32'):
+  from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
+  try:
+    return _memo(('model', _json(model_config.to_dict()), dtype),
+                 lambda: vit.build_model(model_config, dtype=dtype))
+  except ValueError as e:
+    # Its checks are all about the user's config (model_kwargs validates the
+    # variant, method and schedule before tracing): a plain ValueError there
+    # is a config problem, reported as one.
+    if type(e) is ValueError:
+      raise ConfigError(str(e)) from e
+    raise
+
+
+def get_data(data_config, split: str, batch_size: int, *, image_size: int,
+             train: bool, seed: int):
+  from pyra_jax import data  # pylint: disable=g-import-not-at-top
+  return data.get_data(data_config, split, batch_size, image_size=image_size,
+                       train=train, seed=seed)
+
+
+def load_pretrained(path: str, fmt: str, init_params: PyTree,
+                    model_config: ml_collections.ConfigDict, *,
+                    first_blocks: bool = False) -> PyTree:
+  from pyra_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  return checkpoints.load_pretrained(path, fmt, init_params, model_config,
+                                     first_blocks=first_blocks)
+
+
+# ----------------------------------------------------------------------------
+# Setup shared by train, eval and export.
+# ----------------------------------------------------------------------------
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh named 'data' over every device (of every host)."""
+  return Mesh(np.asarray(jax.devices()), ('data',))
+
+
+def resolve_model_config(config: ml_collections.ConfigDict,
+                         num_classes: int) -> ml_collections.ConfigDict:
+  """config.model with num_classes = -1 replaced by the task's class count."""
+  mc = ml_collections.ConfigDict(config.model.to_dict())
+  if mc.num_classes == -1:
+    mc.num_classes = int(num_classes)
+  return mc
+
+
+def check_model_init(config: ml_collections.ConfigDict) -> None:
+  """Refuses an empty `model_init`, naming the weights to fetch.
+
+  A random frozen backbone trains without error, so a forgotten `init=` would
+  silently give a meaningless run: it must be asked for by name
+  (model_init='random', as the tiny test config does).
+  """
+  if not config.model_init:
+    from pyra_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    raise ConfigError(checkpoints.missing_weights_message(config.model))
+
+
+def init_params(config: ml_collections.ConfigDict,
+                model_config: ml_collections.ConfigDict, model) -> PyTree:
+  """Random init (head, LoRA, PYRA), then the pretrained backbone."""
+  from pyra_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  check_model_init(config)
+  # An 'rbg' key: XLA compiles its RNG 3-4x faster than threefry on CPU (init
+  # draws a key per parameter), and init runs on one device, so its values do
+  # not depend on the mesh. Dropout keeps threefry (sharding-invariant).
+  key = jax.random.key(config.seed, impl='rbg')
+  size = model_config.image_size
+
+  def make_init():
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    return jax.jit(lambda k: model.init({'params': k}, dummy, train=False))
+  # id(model) is a safe key: the cached closure keeps the model alive, so its
+  # id cannot be reused by another object while the entry exists.
+  init = _memo(('init', id(model), size), make_init)
+  params = jax.device_get(init(key)['params'])
+  if config.model_init != checkpoints.RANDOM_INIT:
+    params = load_pretrained(
+        config.model_init, config.model_init_format, params, model_config,
+        first_blocks=config.get('model_init_first_blocks', False))
+  return params
+
+
+def dropout_key(config: ml_collections.ConfigDict) -> jax.Array:
+  """The root dropout key; step s uses fold_in(root, s), so resume is exact."""
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+
+
+def _check_divisible(name: str, value: int) -> None:
+  n = jax.device_count()
+  if value % n:
+    raise ConfigError(f'config.{name} = {value} is not divisible by the {n} '
+                      f'devices: use a multiple of {n}.')
+
+
+def check_config(config: ml_collections.ConfigDict, *, training: bool = True) -> None:
+  """Refuses loop settings that cannot work, before anything is compiled.
+
+  Each would otherwise fail deep inside a step (a modulo by zero after
+  compilation), be reported under another field's name, or run silently with
+  a meaning nobody asked for (a negative warm-up, float16 on a model that is
+  only tested in float32 and bfloat16).
+  """
+  def need(ok: bool, field: str, what: str) -> None:
+    if not ok:
+      raise ConfigError(f'config.{field} = {config.get(field, None)!r}: {what}.')
+
+  need(config.eval_batch_size >= 1, 'eval_batch_size', 'use a positive batch size')
+  dtype = config.get('dtype', 'float32')
+  if dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f"config.dtype = {dtype!r}: use 'float32' or 'bfloat16' "
+                      '(float16 overflows in the attention logits without loss '
+                      'scaling, which pyra_jax does not implement).')
+  if not training:
+    return
+  need(config.batch_size >= 1, 'batch_size', 'use a positive batch size')
+  need(config.num_epochs > 0, 'num_epochs', 'train for at least one epoch')
+  need(config.warmup_epochs >= 0, 'warmup_epochs', 'use 0 for no warm-up')
+  need(config.log_every_steps >= 1, 'log_every_steps', 'log every N >= 1 steps')
+  need(config.checkpoint_every_steps >= 1, 'checkpoint_every_steps',
+       'save every N >= 1 steps (a very large N saves only at the end)')
+  need(config.keep_checkpoints >= 1, 'keep_checkpoints',
+       'at least the latest checkpoint is kept, or the run would delete its own result')
+  need(config.lr > 0, 'lr', 'use a positive learning rate')
+  need(config.pyra_lr >= 0 or config.pyra_lr == -1, 'pyra_lr',
+       'use a learning rate >= 0, or -1 for the same as config.lr')
+  for field in ('min_lr', 'warmup_init_lr', 'weight_decay', 'grad_clip_norm'):
+    need(config[field] >= 0, field, 'use a value >= 0')
+
+
+def check_workdir(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir={workdir} is a file, not a folder: give a '
+                      'folder (new or an earlier run of this config).')
+
+
+def _shard(batch: dict, sharding: NamedSharding) -> dict:
+  """Places a global numpy batch on the mesh, split along axis 0.
+
+  Every host reads the same global batch (VTAB-1k is small) and contributes
+  its own slice, so multi-host data needs no per-host sharding of the files.
+  """
+  pc, pi = jax.process_count(), jax.process_index()
+
+  def put(x):
+    x = np.asarray(x)
+    if pc > 1:
+      n = x.shape[0] // pc
+      x = x[pi * n:(pi + 1) * n]
+    return jax.make_array_from_process_local_data(sharding, x)
+  return {k: put(batch[k]) for k in ('image', 'label', 'mask')}
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything train/eval/export need, built once from a config."""
+  config: ml_collections.ConfigDict
+  model_config: ml_collections.ConfigDict
+  model: Any
+  mesh: Mesh
+  trainable: PyTree          # host arrays, fresh init (before any restore)
+  frozen: PyTree             # on the mesh, replicated
+  frozen_fingerprint: str
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P('data'))
+
+  def replicate(self, tree: PyTree) -> PyTree:
+    return jax.device_put(tree, self.replicated)
+
+  def abstract(self, tree: PyTree) -> PyTree:
+    """ShapeDtypeStructs with the replicated sharding, for Orbax restores."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                       sharding=self.replicated), tree)
+
+
+def setup(config: ml_collections.ConfigDict, num_classes: int) -> Run:
+  model_config = resolve_model_config(config, num_classes)
+  model = build_model(model_config, config.get('dtype', 'float32'))
+  params = init_params(config, model_config, model)
+  trainable, frozen = optim.split_params(params, config.trainable)
+  if not jax.tree.leaves(trainable):
+    raise ConfigError('No parameter matches config.trainable '
+                      f'{json.loads(config.trainable.to_json())}: nothing would '
+                      'train. Check the regexes against the parameter paths.')
+  fp = checkpointing.fingerprint(frozen)
+  mesh = make_mesh()
+  run = Run(config, model_config, model, mesh, trainable, None, fp)
+  run.frozen = run.replicate(frozen)
+  return run
+
+
+# ----------------------------------------------------------------------------
+# Steps.
+# ----------------------------------------------------------------------------
+
+def _masked_xent(logits, labels, mask):
+  w = mask.astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels)
+  loss = (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
+  correct = ((jnp.argmax(logits, -1) == labels) * w).sum()
+  return loss, correct, w.sum()
+
+
+def step_key(run: 'Run') -> str:
+  """JSON of every config field that can change the compiled train step."""
+  cfg = checkpointing.config_to_dict(run.config)
+  for k in _NOT_IN_STEP:
+    cfg.pop(k, None)
+  return _json([cfg, run.model_config.to_dict()])
+
+
+def make_optimizer(run: 'Run', steps_per_epoch: int):
+  """(tx, schedules, jit(tx.init)), memoised with the train step."""
+  def make():
+    tx, schedules = optim.make_optimizer(run.config, steps_per_epoch)
+    return tx, schedules, jax.jit(tx.init)
+  return _memo(('opt', step_key(run), steps_per_epoch), make)
+
+
+def make_train_step(run: 'Run', steps_per_epoch: int) -> Callable:
+  """jit(train_step)(trainable, opt_state, frozen, batch, step, key).
+
+  Returns (trainable, opt_state, metrics). The dropout key of the step is
+  fold_in(key, step): a pure function of the step, so a resumed run draws the
+  same masks.
+  """
+  model = run.model
+  tx = make_optimizer(run, steps_per_epoch)[0]
+
+  def train_step(trainable, opt_state, frozen, batch, step, key):
+    rng = jax.random.fold_in(key, step)
+
+    def loss_fn(tr):
+      logits = model.apply({'params': optim.merge_params(tr, frozen)},
+                           batch['image'], train=True, rngs={'dropout': rng})
+      loss, correct, count = _masked_xent(logits, batch['label'], batch['mask'])
+      return loss, (correct, count)
+
+    (loss, (correct, count)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {'loss': loss, 'correct': correct,
+                                  'count': count,
+                                  'grad_norm': optax.tree.norm(grads)}
+
+  return _memo(('train', step_key(run), steps_per_epoch, run.mesh),
+               lambda: jax.jit(train_step, donate_argnums=(0, 1),
+                               out_shardings=run.replicated))
+
+
+def make_eval_step(run: 'Run') -> Callable:
+  """jit(eval_step)(trainable, frozen, batch) -> (correct, count) as int32."""
+  model = run.model
+
+  def eval_step(trainable, frozen, batch):
+    logits = model.apply({'params': optim.merge_params(trainable, frozen)},
+                         batch['image'], train=False)
+    hit = (jnp.argmax(logits, -1) == batch['label']) & batch['mask']
+    return hit.sum(dtype=jnp.int32), batch['mask'].sum(dtype=jnp.int32)
+
+  return _memo(('eval', id(model), run.mesh),
+               lambda: jax.jit(eval_step, out_shardings=run.replicated))
+
+
+def evaluate(run: Run, eval_step: Callable, trainable: PyTree,
+             eval_data) -> dict:
+  """Top-1 accuracy over one pass of `eval_data`; padded rows do not count.
+
+  Counts are summed as integers, so the accuracy is exact and reproducible.
+  """
+  correct = count = 0
+  for batch in iter(eval_data):
+    c, n = eval_step(trainable, run.frozen, _shard(batch, run.batch_sharding))
+    correct += int(c)
+    count += int(n)
+  if count != eval_data.num_examples:
+    raise TrainingError(
+        f'The eval pass saw {count} images but the split has '
+        f'{eval_data.num_examples}: the data pipeline must pad and mask the '
+        'last batch so every image counts exactly once.')
+  return {'accuracy': correct / max(count, 1), 'correct': correct,
+          'count': count}
+
+
+# ----------------------------------------------------------------------------
+# Data order.
+# ----------------------------------------------------------------------------
+
+def train_batches(train_data, start_step: int) -> Iterator[dict]:
+  """Yields the training batches from `start_step` on, deterministically.
+
+  The pipeline is a pure function of the seed (seeded shuffle, deterministic
+  tf.data), so the batch of step s is the s-th batch of a fresh iteration:
+  resuming replays and drops the first `start_step` batches. The decoded and
+  resized images are cached in memory by the pipeline, so the replay costs
+  only the shuffle and normalisation (seconds for a 100-epoch VTAB-1k run).
+  """
+  it = iter(train_data)
+  for _ in range(start_step):
+    next(it)
+  yield from it
+
+
+# ----------------------------------------------------------------------------
+# Train.
+# ----------------------------------------------------------------------------
+
+def _meta(run: Run, step: int, evals: list, train_time: float,
+          config_changes: list) -> dict:
+  return {'step': int(step),
+          'config_changes': config_changes,
+          'config': checkpointing.config_to_dict(run.config),
+          'model_config': run.model_config.to_dict(),
+          'frozen_fingerprint': run.frozen_fingerprint,
+          'evals': evals,
+          'train_time_s': float(train_time),
+          'num_devices': jax.device_count()}
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'checkpoints')
+
+
+def _is_eval_epoch(epoch: int, config) -> bool:
+  """After the first epoch, every eval_every_epochs, and after the last.
+
+  With 100 epochs and every 10 that is the paper's 11 evaluations; with
+  eval_every_epochs <= 0, only after the last epoch.
+  """
+  every = config.eval_every_epochs
+  if epoch == config.num_epochs:
+    return True
+  return every > 0 and (epoch == 1 or epoch % every == 0)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: Collection[str] = ()) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the results dict.
+
+  The workdir is locked for the whole run (`checkpointing.WorkdirLock`), so a
+  second run started on it is refused instead of interleaving its checkpoints
+  and metrics with this one's. `allow_config_change` names the fields
+  (`checkpointing.CHANGEABLE_ON_REQUEST`) that may differ from the
+  checkpoint's config on resume; every such change is recorded.
+  """
+  check_workdir(workdir)
+  check_config(config)
+  checkpointing.check_allowed_changes(allow_config_change)
+  if jax.process_index() != 0:  # Process 0 holds the lock for the whole job.
+    return _train_and_evaluate(config, workdir, allow_config_change)
+  with checkpointing.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, allow_config_change)
+
+
+def _restore_opt_state(ckpt: checkpointing.Checkpointer, step: int, meta: dict,
+                       run: Run, steps_per_epoch: int, template: PyTree,
+                       changed: dict) -> PyTree:
+  """The saved optimiser state, in the structure of the current optimiser.
+
+  When allowed fields changed (e.g. gradient clipping switched on), the saved
+  state has the structure of the *saved* config's optimiser: restore it as
+  that, then carry its leaves (Adam moments, step counts) over. Stateless
+  transforms such as clipping add no leaves, so the leaves line up.
+  """
+  if not changed:
+    return ckpt.restore_opt_state(step, run.abstract(template))
+  saved_config = ml_collections.ConfigDict(checkpointing.with_defaults(
+      meta['config'], checkpointing.base_defaults()))
+  saved_tx, _ = optim.make_optimizer(saved_config, steps_per_epoch)
+  restored = ckpt.restore_opt_state(
+      step, run.abstract(jax.eval_shape(saved_tx.init, run.trainable)))
+  leaves, target = jax.tree.leaves(restored), jax.tree.leaves(template)
+  if [np.shape(a) for a in leaves] != [np.shape(b) for b in target]:
+    raise checkpointing.CheckpointMismatchError(
+        f'The optimiser state of step {step} in {ckpt.directory} does not fit the '
+        f'optimiser of the changed config ({", ".join(changed)}): use a new --workdir.')
+  return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def _diverged(ckpt: checkpointing.Checkpointer, step: int, what: str,
+              lr: float, config_lr: float, suspect: int | None) -> TrainingError:
+  """The error for a non-finite loss or parameters at `step`.
+
+  The checkpoint of step `suspect` (the one whose parameters produced a
+  non-finite loss), if it is the latest and nothing has vouched for it, is set
+  aside, so the latest checkpoint left is one whose parameters gave a finite
+  loss, and a rerun resumes from there.
+  """
+  moved = ''
+  if (suspect is not None and ckpt.latest_step() == suspect
+      and not ckpt.is_verified(suspect)):
+    dest = ckpt.set_aside(suspect, 'diverged')
+    moved = (f' (step {suspect}, whose parameters gave this loss, was moved '
+             f'to {dest})')
+  last = ckpt.latest_step()
+  where = (f'The last checkpoint whose parameters gave a finite loss is step '
+           f'{last} in {ckpt.directory}{moved}; rerunning the same command resumes '
+           'from it.' if last is not None else
+           'No checkpoint was saved before it, so a rerun starts from the beginning.')
+  return TrainingError(
+      f'{what} at step {step} (lr {lr:.3g}): training stopped without saving '
+      f'this state. {where} To continue with a lower learning rate or gradient '
+      f'clipping, add e.g. --config.lr={config_lr / 10:.2g} --config.grad_clip_norm=1.0 '
+      '--allow_config_change=lr,grad_clip_norm.')
+
+
+def _all_finite(tree: PyTree) -> bool:
+  return all(bool(np.isfinite(np.asarray(x)).all())
+             for x in jax.tree.leaves(jax.device_get(tree)))
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        allow_config_change: Collection[str]) -> dict:
+  t_start = time.time()
+  is_main = jax.process_index() == 0
+  check_model_init(config)  # Before minutes of data preparation.
+  _check_divisible('batch_size', config.batch_size)
+  _check_divisible('eval_batch_size', config.eval_batch_size)
+
+  train_data = get_data(config.data, config.data.train_split,
+                        config.batch_size, image_size=config.model.image_size,
+                        train=True, seed=config.seed)
+  steps_per_epoch = int(train_data.steps_per_epoch)
+  if steps_per_epoch <= 0:
+    raise ConfigError(
+        f'The train split has {train_data.num_examples} images, fewer than '
+        f'config.batch_size = {config.batch_size}: lower the batch size.')
+  eval_data = get_data(config.data, config.data.eval_split,
+                       config.eval_batch_size,
+                       image_size=config.model.image_size, train=False,
+                       seed=config.seed)
+  run = setup(config, train_data.num_classes)
+  # What the run trains, as Table 1 reports it (LoRA, generators, head).
+  trainable_params = param_counts.trainable_report(run.trainable, run.frozen)
+  if is_main:
+    print(param_counts.format_trainable(trainable_params), flush=True)
+  _, schedules, tx_init = make_optimizer(run, steps_per_epoch)
+  total_steps = int(config.num_epochs * steps_per_epoch)
+
+  # --------------------------------------------------------------------------
+  # Restore: the newest readable checkpoint, if any.
+  # --------------------------------------------------------------------------
+  trainable = run.trainable
+  opt_state = jax.device_get(tx_init(trainable))
+  ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir),
+                                    keep=config.keep_checkpoints)
+  start_step, evals, prior_time, changes = 0, [], 0.0, []
+  if ckpt.latest_step() is not None:
+    def read(step):
+      meta = ckpt.restore_meta(step)
+      changed = checkpointing.check_compatible(
+          meta, config, run.frozen_fingerprint, ckpt.directory,
+          allow=allow_config_change)
+      params = ckpt.restore_params(step, run.abstract(trainable))
+      opt = _restore_opt_state(ckpt, step, meta, run, steps_per_epoch,
+                               opt_state, changed)
+      return meta, changed, params, opt
+    _, (meta, changed, trainable, opt_state) = ckpt.restore_newest_readable(read)
+    start_step, evals = int(meta['step']), list(meta['evals'])
+    prior_time = float(meta['train_time_s'])
+    changes = list(meta.get('config_changes', []))
+    if changed:
+      changes.append({'step': start_step, 'changes': {
+          k: [va, vb] for k, (va, vb) in changed.items()}})
+      logging.info('Resuming with changed config: %s', changes[-1])
+    logging.info('Resuming from %s at step %d of %d.', ckpt.directory,
+                 start_step, total_steps)
+  trainable, opt_state = run.replicate(trainable), run.replicate(opt_state)
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  writer.truncate_after(start_step)
+  if changes and changes[-1]['step'] == start_step and start_step > 0:
+    writer.write(start_step, config_change=json.dumps(changes[-1]['changes']))
+  train_step = make_train_step(run, steps_per_epoch)
+  key = run.replicate(dropout_key(config))
+  eval_step = make_eval_step(run)
+  bar = metrics_lib.progress_bar(total_steps, start_step, enabled=is_main)
+  batches = train_batches(train_data, start_step)
+
+  # --------------------------------------------------------------------------
+  # Train.
+  # --------------------------------------------------------------------------
+  window = {'loss': 0.0, 'correct': 0.0, 'count': 0.0, 'steps': 0,
+            't0': time.time()}
+  train_images, train_seconds = 0, 0.0
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      t0 = time.time()
+      batch = _shard(next(batches), run.batch_sharding)
+      trainable, opt_state, m = train_step(trainable, opt_state, run.frozen,
+                                           batch, np.int32(step - 1), key)
+      loss = float(m['loss'])  # Also the sync point that makes timings real.
+      if not math.isfinite(loss):
+        raise _diverged(ckpt, step, f'The loss became {loss}',
+                        float(schedules['lr'](step - 1)), config.lr,
+                        suspect=step - 1)
+      ckpt.mark_verified(step - 1)  # Its parameters just gave a finite loss.
+      if step > start_step + 1:  # The first step includes compilation.
+        train_seconds += time.time() - t0
+        train_images += config.batch_size
+      window['loss'] += loss
+      window['correct'] += float(m['correct'])
+      window['count'] += float(m['count'])
+      window['steps'] += 1
+      bar.update(1)
+
+      if step % config.log_every_steps == 0 or step == total_steps:
+        dt = time.time() - window['t0']
+        record = {
+            'loss': window['loss'] / window['steps'],
+            'train_accuracy': window['correct'] / max(window['count'], 1),
+            'lr': float(schedules['lr'](step - 1)),
+            'pyra_lr': float(schedules['pyra_lr'](step - 1)),
+            'grad_norm': float(m['grad_norm']),
+            'images_per_sec': window['steps'] * config.batch_size / max(dt, 1e-9),
+            'epoch': step / steps_per_epoch}
+        writer.write(step, **record)
+        bar.set_postfix(loss=f'{record["loss"]:.4f}', lr=f'{record["lr"]:.2e}')
+        window = {'loss': 0.0, 'correct': 0.0, 'count': 0.0, 'steps': 0,
+                  't0': time.time()}
+
+      if step % steps_per_epoch == 0 and _is_eval_epoch(
+          step // steps_per_epoch, config):
+        result = evaluate(run, eval_step, trainable, eval_data)
+        evals.append({'epoch': step // steps_per_epoch, 'step': step,
+                      'accuracy': result['accuracy']})
+        writer.write(step, eval_accuracy=result['accuracy'])
+        if is_main:
+          bar.write(f'epoch {step // steps_per_epoch}: '
+                    f'{config.data.eval_split} accuracy '
+                    f'{100 * result["accuracy"]:.2f}% '
+                    f'({result["correct"]}/{result["count"]})')
+        window['t0'] = time.time()  # Do not count eval time as training time.
+
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        if not _all_finite(trainable):
+          raise _diverged(ckpt, step, 'The parameters became non-finite',
+                          float(schedules['lr'](step - 1)), config.lr,
+                          suspect=None)
+        ckpt.save(step, trainable, opt_state,
+                  _meta(run, step, evals, prior_time + time.time() - t_start,
+                        changes))
+        window['t0'] = time.time()
+    ckpt.finish()
+  finally:
+    batches.close()
+    bar.close()
+    writer.flush()
+    ckpt.close()
+
+  # --------------------------------------------------------------------------
+  # Final evaluation and results.
+  # --------------------------------------------------------------------------
+  if not evals or evals[-1]['step'] != total_steps:
+    # Resumed after the end, or a config with no eval at the last step.
+    result = evaluate(run, eval_step, trainable, eval_data)
+    evals.append({'epoch': config.num_epochs, 'step': total_steps,
+                  'accuracy': result['accuracy']})
+  wall = prior_time + time.time() - t_start
+  results = {
+      'final_accuracy': evals[-1]['accuracy'],
+      'max_accuracy_paper_protocol': max(e['accuracy'] for e in evals),
+      'evals': evals,
+      'num_test_images': int(eval_data.num_examples),
+      'eval_split': config.data.eval_split,
+      'steps': total_steps,
+      'wall_time_s': wall,
+      'train_images_per_sec': (train_images / train_seconds
+                               if train_seconds else None),
+      'num_devices': jax.device_count(),
+      'trainable_params': trainable_params,
+      'config': checkpointing.config_to_dict(config),
+      'config_changes': changes,
+  }
+  if is_main:
+    writer.write(total_steps, final_accuracy=results['final_accuracy'],
+                 max_accuracy_paper_protocol=results['max_accuracy_paper_protocol'])
+    write_json(os.path.join(workdir, 'results.json'), results)
+  writer.close()
+  return results
+
+
+def write_json(path: str, obj: dict) -> None:
+  """Writes JSON atomically: a kill leaves the old file or the new, never half."""
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, default=str)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+# Restore for eval / export.
+# ----------------------------------------------------------------------------
+
+# What a two-stage evaluation (train without merging, deploy with merging, the
+# paper's Table 16) may change: the merging only. The parameter tree is checked
+# on top of that (`_two_stage_tree`), so e.g. trained PYRA generators cannot be
+# dropped or reshaped by it.
+TWO_STAGE_FIELDS = ('model.method', 'model.schedule')
+
+
+def _stored_trainable_shapes(meta: dict, config: ml_collections.ConfigDict
+                             ) -> PyTree:
+  """Shapes of the trainable params a checkpoint holds, from its model config."""
+  mc = ml_collections.ConfigDict(meta['model_config'])
+  model = build_model(mc, config.get('dtype', 'float32'))
+  dummy = jax.ShapeDtypeStruct((1, mc.image_size, mc.image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(
+      lambda x: model.init({'params': jax.random.PRNGKey(0)}, x, train=False),
+      dummy)['params']
+  return optim.split_params(shapes, config.trainable)[0]
+
+
+def _two_stage_tree(stored: PyTree, fresh: PyTree, meta: dict,
+                    config: ml_collections.ConfigDict, directory: str
+                    ) -> tuple[PyTree, list[str]]:
+  """(the part of `fresh` the checkpoint fills, paths left at their init).
+
+  Every trained parameter must exist with its shape in the evaluated model.
+  Parameters only the evaluated model has (PYRA's generators on a PEFT or ToMe
+  checkpoint) keep their fresh initialisation, where W_D = 0 makes PYRA equal
+  ToMe.
+  """
+  flat_stored = traverse_util.flatten_dict(stored, sep='/')
+  flat_fresh = traverse_util.flatten_dict(fresh, sep='/')
+  lost = [k for k, v in flat_stored.items()
+          if k not in flat_fresh or np.shape(flat_fresh[k]) != tuple(v.shape)]
+  if lost:
+    trained = meta['config']['model']
+    raise checkpointing.CheckpointMismatchError(
+        f'{directory} holds a checkpoint (step {meta.get("step")}) trained with '
+        f'method {trained["method"]!r}, schedule {trained["schedule"]!r}, whose '
+        f'trained parameters ({", ".join(lost[:3])}{", ..." if len(lost) > 3 else ""}) '
+        f'do not fit method {config.model.method!r}, schedule '
+        f'{config.model.schedule!r}: --two_stage may change only the merging, '
+        'and only of a model trained without PYRA generators (e.g. peft -> tome '
+        'or pyra); evaluate with the config it was trained with.')
+  added = sorted(k for k in flat_fresh if k not in flat_stored)
+  kept = {k: v for k, v in flat_fresh.items() if k in flat_stored}
+  return traverse_util.unflatten_dict(kept, sep='/'), added
+
+
+def restore_run(config: ml_collections.ConfigDict, workdir: str,
+                step: int | None = None, *, two_stage: bool = False
+                ) -> tuple[Run, PyTree, int]:
+  """Rebuilds the model and restores the trainable params of `step` (or latest).
+
+  The restored run must match `config` in the fields that define the
+  parameters (model, trainable groups) and in the frozen weights. With
+  `two_stage`, `config` may merge differently (TWO_STAGE_FIELDS) as long as
+  every trained parameter fits; parameters the checkpoint lacks keep their
+  initialisation. Without a `step`, a latest checkpoint that cannot be read
+  falls back to the newest one that can, with a warning (nothing is moved:
+  eval and export only read).
+  """
+  check_workdir(workdir)
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise checkpointing.CheckpointMismatchError(
+        f'No checkpoints in {directory}: train first with --mode=train '
+        f'--workdir={workdir}.')
+  ckpt = checkpointing.Checkpointer(directory, read_only=True)
+  runs = {}
+
+  def read(s: int):
+    meta = ckpt.restore_meta(s)
+    num_classes = meta['model_config']['num_classes']
+    if num_classes not in runs:
+      runs[num_classes] = setup(config, num_classes)
+    run = runs[num_classes]
+    try:
+      checkpointing.check_compatible(
+          meta, config, run.frozen_fingerprint, directory, for_eval=True,
+          allow=TWO_STAGE_FIELDS if two_stage else ())
+    except checkpointing.CheckpointMismatchError as e:
+      if two_stage:
+        raise
+      # Only the merging differs: say how to evaluate these weights with it.
+      checkpointing.check_compatible(meta, config, run.frozen_fingerprint,
+                                     directory, for_eval=True,
+                                     allow=TWO_STAGE_FIELDS)
+      raise checkpointing.CheckpointMismatchError(
+          f'{e} To evaluate these weights with this merging (two-stage), add '
+          '--two_stage.') from None
+    if not two_stage:
+      return run, ckpt.restore_params(s, run.abstract(run.trainable))
+    stored, added = _two_stage_tree(_stored_trainable_shapes(meta, config),
+                                    run.trainable, meta, config, directory)
+    trainable = ckpt.restore_params(s, run.abstract(stored))
+    fresh = traverse_util.flatten_dict(run.trainable, sep='/')
+    return run, optim.merge_params(
+        run.replicate(traverse_util.unflatten_dict(
+            {k: fresh[k] for k in added}, sep='/')), trainable)
+  try:
+    step, (run, trainable) = ckpt.restore_newest_readable(read, step)
+  finally:
+    ckpt.close()
+  return run, trainable, step
+
+
+def checkpoint_model(workdir: str, step: int) -> dict:
+  """The `model` config section a checkpoint was trained with."""
+  ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir), read_only=True)
+  try:
+    return ckpt.restore_meta(step)['config']['model']
+  finally:
+    ckpt.close()
+
+
+def record_two_stage(workdir: str, entry: dict) -> str:
+  """Adds `entry` to the 'two_stage' list of <workdir>/results.json.
+
+  The training run's own fields stay as they are; an entry for the same
+  checkpoint step, evaluated model and split replaces the earlier one. Written
+  to a temporary file and renamed, so a crash never leaves a half file.
+  """
+  path = os.path.join(workdir, 'results.json')
+  with open(path) as f:
+    results = json.load(f)
+  same = lambda e: all(e[k] == entry[k] for k in ('step', 'evaluated', 'split'))
+  results['two_stage'] = [e for e in results.get('two_stage', []) if not same(e)]
+  results['two_stage'].append(entry)
+  write_json(path, results)
+  return path
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: int | None = None, *,
+                        two_stage: bool = False) -> dict:
+  """Test accuracy of a saved checkpoint, without training.
+
+  With `two_stage` the checkpoint is evaluated with `config`'s merging (see
+  `restore_run`) and the result is added to the run's results.json under
+  'two_stage', next to (not over) what the training run recorded.
+  """
+  check_config(config, training=False)
+  _check_divisible('eval_batch_size', config.eval_batch_size)
+  results_path = os.path.join(workdir, 'results.json')
+  if two_stage and not os.path.isfile(results_path):
+    raise checkpointing.CheckpointMismatchError(
+        f'{results_path} does not exist: a two-stage evaluation is recorded '
+        'next to the finished training run, so finish training first '
+        '(rerun --mode=train with the training config).')
+  run, trainable, step = restore_run(config, workdir, step, two_stage=two_stage)
+  eval_data = get_data(config.data, config.data.eval_split,
+                       config.eval_batch_size,
+                       image_size=config.model.image_size, train=False,
+                       seed=config.seed)
+  result = evaluate(run, make_eval_step(run), trainable, eval_data)
+  result.update(step=step, split=config.data.eval_split)
+  if two_stage:
+    trained = checkpoint_model(workdir, step)
+    evaluated = config.model
+    result['trained'] = {'method': trained['method'],
+                         'schedule': trained['schedule']}
+    result['evaluated'] = {'method': evaluated.method,
+                           'schedule': evaluated.schedule,
+                           'r_per_layer': [int(r) for r in run.model.schedule]}
+    if jax.process_index() == 0:
+      result['recorded_in'] = record_two_stage(workdir, dict(result))
+  return result

@@ -1,0 +1,122 @@
+"""The paper's settings, shared by the configs/<setting>.py files.
+
+ViT-B/16 at low and high merging are the paper's Tables 2 and 3; the per-backbone
+recipe is Tables 10-12, the schedules Table 13.
+
+Each setting file is `get_config(arg)` -> `paper_config(backbone, level, arg)`.
+
+The argument (after ':' in --config) is a comma-separated list of key=value
+pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
+
+  task=NAME        data.task, a VTAB-1k task (default cifar100)
+  method=M         model.method: peft (LoRA only) | tome | pyra (default)
+  modulation=F     model.modulation, the ablations of Tables 6-8 (pyra only)
+  pyra_lr=X        learning rate of the PYRA generators (the paper tunes it
+                   per task in {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3})
+  lr=X             learning rate of LoRA + head
+  source=S         data.source: tfds | folder | mnist
+  data_dir=DIR     data.data_dir (TFDS data_dir or the VTAB-1k folder root)
+  init=PATH        model_init, the pretrained weights (format auto-detected)
+
+Everything else: `--config.<field>=<value>` (see configs/common.py).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from pyra_jax.configs import common
+
+# backbone -> settings that differ from common.get_base_config() (Tables 10-12).
+BACKBONES = {
+    # ViT-B/16 pretrained on ImageNet-21k: LoRA rank 8, batch 64.
+    'vitb': dict(variant='B/16', lora_rank=8, batch_size=64, sched='vitb'),
+    # ViT-L/16 (ImageNet-21k): rank 12, batch 32.
+    'vitl': dict(variant='L/16', lora_rank=12, batch_size=32, sched='vitl'),
+    # ViT-L/16 pretrained with MAE: as ViT-L, but the PYRA lr is tuned in the
+    # much lower range {1e-6, 3e-6, 1e-5, 3e-5}; 1e-5 is its middle.
+    'vitl_mae': dict(variant='L/16', lora_rank=12, batch_size=32, sched='vitl',
+                     pyra_lr=1e-5),
+    # DeiT-B/16 distilled: distillation token, rank 8, batch 128.
+    'deitb': dict(variant='B/16', lora_rank=8, batch_size=128, sched='deitb',
+                  distilled=True),
+    # The smaller-model references (PEFT only): ViT-S/16 and DeiT-S, rank 4.
+    'vits': dict(variant='S/16', lora_rank=4, batch_size=64, sched=None),
+    'deits': dict(variant='S/16', lora_rank=4, batch_size=128, sched=None,
+                  distilled=True),
+}
+LEVELS = ('low', 'high')
+ARG_KEYS = ('task', 'method', 'modulation', 'pyra_lr', 'lr', 'source',
+            'data_dir', 'init')
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """'a=1,b=x' -> {'a': '1', 'b': 'x'}; rejects unknown keys by name."""
+  out = {}
+  for item in (arg or '').split(','):
+    item = item.strip()
+    if not item:
+      continue
+    key, eq, value = item.partition('=')
+    key = key.strip()
+    if not eq or key not in ARG_KEYS:
+      raise ValueError(
+          f'Bad config argument {item!r}: use key=value pairs separated by '
+          f'commas, with keys from {", ".join(ARG_KEYS)} '
+          '(other fields: --config.<field>=<value>).')
+    out[key] = value.strip()
+  return out
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None
+              ) -> ml_collections.ConfigDict:
+  """Applies the key=value argument to a config (see the module doc)."""
+  kv = parse_arg(arg)
+  if 'task' in kv:
+    config.data.task = kv['task']
+  if 'method' in kv:
+    set_method(config, kv['method'])
+  if 'modulation' in kv:
+    config.model.modulation = kv['modulation']
+  for key in ('pyra_lr', 'lr'):
+    if key in kv:
+      try:
+        config[key] = float(kv[key])
+      except ValueError:
+        raise ValueError(f'Config argument {key}={kv[key]!r} is not a number.') from None
+  if 'source' in kv:
+    config.data.source = kv['source']
+  if 'data_dir' in kv:
+    config.data.data_dir = kv['data_dir']
+  if 'init' in kv:
+    config.model_init = kv['init']
+  return config
+
+
+def set_method(config: ml_collections.ConfigDict, method: str) -> None:
+  """peft trains LoRA + head without merging; tome merges; pyra also modulates."""
+  if method not in ('peft', 'tome', 'pyra'):
+    raise ValueError(f'method={method!r}: use peft, tome or pyra.')
+  config.model.method = method
+  if method == 'peft':
+    config.model.schedule = 'none'
+
+
+def paper_config(backbone: str, level: str | None, arg: str | None = None
+                 ) -> ml_collections.ConfigDict:
+  """The setting `backbone` at merging `level` ('low' | 'high' | None: PEFT)."""
+  b = BACKBONES[backbone]
+  config = common.get_base_config()
+  config.model.variant = b['variant']
+  config.model.lora_rank = b['lora_rank']
+  config.model.distilled = b.get('distilled', False)
+  config.batch_size = b['batch_size']
+  if 'pyra_lr' in b:
+    config.pyra_lr = b['pyra_lr']
+  if level is None or b['sched'] is None:
+    set_method(config, 'peft')
+  else:
+    if level not in LEVELS:
+      raise ValueError(f'level {level!r}: use one of {LEVELS}.')
+    config.model.schedule = f'{b["sched"]}_{level}'
+  return apply_arg(config, arg)
