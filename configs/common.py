@@ -60,7 +60,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.pyra_ln_eps = 1e-5      # the generators' LayerNorm eps (PyTorch default)
 
   # --- Pretrained weights ---------------------------------------------------
-  # Path to a checkpoint; '' trains from random init (tests only).
+  # Path to a checkpoint, or a Hub name 'hf-hub:<owner>/<repo>[/<file>][@<rev>]'
+  # (README, "Pretrained weights"); '' trains from random init (tests only).
   config.model_init = ''
   config.model_init_format = 'auto'  # 'auto' | 'npz' | 'timm' | 'pyra_torch' |
                                      # 'dinov2_hf' | 'onnx_dinov2' | 'pyra_jax'

@@ -122,12 +122,14 @@ def test_main_trains_from_a_hub_name_and_resumes_from_the_file(
     pytest.skip(f'offline MNIST unavailable: {e}')
   _, data = timm_bytes(tmp_path)
   snapshot = fill_hub_cache(hub_cache, REPO, {'model.safetensors': data})
-  common = ['--config=configs/tiny.py', f'--workdir={tmp_path / "run"}',
-            '--config.num_epochs=1', '--config.warmup_epochs=0',
-            '--config.data.eval_split=val200']
-  code, out, err = run_main(capsys, monkeypatch, *common, f'--config.model_init={SPEC}')
+  common = [f'--workdir={tmp_path / "run"}', '--config.num_epochs=1',
+            '--config.warmup_epochs=0', '--config.data.eval_split=val200']
+  # As the README writes it: the name in the config argument (after its own ':').
+  code, out, err = run_main(capsys, monkeypatch, f'--config=configs/tiny.py:init={SPEC}',
+                            *common)
   assert code == 0, (out, err)
   assert (tmp_path / 'run' / 'results.json').exists()
+  common.insert(0, '--config=configs/tiny.py')
   code, out, err = run_main(capsys, monkeypatch, *common,
                             f'--config.model_init={snapshot / "model.safetensors"}')
   reset_flags()
