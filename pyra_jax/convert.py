@@ -1,6 +1,8 @@
 r"""Converts a pretrained checkpoint once into pyra_jax's own layout.
 
   python -m pyra_jax.convert --src ViT-B_16.npz --out vitb16_in21k.npz
+  python -m pyra_jax.convert --src hf-hub:timm/vit_base_patch16_224.orig_in21k \
+      --out vitb16_in21k.npz
   python -m pyra_jax.convert --src model.safetensors --format dinov2_hf \
       --out dinov2_s14.npz
 
@@ -26,6 +28,7 @@ import warnings
 import numpy as np
 
 from pyra_jax.checkpoints import common
+from pyra_jax.checkpoints import hub
 from pyra_jax.checkpoints import loader
 from pyra_jax.checkpoints import npz
 
@@ -84,7 +87,8 @@ def convert(src: str, out: str, fmt: str = 'auto', num_heads: int | None = None,
   for note in conv.notes:
     warnings.warn(note, common.CheckpointWarning)
   meta = describe(conv)
-  meta['source'] = os.path.basename(src)
+  # A Hub name says more than its cache file's name (always model.safetensors).
+  meta['source'] = src if hub.is_hub_spec(src) else os.path.basename(src)
   meta['ignored'] = sorted(conv.ignored)[:50]
   _write_atomically(out, conv.params, meta)
   return meta
@@ -131,7 +135,9 @@ def _write_atomically(out: str, params: dict, meta: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m pyra_jax.convert', description=__doc__.split('\n')[0])
-  parser.add_argument('--src', required=True, help='checkpoint to convert')
+  parser.add_argument('--src', required=True,
+                      help='checkpoint to convert: a file or a Hub name, '
+                           'hf-hub:<owner>/<repo>[/<file>][@<revision>]')
   parser.add_argument('--out', required=True, help='output .npz')
   parser.add_argument('--format', default='auto',
                       choices=('auto',) + tuple(f for f in common.FORMATS

