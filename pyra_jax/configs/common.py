@@ -61,13 +61,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.pyra_ln_eps = 1e-5      # the generators' LayerNorm eps (PyTorch default)
 
   # --- Pretrained weights ---------------------------------------------------
-<<<<<<< HEAD:pyra_jax/configs/common.py
-  # Path to a checkpoint, or 'random' for a random frozen backbone (tests and
-  # smoke runs only). '' (not set) is refused with the commands to fetch weights.
-=======
-  # Path to a checkpoint, or a Hub name 'hf-hub:<owner>/<repo>[/<file>][@<rev>]'
-  # (README, "Pretrained weights"); '' trains from random init (tests only).
->>>>>>> hub:configs/common.py
+  # Path to a checkpoint, a Hub name 'hf-hub:<owner>/<repo>[/<file>][@<rev>]'
+  # (README, "Pretrained weights"), or 'random' for a random frozen backbone
+  # (tests and smoke runs only). '' (not set) is refused with the commands to
+  # fetch weights.
   config.model_init = ''
   config.model_init_format = 'auto'  # 'auto' | 'npz' | 'timm' | 'pyra_torch' |
                                      # 'dinov2_hf' | 'onnx_dinov2' | 'pyra_jax'
