@@ -185,8 +185,9 @@ def test_a_paper_setting_without_weights_is_refused_naming_what_to_fetch(
   assert rc == 1 and err.startswith('Error: ') and 'Traceback' not in err, err
   assert len(err.strip().splitlines()) == 1, err
   assert 'config.model_init is empty, so the frozen B/16 backbone would be random' in err
-  assert '`gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz .`' in err
-  assert 'python -m pyra_jax.convert --src ViT-B_16.npz --out weights.npz' in err
+  assert ('`python -m pyra_jax.convert --src hf-hub:timm/vit_base_patch16_224.orig_in21k '
+          '--out weights.npz`') in err
+  assert '`gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz .`, then --src ViT-B_16.npz' in err
   assert '--config.model_init=random' in err
   assert not (tmp_path / 'checkpoints').exists()
 
@@ -195,10 +196,10 @@ def test_a_paper_setting_without_weights_is_refused_naming_what_to_fetch(
     ('vitl_high', 'ViT-L_16.npz'), ('vitl_mae_low', 'timm/vit_large_patch16_224.mae'),
     ('deitb_high', 'timm/deit_base_distilled_patch16_224'),
     ('deits_peft', 'timm/deit_small_distilled_patch16_224'),
-    ('vits_peft', 'a pretrained S/16 checkpoint')])
+    ('vits_peft', 'timm/vit_small_patch16_224.augreg_in21k')])
 def test_every_paper_setting_needs_weights_or_an_explicit_random_init(setting, fetched):
   import importlib  # pylint: disable=g-import-not-at-top
-  config = importlib.import_module(f'configs.{setting}').get_config()
+  config = importlib.import_module(f'pyra_jax.configs.{setting}').get_config()
   with pytest.raises(train.ConfigError, match='pyra_jax.convert') as e:
     train.check_model_init(config)
   assert fetched in str(e.value)

