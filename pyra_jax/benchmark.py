@@ -76,14 +76,12 @@ from pyra_jax import optim
 from pyra_jax import schedules
 from pyra_jax.models import vit
 from pyra_jax.models.lora import fold_lora
+from pyra_jax.errors import BenchmarkError  # pylint: disable=unused-import
 
 PyTree = Any
 METHODS = ('peft', 'tome', 'pyra')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
-
-class BenchmarkError(ValueError):
-  """A benchmark request that cannot run; the message says what to change."""
 
 
 # --------------------------------------------------------------------------- #

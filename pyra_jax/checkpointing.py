@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from pyra_jax.errors import CheckpointMismatchError, CheckpointUnreadableError, WorkdirInUseError  # pylint: disable=unused-import
 
 PyTree = Any
 
@@ -79,16 +80,7 @@ CHANGEABLE_ON_REQUEST = frozenset({
 })
 
 
-class CheckpointMismatchError(ValueError):
-  """The workdir holds a checkpoint of a different run; the message says which fields differ."""
 
-
-class WorkdirInUseError(ValueError):
-  """Another live process trains in this workdir; the message names it."""
-
-
-class CheckpointUnreadableError(ValueError):
-  """No checkpoint of the workdir (or not the one asked for) can be read."""
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:

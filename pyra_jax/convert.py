@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 
+from pyra_jax import errors
 from pyra_jax.checkpoints import common
 from pyra_jax.checkpoints import hub
 from pyra_jax.checkpoints import loader
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     meta = convert(args.src, args.out, args.format, args.num_heads or None,
                    args.overwrite)
-  except common.CheckpointError as e:
+  except errors.PyraError as e:  # CheckpointError, ConfigError, ...: one sentence
     print(f'error: {e}', file=sys.stderr)
     return 1
   print(f'wrote {args.out} in {time.time() - t0:.1f}s: ' + ', '.join(

@@ -31,12 +31,10 @@ from flax import traverse_util
 from pyra_jax import checkpointing
 from pyra_jax import optim
 from pyra_jax import train as train_lib
+from pyra_jax.errors import ExportError  # pylint: disable=unused-import
 
 PyTree = Any
 
-
-class ExportError(ValueError):
-  """An export that cannot be written or read; the message says what to do."""
 
 
 def fold_lora(params: PyTree) -> PyTree:

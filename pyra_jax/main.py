@@ -36,6 +36,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from pyra_jax import configs
+from pyra_jax import errors
+from pyra_jax.errors import UsageError
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None,
@@ -78,9 +80,6 @@ _MULTIHOST = flags.DEFINE_bool(
 _HELP_FLAGS = ('--help', '-help', '--helpfull', '-helpfull', '--helpshort',
                '-h', '-?', '--helpxml')
 
-
-class UsageError(ValueError):
-  """A command line that cannot work; printed as one sentence."""
 
 
 # ----------------------------------------------------------------------------
@@ -261,11 +260,8 @@ def _fail(message: str, code: int = 1):
 
 
 def _is_user_error(e: BaseException) -> bool:
-  """pyra_jax's own ValueError subclasses carry messages meant for users."""
-  if isinstance(e, FileNotFoundError):
-    return True
-  return (isinstance(e, ValueError) and type(e) is not ValueError and
-          type(e).__module__.startswith('pyra_jax'))
+  """`pyra_jax.errors.PyraError`s (and a missing file) carry messages meant for users."""
+  return isinstance(e, (errors.PyraError, FileNotFoundError))
 
 
 def _maybe_init_distributed() -> None:

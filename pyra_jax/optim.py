@@ -28,14 +28,12 @@ import jax
 import ml_collections
 import optax
 from flax import traverse_util
+from pyra_jax.errors import ConfigError  # pylint: disable=unused-import
 
 PyTree = Any
 FROZEN = 'frozen'
 PYRA_GROUP = 'pyra'
 
-
-class ConfigError(ValueError):
-  """An optimisation setting that cannot work; the message says what to change."""
 
 
 def group_regexes(trainable: ml_collections.ConfigDict | Mapping[str, str]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from typing import Sequence, Union
+from pyra_jax.errors import ScheduleError  # pylint: disable=unused-import
 
 ScheduleSpec = Union[str, int, Sequence[int], tuple]
 
@@ -39,9 +40,6 @@ NAMED_SCHEDULES: dict[str, tuple[int, ...]] = {
     'deitb_high': (40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3),
 }
 
-
-class ScheduleError(ValueError):
-  """A merging schedule that cannot be applied to the model it was given."""
 
 
 def max_merge(num_tokens: int, num_protected: int) -> int:

@@ -47,6 +47,7 @@ import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import ml_collections
+from pyra_jax.errors import StudyError  # pylint: disable=unused-import
 
 MERGE_METHODS = ('tome', 'pyra')
 # Paired comparisons reported for the claims: (name, a, b, schedule of a,
@@ -79,9 +80,6 @@ CLAIMS = (
       for s in ('f15', 'f25', 'f30', 'f40')),
 )
 
-
-class StudyError(ValueError):
-  """A study definition or command line that cannot work; says what to fix."""
 
 
 @dataclasses.dataclass(frozen=True)

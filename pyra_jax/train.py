@@ -41,12 +41,10 @@ from pyra_jax import checkpointing
 from pyra_jax import metrics as metrics_lib
 from pyra_jax import optim
 from pyra_jax import param_counts
+from pyra_jax.errors import TrainingError  # pylint: disable=unused-import
 
 PyTree = Any
 
-
-class TrainingError(ValueError):
-  """A run that cannot continue (e.g. a non-finite loss); the message says why."""
 
 
 # A config that cannot run; the message names the field to change.
@@ -509,14 +507,54 @@ def _all_finite(tree: PyTree) -> bool:
              for x in jax.tree.leaves(jax.device_get(tree)))
 
 
+@dataclasses.dataclass
+class Progress:
+  """Where a run stands: what a checkpoint restores and each step advances."""
+  step: int
+  trainable: PyTree
+  opt_state: PyTree
+  evals: list = dataclasses.field(default_factory=list)
+  train_time_s: float = 0.0  # Wall time of the earlier sessions of this run.
+  config_changes: list = dataclasses.field(default_factory=list)
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         allow_config_change: Collection[str]) -> dict:
+  """The run, in its steps: data, model, restore, train, final evaluation."""
   t_start = time.time()
-  is_main = jax.process_index() == 0
   check_model_init(config)  # Before minutes of data preparation.
+  train_data, eval_data, steps_per_epoch = _load_data(config)
+  run = setup(config, train_data.num_classes)
+  # What the run trains, as Table 1 reports it (LoRA, generators, head).
+  trainable_params = param_counts.trainable_report(run.trainable, run.frozen)
+  if jax.process_index() == 0:
+    print(param_counts.format_trainable(trainable_params), flush=True)
+  ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir),
+                                    keep=config.keep_checkpoints)
+  writer = None
+  try:
+    progress = _restore_or_start(run, ckpt, steps_per_epoch, allow_config_change)
+    writer = _open_metrics(workdir, progress)
+    speed = _train_loop(run, ckpt, writer, progress, train_data, eval_data,
+                        steps_per_epoch, t_start)
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.flush()
+  results = _final_results(run, progress, eval_data, steps_per_epoch, speed,
+                           trainable_params, t_start)
+  if jax.process_index() == 0:
+    writer.write(results['steps'], final_accuracy=results['final_accuracy'],
+                 max_accuracy_paper_protocol=results['max_accuracy_paper_protocol'])
+    write_json(os.path.join(workdir, 'results.json'), results)
+  writer.close()
+  return results
+
+
+def _load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any, int]:
+  """(train data, eval data, steps per epoch), with the batch sizes checked."""
   _check_divisible('batch_size', config.batch_size)
   _check_divisible('eval_batch_size', config.eval_batch_size)
-
   train_data = get_data(config.data, config.data.train_split,
                         config.batch_size, image_size=config.model.image_size,
                         train=True, seed=config.seed)
@@ -529,73 +567,91 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        config.eval_batch_size,
                        image_size=config.model.image_size, train=False,
                        seed=config.seed)
-  run = setup(config, train_data.num_classes)
-  # What the run trains, as Table 1 reports it (LoRA, generators, head).
-  trainable_params = param_counts.trainable_report(run.trainable, run.frozen)
-  if is_main:
-    print(param_counts.format_trainable(trainable_params), flush=True)
-  _, schedules, tx_init = make_optimizer(run, steps_per_epoch)
-  total_steps = int(config.num_epochs * steps_per_epoch)
+  return train_data, eval_data, steps_per_epoch
 
-  # --------------------------------------------------------------------------
-  # Restore: the newest readable checkpoint, if any.
-  # --------------------------------------------------------------------------
-  trainable = run.trainable
-  opt_state = jax.device_get(tx_init(trainable))
-  ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir),
-                                    keep=config.keep_checkpoints)
-  start_step, evals, prior_time, changes = 0, [], 0.0, []
-  if ckpt.latest_step() is not None:
+
+def _restore_or_start(run: Run, ckpt: checkpointing.Checkpointer,
+                      steps_per_epoch: int,
+                      allow_config_change: Collection[str]) -> Progress:
+  """The newest readable checkpoint's progress, or step 0 with a fresh optimiser.
+
+  Parameters and optimiser state come back replicated on the mesh.
+  """
+  tx_init = make_optimizer(run, steps_per_epoch)[2]
+  fresh = Progress(0, run.trainable, jax.device_get(tx_init(run.trainable)))
+  if ckpt.latest_step() is None:
+    progress = fresh
+  else:
     def read(step):
       meta = ckpt.restore_meta(step)
       changed = checkpointing.check_compatible(
-          meta, config, run.frozen_fingerprint, ckpt.directory,
+          meta, run.config, run.frozen_fingerprint, ckpt.directory,
           allow=allow_config_change)
-      params = ckpt.restore_params(step, run.abstract(trainable))
+      params = ckpt.restore_params(step, run.abstract(fresh.trainable))
       opt = _restore_opt_state(ckpt, step, meta, run, steps_per_epoch,
-                               opt_state, changed)
+                               fresh.opt_state, changed)
       return meta, changed, params, opt
     _, (meta, changed, trainable, opt_state) = ckpt.restore_newest_readable(read)
-    start_step, evals = int(meta['step']), list(meta['evals'])
-    prior_time = float(meta['train_time_s'])
-    changes = list(meta.get('config_changes', []))
+    progress = Progress(int(meta['step']), trainable, opt_state,
+                        list(meta['evals']), float(meta['train_time_s']),
+                        list(meta.get('config_changes', [])))
     if changed:
-      changes.append({'step': start_step, 'changes': {
+      progress.config_changes.append({'step': progress.step, 'changes': {
           k: [va, vb] for k, (va, vb) in changed.items()}})
-      logging.info('Resuming with changed config: %s', changes[-1])
-    logging.info('Resuming from %s at step %d of %d.', ckpt.directory,
-                 start_step, total_steps)
-  trainable, opt_state = run.replicate(trainable), run.replicate(opt_state)
+      logging.info('Resuming with changed config: %s', progress.config_changes[-1])
+    logging.info('Resuming from %s at step %d.', ckpt.directory, progress.step)
+  progress.trainable = run.replicate(progress.trainable)
+  progress.opt_state = run.replicate(progress.opt_state)
+  return progress
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  writer.truncate_after(start_step)
-  if changes and changes[-1]['step'] == start_step and start_step > 0:
-    writer.write(start_step, config_change=json.dumps(changes[-1]['changes']))
+
+def _open_metrics(workdir: str, progress: Progress) -> metrics_lib.MetricWriter:
+  """metrics.jsonl without the records after the restored step (recomputed
+  now), plus a record of a config change made at this resumption."""
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer.truncate_after(progress.step)
+  changes = progress.config_changes
+  if changes and changes[-1]['step'] == progress.step and progress.step > 0:
+    writer.write(progress.step, config_change=json.dumps(changes[-1]['changes']))
+  return writer
+
+
+def _train_loop(run: Run, ckpt: checkpointing.Checkpointer,
+                writer: metrics_lib.MetricWriter, progress: Progress,
+                train_data, eval_data, steps_per_epoch: int,
+                t_start: float) -> dict:
+  """Steps from `progress.step` to the end, with logging, evals and checkpoints.
+
+  Advances `progress` in place; returns the measured training speed.
+  """
+  config = run.config
+  is_main = jax.process_index() == 0
+  schedules = make_optimizer(run, steps_per_epoch)[1]
+  total_steps = int(config.num_epochs * steps_per_epoch)
   train_step = make_train_step(run, steps_per_epoch)
-  key = run.replicate(dropout_key(config))
   eval_step = make_eval_step(run)
-  bar = metrics_lib.progress_bar(total_steps, start_step, enabled=is_main)
-  batches = train_batches(train_data, start_step)
-
-  # --------------------------------------------------------------------------
-  # Train.
-  # --------------------------------------------------------------------------
+  key = run.replicate(dropout_key(config))
+  bar = metrics_lib.progress_bar(total_steps, progress.step, enabled=is_main)
+  batches = train_batches(train_data, progress.step)
   window = {'loss': 0.0, 'correct': 0.0, 'count': 0.0, 'steps': 0,
             't0': time.time()}
   train_images, train_seconds = 0, 0.0
+  first = progress.step + 1
   try:
-    for step in range(start_step + 1, total_steps + 1):
+    for step in range(first, total_steps + 1):
       t0 = time.time()
       batch = _shard(next(batches), run.batch_sharding)
-      trainable, opt_state, m = train_step(trainable, opt_state, run.frozen,
-                                           batch, np.int32(step - 1), key)
+      progress.trainable, progress.opt_state, m = train_step(
+          progress.trainable, progress.opt_state, run.frozen, batch,
+          np.int32(step - 1), key)
+      progress.step = step
       loss = float(m['loss'])  # Also the sync point that makes timings real.
       if not math.isfinite(loss):
         raise _diverged(ckpt, step, f'The loss became {loss}',
                         float(schedules['lr'](step - 1)), config.lr,
                         suspect=step - 1)
       ckpt.mark_verified(step - 1)  # Its parameters just gave a finite loss.
-      if step > start_step + 1:  # The first step includes compilation.
+      if step > first:  # The first step includes compilation.
         train_seconds += time.time() - t0
         train_images += config.batch_size
       window['loss'] += loss
@@ -621,9 +677,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
       if step % steps_per_epoch == 0 and _is_eval_epoch(
           step // steps_per_epoch, config):
-        result = evaluate(run, eval_step, trainable, eval_data)
-        evals.append({'epoch': step // steps_per_epoch, 'step': step,
-                      'accuracy': result['accuracy']})
+        result = evaluate(run, eval_step, progress.trainable, eval_data)
+        progress.evals.append({'epoch': step // steps_per_epoch, 'step': step,
+                               'accuracy': result['accuracy']})
         writer.write(step, eval_accuracy=result['accuracy'])
         if is_main:
           bar.write(f'epoch {step // steps_per_epoch}: '
@@ -633,51 +689,49 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         window['t0'] = time.time()  # Do not count eval time as training time.
 
       if step % config.checkpoint_every_steps == 0 or step == total_steps:
-        if not _all_finite(trainable):
+        if not _all_finite(progress.trainable):
           raise _diverged(ckpt, step, 'The parameters became non-finite',
                           float(schedules['lr'](step - 1)), config.lr,
                           suspect=None)
-        ckpt.save(step, trainable, opt_state,
-                  _meta(run, step, evals, prior_time + time.time() - t_start,
-                        changes))
+        ckpt.save(step, progress.trainable, progress.opt_state,
+                  _meta(run, step, progress.evals,
+                        progress.train_time_s + time.time() - t_start,
+                        progress.config_changes))
         window['t0'] = time.time()
     ckpt.finish()
   finally:
     batches.close()
     bar.close()
-    writer.flush()
-    ckpt.close()
+  return {'train_images_per_sec': (train_images / train_seconds
+                                   if train_seconds else None)}
 
-  # --------------------------------------------------------------------------
-  # Final evaluation and results.
-  # --------------------------------------------------------------------------
+
+def _final_results(run: Run, progress: Progress, eval_data,
+                   steps_per_epoch: int, speed: dict, trainable_params: dict,
+                   t_start: float) -> dict:
+  """results.json's contents: the final (and the paper-protocol max) accuracy."""
+  config = run.config
+  total_steps = int(config.num_epochs * steps_per_epoch)
+  evals = progress.evals
   if not evals or evals[-1]['step'] != total_steps:
     # Resumed after the end, or a config with no eval at the last step.
-    result = evaluate(run, eval_step, trainable, eval_data)
+    result = evaluate(run, make_eval_step(run), progress.trainable, eval_data)
     evals.append({'epoch': config.num_epochs, 'step': total_steps,
                   'accuracy': result['accuracy']})
-  wall = prior_time + time.time() - t_start
-  results = {
+  return {
       'final_accuracy': evals[-1]['accuracy'],
       'max_accuracy_paper_protocol': max(e['accuracy'] for e in evals),
       'evals': evals,
       'num_test_images': int(eval_data.num_examples),
       'eval_split': config.data.eval_split,
       'steps': total_steps,
-      'wall_time_s': wall,
-      'train_images_per_sec': (train_images / train_seconds
-                               if train_seconds else None),
+      'wall_time_s': progress.train_time_s + time.time() - t_start,
+      'train_images_per_sec': speed['train_images_per_sec'],
       'num_devices': jax.device_count(),
       'trainable_params': trainable_params,
       'config': checkpointing.config_to_dict(config),
-      'config_changes': changes,
+      'config_changes': progress.config_changes,
   }
-  if is_main:
-    writer.write(total_steps, final_accuracy=results['final_accuracy'],
-                 max_accuracy_paper_protocol=results['max_accuracy_paper_protocol'])
-    write_json(os.path.join(workdir, 'results.json'), results)
-  writer.close()
-  return results
 
 
 def write_json(path: str, obj: dict) -> None:

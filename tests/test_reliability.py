@@ -329,3 +329,18 @@ def test_a_torn_metrics_line_does_not_stop_the_resume(reference, tmp_path, capsy
   ref = (reference / 'metrics.jsonl').read_text().splitlines()
   assert [json.loads(l).get('loss') for l in lines] == [json.loads(l).get('loss') for l in ref]
   reset_flags()
+
+
+def test_every_user_error_class_is_one_pyra_error():
+  """main prints any PyraError as one sentence; every error class a module
+  raises for users derives from it (and from ValueError, as before)."""
+  from pyra_jax import errors  # pylint: disable=g-import-not-at-top
+  from pyra_jax import benchmark, export, optim, schedules  # pylint: disable=g-import-not-at-top
+  from pyra_jax.checkpoints import common as ckpt_common  # pylint: disable=g-import-not-at-top
+  from pyra_jax.data import DataError  # pylint: disable=g-import-not-at-top
+  for cls in (optim.ConfigError, train.ConfigError, train.TrainingError,
+              schedules.ScheduleError, DataError, ckpt_common.CheckpointError,
+              checkpointing.CheckpointMismatchError, checkpointing.WorkdirInUseError,
+              checkpointing.CheckpointUnreadableError, export.ExportError,
+              benchmark.BenchmarkError):
+    assert issubclass(cls, errors.PyraError) and issubclass(cls, ValueError), cls

@@ -13,6 +13,7 @@ import re
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+from pyra_jax.errors import CheckpointError  # pylint: disable=unused-import
 
 # The formats `load_pretrained` reads (config field `model_init_format`).
 FORMATS = ('npz', 'timm', 'pyra_torch', 'dinov2_hf', 'onnx_dinov2', 'pyra_jax')
@@ -21,9 +22,6 @@ FORMATS = ('npz', 'timm', 'pyra_torch', 'dinov2_hf', 'onnx_dinov2', 'pyra_jax')
 # checkpoint of ours or of the authors' code carries trained values.
 TASK_SCOPES = re.compile(r'^(head|head_dist)/|/lora/|/pyra/')
 
-
-class CheckpointError(ValueError):
-  """A checkpoint cannot be loaded into the model; the message says what to do."""
 
 
 class CheckpointWarning(UserWarning):
