@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pyra_jax import benchmark
-from pyra_jax import plots
+from pyra_jax.experiments import plots
 from pyra_jax import schedules
 
 ROOT = Path(__file__).resolve().parents[1]

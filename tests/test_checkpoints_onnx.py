@@ -90,7 +90,7 @@ def cifar_images(n, size):
 @pytest.mark.skipif(not CIFAR.exists(), reason='../shared data not present')
 def test_forward_matches_onnx_graph_at_224():
   from onnx.reference import ReferenceEvaluator
-  from pyra_jax.checkpoints.knn_probe import vit_s14_feature_model
+  from pyra_jax.experiments.knn_probe import vit_s14_feature_model
   x = cifar_images(1, 224)  # a real CIFAR-10 test image (a cat), upscaled
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', CheckpointWarning)

@@ -1,4 +1,4 @@
-"""The study runner (pyra_jax.study): plan order, resumption, summary statistics.
+"""The study runner (pyra_jax.experiments.study): plan, resumption, summary statistics.
 
 The end-to-end test trains two tiny runs (configs/tiny.py model, random init,
 offline MNIST, 1 epoch) and checks that a second invocation retrains nothing.
@@ -15,7 +15,7 @@ import pytest
 
 from pyra_jax.configs import tiny
 from pyra_jax import checkpointing
-from pyra_jax import study
+from pyra_jax.experiments import study
 
 
 def tiny_study_config(stages=None) -> ml_collections.ConfigDict:

