@@ -16,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from pyra_jax.data.input_pipeline import get_data
+from pyra_jax import errors
 
 
 def _rate(iterator, num_batches: int, batch_size: int) -> tuple[float, float]:
@@ -46,7 +46,19 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--eval_split', default='',
                       help="also time one eval pass over this split, e.g. 'test'")
   args = parser.parse_args(argv)
+  if args.source == 'folder' and not Path(args.root).is_dir():
+    raise SystemExit(f'error: --root {args.root} is not a directory: pass a VTAB-1k '
+                     'root (with --task) or one task folder.')
+  try:
+    _time_pipeline(args)
+  except errors.PyraError as e:  # An unknown task or split, a missing folder: one sentence.
+    raise SystemExit(f'error: {e}') from None
 
+
+def _time_pipeline(args: argparse.Namespace) -> None:
+  """Prints the training (first epoch, steady state) and eval rates."""
+  # TensorFlow loads only here, so a wrong command line is answered at once.
+  from pyra_jax.data.input_pipeline import get_data  # pylint: disable=g-import-not-at-top
   config = {'source': args.source, 'task': args.task or Path(args.root).name,
             'data_dir': args.root, 'normalization': args.normalization,
             'shuffle_buffer': 1000,
