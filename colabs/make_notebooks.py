@@ -153,8 +153,8 @@ runtime's own packages**: Colab's `jax`/`jaxlib` are built for its GPU/TPU,
 and its `numpy`, `ipykernel` and `tensorflow` are what the running kernel
 uses. So the package itself is installed without dependencies, then only the
 dependencies it declares that are missing (or outside its version ranges) are
-added, with those five pinned to the installed versions: pip never changes
-them (`tensorflow-cpu` is not needed next to the full `tensorflow`, which
+added, with those five (and jax's CUDA plugins) pinned to the installed
+versions: pip never changes them (`tensorflow-cpu` is not needed next to the full `tensorflow`, which
 already provides `tf.data`). When one of the five is outside pyra_jax's range
 the cell says so; if flax/optax/orbax then need a newer jax, pip stops with a
 conflict: install the matching accelerator build, e.g.
