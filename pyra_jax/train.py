@@ -128,7 +128,7 @@ def resolve_model_config(config: ml_collections.ConfigDict,
                          num_classes: int) -> ml_collections.ConfigDict:
   """config.model with an unset num_classes set to the task's class count."""
   mc = ml_collections.ConfigDict(config.model.to_dict())
-  if mc.num_classes is None:
+  if 'num_classes' in mc and mc.num_classes is None:  # A missing field: build_model names it.
     mc.num_classes = int(num_classes)
   return mc
 
