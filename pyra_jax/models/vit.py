@@ -239,9 +239,9 @@ class VisionTransformer(nn.Module):
   block's token sizes are always sown as `intermediates/size_{i}`.
 
   Build it with `build_model(config.model)`: every field below except
-  `trace_source` is a config field (configs/common.py holds the defaults and
-  their meaning), so no module here carries a default of its own that could
-  drift from the config's.
+  `trace_source` comes from the config (configs/common.py holds the defaults
+  and their meaning), so no module here carries a default of its own that
+  could drift from the config's.
   """
   num_classes: int
   patch_size: int
