@@ -96,9 +96,9 @@ def method_config(model_config: ml_collections.ConfigDict, method: str, *,
   c = ml_collections.ConfigDict(model_config.to_dict())
   c.method = method
   c.image_size = image_size
-  if c.get('num_classes', -1) <= 0:
+  if c.num_classes is None:
     c.num_classes = num_classes
-  if method == 'pyra' and c.get('modulation', 'pyra') == 'none':
+  if method == 'pyra' and c.modulation == 'none':
     c.modulation = 'pyra'
   return c
 
@@ -137,7 +137,7 @@ def deployed(model_config: ml_collections.ConfigDict, image_size: int, dtype: An
   model = vit.build_model(dep, dtype=dtype)
   if params is None:
     params = init_params(model_config, image_size, seed)
-  if model_config.get('lora_rank', 0) > 0 or _has_scope(params, 'lora'):
+  if model_config.lora_rank > 0 or _has_scope(params, 'lora'):
     params = fold_lora(params)
   return model, jax.device_put(params)
 
@@ -348,10 +348,10 @@ def _setup(config: ml_collections.ConfigDict, *, image_size: int, num_classes: i
       raise BenchmarkError(f'{params_path} has no PYRA generators (a ToMe or PEFT '
                            'export): pass --methods=peft,tome.')
   owner = export_cfg if export_cfg is not None else config
-  image_size = image_size or owner.model.get('image_size', 224)
-  if exported is not None and image_size != owner.model.get('image_size', 224):
+  image_size = image_size or owner.model.image_size
+  if exported is not None and image_size != owner.model.image_size:
     raise BenchmarkError(f'--image_size={image_size} differs from the export\'s '
-                         f'{owner.model.get("image_size")}: drop --image_size.')
+                         f'{owner.model.image_size}: drop --image_size.')
   cfgs, params = {}, {}
   base = None
   for m in methods:

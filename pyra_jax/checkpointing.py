@@ -131,6 +131,29 @@ def base_defaults() -> dict:
   return json.loads(_base_defaults_json())
 
 
+# Before the model fields that default to "unset" (None: from the variant or the
+# task) were typed placeholders, configs wrote -1 for unset; stored runs keep it.
+_LEGACY_UNSET = -1
+
+
+def stored_model_config(saved_model: dict) -> dict:
+  """A `model` section read back from a run, an export or a results file, in
+  today's form: fields added since take their defaults, and the -1 that older
+  runs stored for an unset field (width, num_classes, ...) becomes None."""
+  defaults = base_defaults()['model']
+  out = with_defaults(saved_model, defaults)
+  return {k: None if (v == _LEGACY_UNSET and k in defaults and defaults[k] is None)
+          else v for k, v in out.items()}
+
+
+def stored_config(saved: dict) -> dict:
+  """A whole stored config in today's form (see `stored_model_config`)."""
+  out = with_defaults(saved, base_defaults())
+  if isinstance(out.get('model'), dict):
+    out['model'] = stored_model_config(out['model'])
+  return out
+
+
 def changed_fields(saved: dict, current: dict, *,
                    ignore: Collection[str] = RESUMABLE_FIELDS,
                    only_prefixes: tuple[str, ...] | None = None
@@ -349,7 +372,7 @@ def check_compatible(meta: dict, config: ml_collections.ConfigDict,
   that did change, {field: (saved, current)}, for the record.
   """
   changed = changed_fields(
-      with_defaults(meta.get('config', {}), base_defaults()), config_to_dict(config),
+      stored_config(meta.get('config', {})), config_to_dict(config),
       only_prefixes=EVAL_PREFIXES if for_eval else None)
   allowed = {k: v for k, v in changed.items() if k in allow}
   refused = [f'{k}: {va!r} -> {vb!r}' for k, (va, vb) in changed.items()

@@ -188,7 +188,7 @@ def load_export(path: str) -> tuple[PyTree, ml_collections.ConfigDict]:
   restored = ckptr.restore(path, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
   ckptr.close()
-  meta = dict(restored.config)
+  meta = checkpointing.stored_config(dict(restored.config))
   meta.pop('export_info', None)
   params = jax.tree.map(np.asarray, restored.params)
   return params, ml_collections.ConfigDict(meta)

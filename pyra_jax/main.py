@@ -152,6 +152,21 @@ def _flatten(d: dict, prefix: str = '') -> dict:
   return out
 
 
+def _type_name(config, key: str, value) -> str:
+  """The field's type; for an unset typed field (a placeholder, None) the type
+  an override must have, so `--config.model.width=384` reads as allowed."""
+  if value is not None:
+    return type(value).__name__
+  *parents, leaf = key.split('.')
+  node = config
+  for name in parents:
+    node = node[name]
+  try:
+    return f'{node.get_ref(leaf).get_type().__name__}, unset'
+  except (AttributeError, KeyError, TypeError):
+    return type(value).__name__
+
+
 def config_help(config, docs: dict[str, str]) -> str:
   """Every config field: name, this setting's value, type and doc, by section."""
   flat = _flatten(config.to_dict())
@@ -165,7 +180,7 @@ def config_help(config, docs: dict[str, str]) -> str:
       doc = docs.get(f'config.{parent}', '')
       out.append(f'\n config.{parent}.*' + (f': {doc}' if doc else ''))
     value = flat[key]
-    out.append(f'  --config.{key}={value!r}  ({type(value).__name__})')
+    out.append(f'  --config.{key}={value!r}  ({_type_name(config, key, value)})')
     doc = docs.get(f'config.{key}')
     if doc:
       out.append(f'      {doc}')

@@ -76,7 +76,7 @@ def abstract_params(model_config: ml_collections.ConfigDict, num_classes: int) -
   """The model's parameter shapes, without initialising (or loading) any weight."""
   from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
   model = vit.build_model(model_config, num_classes=num_classes)
-  size = model_config.get('image_size', 224)
+  size = model_config.image_size
   dummy = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(
       lambda x: model.init({'params': jax.random.PRNGKey(0)}, x, train=False), dummy)
@@ -133,7 +133,7 @@ def variant_counts(model_config: ml_collections.ConfigDict, num_classes: int,
 
 def num_classes_of(config: ml_collections.ConfigDict) -> int:
   """The head size: model.num_classes if set, else the task's class count."""
-  if config.model.get('num_classes', -1) > 0:
+  if config.model.num_classes is not None:
     return int(config.model.num_classes)
   from pyra_jax.data import tasks  # pylint: disable=g-import-not-at-top
   return tasks.get_task(config.data.task).num_classes
@@ -146,7 +146,7 @@ def report_text(config: ml_collections.ConfigDict) -> str:
   n_cls = num_classes_of(config)
   m = config.model
   lines = [f"model {m.variant}, schedule {m.schedule!r}, LoRA rank {m.lora_rank}, "
-           f"low_rank s = {m.get('modulation_rank', 1)}, {n_cls} classes",
+           f"low_rank s = {m.modulation_rank}, {n_cls} classes",
            f"{'variant':<16} {'generators':>11} {'+ LayerNorm':>12} {'paper':>9}  where"]
   for kind, counts in variant_counts(m, n_cls, MODULATIONS).items():
     paper, where = PAPER_GENERATOR_COUNTS[kind]

@@ -126,9 +126,9 @@ def make_mesh() -> Mesh:
 
 def resolve_model_config(config: ml_collections.ConfigDict,
                          num_classes: int) -> ml_collections.ConfigDict:
-  """config.model with num_classes = -1 replaced by the task's class count."""
+  """config.model with an unset num_classes set to the task's class count."""
   mc = ml_collections.ConfigDict(config.model.to_dict())
-  if mc.num_classes == -1:
+  if 'num_classes' in mc and mc.num_classes is None:  # A missing field: build_model names it.
     mc.num_classes = int(num_classes)
   return mc
 
@@ -462,8 +462,7 @@ def _restore_opt_state(ckpt: checkpointing.Checkpointer, step: int, meta: dict,
   """
   if not changed:
     return ckpt.restore_opt_state(step, run.abstract(template))
-  saved_config = ml_collections.ConfigDict(checkpointing.with_defaults(
-      meta['config'], checkpointing.base_defaults()))
+  saved_config = ml_collections.ConfigDict(checkpointing.stored_config(meta['config']))
   saved_tx, _ = optim.make_optimizer(saved_config, steps_per_epoch)
   restored = ckpt.restore_opt_state(
       step, run.abstract(jax.eval_shape(saved_tx.init, run.trainable)))
@@ -758,7 +757,7 @@ TWO_STAGE_FIELDS = ('model.method', 'model.schedule')
 def _stored_trainable_shapes(meta: dict, config: ml_collections.ConfigDict
                              ) -> PyTree:
   """Shapes of the trainable params a checkpoint holds, from its model config."""
-  mc = ml_collections.ConfigDict(meta['model_config'])
+  mc = ml_collections.ConfigDict(checkpointing.stored_model_config(meta['model_config']))
   model = build_model(mc, config.get('dtype', 'float32'))
   dummy = jax.ShapeDtypeStruct((1, mc.image_size, mc.image_size, 3), jnp.float32)
   shapes = jax.eval_shape(

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pyra_jax.configs.common import get_base_config
 from pyra_jax.models.pyra import MODULATIONS, PyraGenerator
 from tests import reference_merge as ref
 
@@ -27,8 +28,14 @@ def _inputs(seed=0):
   return src, dst
 
 
+def _generator(r, kind, rank=1):
+  """The module with the base config's init and LayerNorm eps (it has no defaults)."""
+  model = get_base_config().model
+  return PyraGenerator(r, kind, rank, wr_init=model.wr_init, ln_eps=model.pyra_ln_eps)
+
+
 def _init(kind, rank=1, r=R):
-  gen = PyraGenerator(r, kind, rank)
+  gen = _generator(r, kind, rank)
   src = np.zeros((2, r, D), np.float32)
   return gen, gen.init(jax.random.PRNGKey(0), src, src)['params']
 
@@ -146,8 +153,8 @@ def test_low_rank_is_not_pyra_without_the_channel_factor():
   """At s = 1 low_rank is g(δ_r δ_D), not PYRA's 2σ(δ_D) g(δ_r)."""
   params = _randomized(_init('pyra')[1])
   src, dst = _inputs(4)
-  low = PyraGenerator(R, 'low_rank', 1).apply({'params': params}, src, dst)
-  pyra = PyraGenerator(R, 'pyra', 1).apply({'params': params}, src, dst)
+  low = _generator(R, 'low_rank', 1).apply({'params': params}, src, dst)
+  pyra = _generator(R, 'pyra', 1).apply({'params': params}, src, dst)
   assert np.abs(np.asarray(low) - np.asarray(pyra)).max() > 1e-3
   np.testing.assert_allclose(low, _numpy('low_rank', params, src, dst), rtol=1e-5, atol=1e-5)
 
@@ -171,7 +178,7 @@ def test_no_sigmoid_at_init_is_the_plain_token_generator():
   w_d = jax.random.normal(jax.random.PRNGKey(2), (1, D))
   params = {**params, 'w_d': w_d}
   src, dst = _inputs(9)
-  both = PyraGenerator(R, 'no_sigmoid').apply({'params': params}, src, dst)
-  plain_wd = PyraGenerator(R, 'wd_only').apply(
+  both = _generator(R, 'no_sigmoid').apply({'params': params}, src, dst)
+  plain_wd = _generator(R, 'wd_only').apply(
       {'params': {'w_d': w_d, 'norm': params['norm']}}, src, dst)
   np.testing.assert_array_equal(both, plain_wd)

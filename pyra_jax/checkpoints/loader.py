@@ -79,7 +79,7 @@ def missing_weights_message(model_config) -> str:
   """
   variant = model_config.variant
   hub, bucket = _PAPER_WEIGHTS.get(
-      (variant, bool(model_config.get('distilled', False))), (None, None))
+      (variant, bool(model_config.distilled)), (None, None))
   if hub is None:
     fetch = (f'convert a pretrained {variant} checkpoint (a format of README '
              '"Pretrained weights") once with `python -m pyra_jax.convert --src '

@@ -13,6 +13,7 @@ train800val200 and test on the full test split.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -21,17 +22,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0               # params init, data order, dropout: same seed, same run
 
   # --- Model ---------------------------------------------------------------
-  # Read by `pyra_jax.models.build_model`. `variant` fills width/depth/heads/mlp
-  # from the table in pyra_jax/models/vit.py; any field set explicitly wins.
+  # Read by `pyra_jax.models.build_model`, and only here do the model's defaults
+  # live (the modules have none). A field left unset (None) is taken from the
+  # variant's table in pyra_jax/models/vit.py (width, depth, heads, mlp; the
+  # patch size from the name) or from the task (num_classes); any field set
+  # explicitly, e.g. --config.model.width=384, wins.
   model = config.model = ml_collections.ConfigDict()
   model.variant = 'B/16'        # 'Ti/16', 'S/16', 'B/16', 'L/16', 'S/14', ...
   model.image_size = 224        # input resolution (square)
-  model.num_classes = -1        # -1: take the task's number of classes
-  model.width = -1              # -1: from the variant
-  model.depth = -1              # -1: from the variant
-  model.num_heads = -1          # -1: from the variant
-  model.mlp_dim = -1            # -1: from the variant
-  model.patch_size = -1         # -1: from the variant name ('B/16' -> 16)
+  model.num_classes = placeholder(int)  # unset: the task's number of classes
+  model.width = placeholder(int)        # unset: from the variant
+  model.depth = placeholder(int)        # unset: from the variant
+  model.num_heads = placeholder(int)    # unset: from the variant
+  model.mlp_dim = placeholder(int)      # unset: from the variant
+  model.patch_size = placeholder(int)   # unset: from the variant name ('B/16' -> 16)
   model.qkv_bias = True         # biases on q/k/v (all the paper's backbones have them)
   model.layerscale = False      # DINOv2-style LayerScale after attention and MLP
   model.ln_eps = 1e-6           # the backbone's LayerNorm epsilon

@@ -110,8 +110,9 @@ def paper_config(backbone: str, level: str | None, arg: str | None = None
   config = common.get_base_config()
   config.model.variant = b['variant']
   config.model.lora_rank = b['lora_rank']
-  config.model.distilled = b.get('distilled', False)
   config.batch_size = b['batch_size']
+  if 'distilled' in b:
+    config.model.distilled = b['distilled']
   if 'pyra_lr' in b:
     config.pyra_lr = b['pyra_lr']
   if level is None or b['sched'] is None:

@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 
 import ml_collections
 
+from pyra_jax import checkpointing
 from pyra_jax import schedules
 from pyra_jax.models import vit
 
@@ -57,19 +58,19 @@ def model_key(model: dict[str, Any], method: Optional[str] = None
   Resolved through `vit.model_kwargs`, so 'vitb_high' and its explicit list
   are the same model. None when the model section cannot be resolved.
   """
-  c = ml_collections.ConfigDict(dict(model))
+  c = ml_collections.ConfigDict(checkpointing.stored_model_config(dict(model)))
   if method is not None:
     c.method = method
     if method == 'peft':
       c.schedule = 'none'
   try:
-    kw = vit.model_kwargs(c, num_classes=max(int(c.get('num_classes', -1)), 1))
+    kw = vit.model_kwargs(c, num_classes=1)  # The head does not change the key.
   except (ValueError, KeyError, TypeError) as e:
     _warn(f'cannot resolve model {dict(model)}: {e}')
     return None
-  method = c.get('method', 'pyra')
+  method = c.method
   return (kw['width'], kw['depth'], kw['mlp_dim'], kw['patch_size'],
-          int(c.get('image_size', 224)), kw['distilled'], method, tuple(kw['schedule']))
+          int(c.image_size), kw['distilled'], method, tuple(kw['schedule']))
 
 
 def gflops_of(key: tuple) -> float:
@@ -115,7 +116,7 @@ def benchmark_table(paths: Sequence[str]) -> dict[tuple, float]:
     image = data.get('settings', {}).get('image_size')
     for name, entry in models.items():
       ips = _throughput(entry)
-      cfg = dict(model_cfg, image_size=image or model_cfg.get('image_size', 224))
+      cfg = dict(model_cfg, **({'image_size': image} if image else {}))
       key = model_key(cfg, method=entry.get('method', name))
       if ips is not None and key is not None:
         table[key] = ips

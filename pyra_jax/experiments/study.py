@@ -284,8 +284,7 @@ def is_done(outdir: str, item: Cell | Bench,
     # A field added since the run counts as its default (as when resuming).
     from pyra_jax import checkpointing  # pylint: disable=g-import-not-at-top
     diff = config_diff(_plain(cell_config(config, item).to_dict()),
-                       checkpointing.with_defaults(_plain(stored),
-                                                   checkpointing.base_defaults()))
+                       checkpointing.stored_config(_plain(stored)))
     if diff:
       raise StudyError(
           f'{path} was trained with another config than the study asks for '

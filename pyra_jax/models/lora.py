@@ -23,23 +23,23 @@ class LoRA(nn.Module):
   Attributes:
     rank: h, the bottleneck width.
     dropout: rate of the dropout on LoRA's input during training.
-    init: 'zeros' sets B = 0 so LoRA starts as the identity (the paper);
+    init_scheme: 'zeros' sets B = 0 so LoRA starts as the identity (the paper);
       'trunc_normal' draws A and B from a truncated normal with std 0.02, which is
       what the authors' code ends up with after its later init pass.
   """
   rank: int
-  dropout: float = 0.1
-  init: str = 'zeros'
-  dtype: Any = jnp.float32
+  dropout: float
+  init_scheme: str  # not `init`, which would hide nn.Module.init
+  dtype: Any
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    if self.init not in LORA_INITS:
-      raise ValueError(f'model.lora_init must be one of {LORA_INITS}, got {self.init!r}.')
+    if self.init_scheme not in LORA_INITS:
+      raise ValueError(f'model.lora_init must be one of {LORA_INITS}, got {self.init_scheme!r}.')
     dim = x.shape[-1]
     tn = nn.initializers.truncated_normal(stddev=0.02)
     down = self.param('down', tn, (dim, self.rank))
-    up_init = nn.initializers.zeros if self.init == 'zeros' else tn
+    up_init = nn.initializers.zeros if self.init_scheme == 'zeros' else tn
     up = self.param('up', up_init, (self.rank, 3 * dim))
     x = nn.Dropout(rate=self.dropout, deterministic=not train)(x)
     return (x @ down.astype(self.dtype)) @ up.astype(self.dtype)

@@ -97,14 +97,14 @@ class PyraGenerator(nn.Module):
     rank: s, for modulation='low_rank'.
     wr_init: 'uniform' (authors' code) or 'normal' (the paper's text); used by
       pyra and low_rank only (see the module docstring).
-    ln_eps: epsilon of the generator's LayerNorm (1e-5, PyTorch's default).
+    ln_eps: epsilon of the generator's LayerNorm.
     hidden: hidden width of the 'mlp' generator.
   """
   r: int
-  modulation: str = 'pyra'
-  rank: int = 1
-  wr_init: str = 'uniform'
-  ln_eps: float = 1e-5
+  modulation: str
+  rank: int
+  wr_init: str
+  ln_eps: float
   hidden: int = 4
 
   @nn.compact

@@ -20,6 +20,7 @@ costs ~3-4% of the forward.
 
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Any, Optional
 
@@ -84,11 +85,11 @@ class Attention(nn.Module):
   averaged over heads, (B, N, D/H).
   """
   num_heads: int
-  qkv_bias: bool = True
-  lora_rank: int = 0
-  lora_dropout: float = 0.0
-  lora_init: str = 'zeros'
-  dtype: Any = jnp.float32
+  qkv_bias: bool
+  lora_rank: int
+  lora_dropout: float
+  lora_init: str
+  dtype: Any
 
   @nn.compact
   def __call__(self, x: Array, size: Optional[Array], *, train: bool) -> tuple[Array, Array]:
@@ -98,8 +99,9 @@ class Attention(nn.Module):
     bias_shape = (h, hd) if self.qkv_bias else None
     delta = None
     if self.lora_rank > 0:
-      delta = LoRA(self.lora_rank, self.lora_dropout, self.lora_init,
-                   dtype=self.dtype, name='lora')(x, train=train)  # (B, N, 3D)
+      delta = LoRA(rank=self.lora_rank, dropout=self.lora_dropout,
+                   init_scheme=self.lora_init, dtype=self.dtype,
+                   name='lora')(x, train=train)  # (B, N, 3D)
     heads = []
     for i, name in enumerate(('query', 'key', 'value')):
       # Three (D, D) matmuls, not one on the concatenated (D, 3D) kernel: the
@@ -135,7 +137,7 @@ class Attention(nn.Module):
 class MlpBlock(nn.Module):
   """Dense -> exact (erf) GELU -> Dense, as timm and the authors' code."""
   mlp_dim: int
-  dtype: Any = jnp.float32
+  dtype: Any
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -175,28 +177,29 @@ class EncoderBlock(nn.Module):
   """One transformer block, merging `r` tokens after attention when r > 0."""
   num_heads: int
   mlp_dim: int
-  r: int = 0
-  modulation: str = 'none'  # 'none' = ToMe; else a PyraGenerator variant
-  modulation_rank: int = 1
-  wr_init: str = 'uniform'
-  pyra_ln_eps: float = 1e-5
-  distilled: bool = False
-  prop_attn: bool = True
-  qkv_bias: bool = True
-  layerscale: bool = False
-  ln_eps: float = 1e-6
-  drop_path: float = 0.0
-  lora_rank: int = 0
-  lora_dropout: float = 0.0
-  lora_init: str = 'zeros'
-  dtype: Any = jnp.float32
+  r: int
+  modulation: str  # 'none' = ToMe; else a PyraGenerator variant
+  modulation_rank: int
+  wr_init: str
+  pyra_ln_eps: float
+  distilled: bool
+  prop_attn: bool
+  qkv_bias: bool
+  layerscale: bool
+  ln_eps: float
+  drop_path: float
+  lora_rank: int
+  lora_dropout: float
+  lora_init: str
+  dtype: Any
 
   @nn.compact
   def __call__(self, x: Array, size: Optional[Array], source: Optional[Array], *,
                train: bool) -> tuple[Array, Optional[Array], Optional[Array]]:
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_0')(x)
-    y, metric = Attention(self.num_heads, self.qkv_bias, self.lora_rank, self.lora_dropout,
-                          self.lora_init, dtype=self.dtype,
+    y, metric = Attention(num_heads=self.num_heads, qkv_bias=self.qkv_bias,
+                          lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
+                          lora_init=self.lora_init, dtype=self.dtype,
                           name='MultiHeadDotProductAttention_0')(
                               y, size if self.prop_attn else None, train=train)
     if self.layerscale:
@@ -208,8 +211,9 @@ class EncoderBlock(nn.Module):
           metric, self.r, class_token=True, distill_token=self.distilled)
       modulate = None
       if self.modulation != 'none':
-        modulate = PyraGenerator(self.r, self.modulation, self.modulation_rank,
-                                 self.wr_init, self.pyra_ln_eps, name='pyra')
+        modulate = PyraGenerator(r=self.r, modulation=self.modulation,
+                                 rank=self.modulation_rank, wr_init=self.wr_init,
+                                 ln_eps=self.pyra_ln_eps, name='pyra')
       if size is None:
         size = jnp.ones(x.shape[:2] + (1,), x.dtype)
       x, size = merge_lib.merge_wavg(x, size, plan, distill_token=self.distilled,
@@ -218,7 +222,7 @@ class EncoderBlock(nn.Module):
         source = merge_lib.merge_source(source, plan, distill_token=self.distilled)
 
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_1')(x)
-    y = MlpBlock(self.mlp_dim, dtype=self.dtype, name='MlpBlock_0')(y)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name='MlpBlock_0')(y)
     if self.layerscale:
       y = LayerScale(name='LayerScale_1')(y)
     x = x + DropPath(self.drop_path)(y, train=train)
@@ -233,6 +237,11 @@ class VisionTransformer(nn.Module):
   `trace_source=True`, `mutable=['intermediates']` returns each block's
   (B, N_out, N_in) 0/1 source matrix under `intermediates/source_{i}`; each
   block's token sizes are always sown as `intermediates/size_{i}`.
+
+  Build it with `build_model(config.model)`: every field below except
+  `trace_source` comes from the config (configs/common.py holds the defaults
+  and their meaning), so no module here carries a default of its own that
+  could drift from the config's.
   """
   num_classes: int
   patch_size: int
@@ -241,23 +250,23 @@ class VisionTransformer(nn.Module):
   num_heads: int
   mlp_dim: int
   schedule: tuple[int, ...]
-  modulation: str = 'none'
-  modulation_rank: int = 1
-  wr_init: str = 'uniform'
-  pyra_ln_eps: float = 1e-5
-  prop_attn: bool = True
-  qkv_bias: bool = True
-  layerscale: bool = False
-  ln_eps: float = 1e-6
-  distilled: bool = False
-  distilled_eval: str = 'cls'
-  drop_path: float = 0.0
-  head_init_std: float = 0.02
-  lora_rank: int = 0
-  lora_dropout: float = 0.0
-  lora_init: str = 'zeros'
-  trace_source: bool = False
-  dtype: Any = jnp.float32
+  modulation: str
+  modulation_rank: int
+  wr_init: str
+  pyra_ln_eps: float
+  prop_attn: bool
+  qkv_bias: bool
+  layerscale: bool
+  ln_eps: float
+  distilled: bool
+  distilled_eval: str
+  drop_path: float
+  head_init_std: float
+  lora_rank: int
+  lora_dropout: float
+  lora_init: str
+  dtype: Any
+  trace_source: bool = False  # a debugging output, not a config field
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False) -> Array:
@@ -345,41 +354,79 @@ def _parse_variant(variant: str) -> tuple[tuple[int, int, int, int], int]:
   return VARIANTS[m.group(1)], int(m.group(2))
 
 
+# Config fields the variant supplies when they are unset (None): its table row,
+# and the patch size from its name ('B/16' -> 16).
+_FROM_VARIANT = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
+# Config fields that become the VisionTransformer field of the same name as they are.
+_AS_IS = ('modulation_rank', 'wr_init', 'pyra_ln_eps', 'prop_attn', 'qkv_bias',
+          'layerscale', 'ln_eps', 'distilled_eval', 'drop_path', 'head_init_std',
+          'lora_rank', 'lora_dropout', 'lora_init')
+
+
+def _field(model_config: ml_collections.ConfigDict, name: str) -> Any:
+  """`model_config.<name>`, refusing a config that lacks the field.
+
+  The base config is the only place a model default lives, so a missing field
+  is an error rather than a silent second default.
+  """
+  if name not in model_config:
+    raise ValueError(
+        f'The model config has no field model.{name}: start it from '
+        'pyra_jax.configs.common.get_base_config(), which defines every field.')
+  return model_config[name]
+
+
+def _positive_or_unset(name: str, value: Any, unset_means: str) -> Optional[int]:
+  if value is not None and (isinstance(value, bool) or
+                            not isinstance(value, numbers.Integral) or value <= 0):
+    raise ValueError(f'model.{name} must be a positive integer or unset ({unset_means}), '
+                     f'got {value!r}.')
+  return value
+
+
 def model_kwargs(model_config: ml_collections.ConfigDict, *,
                  num_classes: Optional[int] = None, dtype: Any = None) -> dict[str, Any]:
   """Resolves a config's `model` section into VisionTransformer fields.
 
-  Every check that can fail on user input happens here, so a bad variant,
-  method or schedule is reported before anything is traced.
+  Every field is read from the config (configs/common.py holds the defaults);
+  the unset ones (None) come from the variant, and `num_classes` from the
+  argument (the task's class count) when the config leaves it unset. Every
+  check that can fail on user input happens here, so a bad variant, method or
+  schedule is reported before anything is traced. `dtype` is the run's compute
+  dtype (config.dtype, outside the model section); None computes in float32.
   """
   c = model_config
-  (width, depth, heads, mlp), patch = _parse_variant(c.get('variant', 'B/16'))
-  pick = lambda field, default: c.get(field, -1) if c.get(field, -1) > 0 else default
-  width, depth = pick('width', width), pick('depth', depth)
-  heads, mlp, patch = pick('num_heads', heads), pick('mlp_dim', mlp), pick('patch_size', patch)
+  (width, depth, heads, mlp), patch = _parse_variant(_field(c, 'variant'))
+  arch = dict(zip(_FROM_VARIANT, (width, depth, heads, mlp, patch)))
+  for name in _FROM_VARIANT:
+    value = _positive_or_unset(name, _field(c, name), 'from the variant')
+    if value is not None:
+      arch[name] = value
+  width, depth, heads, mlp, patch = (arch[k] for k in _FROM_VARIANT)
   if width % heads:
     raise ValueError(f'model.width {width} is not divisible by model.num_heads {heads}.')
-  image_size = c.get('image_size', 224)
+  image_size = _field(c, 'image_size')
   if image_size % patch:
     raise ValueError(f'model.image_size {image_size} is not a multiple of the patch size {patch}.')
-  n_classes = c.get('num_classes', -1)
-  if n_classes <= 0:
+  n_classes = _positive_or_unset('num_classes', _field(c, 'num_classes'),
+                                 "the task's class count")
+  if n_classes is None:
     n_classes = num_classes
   if not n_classes or n_classes <= 0:
     raise ValueError('model.num_classes is unset: set it, or pass the task\'s class count.')
-  method = c.get('method', 'pyra')
+  method = _field(c, 'method')
   if method not in METHODS:
     raise ValueError(f'model.method must be one of {METHODS}, got {method!r}.')
-  modulation = c.get('modulation', 'pyra') if method == 'pyra' else 'none'
+  modulation = _field(c, 'modulation') if method == 'pyra' else 'none'
   if method == 'pyra' and modulation not in MODULATIONS:
     raise ValueError(f'model.modulation must be one of {MODULATIONS}, got {modulation!r}.')
-  distilled = c.get('distilled', False)
+  distilled = _field(c, 'distilled')
   num_protected = 1 + int(distilled)
   num_patches = (image_size // patch) ** 2
   if method == 'peft':
     schedule = (0,) * depth
   else:
-    spec = c.get('schedule', 0)
+    spec = _field(c, 'schedule')
     if isinstance(spec, (list, tuple)):
       spec = tuple(spec)
     schedule = schedules.resolve_schedule(
@@ -388,16 +435,9 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
   if dtype is None:
     dtype = jnp.float32
   return dict(
-      num_classes=n_classes, patch_size=patch, width=width, depth=depth, num_heads=heads,
-      mlp_dim=mlp, schedule=schedule, modulation=modulation,
-      modulation_rank=c.get('modulation_rank', 1), wr_init=c.get('wr_init', 'uniform'),
-      pyra_ln_eps=c.get('pyra_ln_eps', 1e-5), prop_attn=c.get('prop_attn', True),
-      qkv_bias=c.get('qkv_bias', True), layerscale=c.get('layerscale', False),
-      ln_eps=c.get('ln_eps', 1e-6), distilled=distilled,
-      distilled_eval=c.get('distilled_eval', 'cls'), drop_path=c.get('drop_path', 0.0),
-      head_init_std=c.get('head_init_std', 0.02), lora_rank=c.get('lora_rank', 0),
-      lora_dropout=c.get('lora_dropout', 0.0), lora_init=c.get('lora_init', 'zeros'),
-      dtype=jnp.dtype(dtype))
+      num_classes=n_classes, schedule=schedule, modulation=modulation,
+      distilled=distilled, dtype=jnp.dtype(dtype), **arch,
+      **{name: _field(c, name) for name in _AS_IS})
 
 
 def build_model(model_config: ml_collections.ConfigDict, *,
