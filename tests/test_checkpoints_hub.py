@@ -25,6 +25,7 @@ from tests import reference_vit as ref
 from tests.test_checkpoints_formats import (check_torch_block, check_torch_stem, flat,
                                             init_params, tiny_config)
 from tests.test_train_cli import ROOT, reset_flags, run_main
+from tests.offline_data import require_offline_mnist
 
 REPO = 'timm/vit_tiny_test_patch8_32.in1k'
 SPEC = f'hf-hub:{REPO}'
@@ -114,12 +115,7 @@ def test_main_trains_from_a_hub_name_and_resumes_from_the_file(
   """A Hub name is a model_init like a path: the run trains offline from the
   cache, and the same workdir resumes with the cached file's path instead (the
   frozen-weights fingerprint would refuse any other weights)."""
-  pytest.importorskip('tensorflow')
-  from pyra_jax.data import mnist  # pylint: disable=g-import-not-at-top
-  try:
-    mnist.mnist_path()
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f'offline MNIST unavailable: {e}')
+  require_offline_mnist()
   _, data = timm_bytes(tmp_path)
   snapshot = fill_hub_cache(hub_cache, REPO, {'model.safetensors': data})
   common = [f'--workdir={tmp_path / "run"}', '--config.num_epochs=1',

@@ -24,6 +24,7 @@ from pyra_jax.configs import tiny, vitb_high
 from pyra_jax.configs.common import get_base_config
 from pyra_jax.models import lora, pyra, vit
 from tests.test_train_cli import reset_flags, run_main
+from tests.offline_data import require_offline_mnist
 
 # Module fields that are not config fields, so a default there is no second copy.
 NOT_CONFIG_FIELDS = {'trace_source', 'hidden', 'kernel_init'}
@@ -140,12 +141,7 @@ def test_an_export_of_an_older_run_rebuilds_its_model(tmp_path):
 
 
 def _needs_mnist():
-  pytest.importorskip('tensorflow')
-  from pyra_jax.data import mnist  # pylint: disable=g-import-not-at-top
-  try:
-    mnist.mnist_path()
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f'offline MNIST unavailable: {e}')
+  require_offline_mnist()
 
 
 def test_cli_overrides_an_unset_field(tmp_path, capsys, monkeypatch):

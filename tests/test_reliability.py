@@ -28,13 +28,9 @@ from pyra_jax import checkpointing
 from pyra_jax import metrics
 from pyra_jax import train
 from tests.test_train_cli import ROOT, reset_flags, run_main
+from tests.offline_data import require_offline_mnist
 
-pytest.importorskip('tensorflow')
-try:
-  from pyra_jax.data import mnist
-  mnist.mnist_path()
-except Exception as e:  # pylint: disable=broad-except
-  pytest.skip(f'offline MNIST unavailable: {e}', allow_module_level=True)
+require_offline_mnist(module_level=True)
 
 # The tiny run of test_train_loop/test_train_cli (compiled once per process):
 # 50 steps, checkpoints at 25 and 50.

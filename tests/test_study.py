@@ -20,6 +20,7 @@ from pyra_jax.configs import tiny
 from pyra_jax import checkpointing
 from pyra_jax.experiments import study
 from pyra_jax.experiments import study_small
+from tests.offline_data import require_offline_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,12 +198,7 @@ def test_single_value_std_is_nan():
 
 
 def test_end_to_end_tiny_runs_then_resume_skips(tmp_path):
-  pytest.importorskip('tensorflow')
-  try:
-    from pyra_jax.data import mnist  # pylint: disable=g-import-not-at-top
-    mnist.mnist_path()
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f'offline MNIST unavailable: {e}')
+  require_offline_mnist()
   pytest.importorskip('matplotlib')
   from pyra_jax import train  # pylint: disable=g-import-not-at-top
   config = tiny_study_config()

@@ -14,6 +14,7 @@ import pytest
 from absl import flags
 
 from pyra_jax import main as main_lib
+from tests.offline_data import require_offline_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,12 +94,7 @@ def run_main(capsys, monkeypatch, *args):
 
 
 def test_train_eval_export_modes(tmp_path, capsys, monkeypatch):
-  pytest.importorskip('tensorflow')
-  from pyra_jax.data import mnist  # pylint: disable=g-import-not-at-top
-  try:
-    mnist.mnist_path()
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f'offline MNIST unavailable: {e}')
+  require_offline_mnist()
   common = ['--config=configs/tiny.py', f'--workdir={tmp_path}',
             '--config.data.eval_split=val200', '--config.log_every_steps=1',
             '--config.eval_batch_size=64']  # As test_train_loop: compiled once.

@@ -18,13 +18,9 @@ from pyra_jax import checkpointing
 from pyra_jax import export as export_lib
 from pyra_jax import metrics
 from pyra_jax import train
+from tests.offline_data import require_offline_mnist
 
-pytest.importorskip('tensorflow')
-try:
-  from pyra_jax.data import mnist
-  mnist.mnist_path()
-except Exception as e:  # pylint: disable=broad-except
-  pytest.skip(f'offline MNIST unavailable: {e}', allow_module_level=True)
+require_offline_mnist(module_level=True)
 
 STEPS = 50  # 2 epochs of 1,000 digits at batch 40; checkpoints at 25 and 50.
 

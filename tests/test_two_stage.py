@@ -18,6 +18,7 @@ from pyra_jax import export as export_lib
 from pyra_jax import optim
 from pyra_jax import train
 from tests.test_train_cli import reset_flags, run_main
+from tests.offline_data import require_offline_mnist
 
 
 # As test_train_cli: the 200 val200 images in batches of 64 (compiled once).
@@ -28,12 +29,7 @@ EVAL_FLAGS = ('--config.data.eval_split=val200', '--config.eval_batch_size=64',
 @pytest.fixture(scope='module')
 def peft_workdir(tmp_path_factory):
   """A finished tiny PEFT run (trained without merging), for every test here."""
-  pytest.importorskip('tensorflow')
-  from pyra_jax.data import mnist  # pylint: disable=g-import-not-at-top
-  try:
-    mnist.mnist_path()
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f'offline MNIST unavailable: {e}')
+  require_offline_mnist()
   workdir = tmp_path_factory.mktemp('peft')
   config = tiny.get_config('method=peft')
   config.data.eval_split, config.eval_batch_size = 'val200', 64
