@@ -159,21 +159,22 @@ def pyra_modulation(src: Array, dst: Array, w_r: Array, w_d: Array,
                     eps: float = 1e-5) -> Array:
   """PYRA (Eqs. 5-7): re-activate the size-weighted source tokens before merging.
 
-  src, dst: (B, r, D); w_r: (r, s); w_d: (s, D) (s = 1 in the paper).
+  src, dst: (B, r, D); w_r: (r, 1); w_d: (1, D).
     M = LN(src + dst)
-    channel weights  w_D = 2 sigmoid(W_r^T M)       (B, s, D)  contracts the r tokens
-    token weights    w_R = 2 sigmoid(M W_D^T) - 1   (B, r, s)  contracts the D channels
-    src + (src * w_D) * w_R, averaged over the s rank-one terms.
+    channel weights  w_D = 2 sigmoid(W_r^T M)       (B, 1, D)  contracts the r tokens
+    token weights    w_R = 2 sigmoid(M W_D^T) - 1   (B, r, 1)  contracts the D channels
+    src + (src * w_D) * w_R
   With W_D = 0 (its initialisation) w_R = 0 and this returns src exactly (ToMe).
+  (The ablation variants, low_rank's rank-s generator included, are in
+  `pyra_jax/models/pyra.py`.)
   """
+  if w_r.shape[1] != 1 or w_d.shape[0] != 1:
+    raise ValueError(f'pyra_modulation is rank one: w_r (r, 1), w_d (1, D); got '
+                     f'{w_r.shape} and {w_d.shape}.')
   m = layer_norm(src + dst, norm_scale, norm_bias, eps)
-  if w_r.shape[1] == 1:
-    # Rank one (the paper): both contractions as fused multiply-reductions.
-    # As einsums XLA:CPU lowers them to tiny dots plus a transposed copy of M
-    # each, which cost more than the arithmetic on (B, r, D).
-    channel = 2.0 * jax.nn.sigmoid((m * w_r[None]).sum(axis=1, keepdims=True))
-    token = 2.0 * jax.nn.sigmoid((m * w_d[None]).sum(axis=2, keepdims=True)) - 1.0
-    return src + (src * channel) * token
-  channel = 2.0 * jax.nn.sigmoid(jnp.einsum('brd,rs->bsd', m, w_r))
-  token = 2.0 * jax.nn.sigmoid(jnp.einsum('brd,sd->brs', m, w_d)) - 1.0
-  return src + jnp.einsum('brd,bsd,brs->brd', src, channel, token) / w_r.shape[1]
+  # Both contractions as fused multiply-reductions: as einsums XLA:CPU lowers
+  # them to tiny dots plus a transposed copy of M each, which cost more than
+  # the arithmetic on (B, r, D).
+  channel = 2.0 * jax.nn.sigmoid((m * w_r[None]).sum(axis=1, keepdims=True))
+  token = 2.0 * jax.nn.sigmoid((m * w_d[None]).sum(axis=2, keepdims=True)) - 1.0
+  return src + (src * channel) * token
