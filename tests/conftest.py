@@ -1,7 +1,7 @@
 """Shared pytest setup: keep JAX on the CPU, compile quickly.
 
 The repository root is importable because tests/ is a package (pytest puts the
-first folder above it without an __init__.py on sys.path).
+first folder above it without an __init__.py on the import path).
 """
 
 import os
