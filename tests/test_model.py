@@ -197,3 +197,24 @@ def test_distilled_model_protects_both_tokens_and_has_two_heads():
   np.testing.assert_allclose(logits, model.apply({'params': params}, images(2)))
   avg = build_model(tiny('pyra', schedule='3,3,3', distilled=True, distilled_eval='avg'))
   assert not np.allclose(avg.apply({'params': params}, images(2)), logits)
+
+
+@pytest.mark.parametrize('distilled', [False, True])
+def test_features_are_what_the_head_reads(distilled):
+  # Merging on (PYRA, 3 + 2 + 2 tokens), random LoRA and generators.
+  cfg = tiny('pyra', schedule='3,2,2', distilled=distilled)
+  model, params = init(cfg)
+  params = randomize(params, r'lora/up|pyra/w_d|pyra/norm')
+  x = images(3)
+  feats = jax.jit(lambda p: model.apply({'params': p}, x, features=True))(params)
+  logits = jax.jit(lambda p: model.apply({'params': p}, x))(params)
+  assert feats.shape == (3, 32) and feats.dtype == jnp.float32
+  head = params['head']
+  np.testing.assert_array_equal(feats @ head['kernel'] + head['bias'], logits)
+  if not distilled:
+    # An independent numpy forward with an identity head outputs the feature.
+    ref_params = dict(to_np(params), head={'kernel': np.eye(32), 'bias': np.zeros(32)})
+    want = ref.vit_forward(ref_params, np.asarray(x, np.float64), model.schedule,
+                           num_heads=2, pyra=True)
+    np.testing.assert_allclose(feats, want, rtol=2e-4, atol=2e-5)
+    assert not np.allclose(want[0], want[1])  # Images differ: not a constant feature.

@@ -233,7 +233,12 @@ class VisionTransformer(nn.Module):
   """ViT with LoRA on q/k/v, ToMe merging and PYRA modulation.
 
   `apply({'params': p}, images, train=False)` -> logits (B, num_classes). In
-  training pass `rngs={'dropout': key}` (LoRA dropout, stochastic depth). With
+  training pass `rngs={'dropout': key}` (LoRA dropout, stochastic depth).
+  `apply(..., features=True)` -> the class token after the final LayerNorm,
+  (B, width) float32: what the head reads, so `head(features)` is the logits
+  (of the 'cls' head for a DeiT model; its distillation token is not
+  returned). It is the image's embedding for probes, retrieval or a head of
+  one's own, computed with the same merging as the logits. With
   `trace_source=True`, `mutable=['intermediates']` returns each block's
   (B, N_out, N_in) 0/1 source matrix under `intermediates/source_{i}`; each
   block's token sizes are always sown as `intermediates/size_{i}`.
@@ -269,7 +274,7 @@ class VisionTransformer(nn.Module):
   trace_source: bool = False  # a debugging output, not a config field
 
   @nn.compact
-  def __call__(self, images: Array, *, train: bool = False) -> Array:
+  def __call__(self, images: Array, *, train: bool = False, features: bool = False) -> Array:
     p = self.patch_size
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f'Image size {images.shape[1:3]} is not a multiple of the patch size {p}.')
@@ -293,9 +298,12 @@ class VisionTransformer(nn.Module):
                 trace_source=self.trace_source, block=tuple(sorted(block.items())),
                 name='Transformer')(x, train=train)
 
+    cls_feature = x[:, 0].astype(jnp.float32)
+    if features:  # Before the head, so the head's parameters are not needed.
+      return cls_feature
     head_init = nn.initializers.truncated_normal(stddev=self.head_init_std)
     logits = nn.Dense(self.num_classes, kernel_init=head_init, name='head',
-                      dtype=jnp.float32)(x[:, 0].astype(jnp.float32))
+                      dtype=jnp.float32)(cls_feature)
     if self.distilled:
       logits_dist = nn.Dense(self.num_classes, kernel_init=head_init, name='head_dist',
                              dtype=jnp.float32)(x[:, 1].astype(jnp.float32))
