@@ -8,6 +8,14 @@ Each line of a split file is `<path> <label>`, the path relative to
 (`cifar` or `cifar100`, `oxford_iiit_pet` or `oxford_pet`, `kitti`, ...), and
 `<root>` may also be the task directory itself.
 
+A dataset of one's own (task `folder:NAME`, `custom_task`) uses the same
+layout in `<root>/NAME`, with any split names (`train.txt` is the split
+`train`). Its class count is the number of lines of `NAME/classes.txt` (one
+class name per line) when that file exists; otherwise max label + 1 over all
+its split files (every `*.txt` but classes.txt), so that every split of the
+folder agrees on the head's size. Without classes.txt, a class no image
+carries is refused: it usually means labels counted from 1.
+
 The whole split file is parsed and checked up front, so a broken folder fails
 before training starts, naming the file and `<split>.txt:<line>`, rather than
 an hour in (a bad test image would otherwise surface only after training):
@@ -31,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -38,7 +47,7 @@ from PIL import UnidentifiedImageError
 import tensorflow as tf
 
 from pyra_jax.data.errors import DataError
-from pyra_jax.data.tasks import SPLITS, Task, check_split
+from pyra_jax.data.tasks import CUSTOM_PREFIX, SPLITS, Task, custom_folder_name
 
 
 def find_task_dir(root: str | os.PathLike, task: Task) -> Path:
@@ -52,7 +61,8 @@ def find_task_dir(root: str | os.PathLike, task: Task) -> Path:
   for name in task.folder_names:
     if (root / name).is_dir():
       return root / name
-  if any((root / f'{split}.txt').is_file() for split in SPLITS):
+  if (root.name in task.folder_names
+      or any((root / f'{split}.txt').is_file() for split in SPLITS)):
     return root  # Pointed at the task directory itself.
   raise DataError(
       f'No folder for task {task.name!r} in {root}: expected one of '
@@ -67,13 +77,11 @@ class Listed:
   where: str  # '<task_dir>/<split>.txt:<line>'
 
 
-def list_split(task_dir: Path, split: str, num_classes: int) -> list[Listed]:
-  """Every line of `<task_dir>/<split>.txt`, checked (module docstring)."""
-  check_split(split)
-  split_file = task_dir / f'{split}.txt'
-  if not split_file.is_file():
-    raise DataError(f'Split file {split_file} does not exist.')
-  listed, unreadable = [], []
+CLASSES_FILE = 'classes.txt'
+
+
+def _split_lines(split_file: Path) -> Iterator[tuple[str, str, int]]:
+  """(where, image path as written, label) of each non-empty line."""
   with open(split_file, encoding='utf-8') as f:
     for line_no, line in enumerate(f, start=1):
       line = line.strip()
@@ -89,19 +97,38 @@ def list_split(task_dir: Path, split: str, num_classes: int) -> list[Listed]:
       except ValueError:
         raise DataError(f'{where}: label {parts[1]!r} is not an integer.'
                         ) from None
-      if not 0 <= label < num_classes:
-        raise DataError(f'{where}: label {label} is outside [0, {num_classes})'
-                        f' for this task.')
-      if _leaves_folder(parts[0]):
-        raise DataError(
-            f'{where}: image path {parts[0]!r} leaves the task folder '
-            f'{task_dir}; split files list paths relative to it (like '
-            f'images/{split}/000000.jpg): fix the line.')
-      path = task_dir / parts[0]
-      problem = 'does not exist' if not path.is_file() else image_problem(path)
-      if problem:
-        unreadable.append(f'{where}: image {path} {problem}')
-      listed.append(Listed(str(path), label, where))
+      yield where, parts[0], label
+
+
+def list_split(task_dir: Path, split: str, num_classes: int,
+               classes_from: str = 'this task') -> list[Listed]:
+  """Every line of `<task_dir>/<split>.txt`, checked (module docstring).
+
+  `classes_from` says where `num_classes` came from, for the range error.
+  """
+  split_file = task_dir / f'{split}.txt'
+  if not split_file.is_file():
+    present = sorted(p.stem for p in task_dir.glob('*.txt')
+                     if p.name != CLASSES_FILE)
+    raise DataError(
+        f'Split file {split_file} does not exist: create it, or choose among '
+        f'the splits of {task_dir} ({", ".join(present) or "none yet"}) with '
+        'config.data.train_split / eval_split.')
+  listed, unreadable = [], []
+  for where, relative, label in _split_lines(split_file):
+    if not 0 <= label < num_classes:
+      raise DataError(f'{where}: label {label} is outside [0, {num_classes})'
+                      f' for {classes_from}.')
+    if _leaves_folder(relative):
+      raise DataError(
+          f'{where}: image path {relative!r} leaves the task folder '
+          f'{task_dir}; split files list paths relative to it (like '
+          f'images/{split}/000000.jpg): fix the line.')
+    path = task_dir / relative
+    problem = 'does not exist' if not path.is_file() else image_problem(path)
+    if problem:
+      unreadable.append(f'{where}: image {path} {problem}')
+    listed.append(Listed(str(path), label, where))
   if len(unreadable) == 1:
     raise DataError(f'{unreadable[0]}: replace the file or remove the line.')
   if unreadable:  # All of them at once, so that one pass fixes the folder.
@@ -200,6 +227,54 @@ def _load_image(path: tf.Tensor) -> tf.Tensor:
   return image
 
 
+def custom_task(root: str | os.PathLike, name: str) -> Task:
+  """The task 'folder:<name>': the folder `<root>/<name>`, its classes counted.
+
+  The count comes from classes.txt, else from the labels of every split file
+  (module docstring), so it is the same whichever split is read.
+  """
+  task = Task(name=f'{CUSTOM_PREFIX}{name}', num_classes=0, folder_names=(name,))
+  root = Path(root).expanduser()
+  if not (root / name).is_dir() and not (root.is_dir() and root.name == name):
+    raise DataError(
+        f'No folder {root / name} for task {task.name!r}: set '
+        'config.data.data_dir to the directory that holds it, or create it '
+        'with one "<image path> <label>" line per image in <split>.txt.')
+  task_dir = find_task_dir(root, task)
+  classes_file = task_dir / CLASSES_FILE
+  if classes_file.is_file():
+    names = [line.strip() for line in
+             classes_file.read_text(encoding='utf-8').splitlines()
+             if line.strip()]
+    if not names:
+      raise DataError(
+          f'{classes_file} lists no classes: write one class name per line, '
+          'or delete it to count the classes from the labels.')
+    return dataclasses.replace(task, num_classes=len(names))
+  split_files = sorted(p for p in task_dir.glob('*.txt')
+                       if p.name != CLASSES_FILE)
+  labels = set()
+  for split_file in split_files:
+    for where, _, label in _split_lines(split_file):
+      if label < 0:
+        raise DataError(f'{where}: label {label} is negative: labels are '
+                        'class indices 0, 1, 2, ...')
+      labels.add(label)
+  if not labels:
+    raise DataError(
+        f'{task_dir} has no split file that lists an image: write '
+        '<split>.txt files with one "<image path> <label>" line per image.')
+  num_classes = max(labels) + 1
+  unused = sorted(set(range(num_classes)) - labels)
+  if unused:
+    raise DataError(
+        f'No image of {task_dir} has label {unused[0]}, yet labels go up to '
+        f'{num_classes - 1}: labels are class indices counted from 0, so '
+        f'renumber them, or list all {num_classes} class names (one per line) '
+        f'in {classes_file} to keep a class without images.')
+  return dataclasses.replace(task, num_classes=num_classes)
+
+
 def make_dataset(root: str | os.PathLike, task: Task, split: str,
                  num_parallel_calls: int
                  ) -> tuple[tf.data.Dataset, int, list[Listed]]:
@@ -208,7 +283,12 @@ def make_dataset(root: str | os.PathLike, task: Task, split: str,
   Also returns the checked split-file entries, for `locate_unreadable`.
   """
   task_dir = find_task_dir(root, task)
-  listed = list_split(task_dir, split, task.num_classes)
+  classes_from = 'this task'
+  if custom_folder_name(task.name) is not None:
+    classes_file = task_dir / CLASSES_FILE
+    classes_from = (f'the {task.num_classes} classes of {classes_file}'
+                    if classes_file.is_file() else 'the labels of its folder')
+  listed = list_split(task_dir, split, task.num_classes, classes_from)
   paths = [item.path for item in listed]
   labels = np.asarray([item.label for item in listed], np.int32)
   ds = tf.data.Dataset.from_tensor_slices((paths, labels))

