@@ -8,7 +8,8 @@ Each setting file is `get_config(arg)` -> `paper_config(backbone, level, arg)`.
 The argument (after ':' in --config) is a comma-separated list of key=value
 pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
 
-  task=NAME        data.task, a VTAB-1k task (default cifar100)
+  task=NAME        data.task, a VTAB-1k task (default cifar100), or
+                   folder:NAME for a dataset of one's own (source=folder)
   method=M         model.method: peft (LoRA only) | tome | pyra (default)
   modulation=F     model.modulation, the ablations of Tables 6-8 (pyra only)
   pyra_lr=X        learning rate of the PYRA generators (the paper tunes it

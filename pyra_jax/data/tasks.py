@@ -281,9 +281,9 @@ def get_task(name: str) -> Task:
   """Looks a task up by name, or by one of its VTAB-1k folder names."""
   if custom_folder_name(name) is not None:
     raise DataError(
-        f'Task {name!r} is a dataset of your own, whose classes are read from '
-        "its folder by get_data with data.source='folder': without the folder, "
-        'set config.model.num_classes.')
+        f'Task {name!r} is a dataset of your own: its classes are counted in '
+        "its folder when its data are loaded (data.source='folder'); where no "
+        'data are loaded, set --config.model.num_classes.')
   if name in TASKS:
     return TASKS[name]
   if name in EXTRA_TASKS:
