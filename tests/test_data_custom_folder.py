@@ -118,7 +118,7 @@ def test_cli_trains_on_a_folder_of_ones_own(tmp_path, capsys, monkeypatch):
      'config.data.data_dir'),
     ('bad_label', '{task}/test.txt:4: label 7 is outside [0, 3) for the 3 classes of '
      '{task}/classes.txt.'),
-    ('labels_from_one', 'No image of {task} has label 0, yet labels go up to 3'),
+    ('labels_from_one', 'No image listed in {task}/*.txt has label 0, yet labels go up to 3'),
     ('missing_split', 'Split file {task}/train.txt does not exist: create it, or choose '
      'among the splits of {task} (test)'),
 ])

@@ -233,7 +233,8 @@ def custom_task(root: str | os.PathLike, name: str) -> Task:
   The count comes from classes.txt, else from the labels of every split file
   (module docstring), so it is the same whichever split is read.
   """
-  task = Task(name=f'{CUSTOM_PREFIX}{name}', num_classes=0, folder_names=(name,))
+  task = Task(name=f'{CUSTOM_PREFIX}{name}', num_classes=0,
+              folder_names=(name,))
   root = Path(root).expanduser()
   if not (root / name).is_dir() and not (root.is_dir() and root.name == name):
     raise DataError(
@@ -268,10 +269,11 @@ def custom_task(root: str | os.PathLike, name: str) -> Task:
   unused = sorted(set(range(num_classes)) - labels)
   if unused:
     raise DataError(
-        f'No image of {task_dir} has label {unused[0]}, yet labels go up to '
-        f'{num_classes - 1}: labels are class indices counted from 0, so '
-        f'renumber them, or list all {num_classes} class names (one per line) '
-        f'in {classes_file} to keep a class without images.')
+        f'No image listed in {task_dir}/*.txt has label {unused[0]}, yet '
+        f'labels go up to {num_classes - 1}: labels are class indices '
+        f'counted from 0, so renumber them, or list all {num_classes} class '
+        f'names (one per line) in {classes_file} to keep a class without '
+        'images.')
   return dataclasses.replace(task, num_classes=num_classes)
 
 
@@ -286,8 +288,8 @@ def make_dataset(root: str | os.PathLike, task: Task, split: str,
   classes_from = 'this task'
   if custom_folder_name(task.name) is not None:
     classes_file = task_dir / CLASSES_FILE
-    classes_from = (f'the {task.num_classes} classes of {classes_file}'
-                    if classes_file.is_file() else 'the labels of its folder')
+    if classes_file.is_file():  # Else the count covers every label.
+      classes_from = f'the {task.num_classes} classes of {classes_file}'
   listed = list_split(task_dir, split, task.num_classes, classes_from)
   paths = [item.path for item in listed]
   labels = np.asarray([item.label for item in listed], np.int32)

@@ -115,7 +115,8 @@ def get_data(data_config: Any, split: str, batch_size: int, *,
     data_config: `config.data` (configs/common.py): source, task, data_dir,
       normalization, shuffle_buffer, num_parallel_calls.
     split: a VTAB-1k split name: 'train800', 'val200', 'train800val200' or
-      'test'.
+      'test'; for a task 'folder:NAME' (a dataset of one's own), the name of
+      any of its split files without '.txt'.
     batch_size: examples per batch (padded batches too, when evaluating).
     image_size: output height and width.
     train: infinite, shuffled, drop_remainder iterator; else one padded pass.

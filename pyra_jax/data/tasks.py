@@ -194,13 +194,14 @@ _PLAIN_NAME = re.compile(r'[\w-][\w.-]*')
 
 def custom_folder_name(task: str) -> str | None:
   """NAME for the task 'folder:NAME', None for a registered task name."""
-  if not task.startswith(CUSTOM_PREFIX):
+  if not isinstance(task, str) or not task.startswith(CUSTOM_PREFIX):
     return None
   name = task[len(CUSTOM_PREFIX):]
   if not _PLAIN_NAME.fullmatch(name):
     raise DataError(
-        f'Task {task!r}: after {CUSTOM_PREFIX!r} give the name of your dataset\'s '
-        'folder inside data.data_dir (letters, digits, _ . -), e.g. folder:pets.')
+        f'Task {task!r}: after {CUSTOM_PREFIX!r} give the name of your '
+        "dataset's folder inside data.data_dir (letters, digits, _ . -), "
+        'e.g. folder:pets.')
   return name
 
 
@@ -208,9 +209,9 @@ def check_custom_split(task: str, split: str) -> None:
   """A split of a folder task is the name of its split file, without '.txt'."""
   if not _PLAIN_NAME.fullmatch(split) or split == 'classes':
     raise DataError(
-        f'Split {split!r} of task {task!r}: use the name of a split file in its '
-        'folder without ".txt" (e.g. train for train.txt; classes.txt lists the '
-        'classes, not images).')
+        f'Split {split!r} of task {task!r}: use the name of a split file in '
+        'its folder without ".txt" (e.g. train for train.txt; classes.txt '
+        'lists the classes, not images).')
 
 
 def _vtab(name: str, tfds_name: str, version: str | tuple[str, ...],
