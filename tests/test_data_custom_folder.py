@@ -6,6 +6,7 @@ Expected class counts and labels are derived here from what the test writes
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ def test_errors_say_what_to_do(problem, config_kw, message, tmp_path):
   if problem == 'empty_classes':
     (task_dir / 'classes.txt').write_text('\n\n')
   split = config_kw.pop('split', 'train')
-  with pytest.raises(DataError, match=message.replace('(', r'\(')):
+  with pytest.raises(DataError, match=re.escape(message)):
     get_data(_config(tmp_path, **config_kw), split, 1, image_size=8, train=False, seed=0)
 
 
