@@ -106,6 +106,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.b2 = 0.999             # AdamW beta2
   config.eps = 1e-8             # AdamW epsilon
   config.grad_clip_norm = 0.0   # 0: off (paper)
+  # Gradient accumulation: each update still sees batch_size images, as
+  # grad_accum_steps micro-batches of batch_size / grad_accum_steps (summed in
+  # the step; same update up to round-off); 1: off. For accelerators whose
+  # memory cannot hold the paper's batch.
+  config.grad_accum_steps = 1
   # Regexes over '/'-joined parameter paths; the first group that matches wins,
   # everything that matches none is frozen.
   config.trainable = ml_collections.ConfigDict()
