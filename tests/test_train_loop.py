@@ -249,12 +249,6 @@ def test_gradient_accumulation_gives_the_update_of_the_whole_batch():
   assert jax.tree.structure(s1) == jax.tree.structure(s2)  # Checkpoints interchange.
 
 
-def test_batch_not_divisible_by_accumulation_is_refused(tmp_path):
-  with pytest.raises(train.ConfigError,
-                     match=r'batch_size = 40 is not divisible by config.grad_accum_steps = 3'):
-    train.train_and_evaluate(cfg(grad_accum_steps=3), str(tmp_path / 'w'))
-
-
 def test_attention_and_accumulation_may_change_on_resume_and_eval():
   """How a step is computed is not what it computes: a checkpoint trained with
   the einsum attention and no accumulation resumes and evaluates with the
