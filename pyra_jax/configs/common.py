@@ -44,8 +44,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.drop_path = 0.1         # stochastic depth, linear 0 -> this over depth
   model.head_init_std = 0.02    # truncated normal std of the re-initialised head
   # How attention is computed (same parameters, same result up to round-off):
-  # 'einsum' (our matmuls, fastest on CPU) | 'dot_product_attention'
-  # (jax.nn.dot_product_attention: JAX's fused kernels on GPU/TPU)
+  # 'einsum' (our matmuls, tuned and fastest on CPU) | 'dot_product_attention'
+  # (jax.nn.dot_product_attention, which lets JAX choose the GPU/TPU kernel)
   model.attention = 'einsum'
 
   # LoRA on q/k/v (shared down A: D->h, up B: h->3D, no bias, no alpha scaling).

@@ -115,8 +115,9 @@ def _attention_einsum(q: Array, k: Array, v: Array, size: Optional[Array]) -> Ar
 def _attention_jax(q: Array, k: Array, v: Array, size: Optional[Array]) -> Array:
   """The same attention through `jax.nn.dot_product_attention` ((B, N, H, hd) in and out).
 
-  `implementation=None` lets JAX pick the backend's implementation (today XLA
-  everywhere; cuDNN's fused kernel is a later JAX's choice to make).
+  `implementation=None` lets JAX pick the implementation (JAX 0.10 picks XLA
+  on every backend; choosing cuDNN's fused kernel is left to JAX). q, k, v
+  stay in the (B, N, H, hd) layout the projections produce: no transposes.
   """
   return jax.nn.dot_product_attention(
       q, k, v, bias=_log_size_bias(size), scale=q.shape[-1] ** -0.5,
@@ -133,8 +134,9 @@ class Attention(nn.Module):
   computed; both use the same parameters and give the same result up to
   round-off. 'einsum' is our own two batched matmuls, tuned for XLA:CPU (see
   the module docstring). 'dot_product_attention' hands q, k, v and the
-  log-size bias to `jax.nn.dot_product_attention`, the entry point that JAX
-  keeps fast on GPU/TPU (fused kernels where the backend has them).
+  log-size bias to `jax.nn.dot_product_attention`, the entry point through
+  which JAX chooses an accelerator's attention kernel, so GPU/TPU runs get
+  whatever JAX makes fastest there without a change here.
   """
   num_heads: int
   qkv_bias: bool
