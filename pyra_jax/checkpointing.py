@@ -61,6 +61,9 @@ RESUMABLE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
     'keep_checkpoints', 'eval_batch_size', 'data.data_dir',
     'data.num_parallel_calls', 'model_init', 'benchmark_after_training',
+    # How the same step is computed (same parameters, same update up to
+    # round-off): a run may move to an accelerator that wants other values.
+    'model.attention', 'grad_accum_steps',
 })
 
 # What must match to evaluate or export a checkpoint: the fields that decide what

@@ -203,6 +203,15 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
   if not training:
     return
   need(config.batch_size >= 1, 'batch_size', 'use a positive batch size')
+  accum = config.grad_accum_steps
+  need(isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1,
+       'grad_accum_steps', 'use 1 (no accumulation) or more micro-batches per update')
+  if config.batch_size % accum:
+    raise ConfigError(
+        f'config.batch_size = {config.batch_size} is not divisible by '
+        f'config.grad_accum_steps = {accum}: batch_size is the global batch of one '
+        'update, split into grad_accum_steps equal micro-batches; use a batch size '
+        'that is a multiple of it.')
   need(config.num_epochs > 0, 'num_epochs', 'train for at least one epoch')
   need(config.warmup_epochs >= 0, 'warmup_epochs', 'use 0 for no warm-up')
   need(config.log_every_steps >= 1, 'log_every_steps', 'log every N >= 1 steps')
@@ -314,27 +323,74 @@ def make_optimizer(run: 'Run', steps_per_epoch: int):
   return _memo(('opt', step_key(run), steps_per_epoch), make)
 
 
+def _micro_batches(batch: dict, k: int) -> dict:
+  """(B, ...) -> (k, B/k, ...): micro-batch j holds rows j, j + k, j + 2k, ...
+
+  Strided rather than contiguous so that each device's contiguous shard of the
+  global batch holds its own slice of every micro-batch: no data moves between
+  devices when B/devices is a multiple of k.
+  """
+  return jax.tree.map(
+      lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
+
+
 def make_train_step(run: 'Run', steps_per_epoch: int) -> Callable:
   """jit(train_step)(trainable, opt_state, frozen, batch, step, key).
 
   Returns (trainable, opt_state, metrics). The dropout key of the step is
   fold_in(key, step): a pure function of the step, so a resumed run draws the
   same masks.
+
+  With `config.grad_accum_steps` = k > 1 the step splits its global batch into
+  k micro-batches and sums their gradients in a `lax.scan` before the one
+  optimiser update, so only a micro-batch's activations are alive at a time.
+  Each micro-batch's loss is divided by the *global* batch's mask count, so
+  the summed gradient is the gradient of the global batch's mean loss: the
+  same update as k = 1, up to round-off. Accumulating inside the step (rather
+  than `optax.MultiSteps` over k calls) keeps one call = one update = one
+  batch of the pipeline, so the optimiser state, the learning-rate schedule
+  (counted in updates), the checkpoints and exact resume are all unchanged.
+  Micro-batch j's dropout key is fold_in(step key, j).
   """
   model = run.model
   tx = make_optimizer(run, steps_per_epoch)[0]
+  accum = int(run.config.grad_accum_steps)
 
-  def train_step(trainable, opt_state, frozen, batch, step, key):
-    rng = jax.random.fold_in(key, step)
-
+  def loss_and_grad(trainable, frozen, batch, rng, total):
+    """Gradient of sum(masked cross-entropy) / total on `batch`."""
     def loss_fn(tr):
       logits = model.apply({'params': optim.merge_params(tr, frozen)},
                            batch['image'], train=True, rngs={'dropout': rng})
-      loss, correct, count = _masked_xent(logits, batch['label'], batch['mask'])
-      return loss, (correct, count)
+      w = batch['mask'].astype(jnp.float32)
+      ce = optax.softmax_cross_entropy_with_integer_labels(
+          logits.astype(jnp.float32), batch['label'])
+      correct = ((jnp.argmax(logits, -1) == batch['label']) * w).sum()
+      return (ce * w).sum() / total, (correct, w.sum())
+    return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
 
-    (loss, (correct, count)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(trainable)
+  def train_step(trainable, opt_state, frozen, batch, step, key):
+    rng = jax.random.fold_in(key, step)
+    if accum == 1:
+      def loss_fn(tr):
+        logits = model.apply({'params': optim.merge_params(tr, frozen)},
+                             batch['image'], train=True, rngs={'dropout': rng})
+        loss, correct, count = _masked_xent(logits, batch['label'], batch['mask'])
+        return loss, (correct, count)
+
+      (loss, (correct, count)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(trainable)
+    else:
+      total = jnp.maximum(batch['mask'].astype(jnp.float32).sum(), 1.0)
+
+      def add_micro_batch(carry, xs):
+        j, micro = xs
+        (loss, (correct, count)), grads = loss_and_grad(
+            trainable, frozen, micro, jax.random.fold_in(rng, j), total)
+        return jax.tree.map(jnp.add, carry, (loss, correct, count, grads)), None
+
+      zeros = (jnp.zeros((), jnp.float32),) * 3 + (jax.tree.map(jnp.zeros_like, trainable),)
+      (loss, correct, count, grads), _ = jax.lax.scan(
+          add_micro_batch, zeros, (jnp.arange(accum), _micro_batches(batch, accum)))
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     return trainable, opt_state, {'loss': loss, 'correct': correct,

@@ -50,9 +50,10 @@ def to_np(tree):
   return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
 
 
+@pytest.mark.parametrize('attention', ['einsum', 'dot_product_attention'])
 @pytest.mark.parametrize('method', ['peft', 'tome', 'pyra'])
-def test_forward_equals_numpy_reference(method):
-  cfg = tiny(method)
+def test_forward_equals_numpy_reference(method, attention):
+  cfg = tiny(method, attention=attention)
   model, params = init(cfg)
   params = randomize(params, r'lora/up|pyra/w_d|pyra/norm')
   x = images(2)
@@ -186,6 +187,56 @@ def test_bad_model_fields_fail_clearly():
     build_model(tiny(modulation='magic'))
   with pytest.raises(ValueError, match='not a multiple of the patch size'):
     build_model(tiny(image_size=36))
+  with pytest.raises(ValueError, match='model.attention must be one of'):
+    build_model(tiny(attention='flash'))
+
+
+@pytest.mark.parametrize('method,prop_attn,distilled', [
+    ('pyra', True, True), ('pyra', False, False)])
+def test_dot_product_attention_equals_einsum_logits_and_lora_grads(method, prop_attn,
+                                                                   distilled):
+  """jax.nn.dot_product_attention is a drop-in for our einsum attention.
+
+  Same parameter tree (a checkpoint of one loads in the other), same logits and
+  the same gradient for every LoRA/PYRA/head parameter, in float32.
+  """
+  kw = dict(prop_attn=prop_attn, distilled=distilled, lora_dropout=0.0, drop_path=0.0)
+  einsum_model, params = init(tiny(method, schedule='3,3,3', **kw))
+  params = randomize(params, r'lora/|pyra/w_d|pyra/norm')
+  jax_model, jax_params = init(tiny(method, schedule='3,3,3',
+                                    attention='dot_product_attention', **kw))
+  assert (jax.tree_util.tree_structure(jax_params) == jax.tree_util.tree_structure(params))
+  assert jax.tree.map(jnp.shape, jax_params) == jax.tree.map(jnp.shape, params)
+  x, y = images(3), jnp.array([0, 3, 4])
+
+  def loss(model, p):
+    logits = model.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(0)})
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean(), logits
+
+  (_, a), ga = jax.jit(jax.value_and_grad(lambda p: loss(einsum_model, p), has_aux=True))(params)
+  (_, b), gb = jax.jit(jax.value_and_grad(lambda p: loss(jax_model, p), has_aux=True))(params)
+  np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  flat_a = jax.tree_util.tree_flatten_with_path(ga)[0]
+  flat_b = dict(jax.tree_util.tree_flatten_with_path(gb)[0])
+  checked = 0
+  for path, g in flat_a:
+    name = '/'.join(str(k.key) for k in path)
+    if '/lora/' in name or '/pyra/' in name or name.startswith('head'):
+      np.testing.assert_allclose(flat_b[path], g, rtol=1e-5, atol=1e-5, err_msg=name)
+      checked += float(jnp.abs(g).sum()) > 0
+  assert checked >= 6  # LoRA up/down of 3 blocks at least: a real comparison.
+
+
+def test_dot_product_attention_in_bfloat16_matches_float32():
+  """The jax.nn path accepts bfloat16 q/k/v with the log-size bias, close to float32."""
+  cfg = tiny('pyra', schedule='3,3,3', attention='dot_product_attention')
+  model, params = init(cfg)
+  params = randomize(params, r'lora/|pyra/w_d')
+  x = images(2)
+  want = np.asarray(jax.jit(lambda p: model.apply({'params': p}, x))(params))
+  bf16 = build_model(cfg, dtype='bfloat16')
+  got = np.asarray(jax.jit(lambda p: bf16.apply({'params': p}, x))(params), np.float32)
+  assert np.abs(got - want).max() <= 0.05 * np.abs(want).max() + 0.02
 
 
 def test_distilled_model_protects_both_tokens_and_has_two_heads():

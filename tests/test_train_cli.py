@@ -93,6 +93,22 @@ def run_main(capsys, monkeypatch, *args):
   return code, out, err
 
 
+@pytest.mark.parametrize('override,message', [
+    ('--config.grad_accum_steps=3', 'config.batch_size = 40 is not divisible by '
+     'config.grad_accum_steps = 3'),
+    ('--config.grad_accum_steps=0', 'use 1 (no accumulation) or more'),
+    ('--config.model.attention=flash', "model.attention must be one of ('einsum', "
+     "'dot_product_attention'), got 'flash'"),
+])
+def test_bad_accelerator_options_fail_with_one_sentence(tmp_path, capsys, monkeypatch,
+                                                        override, message):
+  code, out, err = run_main(capsys, monkeypatch, '--config=configs/tiny.py',
+                            f'--workdir={tmp_path}', override)
+  reset_flags()
+  assert code == 1 and message in err and 'Traceback' not in err, err
+  assert len(err.strip().splitlines()) == 1, err
+
+
 def test_train_eval_export_modes(tmp_path, capsys, monkeypatch):
   require_offline_mnist()
   common = ['--config=configs/tiny.py', f'--workdir={tmp_path}',

@@ -196,3 +196,65 @@ def test_export_folds_lora_and_keeps_the_accuracy(reference, workdirs):
   r = export_lib.evaluate_export(out, cfg())
   assert r['count'] == 200
   assert abs(r['accuracy'] - results['final_accuracy']) <= 1 / 200
+
+
+def _steps(config, batches):
+  """Trains the tiny model on `batches` with the real train step; returns
+  (trainable, opt_state, per-step losses)."""
+  run = train.setup(config, num_classes=10)
+  step_fn = train.make_train_step(run, steps_per_epoch=25)
+  trainable = run.replicate(run.trainable)
+  opt_state = run.replicate(train.make_optimizer(run, 25)[2](run.trainable))
+  key = run.replicate(train.dropout_key(config))
+  step_losses = []
+  for s, batch in enumerate(batches):
+    trainable, opt_state, m = step_fn(trainable, opt_state, run.frozen,
+                                      train._shard(batch, run.batch_sharding), np.int32(s), key)
+    step_losses.append(float(m['loss']))
+  return jax.device_get(trainable), jax.device_get(opt_state), step_losses
+
+
+def test_gradient_accumulation_gives_the_update_of_the_whole_batch():
+  """grad_accum_steps=2 sums two half-batches' gradients into one update: the
+  parameters after 3 updates equal those of grad_accum_steps=1 on the same
+  global batches, and the schedule and Adam counted 3 updates, not 6. The last
+  batch is partly masked, so the halves' losses must be weighted by the whole
+  batch's count."""
+  rng = np.random.default_rng(0)
+  batches = [{'image': rng.normal(size=(40, 32, 32, 3)).astype(np.float32),
+              'label': rng.integers(0, 10, size=40).astype(np.int32),
+              'mask': np.ones(40, bool)} for _ in range(3)]
+  batches[-1]['mask'][:13] = False  # 27 real images: 14 + 13 over the two halves.
+  model = dict(lora_dropout=0.0, drop_path=0.0)
+  # Adam divides by sqrt(v) + eps: at eps = 1e-8 a round-off difference in a
+  # near-zero gradient (summed in another order) becomes an update difference
+  # of up to lr. eps = 1e-4 keeps the comparison about the accumulated gradient.
+  opt = dict(warmup_epochs=0, lr=3e-2, eps=1e-4)
+  one = cfg(**opt)
+  one.model.update(model)
+  two = cfg(grad_accum_steps=2, **opt)
+  two.model.update(model)
+  p1, s1, l1 = _steps(one, batches)
+  p2, s2, l2 = _steps(two, batches)
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  flat1, flat2 = (traverse_util.flatten_dict(p, sep='/') for p in (p1, p2))
+  assert flat1.keys() == flat2.keys()
+  for name in flat1:
+    np.testing.assert_allclose(flat2[name], flat1[name], atol=1e-6, err_msg=name)
+  moved = traverse_util.flatten_dict(train.setup(one, 10).trainable, sep='/')
+  assert max(np.abs(flat1[n] - moved[n]).max() for n in flat1) > 1e-3  # Really trained.
+  counts = [int(x) for path, x in jax.tree_util.tree_flatten_with_path(s2)[0]
+            if 'count' in jax.tree_util.keystr(path)]
+  assert counts and set(counts) == {3}
+  assert jax.tree.structure(s1) == jax.tree.structure(s2)  # Checkpoints interchange.
+
+
+def test_attention_and_accumulation_may_change_on_resume_and_eval():
+  """How a step is computed is not what it computes: a checkpoint trained with
+  the einsum attention and no accumulation resumes and evaluates with the
+  jax.nn attention and 2 micro-batches."""
+  meta = {'config': checkpointing.config_to_dict(cfg()), 'step': 5}
+  config = cfg(grad_accum_steps=2)
+  config.model.attention = 'dot_product_attention'
+  for for_eval in (False, True):
+    assert checkpointing.check_compatible(meta, config, 'fp', '/wd', for_eval=for_eval) == {}

@@ -45,6 +45,8 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     'H': (1280, 32, 16, 5120),
 }
 METHODS = ('peft', 'tome', 'pyra')
+# How Attention computes softmax(q k^T / sqrt(hd) + log size) v (config.model.attention).
+ATTENTION_IMPLEMENTATIONS = ('einsum', 'dot_product_attention')
 
 
 class ParamsOnly(nn.Module):
@@ -78,11 +80,63 @@ def embed_patches(images: Array, kernel: Array, bias: Array, dtype: Any) -> Arra
   return x @ kernel.reshape(p * p * c, d).astype(dtype) + bias.astype(dtype)
 
 
+def _log_size_bias(size: Optional[Array]) -> Optional[Array]:
+  """Proportional attention: log(size) of each key, as a (B, 1, 1, N) logit bias.
+
+  A key standing for s merged tokens gets the softmax weight of s copies of
+  itself; the bias broadcasts over heads and queries.
+  """
+  if size is None:
+    return None
+  return jnp.log(size)[:, None, None, :, 0]
+
+
+def _attention_einsum(q: Array, k: Array, v: Array, size: Optional[Array]) -> Array:
+  """softmax(q k^T / sqrt(hd) + log size) v on (B, N, H, hd) inputs, for XLA:CPU."""
+  hd = q.shape[-1]
+  # (B, H, N, hd): heads become a leading batch dimension of both attention
+  # matmuls. XLA:CPU runs 'bhqd,bhkd' batched dots several times faster than
+  # the same dots on the (B, N, H, hd) layout, where the batch dims are not
+  # leading; the transposes fuse with the bias add that produced q, k, v.
+  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q * (hd ** -0.5), k).astype(jnp.float32)
+  bias = _log_size_bias(size)
+  if bias is not None:
+    logits = logits + bias
+  # Softmax with the normalisation deferred past the value matmul: divide the
+  # (B, H, N, hd) output by the row sums instead of the (B, H, N, N) weights,
+  # saving one pass over the N x N matrix (same result up to round-off).
+  e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+  out = jnp.einsum('bhqk,bhkd->bhqd', e.astype(v.dtype), v)
+  out = out / e.sum(axis=-1, keepdims=True).astype(v.dtype)
+  return out.transpose(0, 2, 1, 3)
+
+
+def _attention_jax(q: Array, k: Array, v: Array, size: Optional[Array]) -> Array:
+  """The same attention through `jax.nn.dot_product_attention` ((B, N, H, hd) in and out).
+
+  `implementation=None` lets JAX pick the implementation (JAX 0.10 picks XLA
+  on every backend; choosing cuDNN's fused kernel is left to JAX). q, k, v
+  stay in the (B, N, H, hd) layout the projections produce: no transposes.
+  """
+  return jax.nn.dot_product_attention(
+      q, k, v, bias=_log_size_bias(size), scale=q.shape[-1] ** -0.5,
+      implementation=None)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with LoRA on q/k/v and proportional attention.
 
   Returns the attention output and the merge metric: the keys (after LoRA)
   averaged over heads, (B, N, D/H).
+
+  `implementation` chooses how softmax(q k^T / sqrt(hd) + log size) v is
+  computed; both use the same parameters and give the same result up to
+  round-off. 'einsum' is our own two batched matmuls, tuned for XLA:CPU (see
+  the module docstring). 'dot_product_attention' hands q, k, v and the
+  log-size bias to `jax.nn.dot_product_attention`, the entry point through
+  which JAX chooses an accelerator's attention kernel, so GPU/TPU runs get
+  whatever JAX makes fastest there without a change here.
   """
   num_heads: int
   qkv_bias: bool
@@ -90,6 +144,7 @@ class Attention(nn.Module):
   lora_dropout: float
   lora_init: str
   dtype: Any
+  implementation: str
 
   @nn.compact
   def __call__(self, x: Array, size: Optional[Array], *, train: bool) -> tuple[Array, Array]:
@@ -113,25 +168,16 @@ class Attention(nn.Module):
         y = y + bias.reshape(d).astype(self.dtype)
       if delta is not None:
         y = y + delta[..., i * d:(i + 1) * d]
-      # (B, H, N, hd): heads become a leading batch dimension of both attention
-      # matmuls. XLA:CPU runs 'bhqd,bhkd' batched dots several times faster than
-      # the same dots on the (B, N, H, hd) layout, where the batch dims are not
-      # leading; the transpose fuses with the bias add before it.
-      heads.append(y.reshape(b, n, h, hd).transpose(0, 2, 1, 3))
-    q, k, v = heads
-    logits = jnp.einsum('bhqd,bhkd->bhqk', q * (hd ** -0.5), k).astype(jnp.float32)
-    if size is not None:
-      logits = logits + jnp.log(size)[:, None, None, :, 0]
-    # Softmax with the normalisation deferred past the value matmul: divide the
-    # (B, H, N, hd) output by the row sums instead of the (B, H, N, N) weights,
-    # saving one pass over the N x N matrix (same result up to round-off).
-    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-    out = jnp.einsum('bhqk,bhkd->bhqd', e.astype(self.dtype), v)
-    out = out / e.sum(axis=-1, keepdims=True).astype(self.dtype)
-    out = out.transpose(0, 2, 1, 3).reshape(b, n, d)
+      heads.append(y.reshape(b, n, h, hd))
+    q, k, v = heads  # (B, N, H, hd)
+    if self.implementation == 'dot_product_attention':
+      out = _attention_jax(q, k, v, size)
+    else:
+      out = _attention_einsum(q, k, v, size)
+    out = out.reshape(b, n, d)
     w_out, b_out = ParamsOnly((h, hd, d), (d,), name='out')()
     out = out @ w_out.reshape(d, d).astype(self.dtype) + b_out.astype(self.dtype)
-    return out, k.mean(axis=1)
+    return out, k.mean(axis=2)
 
 
 class MlpBlock(nn.Module):
@@ -192,6 +238,7 @@ class EncoderBlock(nn.Module):
   lora_dropout: float
   lora_init: str
   dtype: Any
+  attention: str  # an ATTENTION_IMPLEMENTATIONS entry
 
   @nn.compact
   def __call__(self, x: Array, size: Optional[Array], source: Optional[Array], *,
@@ -200,6 +247,7 @@ class EncoderBlock(nn.Module):
     y, metric = Attention(num_heads=self.num_heads, qkv_bias=self.qkv_bias,
                           lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
                           lora_init=self.lora_init, dtype=self.dtype,
+                          implementation=self.attention,
                           name='MultiHeadDotProductAttention_0')(
                               y, size if self.prop_attn else None, train=train)
     if self.layerscale:
@@ -270,6 +318,7 @@ class VisionTransformer(nn.Module):
   lora_rank: int
   lora_dropout: float
   lora_init: str
+  attention: str
   dtype: Any
   trace_source: bool = False  # a debugging output, not a config field
 
@@ -293,7 +342,7 @@ class VisionTransformer(nn.Module):
         pyra_ln_eps=self.pyra_ln_eps, distilled=self.distilled, prop_attn=self.prop_attn,
         qkv_bias=self.qkv_bias, layerscale=self.layerscale, ln_eps=self.ln_eps,
         lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
-        lora_init=self.lora_init, dtype=self.dtype)
+        lora_init=self.lora_init, attention=self.attention, dtype=self.dtype)
     x = Encoder(schedule=self.schedule, drop_path=self.drop_path,
                 trace_source=self.trace_source, block=tuple(sorted(block.items())),
                 name='Transformer')(x, train=train)
@@ -368,7 +417,7 @@ _FROM_VARIANT = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
 # Config fields that become the VisionTransformer field of the same name as they are.
 _AS_IS = ('modulation_rank', 'wr_init', 'pyra_ln_eps', 'prop_attn', 'qkv_bias',
           'layerscale', 'ln_eps', 'distilled_eval', 'drop_path', 'head_init_std',
-          'lora_rank', 'lora_dropout', 'lora_init')
+          'lora_rank', 'lora_dropout', 'lora_init', 'attention')
 
 
 def _field(model_config: ml_collections.ConfigDict, name: str) -> Any:
@@ -428,6 +477,10 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
   modulation = _field(c, 'modulation') if method == 'pyra' else 'none'
   if method == 'pyra' and modulation not in MODULATIONS:
     raise ValueError(f'model.modulation must be one of {MODULATIONS}, got {modulation!r}.')
+  attention = _field(c, 'attention')
+  if attention not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, '
+                     f'got {attention!r}.')
   distilled = _field(c, 'distilled')
   num_protected = 1 + int(distilled)
   num_patches = (image_size // patch) ** 2
