@@ -77,9 +77,10 @@ def test_tsne_command_embeds_each_runs_class_token_features(runs, tmp_path,
     run, trainable, _ = train.restore_run(config, str(workdir))
     params = jax.device_get(optim.merge_params(trainable, run.frozen))
     images, _ = first_images(config, 64)
-    direct = run.model.apply({'params': params}, images, train=False, features=True)
+    direct, logits = jax.jit(lambda p, x: (
+        run.model.apply({'params': p}, x, train=False, features=True),  # pylint: disable=cell-var-from-loop
+        run.model.apply({'params': p}, x, train=False)))(params, images)  # pylint: disable=cell-var-from-loop
     np.testing.assert_allclose(features[:64], direct, rtol=1e-5, atol=1e-5)
-    logits = run.model.apply({'params': params}, images, train=False)
     head = params['head']
     np.testing.assert_allclose(features[:64] @ head['kernel'] + head['bias'],
                                logits, rtol=1e-4, atol=1e-4)
