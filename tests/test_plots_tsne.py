@@ -1,6 +1,5 @@
 """`plots tsne`: two tiny runs' class-token features, embedded and drawn side by side."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -134,4 +133,25 @@ def test_a_workdir_without_a_checkpoint_ends_in_one_sentence(runs, tmp_path):
   assert err.strip().count('\n') == 0
   assert 'results.json is missing' in err and 'finished training run' in err
   assert not (tmp_path / 'x.png').exists()
-  assert json.loads((bare / 'results.json').read_text())['config']['model']['method'] == 'tome'
+  code, _, err = cli(f'--workdir_a={bare}', f'--workdir_b={bare}',
+                     f'--out={tmp_path / "no_folder" / "x.png"}')
+  assert code != 0 and err.strip().count('\n') == 0
+  assert 'no_folder does not exist; create it' in err
+
+
+def test_too_few_images_ends_in_one_sentence(runs, tmp_path):
+  code, _, err = cli(f'--workdir_a={runs["tome"][0]}', f'--workdir_b={runs["pyra"][0]}',
+                     f'--out={tmp_path / "x.png"}', '--max_images=3')
+  assert code != 0 and 'Traceback' not in err and err.strip().count('\n') == 0
+  assert '--max_images=3: give 0 (all) or at least 5 images' in err
+
+
+def test_a_split_the_task_lacks_ends_in_one_sentence(runs, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    plots.main(['tsne', f'--workdir_a={runs["tome"][0]}',
+                f'--workdir_b={runs["pyra"][0]}', f'--out={tmp_path / "x.png"}',
+                '--split=no_such_split'])
+  message = str(e.value.code)
+  assert message.startswith('plots tsne: ') and 'no_such_split' in message
+  assert '\n' not in message.strip()
+  assert not (tmp_path / 'x.png').exists()

@@ -389,6 +389,7 @@ def tsne_panel(workdir: str, label: str, split: Optional[str], max_images: int,
   out = class_token_features(run, trainable, data, max_images)
   out['xy'], used_perplexity = embed_tsne(out['features'], perplexity, seed)
   n = len(out['features'])
+  out['task'] = config.data.task
   out['title'] = f'{label}: {100 * out["accuracy"]:.2f}% top-1 ({split}, {n} images)'
   print(f'{label}: {workdir} step {step}, {n} images of {split!r}, top-1 '
         f'{100 * out["accuracy"]:.2f}%, t-SNE perplexity {used_perplexity:g}')
@@ -419,11 +420,18 @@ def tsne_main(argv: Sequence[str]) -> None:
   if args.perplexity <= 0:
     raise SystemExit(f'plots tsne: --perplexity={args.perplexity:g}: give a '
                      'positive number (scikit-learn suggests 5 to 50).')
+  folder = os.path.dirname(os.path.abspath(args.out))
+  if not os.path.isdir(folder):
+    raise SystemExit(f'plots tsne: --out={args.out}: the folder {folder} does not '
+                     'exist; create it or give another path.')
   try:
     panels = [tsne_panel(wd, label, args.split, args.max_images,
                          args.perplexity, args.seed)
               for wd, label in ((args.workdir_a, args.label_a),
                                 (args.workdir_b, args.label_b))]
+    if panels[0]['task'] != panels[1]['task']:
+      _warn(f"the runs are on different tasks ({panels[0]['task']} and "
+            f"{panels[1]['task']}): a colour means a different class in each panel.")
     plot_tsne(panels, args.out, args.title)
   except (errors.PyraError, FileNotFoundError) as e:
     raise SystemExit(f'plots tsne: {e}') from None
