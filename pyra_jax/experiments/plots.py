@@ -45,7 +45,10 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from pyra_jax import checkpointing
 from pyra_jax import errors
@@ -277,13 +280,11 @@ def class_token_features(run, trainable, eval_data, max_images: int = 0
 
   One jitted pass over the split in its order (the first `max_images` images
   if > 0). The features are `apply(..., features=True)`, what the head reads;
-  the logits come from the same jitted call, so the accuracy in a picture's
-  title belongs to exactly the points drawn. Padded rows of the last batch are
-  dropped by their mask.
+  the logits come from the same jitted call (XLA's common-subexpression pass
+  runs the encoder once for both), so the accuracy in a picture's title belongs
+  to exactly the points drawn. Padded rows of the last batch are dropped by
+  their mask.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from pyra_jax import optim  # pylint: disable=g-import-not-at-top
   from pyra_jax import train  # pylint: disable=g-import-not-at-top
 
@@ -327,7 +328,6 @@ def embed_tsne(features, perplexity: float = 30.0, seed: int = 0):
   t-SNE needs perplexity < N; a smaller split gets (N - 1) / 3, about three
   neighbours' worth of points on each side, and the caller reports it.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
   try:
     from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -350,7 +350,6 @@ def plot_tsne(panels: Sequence[dict], out: str, title: str = '') -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
   num_classes = int(max(int(p['labels'].max()) for p in panels)) + 1
   cmap = plt.get_cmap('tab10' if num_classes <= 10 else
