@@ -67,11 +67,14 @@ def test_tsne_command_embeds_each_runs_class_token_features(runs, tmp_path,
   png = out.read_bytes()
   assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 20_000
   assert len(seen) == 2
-  for (method, (workdir, results)), features in zip(runs.items(), seen):
+  for label, (method, (workdir, results)), features in zip(
+      ('ToMe', 'PYRA'), runs.items(), seen):
     config = cfg(method)
     assert features.shape == (200, config.model.width)  # Every val200 image once.
     # The title's accuracy is the training loop's own final evaluation.
-    assert f'{100 * results["final_accuracy"]:.2f}%' in printed
+    line, = [ln for ln in printed.splitlines() if ln.startswith(f'{label}: ')]
+    assert f'{workdir} step 25, 200 images' in line
+    assert f'top-1 {100 * results["final_accuracy"]:.2f}%' in line
     # The embedded points are the model's pre-head class tokens.
     run, trainable, _ = train.restore_run(config, str(workdir))
     params = jax.device_get(optim.merge_params(trainable, run.frozen))
