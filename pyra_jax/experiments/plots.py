@@ -25,6 +25,13 @@ the VTAB-1k mean); the point's label gives the number of tasks. `--x=gflops`
 plots against our FLOPs counter instead (no benchmark needed); with
 `--x=throughput`, models with no throughput are left out and listed, and if no
 model has one the plot falls back to GFLOPs and says so.
+
+`tsne` draws the paper's Fig. 5 instead: two trained runs' class-token features
+(the image embedding the head reads) on one split, each embedded in 2-D with
+t-SNE (scikit-learn, the `plots` extra) and coloured by class:
+
+  python -m pyra_jax.experiments.plots tsne --workdir_a=runs/tome \
+      --label_a=ToMe --workdir_b=runs/pyra --label_b=PYRA --out=tsne.png
 """
 
 from __future__ import annotations
@@ -34,12 +41,17 @@ import collections
 import glob
 import json
 import math
+import os
 import sys
 from typing import Any, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from pyra_jax import checkpointing
+from pyra_jax import errors
 from pyra_jax import schedules
 from pyra_jax.models import vit
 
@@ -215,6 +227,10 @@ def plot(points: list[dict], out: str, x: str = 'throughput', title: str = '') -
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] == ['tsne']:
+    tsne_main(argv[1:])
+    return
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--results', required=True, nargs='+',
                       help="results.json files or glob patterns (quote them)")
@@ -237,6 +253,188 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"{p['label']:40} acc {p['accuracy']:6.2f}%  runs {p['num_runs']:3d}  "
           f"img/s {ips:>8}  GFLOPs {p['gflops'] if p['gflops'] is None else round(p['gflops'], 2)}")
   print(f'wrote {args.out} (x = {x})')
+
+
+# ----------------------------------------------------------------------------
+# t-SNE of the class-token features (the paper's Fig. 5).
+# ----------------------------------------------------------------------------
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a finished run was trained with, from its results.json.
+
+  Each run restores with its own config, so two runs of different methods (or
+  models) need no config flags, and a config edited since cannot mismatch.
+  """
+  path = os.path.join(workdir, 'results.json')
+  data = load_json(path) if os.path.isfile(path) else None
+  if data is None or not isinstance(data.get('config'), dict):
+    raise errors.UsageError(
+        f'{path} is missing or holds no `config`: give the workdir of a finished '
+        'training run (python -m pyra_jax.main --config=... --workdir=...).')
+  return ml_collections.ConfigDict(checkpointing.stored_config(data['config']))
+
+
+def class_token_features(run, trainable, eval_data, max_images: int = 0
+                         ) -> dict[str, Any]:
+  """The class-token features, labels and top-1 accuracy of `eval_data`.
+
+  One jitted pass over the split in its order (the first `max_images` images
+  if > 0). The features are `apply(..., features=True)`, what the head reads;
+  the logits come from the same jitted call (XLA's common-subexpression pass
+  runs the encoder once for both), so the accuracy in a picture's title belongs
+  to exactly the points drawn. Padded rows of the last batch are dropped by
+  their mask.
+  """
+  from pyra_jax import optim  # pylint: disable=g-import-not-at-top
+  from pyra_jax import train  # pylint: disable=g-import-not-at-top
+
+  model = run.model
+
+  def step(trainable, frozen, batch):
+    variables = {'params': optim.merge_params(trainable, frozen)}
+    feats = model.apply(variables, batch['image'], train=False, features=True)
+    logits = model.apply(variables, batch['image'], train=False)
+    return feats, jnp.argmax(logits, -1) == batch['label']
+
+  step = jax.jit(step, out_shardings=run.replicated)
+  wanted = eval_data.num_examples if max_images <= 0 else min(
+      max_images, eval_data.num_examples)
+  feats, labels, hits = [], [], []
+  count = 0
+  for batch in iter(eval_data):
+    f, hit = jax.device_get(step(trainable, run.frozen,
+                                 train._shard(batch, run.batch_sharding)))  # pylint: disable=protected-access
+    keep = np.asarray(batch['mask'], bool)
+    feats.append(np.asarray(f)[keep])
+    labels.append(np.asarray(batch['label'])[keep])
+    hits.append(np.asarray(hit)[keep])
+    count += int(keep.sum())
+    if count >= wanted:
+      break
+  features = np.concatenate(feats)[:wanted]
+  hit = np.concatenate(hits)[:wanted]
+  if len(features) != wanted:
+    raise errors.TrainingError(
+        f'The pass over split {eval_data.split!r} gave {len(features)} images '
+        f'but it has {wanted}: the data pipeline must pad and mask the last '
+        'batch so every image counts exactly once.')
+  return {'features': features, 'labels': np.concatenate(labels)[:wanted],
+          'accuracy': float(hit.sum()) / max(wanted, 1)}
+
+
+def embed_tsne(features, perplexity: float = 30.0, seed: int = 0):
+  """2-D t-SNE of (N, D) features with scikit-learn (PCA init, fixed seed).
+
+  t-SNE needs perplexity < N; a smaller split gets (N - 1) / 3, about three
+  neighbours' worth of points on each side, and the caller reports it.
+  """
+  try:
+    from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise errors.UsageError(
+        'The t-SNE plot needs scikit-learn: pip install "pyra_jax[plots]" (or '
+        'pip install scikit-learn).') from e
+  x = np.asarray(features, np.float64)
+  perplexity = min(float(perplexity), (len(x) - 1) / 3)
+  tsne = TSNE(n_components=2, perplexity=perplexity, init='pca',
+              random_state=seed)
+  return tsne.fit_transform(x), perplexity
+
+
+def plot_tsne(panels: Sequence[dict], out: str, title: str = '') -> None:
+  """Draws each panel's 2-D points side by side, coloured by class.
+
+  Every panel uses the same colour per class; the legend names the classes
+  (a colour bar instead when there are more than 20, e.g. CIFAR-100).
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  num_classes = int(max(int(p['labels'].max()) for p in panels)) + 1
+  cmap = plt.get_cmap('tab10' if num_classes <= 10 else
+                      'tab20' if num_classes <= 20 else 'turbo', num_classes)
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.2, 5.0))
+  for ax, p in zip(np.atleast_1d(axes), panels):
+    points = ax.scatter(p['xy'][:, 0], p['xy'][:, 1], c=p['labels'], s=6,
+                        cmap=cmap, vmin=-0.5, vmax=num_classes - 0.5,
+                        linewidths=0)
+    ax.set_title(p['title'], fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  if num_classes <= 20:
+    handles = [plt.Line2D([], [], marker='o', linestyle='none', markersize=6,
+                          color=cmap(c), label=str(c)) for c in range(num_classes)]
+    fig.legend(handles=handles, title='class', loc='center right', fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.0 / fig.get_figwidth(), 0.95 if title else 1))
+  else:
+    fig.colorbar(points, ax=list(np.atleast_1d(axes)), label='class')
+  if title:
+    fig.suptitle(title)
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+
+
+def tsne_panel(workdir: str, label: str, split: Optional[str], max_images: int,
+               perplexity: float, seed: int) -> dict:
+  """Restores one run, computes its features on `split` and embeds them."""
+  from pyra_jax import train  # pylint: disable=g-import-not-at-top
+  config = run_config(workdir)
+  split = split or config.data.eval_split
+  run, trainable, step = train.restore_run(config, workdir)
+  data = train.get_data(config.data, split, config.eval_batch_size,
+                        image_size=config.model.image_size, train=False,
+                        seed=config.seed)
+  out = class_token_features(run, trainable, data, max_images)
+  out['xy'], used_perplexity = embed_tsne(out['features'], perplexity, seed)
+  n = len(out['features'])
+  out['task'] = config.data.task
+  out['title'] = f'{label}: {100 * out["accuracy"]:.2f}% top-1 ({split}, {n} images)'
+  print(f'{label}: {workdir} step {step}, {n} images of {split!r}, top-1 '
+        f'{100 * out["accuracy"]:.2f}%, t-SNE perplexity {used_perplexity:g}')
+  return out
+
+
+def tsne_main(argv: Sequence[str]) -> None:
+  parser = argparse.ArgumentParser(
+      prog='python -m pyra_jax.experiments.plots tsne',
+      description="t-SNE of two runs' class-token features, side by side "
+                  "(the paper's Fig. 5).")
+  for side, default in (('a', 'ToMe'), ('b', 'PYRA')):
+    parser.add_argument(f'--workdir_{side}', required=True,
+                        help='a finished run (its results.json and checkpoints)')
+    parser.add_argument(f'--label_{side}', default=default)
+  parser.add_argument('--out', required=True, help='the PNG to write')
+  parser.add_argument('--split', default=None,
+                      help="split to embed (default: each run's data.eval_split)")
+  parser.add_argument('--max_images', type=int, default=0,
+                      help='embed only the first N images of the split (0: all)')
+  parser.add_argument('--perplexity', type=float, default=30.0)
+  parser.add_argument('--seed', type=int, default=0, help="t-SNE's random state")
+  parser.add_argument('--title', default='')
+  args = parser.parse_args(argv)
+  if args.max_images < 0 or 0 < args.max_images < 5:
+    raise SystemExit(f'plots tsne: --max_images={args.max_images}: give 0 (all) '
+                     'or at least 5 images, fewer cannot be embedded.')
+  if args.perplexity <= 0:
+    raise SystemExit(f'plots tsne: --perplexity={args.perplexity:g}: give a '
+                     'positive number (scikit-learn suggests 5 to 50).')
+  folder = os.path.dirname(os.path.abspath(args.out))
+  if not os.path.isdir(folder):
+    raise SystemExit(f'plots tsne: --out={args.out}: the folder {folder} does not '
+                     'exist; create it or give another path.')
+  try:
+    panels = [tsne_panel(wd, label, args.split, args.max_images,
+                         args.perplexity, args.seed)
+              for wd, label in ((args.workdir_a, args.label_a),
+                                (args.workdir_b, args.label_b))]
+    if panels[0]['task'] != panels[1]['task']:
+      _warn(f"the runs are on different tasks ({panels[0]['task']} and "
+            f"{panels[1]['task']}): a colour means a different class in each panel.")
+    plot_tsne(panels, args.out, args.title)
+  except (errors.PyraError, FileNotFoundError) as e:
+    raise SystemExit(f'plots tsne: {e}') from None
+  print(f'wrote {args.out}')
 
 
 if __name__ == '__main__':
