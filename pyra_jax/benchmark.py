@@ -70,6 +70,7 @@ from ml_collections import config_flags
 import numpy as np
 from flax import traverse_util
 
+from pyra_jax import errors
 from pyra_jax import merge as merge_lib
 from pyra_jax import optim
 from pyra_jax import schedules
@@ -861,7 +862,10 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
                 params_path=fl['params'].value, num_classes=fl['num_classes'].value)
   if not train:
     kwargs['gemm_bound'] = fl['gemm_bound'].value
-  res = (run_train if train else run_forward)(config, **kwargs)
+  try:
+    res = (run_train if train else run_forward)(config, **kwargs)
+  except errors.PyraError as e:  # a setting that cannot run: one sentence, no traceback
+    raise SystemExit(f'error: {e}') from None
   print(format_table(res))
   out = fl['out'].value
   if out:
