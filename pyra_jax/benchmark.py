@@ -19,17 +19,29 @@ fraction of the machine's matmul rate the model achieves: model FLOPs / time
 divided by the FLOP rate of a square `--matmul_size` matmul of the same dtype
 timed in the same rounds.
 
-`--mode=train` times one LoRA + PYRA training step (value_and_grad w.r.t. the
-trainable parameters only, `config.trainable`, + an AdamW update; the frozen
-backbone is a separate, non-differentiated argument) for the same three methods,
-and reports its peak memory: on GPU/TPU `device.memory_stats()`'s
+`--mode=train` times the training step a run executes: for each method it
+builds the run `train.setup` builds (random weights of the right shapes,
+`model_init='random'`, the head sized by --num_classes when the config leaves
+it unset) and calls `train.make_train_step`'s memoised jitted step, fed its own
+outputs, on a synthetic batch (image, label, mask): the real optimiser with its
+lr groups and weight-decay mask, dropout, stochastic depth and the masked loss.
+Per model it reports images/s, the paired speed-up over the first model, the
+step's FLOPs from XLA's cost analysis of the compiled step (the whole program:
+dots count 2 per multiply-add, other ops 1 per output element, integer ops
+of the RNG included, transcendentals such as exp and erf left out; forward,
+backward, optimiser, patch embedding and head are all in) and the rate
+achieved, and its peak memory: on GPU/TPU `device.memory_stats()`'s
 `peak_bytes_in_use`; on CPU (no allocator statistics) the compiled step's
 `memory_analysis()` (arguments + outputs + temporaries - aliased buffers), plus
-the process's peak RSS.
+the process's peak RSS. A breakdown splits the step into forward, RNG
+(dropout and stochastic-depth masks), backward and optimiser by timing, in the
+same rounds, separately compiled programs on the same inputs and subtracting
+(`TrainStepCalls`); it is not a profile.
 
 A jitted function counts its traces with a Python side effect; a trace after the
 first call means a recompilation, which is reported (and `recompiled: true` in
-the JSON).
+the JSON). Train mode counts the real step's compilations from its jit cache
+(the step is training's own function, so it cannot be wrapped).
 
 JSON written by `--out` (one object):
   mode, config (the config file's model section), machine (platform, device
@@ -41,7 +53,10 @@ JSON written by `--out` (one object):
           speedup, speedup_of_medians, flops_ratio, speedup_over_flops_ratio,
           gflops_per_s, matmul_fraction, matmul_fraction_of_medians, traces,
           recompiled, round_seconds (every timed call, in round order),
-          [train: peak_bytes, peak_source, memory_analysis]}},
+          [train: peak_bytes, peak_source, memory_analysis, flops_source,
+          forward_gflops_blocks (our counter), breakdown {forward, rng,
+          backward, optimizer, sum, step (seconds per batch), method},
+          breakdown_gflops {step, fwd_bwd, forward, forward_no_rng}]}},
   merge_ops {model, seconds, share_of_model} (forward mode, when something
   merges), pyra_cost_over_tome (1 - paired tome/pyra time ratio), recompiled.
 
