@@ -25,7 +25,7 @@ builds the run `train.setup` builds (random weights of the right shapes,
 it unset) and calls `train.make_train_step`'s memoised jitted step, fed its own
 outputs, on a synthetic batch (image, label, mask): the real optimiser with its
 lr groups and weight-decay mask, dropout, stochastic depth and the masked loss.
-Per model it reports images/s, the paired speed-up over the first model, the
+Per model it reports images/s, the paired speed-up over peft, the
 step's FLOPs from XLA's cost analysis of the compiled step (the whole program:
 dots count 2 per multiply-add, other ops 1 per output element, integer ops
 of the RNG included, transcendentals such as exp and erf left out; forward,
@@ -677,9 +677,9 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
 
   Round-robin like the forward mode: each round calls every method's step and
   the programs that split it (`TrainStepCalls`), plus the reference matmul.
-  Reports images/s, the paired speed-up over the first method, the step's
-  FLOPs from XLA's cost analysis and the rate achieved, peak memory, and the
-  forward / RNG / backward / optimiser breakdown.
+  Reports images/s, the paired speed-up over peft (else the first method),
+  the step's FLOPs from XLA's cost analysis and the rate achieved, peak
+  memory, and the forward / RNG / backward / optimiser breakdown.
   """
   if params_path:
     raise BenchmarkError('--mode=train times the training step on random weights of '
