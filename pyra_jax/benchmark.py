@@ -19,17 +19,29 @@ fraction of the machine's matmul rate the model achieves: model FLOPs / time
 divided by the FLOP rate of a square `--matmul_size` matmul of the same dtype
 timed in the same rounds.
 
-`--mode=train` times one LoRA + PYRA training step (value_and_grad w.r.t. the
-trainable parameters only, `config.trainable`, + an AdamW update; the frozen
-backbone is a separate, non-differentiated argument) for the same three methods,
-and reports its peak memory: on GPU/TPU `device.memory_stats()`'s
+`--mode=train` times the training step a run executes: for each method it
+builds the run `train.setup` builds (random weights of the right shapes,
+`model_init='random'`, the head sized by --num_classes when the config leaves
+it unset) and calls `train.make_train_step`'s memoised jitted step, fed its own
+outputs, on a synthetic batch (image, label, mask): the real optimiser with its
+lr groups and weight-decay mask, dropout, stochastic depth and the masked loss.
+Per model it reports images/s, the paired speed-up over peft, the
+step's FLOPs from XLA's cost analysis of the compiled step (the whole program:
+dots count 2 per multiply-add, other ops 1 per output element, integer ops
+of the RNG included, transcendentals such as exp and erf left out; forward,
+backward, optimiser, patch embedding and head are all in) and the rate
+achieved, and its peak memory: on GPU/TPU `device.memory_stats()`'s
 `peak_bytes_in_use`; on CPU (no allocator statistics) the compiled step's
 `memory_analysis()` (arguments + outputs + temporaries - aliased buffers), plus
-the process's peak RSS.
+the process's peak RSS. A breakdown splits the step into forward, RNG
+(dropout and stochastic-depth masks), backward and optimiser by timing, in the
+same rounds, separately compiled programs on the same inputs and subtracting
+(`TrainStepCalls`); it is not a profile.
 
 A jitted function counts its traces with a Python side effect; a trace after the
 first call means a recompilation, which is reported (and `recompiled: true` in
-the JSON).
+the JSON). Train mode counts the real step's compilations from its jit cache
+(the step is training's own function, so it cannot be wrapped).
 
 JSON written by `--out` (one object):
   mode, config (the config file's model section), machine (platform, device
@@ -41,7 +53,10 @@ JSON written by `--out` (one object):
           speedup, speedup_of_medians, flops_ratio, speedup_over_flops_ratio,
           gflops_per_s, matmul_fraction, matmul_fraction_of_medians, traces,
           recompiled, round_seconds (every timed call, in round order),
-          [train: peak_bytes, peak_source, memory_analysis]}},
+          [train: peak_bytes, peak_source, memory_analysis, flops_source,
+          forward_gflops_blocks (our counter), breakdown {forward, rng,
+          backward, optimizer, sum, step (seconds per batch), method},
+          breakdown_gflops {step, fwd_bwd, forward, forward_no_rng}]}},
   merge_ops {model, seconds, share_of_model} (forward mode, when something
   merges), pyra_cost_over_tome (1 - paired tome/pyra time ratio), recompiled.
 
@@ -68,12 +83,13 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-import optax
 from flax import traverse_util
 
+from pyra_jax import errors
 from pyra_jax import merge as merge_lib
 from pyra_jax import optim
 from pyra_jax import schedules
+from pyra_jax import train as train_lib
 from pyra_jax.models import vit
 from pyra_jax.models.lora import fold_lora
 from pyra_jax.errors import BenchmarkError  # pylint: disable=unused-import
@@ -518,70 +534,190 @@ def _per_model(methods, infos, times, traced, batch_size, mm_flops,
   return out
 
 
+# Length of the lr schedule the benchmarked step is built with. The step reads
+# the lr at its step index, so the schedule's length changes a number, not the
+# program's cost.
+BENCH_STEPS_PER_EPOCH = 100
+
+
+def train_run(config: ml_collections.ConfigDict, method: str, *, image_size: int,
+              num_classes: int, dtype: str) -> train_lib.Run:
+  """The `train.Run` a training run of `method` builds, with random weights.
+
+  A copy of `config` with model_init='random' (the step's cost depends on the
+  shapes only, so no weights are needed) and a fixed head size.
+  """
+  cfg = config.copy_and_resolve_references()
+  cfg.model = method_config(config.model, method, image_size=image_size,
+                            num_classes=num_classes)
+  cfg.model_init = 'random'
+  cfg.dtype = dtype
+  train_lib.check_config(cfg)
+  return train_lib.setup(cfg, num_classes)
+
+
+def synthetic_batch(run: train_lib.Run, batch_size: int, seed: int = 0) -> dict:
+  """A training batch (image, label, mask) of random values, on the run's mesh."""
+  rng = np.random.default_rng(seed)
+  size = run.model_config.image_size
+  batch = {'image': rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+           'label': rng.integers(0, run.model_config.num_classes,
+                                 size=(batch_size,)).astype(np.int32),
+           'mask': np.ones((batch_size,), bool)}
+  return train_lib._shard(batch, run.batch_sharding)  # pylint: disable=protected-access
+
+
+class TrainStepCalls:
+  """The real training step of a run, and the programs that split its time.
+
+    step         `train.make_train_step(run, ...)`, the memoised jitted step a
+                 training run calls (optimiser with its lr groups, dropout,
+                 stochastic depth, masked loss), fed its own outputs, so every
+                 call is a real step on the updated parameters;
+    fwd_bwd      value_and_grad of the same loss w.r.t. the trainable
+                 parameters, no update;
+    forward      the loss alone;
+    forward_no_rng  the loss of the same model with dropout and stochastic
+                 depth off (no masks drawn or applied).
+
+  Each is compiled separately, on the same inputs. Their differences, paired
+  within a round, split the step: RNG = forward - forward_no_rng, backward =
+  fwd_bwd - forward, optimiser = step - fwd_bwd. This is a subtraction of
+  separately compiled programs, not a profile: XLA fuses differently in each,
+  so the parts are estimates that add up to the step only approximately.
+  """
+
+  PARTS = ('forward_no_rng', 'forward', 'fwd_bwd', 'step')
+
+  def __init__(self, run: train_lib.Run, batch: dict,
+               steps_per_epoch: int = BENCH_STEPS_PER_EPOCH):
+    self.run, self.batch = run, batch
+    self.step_fn = train_lib.make_train_step(run, steps_per_epoch)
+    tx_init = train_lib.make_optimizer(run, steps_per_epoch)[2]
+    self.trainable = run.replicate(run.trainable)
+    self.opt_state = run.replicate(tx_init(self.trainable))
+    self.key = run.replicate(train_lib.dropout_key(run.config))
+    self.step = 0
+    self.compiles_before = self.step_fn._cache_size()  # pylint: disable=protected-access
+    no_rng = ml_collections.ConfigDict(run.model_config.to_dict())
+    no_rng.drop_path, no_rng.lora_dropout = 0.0, 0.0
+    no_rng_model = train_lib.build_model(no_rng, run.config.get('dtype', 'float32'))
+
+    def loss(model, trainable, frozen, batch, step, key):
+      logits = model.apply({'params': optim.merge_params(trainable, frozen)},
+                           batch['image'], train=True,
+                           rngs={'dropout': jax.random.fold_in(key, step)})
+      return train_lib._masked_xent(  # pylint: disable=protected-access
+          logits, batch['label'], batch['mask'])[0]
+
+    self.programs = {
+        'forward_no_rng': Traced(lambda *a: loss(no_rng_model, *a)),
+        'forward': Traced(lambda *a: loss(run.model, *a)),
+        'fwd_bwd': Traced(jax.value_and_grad(lambda *a: loss(run.model, *a))),
+    }
+
+  def _args(self) -> tuple:
+    return (self.trainable, self.opt_state, self.run.frozen, self.batch,
+            np.int32(self.step), self.key)
+
+  def call_step(self) -> jax.Array:
+    """One training step, exactly as `train`'s loop calls it."""
+    self.trainable, self.opt_state, metrics = self.step_fn(*self._args())
+    self.step += 1
+    return metrics['loss']
+
+  def calls(self) -> dict[str, Callable[[], Any]]:
+    def program(name):
+      fn = self.programs[name]
+      return lambda: fn(self.trainable, self.run.frozen, self.batch,
+                        np.int32(self.step), self.key)
+    out = {name: program(name) for name in self.programs}
+    out['step'] = self.call_step
+    return out
+
+  def step_compiles(self) -> int:
+    """Compilations of the step since this object was made (1: the first call)."""
+    return self.step_fn._cache_size() - self.compiles_before  # pylint: disable=protected-access
+
+  def compiled(self) -> dict[str, Any]:
+    """Each program compiled for the current inputs (served from jax's caches
+    after the first calls; used for the cost and memory analyses)."""
+    args = self._args()
+    out = {'step': self.step_fn.lower(*args).compile()}
+    for name, fn in self.programs.items():
+      out[name] = fn.jitted.lower(args[0], *args[2:]).compile()
+    return out
+
+
+def _cost_flops(compiled: Any) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0]
+  return float((cost or {}).get('flops', 0.0))
+
+
+def _breakdown(times: dict[str, list[float]], m: str) -> dict[str, float]:
+  """Step parts in seconds: paired (per-round) differences of the programs."""
+  t = {p: np.asarray(times[f'{m}:{p}']) for p in TrainStepCalls.PARTS[:-1]}
+  t['step'] = np.asarray(times[m])
+  parts = {'forward': float(np.median(t['forward_no_rng'])),
+           'rng': float(np.median(t['forward'] - t['forward_no_rng'])),
+           'backward': float(np.median(t['fwd_bwd'] - t['forward'])),
+           'optimizer': float(np.median(t['step'] - t['fwd_bwd']))}
+  return dict(parts, sum=sum(parts.values()), step=float(np.median(t['step'])),
+              method='subtraction of separately compiled programs, paired within rounds')
+
+
 def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
               dtype: str = 'float32', image_size: int = 0, num_iters: int = 5,
               min_seconds: float = 0.0, warmup: int = 1, matmul_size: int = 2048,
               methods: Sequence[str] = METHODS, params_path: str = '',
               num_classes: int = 100) -> dict[str, Any]:
-  """Times one training step per method round-robin; reports peak memory."""
+  """Times the real training step (`train.make_train_step`) per method.
+
+  Round-robin like the forward mode: each round calls every method's step and
+  the programs that split it (`TrainStepCalls`), plus the reference matmul.
+  Reports images/s, the paired speed-up over peft (else the first method),
+  the step's FLOPs from XLA's cost analysis and the rate achieved, peak
+  memory, and the forward / RNG / backward / optimiser breakdown.
+  """
+  if params_path:
+    raise BenchmarkError('--mode=train times the training step on random weights of '
+                         'the right shapes (an export has LoRA folded in): drop --params.')
   load_before = _load()
-  jdtype = DTYPES[dtype]
-  image_size, cfgs, train_params = _setup(
-      config, image_size=image_size, num_classes=num_classes, methods=methods,
-      params_path=params_path)
-  if params_path and not _has_scope(train_params[methods[0]], 'lora'):
-    raise BenchmarkError('--mode=train needs LoRA parameters; an export has them '
-                         'folded. Drop --params (random weights time the same).')
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(batch_size, image_size, image_size, 3)),
-                       jnp.float32)
-  labels = jnp.asarray(rng.integers(0, 2, size=(batch_size,)), jnp.int32)
-  tx = optax.adamw(config.get('lr', 1e-3), weight_decay=config.get('weight_decay', 1e-4))
-  calls, infos, traced, compiled, state = {}, {}, {}, {}, {}
-  key = jax.random.PRNGKey(0)
+  image_size = image_size or config.model.image_size
+  calls, infos, traced, steps = {}, {}, {}, {}
   for m in methods:
-    model = vit.build_model(cfgs[m], dtype=jdtype)
-    trainable, frozen = optim.split_params(train_params[m], config.trainable)
-    if not trainable:
-      raise BenchmarkError('config.trainable matches no parameter: nothing to train.')
-    infos[m] = model_info(model, m, image_size, batch_size)
-    # Forward + backward to the inputs only: frozen kernels get no gradient, so
-    # each forward matmul has one backward matmul (LoRA's extras are tiny).
-    infos[m]['batch_flops'] *= 2
-    infos[m]['gflops'] *= 2
-
-    def step(tr, opt, frozen, x, y, key, model=model):
-      def loss_fn(tr):
-        logits = model.apply({'params': optim.merge_params(tr, frozen)}, x, train=True,
-                             rngs={'dropout': key})
-        return optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), y).mean()
-      loss, grads = jax.value_and_grad(loss_fn)(tr)
-      updates, opt = tx.update(grads, opt, tr)
-      return optax.apply_updates(tr, updates), opt, loss
-
-    fn = Traced(step, donate_argnums=(0, 1))
-    traced[m] = fn
-    # Own copies: the step donates them, and methods share the initial arrays.
-    trainable = jax.tree.map(jnp.array, trainable)
-    state[m] = [trainable, jax.jit(tx.init)(trainable), jax.device_put(frozen)]
-
-    def call(m=m, fn=fn):
-      tr, opt, frozen = state[m]
-      tr, opt, loss = fn(tr, opt, frozen, images, labels, key)
-      state[m][:2] = [tr, opt]
-      return loss
-    calls[m] = call
-  mm, mm_flops = matmul_call(matmul_size, jdtype)
+    run = train_run(config, m, image_size=image_size, num_classes=num_classes,
+                    dtype=dtype)
+    steps[m] = TrainStepCalls(run, synthetic_batch(run, batch_size))
+    infos[m] = model_info(run.model, m, image_size, batch_size)
+    step_calls = steps[m].calls()
+    calls[m] = step_calls.pop('step')
+    for name, fn in step_calls.items():
+      calls[f'{m}:{name}'] = fn
+  mm, mm_flops = matmul_call(matmul_size, DTYPES[dtype])
   calls['matmul'] = mm
+  for fn in calls.values():  # compile everything before timing anything
+    _block(fn())
+  compiles_first = {m: steps[m].step_compiles() for m in methods}
   rss0 = _peak_rss_bytes()
   t0 = time.perf_counter()
   times = round_robin(calls, num_iters=num_iters, min_seconds=min_seconds,
-                      warmup=warmup)
+                      warmup=max(warmup - 1, 0))
   elapsed = time.perf_counter() - t0
-  for m in methods:  # after the timed calls: hits the jit caches, no new trace
-    compiled[m] = traced[m].jitted.lower(*state[m], images, labels,
-                                         jax.random.PRNGKey(0)).compile()
+  compiled = {m: steps[m].compiled() for m in methods}
+  for m in methods:
+    # What the step runs per image, XLA's count: the whole program (forward,
+    # backward, optimiser, patch embedding and head included).
+    flops = _cost_flops(compiled[m]['step'])
+    infos[m]['forward_gflops_blocks'] = infos[m]['gflops']  # our counter, forward
+    infos[m]['batch_flops'] = flops
+    infos[m]['gflops'] = flops / batch_size / 1e9
+    compiles = steps[m].step_compiles()
+    # Traces of the step after its first call, plus those of the helpers.
+    traced[m] = _Count(1 + compiles - compiles_first[m] + sum(
+        steps[m].programs[p].traces - 1 for p in steps[m].programs))
   out = _results('train', config, image_size, batch_size, dtype, warmup, times,
                  elapsed, load_before)
   out['matmul'] = _matmul_result(matmul_size, mm_flops, times['matmul'])
@@ -591,14 +727,19 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   dev = jax.devices()[0]
   stats = dev.memory_stats() if hasattr(dev, 'memory_stats') else None
   for m in methods:
-    ma = compiled[m].memory_analysis()
+    rec = out['models'][m]
+    rec['flops_source'] = ('XLA cost analysis of the compiled step '
+                           '(compiled.cost_analysis()["flops"])')
+    rec['breakdown'] = _breakdown(times, m)
+    rec['breakdown_gflops'] = {p: _cost_flops(c) / batch_size / 1e9
+                               for p, c in compiled[m].items()}
+    ma = compiled[m]['step'].memory_analysis()
     info = {}
     if ma is not None:
       for f in ('argument_size_in_bytes', 'output_size_in_bytes',
                 'temp_size_in_bytes', 'alias_size_in_bytes',
                 'generated_code_size_in_bytes'):
         info[f] = int(getattr(ma, f, 0) or 0)
-    rec = out['models'][m]
     rec['memory_analysis'] = info
     if stats and 'peak_bytes_in_use' in stats:
       rec['peak_bytes'] = int(stats['peak_bytes_in_use'])
@@ -610,6 +751,13 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   out['process_peak_rss_bytes'] = {'before_timing': rss0, 'after': _peak_rss_bytes()}
   out['recompiled'] = any(v['recompiled'] for v in out['models'].values())
   return out
+
+
+class _Count:
+  """`traces` in the shape `_per_model` reads from a `Traced`."""
+
+  def __init__(self, traces: int):
+    self.traces = traces
 
 
 # --------------------------------------------------------------------------- #
@@ -640,9 +788,16 @@ def format_table(res: dict[str, Any]) -> str:
   lines.append('img/s: median round; speed-up and % matmul: median over rounds of '
                'the ratio within a round.')
   if res['mode'] == 'train':
-    lines.append('train GFLOPs = 2 x forward (frozen kernels: input gradients only); '
-                 'peak memory: '
+    lines.append('train: the real step (train.make_train_step); GFLOPs per image of the '
+                 'whole compiled step (XLA cost analysis); peak memory: '
                  + next(iter(res['models'].values())).get('peak_source', 'n/a'))
+    lines.append('step breakdown, ms per batch (by subtraction of separately compiled '
+                 'programs, paired within rounds; not a profile):')
+    for m, r in res['models'].items():
+      b = r['breakdown']
+      lines.append(f"  {m:6} forward {b['forward'] * 1e3:8.1f}  RNG {b['rng'] * 1e3:7.1f}  "
+                   f"backward {b['backward'] * 1e3:8.1f}  optimizer {b['optimizer'] * 1e3:7.1f}"
+                   f"  sum {b['sum'] * 1e3:8.1f}  step {b['step'] * 1e3:8.1f}")
   if 'gemm_bound' in res:
     lines.append('dense-layer matmuls alone, at each model\'s token counts '
                  '(the ceiling for its speed-up on this machine):')
@@ -722,7 +877,10 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
                 params_path=fl['params'].value, num_classes=fl['num_classes'].value)
   if not train:
     kwargs['gemm_bound'] = fl['gemm_bound'].value
-  res = (run_train if train else run_forward)(config, **kwargs)
+  try:
+    res = (run_train if train else run_forward)(config, **kwargs)
+  except errors.PyraError as e:  # a setting that cannot run: one sentence, no traceback
+    raise SystemExit(f'error: {e}') from None
   print(format_table(res))
   out = fl['out'].value
   if out:

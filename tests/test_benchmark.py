@@ -14,6 +14,7 @@ import pytest
 from pyra_jax import benchmark
 from pyra_jax.experiments import plots
 from pyra_jax import schedules
+from pyra_jax import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,19 +96,83 @@ def test_forward_cli_writes_sane_json(tmp_path):
   assert 'speed-up bound' in proc.stdout
 
 
-def test_train_mode_reports_step_speed_and_memory(tmp_path):
+def test_train_mode_times_the_real_training_step(tmp_path):
+  """The timed step is train.make_train_step's, fed like the training loop feeds
+  it; every field is reported; the breakdown adds up; nothing recompiles."""
   config = _load_config(tmp_path)
-  res = benchmark.run_train(config, batch_size=2, num_iters=2, warmup=1,
-                            matmul_size=64, methods=('peft', 'pyra'))
-  assert res['recompiled'] is False
-  for m in res['models'].values():
-    assert m['images_per_sec'] > 0 and m['traces'] == 1
+  res = benchmark.run_train(config, batch_size=16, num_iters=20, min_seconds=1.0,
+                            warmup=1, matmul_size=64, methods=('peft', 'pyra'))
+  assert res['mode'] == 'train' and res['recompiled'] is False
+  rounds = res['settings']['rounds']
+  assert rounds >= 20
+  models = res['models']
+  # The step run_train timed is the memoised object a training run of the same
+  # config gets, and it compiled once: the timed calls added no cache entry.
+  run = benchmark.train_run(config, 'pyra', image_size=32, num_classes=10,
+                            dtype='float32')
+  step_fn = train.make_train_step(run, benchmark.BENCH_STEPS_PER_EPOCH)
+  assert step_fn._cache_size() == 1  # pylint: disable=protected-access
+  # Its first call from a fresh state, as the training loop makes it (step 1:
+  # index 0, the run's dropout key, AdamW state from the run's optimiser),
+  # gives the same parameters bit for bit as the benchmark's first call.
+  batch = benchmark.synthetic_batch(run, 16)
+  tx_init = train.make_optimizer(run, benchmark.BENCH_STEPS_PER_EPOCH)[2]
+  tr = run.replicate(run.trainable)
+  want, _, _ = step_fn(tr, run.replicate(tx_init(tr)), run.frozen, batch,
+                       np.int32(0), run.replicate(train.dropout_key(run.config)))
+  calls = benchmark.TrainStepCalls(run, batch)
+  assert calls.step_fn is step_fn
+  calls.call_step()
+  jax.tree.map(np.testing.assert_array_equal, want, calls.trainable)
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool((a != b).any()),
+                                         want, run.trainable))
+  assert any(changed)  # a real update, not a no-op
+  assert step_fn._cache_size() == 1  # pylint: disable=protected-access
+
+  for name, m in models.items():
+    assert m['traces'] == 1 and m['recompiled'] is False
+    assert m['images_per_sec'] == pytest.approx(16 / m['seconds'])
+    assert len(m['round_seconds']) == rounds
+    # FLOPs of the compiled programs (XLA's count): the step does at least
+    # what forward+backward does, which does more than the forward, which does
+    # more than our counter's forward of the blocks alone (no embedding, head).
+    g = m['breakdown_gflops']
+    assert g['step'] == m['gflops']
+    assert g['step'] >= g['fwd_bwd'] > g['forward'] >= g['forward_no_rng']
+    assert g['forward_no_rng'] > m['forward_gflops_blocks'] > 0
+    assert m['gflops_per_s'] == pytest.approx(m['gflops'] * 16 / m['seconds'])
+    b = m['breakdown']
+    for part in ('forward', 'rng', 'backward', 'optimizer'):
+      assert b[part] > 0, (name, part, b)
+    assert b['sum'] == pytest.approx(b['step'], rel=0.3)
+    assert b['step'] == pytest.approx(m['seconds'])
     ma = m['memory_analysis']
     # At least the arguments (every parameter + optimiser state) are resident.
     assert m['peak_bytes'] >= ma['argument_size_in_bytes'] > 0
+  assert models['peft']['speedup'] == 1.0
+  assert models['pyra']['speedup'] == pytest.approx(np.median(
+      np.asarray(models['peft']['round_seconds'])
+      / np.asarray(models['pyra']['round_seconds'])))
   # PYRA's model has more trainable state (its generators) than PEFT's.
-  assert (res['models']['pyra']['memory_analysis']['argument_size_in_bytes']
-          > res['models']['peft']['memory_analysis']['argument_size_in_bytes'])
+  assert (models['pyra']['memory_analysis']['argument_size_in_bytes']
+          > models['peft']['memory_analysis']['argument_size_in_bytes'])
+  table = benchmark.format_table(res)
+  assert 'train.make_train_step' in table and 'optimizer' in table
+
+
+def test_train_mode_refuses_an_export_in_one_sentence(tmp_path):
+  cfg = tmp_path / 'tiny_bench.py'
+  cfg.write_text(TINY_CONFIG)
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'pyra_jax.benchmark', f'--config={cfg}', '--mode=train',
+       f'--params={tmp_path}'], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: --mode=train times the training step on random weights of the right '
+      'shapes (an export has LoRA folded in): drop --params.')
 
 
 def _load_config(tmp_path):
