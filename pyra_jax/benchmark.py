@@ -71,7 +71,6 @@ import os
 import platform
 import re
 import resource
-import statistics
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -87,7 +86,6 @@ from flax import traverse_util
 
 from pyra_jax import errors
 from pyra_jax import merge as merge_lib
-from pyra_jax import optim
 from pyra_jax import schedules
 from pyra_jax import train as train_lib
 from pyra_jax.models import vit
@@ -604,11 +602,8 @@ class TrainStepCalls:
     no_rng_model = train_lib.build_model(no_rng, run.config.get('dtype', 'float32'))
 
     def loss(model, trainable, frozen, batch, step, key):
-      logits = model.apply({'params': optim.merge_params(trainable, frozen)},
-                           batch['image'], train=True,
-                           rngs={'dropout': jax.random.fold_in(key, step)})
-      return train_lib._masked_xent(  # pylint: disable=protected-access
-          logits, batch['label'], batch['mask'])[0]
+      return train_lib.training_loss(model, trainable, frozen, batch,
+                                     jax.random.fold_in(key, step))[0]
 
     self.programs = {
         'forward_no_rng': Traced(lambda *a: loss(no_rng_model, *a)),

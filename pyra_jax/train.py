@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -298,13 +299,34 @@ def setup(config: ml_collections.ConfigDict, num_classes: int) -> Run:
 # Steps.
 # ----------------------------------------------------------------------------
 
-def _masked_xent(logits, labels, mask):
+def _masked_xent(logits, labels, mask, total=None):
+  """(sum of the unmasked rows' cross-entropy / total, correct, count).
+
+  `total` defaults to the batch's own mask count (its mean loss); a
+  micro-batch of an accumulated step divides by the whole batch's count.
+  """
   w = mask.astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), labels)
-  loss = (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
+  if total is None:
+    total = jnp.maximum(w.sum(), 1.0)
+  loss = (ce * w).sum() / total
   correct = ((jnp.argmax(logits, -1) == labels) * w).sum()
   return loss, correct, w.sum()
+
+
+def training_loss(model, trainable: PyTree, frozen: PyTree, batch: dict,
+                  rng: jax.Array, total=None) -> tuple[jax.Array, tuple]:
+  """The loss a training step differentiates: (loss, (correct, count)).
+
+  The model in training mode (LoRA dropout, stochastic depth drawn from
+  `rng`) on `batch`, masked cross-entropy (`_masked_xent`). Shared by the step
+  and by the benchmark's breakdown of it.
+  """
+  logits = model.apply({'params': optim.merge_params(trainable, frozen)},
+                       batch['image'], train=True, rngs={'dropout': rng})
+  loss, correct, count = _masked_xent(logits, batch['label'], batch['mask'], total)
+  return loss, (correct, count)
 
 
 def step_key(run: 'Run') -> str:
@@ -352,33 +374,15 @@ def make_train_step(run: 'Run', steps_per_epoch: int) -> Callable:
   (counted in updates), the checkpoints and exact resume are all unchanged.
   Micro-batch j's dropout key is fold_in(step key, j).
   """
-  model = run.model
   tx = make_optimizer(run, steps_per_epoch)[0]
   accum = int(run.config.grad_accum_steps)
-
-  def loss_and_grad(trainable, frozen, batch, rng, total):
-    """Gradient of sum(masked cross-entropy) / total on `batch`."""
-    def loss_fn(tr):
-      logits = model.apply({'params': optim.merge_params(tr, frozen)},
-                           batch['image'], train=True, rngs={'dropout': rng})
-      w = batch['mask'].astype(jnp.float32)
-      ce = optax.softmax_cross_entropy_with_integer_labels(
-          logits.astype(jnp.float32), batch['label'])
-      correct = ((jnp.argmax(logits, -1) == batch['label']) * w).sum()
-      return (ce * w).sum() / total, (correct, w.sum())
-    return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  loss_and_grad = jax.value_and_grad(
+      functools.partial(training_loss, run.model), has_aux=True)
 
   def train_step(trainable, opt_state, frozen, batch, step, key):
     rng = jax.random.fold_in(key, step)
     if accum == 1:
-      def loss_fn(tr):
-        logits = model.apply({'params': optim.merge_params(tr, frozen)},
-                             batch['image'], train=True, rngs={'dropout': rng})
-        loss, correct, count = _masked_xent(logits, batch['label'], batch['mask'])
-        return loss, (correct, count)
-
-      (loss, (correct, count)), grads = jax.value_and_grad(
-          loss_fn, has_aux=True)(trainable)
+      (loss, (correct, count)), grads = loss_and_grad(trainable, frozen, batch, rng)
     else:
       total = jnp.maximum(batch['mask'].astype(jnp.float32).sum(), 1.0)
 

@@ -13,7 +13,6 @@ import pytest
 
 from pyra_jax import benchmark
 from pyra_jax.experiments import plots
-from pyra_jax import schedules
 from pyra_jax import train
 
 ROOT = Path(__file__).resolve().parents[1]

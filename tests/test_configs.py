@@ -5,7 +5,6 @@ as transcribed in docs/algorithm.md §1-4), not values read from the configs.
 """
 
 import importlib.util
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

@@ -137,7 +137,7 @@ def test_two_stage_export_merges_and_names_the_trained_method(peft_workdir, tmp_
     # The option allows the merging only: a different LoRA rank is another tree.
     ('configs/tiny.py:method=tome', ('--two_stage', '--config.model.lora_rank=8'),
      'different config (model.lora_rank: 4 -> 8)'),
-    ('configs/tiny.py:method=tome', ('--two_stage', f'--export_dir=/tmp/x'),
+    ('configs/tiny.py:method=tome', ('--two_stage', '--export_dir=/tmp/x'),
      '--two_stage applies to --mode=eval or --mode=export'),
 ])
 def test_changes_beyond_the_merging_are_refused_in_one_sentence(
