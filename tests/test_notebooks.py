@@ -16,6 +16,7 @@ of dist-info directories as the installed packages, and a subprocess.run that
 records the pip commands instead of running them.
 """
 
+import importlib.metadata
 import importlib.util
 import json
 import re
@@ -130,9 +131,9 @@ def locked_versions() -> dict[str, str]:
 class FakeColab:
   """A Colab runtime for the notebooks' setup cell, recording what it would run.
 
-  `installed` maps package -> version, written as dist-info folders into `site`,
-  which becomes the only non-stdlib entry of sys.path (so importlib.metadata
-  sees this runtime, not the test's venv). pip is recorded; `pip install
+  `installed` maps package -> version, written as dist-info folders into `site`;
+  `importlib.metadata.version` and `.requires` read only that folder (so the
+  cell sees this runtime, not the test's venv). pip is recorded; `pip install
   --no-deps <source>` installs pyra_jax with the Requires-Dist lines setuptools
   writes from pyproject.toml, and any other install adds its requirements at
   requirements.txt's versions, as pip would resolve them here.
@@ -145,11 +146,18 @@ class FakeColab:
     self.tmp.mkdir()
     for name, version in installed.items():
       self.add(name, version)
-    stdlib = [p for p in sys.path if p.startswith(sys.base_prefix) and 'packages' not in p]
-    monkeypatch.setattr(sys, 'path', [str(self.site)] + stdlib)
+    monkeypatch.setattr(importlib.metadata, 'version', lambda d: self.distribution(d).version)
+    monkeypatch.setattr(importlib.metadata, 'requires', lambda d: self.distribution(d).requires)
     monkeypatch.setitem(sys.modules, 'google.colab', types.ModuleType('google.colab'))
     monkeypatch.setattr(subprocess, 'run', self.run)
     monkeypatch.setattr(tempfile, 'tempdir', str(self.tmp))
+
+  def distribution(self, name: str) -> importlib.metadata.Distribution:
+    """The distribution `name` installed in this runtime, as importlib.metadata finds it."""
+    for dist in importlib.metadata.distributions(path=[str(self.site)]):
+      if canonicalize_name(dist.metadata['Name']) == canonicalize_name(name):
+        return dist
+    raise importlib.metadata.PackageNotFoundError(name)
 
   def add(self, name: str, version: str, requires: tuple[str, ...] = ()) -> None:
     """Installs (or replaces) `name` at `version` as a dist-info folder."""
