@@ -62,7 +62,7 @@ class Teacher:
     return {'source': self.source, 'path': self.path, 'step': self.step,
             'fingerprint': self.fingerprint,
             'variant': self.model_config.get('variant'),
-            'depth': self.model_config.get('depth'),
+            'depth': int(self.model.depth), 'width': int(self.model.width),
             'method': self.model_config.get('method'),
             'recorded_accuracy': self.recorded_accuracy}
 
@@ -235,6 +235,6 @@ def describe(teacher: Teacher) -> str:
          if teacher.recorded_accuracy is not None else '')
   step = f' step {teacher.step}' if teacher.step is not None else ''
   return (f'Distilling from the teacher {teacher.path} ({teacher.source}{step}: '
-          f'{mc.variant}, depth {mc.depth or "from the variant"}, '
+          f'{mc.variant}, depth {teacher.model.depth}, '
           f'method {mc.method}{acc}) with T = {teacher.temperature:g}, '
           f'weight {teacher.weight:g}.')

@@ -3,7 +3,8 @@
 PE-Dist compresses by distillation instead of token merging: a smaller backbone
 (ViT-S/16 for ViT-B/16, ViT-B/16 for ViT-L/16) gets LoRA, and only LoRA and its
 head train, on the task's cross-entropy plus a KL term towards a frozen teacher,
-the larger backbone already PEFT-trained on the task (docs/algorithm.md §9).
+the larger backbone already PEFT-trained on the task (docs/algorithm.md §9;
+the loss we chose where the paper is silent: §10).
 
 The paper writes the loss as "CE + KL" and gives no temperature or weight; we
 use Hinton et al.'s knowledge-distillation form, which is that loss at T = 1,
