@@ -31,6 +31,7 @@ import jax
 import ml_collections
 
 from pyra_jax import checkpointing
+from pyra_jax import errors
 from pyra_jax import export as export_lib
 from pyra_jax import optim
 from pyra_jax import train as train_lib
@@ -127,6 +128,10 @@ def _from_workdir(path: str) -> tuple[Any, PyTree, ml_collections.ConfigDict,
       meta = None  # restore_run below falls back to an older step, or says why.
     finally:
       ckpt.close()
+  if not steps and export_lib.is_export(path):
+    raise ConfigError(
+        f'{field} = {path!r} is an export, not a training workdir: give it as '
+        'teacher_export=... (config.distill.teacher_export) instead.')
   if not steps:
     raise ConfigError(
         f'{field} = {path!r} holds no checkpoint (nothing in {directory}): train '
@@ -139,7 +144,10 @@ def _from_workdir(path: str) -> tuple[Any, PyTree, ml_collections.ConfigDict,
     finally:
       ckpt.close()
   config = ml_collections.ConfigDict(checkpointing.stored_config(meta['config']))
-  run, trainable, step = train_lib.restore_run(config, path)
+  try:
+    run, trainable, step = train_lib.restore_run(config, path)
+  except errors.PyraError as e:  # Say that it is the teacher's, not the student's.
+    raise type(e)(f'Restoring the teacher ({field} = {path!r}) failed: {e}') from e
   params = optim.merge_params(jax.device_get(trainable), jax.device_get(run.frozen))
   return run.model, params, run.model_config, config, step
 
