@@ -64,6 +64,9 @@ RESUMABLE_FIELDS = frozenset({
     # How the same step is computed (same parameters, same update up to
     # round-off): a run may move to an accelerator that wants other values.
     'model.attention', 'grad_accum_steps',
+    # Where PE-Dist's teacher lives (a moved folder): its weights are checked
+    # by fingerprint on resume (train._check_same_teacher).
+    'distill.teacher_workdir', 'distill.teacher_export',
 })
 
 # What must match to evaluate or export a checkpoint: the fields that decide what

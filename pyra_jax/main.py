@@ -10,8 +10,9 @@ r"""Train, evaluate or export a PYRA model: `python -m pyra_jax.main`.
 
 The text after ':' in --config is the setting's argument, a comma-separated
 list of key=value pairs (configs/paper.py documents the keys: task, method,
-modulation, pyra_lr, lr, source, data_dir, init). Any config field can then be
-overridden with --config.<field>=<value>; `--helpfull` lists every field.
+modulation, pyra_lr, lr, source, data_dir, init, teacher, teacher_export). Any
+config field can then be overridden with --config.<field>=<value>; `--helpfull`
+lists every field.
 
 Training resumes from the latest checkpoint in --workdir when there is one.
 Problems a user can fix (a bad config, missing data or weights, a workdir of

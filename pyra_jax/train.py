@@ -260,6 +260,9 @@ class Run:
   trainable: PyTree          # host arrays, fresh init (before any restore)
   frozen: PyTree             # on the mesh, replicated
   frozen_fingerprint: str
+  # PE-Dist's frozen teacher (`pyra_jax.teacher.Teacher`), loaded for training
+  # only when config.distill.enabled; eval and export never need it.
+  teacher: Any = None
 
   @property
   def replicated(self) -> NamedSharding:
@@ -316,16 +319,33 @@ def _masked_xent(logits, labels, mask, total=None):
 
 
 def training_loss(model, trainable: PyTree, frozen: PyTree, batch: dict,
-                  rng: jax.Array, total=None) -> tuple[jax.Array, tuple]:
+                  rng: jax.Array, total=None, *, teacher=None,
+                  teacher_params: PyTree = None) -> tuple[jax.Array, tuple]:
   """The loss a training step differentiates: (loss, (correct, count)).
 
   The model in training mode (LoRA dropout, stochastic depth drawn from
   `rng`) on `batch`, masked cross-entropy (`_masked_xent`). Shared by the step
   and by the benchmark's breakdown of it.
+
+  With a `teacher` (PE-Dist, `pyra_jax.teacher.Teacher`) each unmasked row
+  adds `w·T²·KL(softmax(t/T) || softmax(s/T))` (`methods.pedist`), averaged
+  like the cross-entropy; the teacher runs in eval mode on `teacher_params`,
+  which get no gradient (they are not an argument of the differentiation,
+  and its logits are behind a stop_gradient).
   """
   logits = model.apply({'params': optim.merge_params(trainable, frozen)},
                        batch['image'], train=True, rngs={'dropout': rng})
   loss, correct, count = _masked_xent(logits, batch['label'], batch['mask'], total)
+  if teacher is not None:
+    from pyra_jax.methods import pedist  # pylint: disable=g-import-not-at-top
+    teacher_logits = teacher.model.apply({'params': teacher_params},
+                                         batch['image'], train=False)
+    w = batch['mask'].astype(jnp.float32)
+    if total is None:
+      total = jnp.maximum(w.sum(), 1.0)
+    kd = pedist.distillation_term(logits, teacher_logits, teacher.temperature,
+                                  teacher.weight)
+    loss = loss + (kd * w).sum() / total
   return loss, (correct, count)
 
 
@@ -357,7 +377,11 @@ def _micro_batches(batch: dict, k: int) -> dict:
 
 
 def make_train_step(run: 'Run', steps_per_epoch: int) -> Callable:
-  """jit(train_step)(trainable, opt_state, frozen, batch, step, key).
+  """jit(train_step)(trainable, opt_state, frozen, batch, step, key[, teacher_params]).
+
+  With a teacher (`run.teacher`, PE-Dist) its parameters are the last
+  argument: an input of the compiled step like the frozen backbone, never
+  differentiated, donated or returned.
 
   Returns (trainable, opt_state, metrics). The dropout key of the step is
   fold_in(key, step): a pure function of the step, so a resumed run draws the
@@ -376,20 +400,25 @@ def make_train_step(run: 'Run', steps_per_epoch: int) -> Callable:
   """
   tx = make_optimizer(run, steps_per_epoch)[0]
   accum = int(run.config.grad_accum_steps)
+  teacher = run.teacher
   loss_and_grad = jax.value_and_grad(
-      functools.partial(training_loss, run.model), has_aux=True)
+      functools.partial(training_loss, run.model, teacher=teacher), has_aux=True)
 
-  def train_step(trainable, opt_state, frozen, batch, step, key):
+  def train_step(trainable, opt_state, frozen, batch, step, key, teacher_params=None):
+    if (teacher is None) != (teacher_params is None):
+      raise ValueError('Pass teacher_params exactly when the run has a teacher.')
     rng = jax.random.fold_in(key, step)
     if accum == 1:
-      (loss, (correct, count)), grads = loss_and_grad(trainable, frozen, batch, rng)
+      (loss, (correct, count)), grads = loss_and_grad(
+          trainable, frozen, batch, rng, teacher_params=teacher_params)
     else:
       total = jnp.maximum(batch['mask'].astype(jnp.float32).sum(), 1.0)
 
       def add_micro_batch(carry, xs):
         j, micro = xs
         (loss, (correct, count)), grads = loss_and_grad(
-            trainable, frozen, micro, jax.random.fold_in(rng, j), total)
+            trainable, frozen, micro, jax.random.fold_in(rng, j), total,
+            teacher_params=teacher_params)
         return jax.tree.map(jnp.add, carry, (loss, correct, count, grads)), None
 
       zeros = (jnp.zeros((), jnp.float32),) * 3 + (jax.tree.map(jnp.zeros_like, trainable),)
@@ -401,7 +430,8 @@ def make_train_step(run: 'Run', steps_per_epoch: int) -> Callable:
                                   'count': count,
                                   'grad_norm': optax.tree.norm(grads)}
 
-  return _memo(('train', step_key(run), steps_per_epoch, run.mesh),
+  teacher_key = teacher.memo_key() if teacher is not None else None
+  return _memo(('train', step_key(run), teacher_key, steps_per_epoch, run.mesh),
                lambda: jax.jit(train_step, donate_argnums=(0, 1),
                                out_shardings=run.replicated))
 
@@ -472,7 +502,8 @@ def _meta(run: Run, step: int, evals: list, train_time: float,
           'frozen_fingerprint': run.frozen_fingerprint,
           'evals': evals,
           'train_time_s': float(train_time),
-          'num_devices': jax.device_count()}
+          'num_devices': jax.device_count(),
+          'teacher': run.teacher.record() if run.teacher is not None else None}
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -503,6 +534,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   check_workdir(workdir)
   check_config(config)
+  from pyra_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
+  teacher_lib.check_settings(config)
   checkpointing.check_allowed_changes(allow_config_change)
   if jax.process_index() != 0:  # Process 0 holds the lock for the whole job.
     return _train_and_evaluate(config, workdir, allow_config_change)
@@ -584,6 +617,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_model_init(config)  # Before minutes of data preparation.
   train_data, eval_data, steps_per_epoch = _load_data(config)
   run = setup(config, train_data.num_classes)
+  from pyra_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
+  if teacher_lib.enabled(config):
+    run.teacher = teacher_lib.load_teacher(config, run.model_config, run.replicate)
+    if jax.process_index() == 0:
+      print(teacher_lib.describe(run.teacher), flush=True)
   # What the run trains, as Table 1 reports it (LoRA, generators, head).
   trainable_params = param_counts.trainable_report(run.trainable, run.frozen)
   if jax.process_index() == 0:
@@ -629,6 +667,24 @@ def _load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any, int]:
   return train_data, eval_data, steps_per_epoch
 
 
+def _check_same_teacher(meta: dict, run: Run, directory: str) -> None:
+  """Refuses to resume a distillation run on a teacher with other weights.
+
+  The teacher's path may change (a moved folder, its export instead of its
+  workdir if the weights are the same), its parameters may not: the steps
+  after the resume would distil from another model.
+  """
+  saved = (meta.get('teacher') or {}).get('fingerprint')
+  now = run.teacher.fingerprint if run.teacher is not None else None
+  if saved is not None and now is not None and saved != now:
+    where = meta['teacher'].get('path')
+    raise checkpointing.CheckpointMismatchError(
+        f'{directory} holds a checkpoint (step {meta.get("step")}) distilled from '
+        f'a teacher with other weights ({where}, step {meta["teacher"].get("step")}) '
+        f'than the one loaded now ({run.teacher.path}, step {run.teacher.step}): '
+        'give the same teacher to resume, or use a new --workdir.')
+
+
 def _restore_or_start(run: Run, ckpt: checkpointing.Checkpointer,
                       steps_per_epoch: int,
                       allow_config_change: Collection[str]) -> Progress:
@@ -646,6 +702,7 @@ def _restore_or_start(run: Run, ckpt: checkpointing.Checkpointer,
       changed = checkpointing.check_compatible(
           meta, run.config, run.frozen_fingerprint, ckpt.directory,
           allow=allow_config_change)
+      _check_same_teacher(meta, run, ckpt.directory)
       params = ckpt.restore_params(step, run.abstract(fresh.trainable))
       opt = _restore_opt_state(ckpt, step, meta, run, steps_per_epoch,
                                fresh.opt_state, changed)
@@ -692,6 +749,7 @@ def _train_loop(run: Run, ckpt: checkpointing.Checkpointer,
   key = run.replicate(dropout_key(config))
   bar = metrics_lib.progress_bar(total_steps, progress.step, enabled=is_main)
   batches = train_batches(train_data, progress.step)
+  teacher_args = (run.teacher.params,) if run.teacher is not None else ()
   window = {'loss': 0.0, 'correct': 0.0, 'count': 0.0, 'steps': 0,
             't0': time.time()}
   train_images, train_seconds = 0, 0.0
@@ -702,7 +760,7 @@ def _train_loop(run: Run, ckpt: checkpointing.Checkpointer,
       batch = _shard(next(batches), run.batch_sharding)
       progress.trainable, progress.opt_state, m = train_step(
           progress.trainable, progress.opt_state, run.frozen, batch,
-          np.int32(step - 1), key)
+          np.int32(step - 1), key, *teacher_args)
       progress.step = step
       loss = float(m['loss'])  # Also the sync point that makes timings real.
       if not math.isfinite(loss):
@@ -790,6 +848,7 @@ def _final_results(run: Run, progress: Progress, eval_data,
       'trainable_params': trainable_params,
       'config': checkpointing.config_to_dict(config),
       'config_changes': progress.config_changes,
+      'teacher': run.teacher.record() if run.teacher is not None else None,
   }
 
 

@@ -34,6 +34,9 @@ PAPER = {
     'deitb_high.py': ('B/16', True, 8, 128, VITB_HIGH),
     'vits_peft.py': ('S/16', False, 4, 64, (0,) * 12),
     'deits_peft.py': ('S/16', True, 4, 128, (0,) * 12),
+    # PE-Dist students (Table 15): the smaller backbone, PEFT, no merging.
+    'vits_pedist.py': ('S/16', False, 4, 64, (0,) * 12),
+    'vitb_pedist.py': ('B/16', False, 8, 64, (0,) * 12),
 }
 
 

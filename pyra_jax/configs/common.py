@@ -118,6 +118,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.trainable.pyra = r'.*/pyra/.*'  # PYRA generators + their LayerNorm (lr: pyra_lr)
   config.trainable.lora_head = r'(.*/lora/.*|^head.*)'  # LoRA and the head (lr: lr)
 
+  # --- Distillation (PE-Dist, the paper's Table 15) ----------------------------
+  # Train on CE + weight·T²·KL(softmax(teacher/T) || softmax(student/T)) towards a
+  # frozen teacher, one of our trained models, run in eval mode inside the step
+  # (docs/algorithm.md §10; README "PE-Dist"). Only for training: eval and
+  # export of the student never load the teacher.
+  distill = config.distill = ml_collections.ConfigDict()
+  distill.enabled = False       # True: distil from the teacher below (the config
+                                # argument teacher=... / teacher_export=... sets it)
+  distill.teacher_workdir = ''  # a training workdir: its latest checkpoint, with
+                                # the config stored in it (variant, LoRA, weights)
+  distill.teacher_export = ''   # or an export (--mode=export, LoRA folded)
+  distill.temperature = 1.0     # T; the paper gives none, T = 1 is its "CE + KL"
+  distill.weight = 1.0          # w, the KL term's weight (0: cross-entropy only)
+
   # --- Loop -------------------------------------------------------------------
   config.log_every_steps = 10   # metrics.jsonl / TensorBoard cadence
   config.eval_every_epochs = 10  # periodic test evals: after epoch 1, every N, and at

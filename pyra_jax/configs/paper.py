@@ -19,6 +19,9 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
   data_dir=DIR     data.data_dir (TFDS data_dir or the VTAB-1k folder root)
   init=PATH        model_init, the pretrained weights (format auto-detected),
                    a file or a Hub name, e.g. hf-hub:timm/vit_base_patch16_224.orig_in21k
+  teacher=WORKDIR  distil from this training run (PE-Dist): sets
+                   distill.enabled and distill.teacher_workdir
+  teacher_export=DIR  the same from an export of the teacher
 
 Everything else: `--config.<field>=<value>` (see configs/common.py).
 """
@@ -49,7 +52,7 @@ BACKBONES = {
 }
 LEVELS = ('low', 'high')
 ARG_KEYS = ('task', 'method', 'modulation', 'pyra_lr', 'lr', 'source',
-            'data_dir', 'init')
+            'data_dir', 'init', 'teacher', 'teacher_export')
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -92,6 +95,11 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None
     config.data.data_dir = kv['data_dir']
   if 'init' in kv:
     config.model_init = kv['init']
+  for key, field in (('teacher', 'teacher_workdir'),
+                     ('teacher_export', 'teacher_export')):
+    if key in kv:
+      config.distill.enabled = True
+      config.distill[field] = kv[key]
   return config
 
 

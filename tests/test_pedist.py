@@ -1,0 +1,343 @@
+"""PE-Dist (Table 15): distillation loss, frozen teacher, resume, bad input.
+
+The loss is checked against a numpy loop written from its definition
+(CE + w·T²·KL(softmax(t/T) || softmax(s/T)), docs/algorithm.md §10), on random
+logits and on the tiny models' real logits, where the teacher's logits come from
+the teacher's own evaluation path (`train.restore_run` + eval-mode apply), not
+from `pyra_jax.teacher`. The teacher is a tiny PEFT run trained here through the
+command line; the students are one-block tiny PEFT models.
+"""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from pyra_jax import checkpointing
+from pyra_jax import export as export_lib
+from pyra_jax import metrics
+from pyra_jax import optim
+from pyra_jax import teacher as teacher_lib
+from pyra_jax import train
+from pyra_jax.configs import tiny
+from pyra_jax.methods import pedist
+from tests.offline_data import require_offline_mnist
+from tests.test_train_cli import reset_flags, run_main
+
+# The tiny setting, 1 epoch (25 steps of 40 digits), evaluated on val200.
+TINY = ['--config.data.eval_split=val200', '--config.eval_batch_size=64',
+        '--config.log_every_steps=1', '--config.num_epochs=1']
+STEPS = 25
+
+
+# ---------------------------------------------------------------------------
+# The loss, from its definition.
+# ---------------------------------------------------------------------------
+
+def np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  m = z.max()
+  return z - m - math.log(sum(math.exp(v - m) for v in z))
+
+
+def np_pedist_loss(student, teacher, labels, mask, temperature, weight):
+  """Mean over the unmasked rows of CE(y, s) + w·T²·Σ_c p_t,c·log(p_t,c / p_s,c)."""
+  total, rows = 0.0, 0
+  for s, t, y, m in zip(student, teacher, labels, mask):
+    if not m:
+      continue
+    ce = -np_log_softmax(s)[y]
+    log_ps = np_log_softmax(np.asarray(s) / temperature)
+    log_pt = np_log_softmax(np.asarray(t) / temperature)
+    kl = 0.0
+    for c in range(len(s)):
+      p = math.exp(log_pt[c])
+      kl += p * (log_pt[c] - log_ps[c])
+    total += ce + weight * temperature ** 2 * kl
+    rows += 1
+  return total / max(rows, 1)
+
+
+@pytest.mark.parametrize('temperature,weight', [(1.0, 1.0), (3.5, 0.4), (0.5, 2.0)])
+def test_distillation_term_matches_the_definition(temperature, weight):
+  rng = np.random.default_rng(0)
+  s = rng.normal(size=(6, 7)) * 3
+  t = rng.normal(size=(6, 7)) * 3
+  got = np.asarray(pedist.distillation_term(jnp.asarray(s, jnp.float32),
+                                            jnp.asarray(t, jnp.float32),
+                                            temperature, weight))
+  zero = np.zeros(6, int)
+  for i in range(6):
+    # The CE part of np_pedist_loss at label 0, subtracted out, leaves w·T²·KL.
+    want = (np_pedist_loss(s[i:i + 1], t[i:i + 1], zero[:1], [1], temperature, weight)
+            + np_log_softmax(s[i])[0])
+    np.testing.assert_allclose(got[i], want, rtol=2e-5, atol=1e-6)
+  # Equal distributions: no KL; a student that matches the teacher pays nothing.
+  same = pedist.distillation_term(jnp.asarray(t), jnp.asarray(t), temperature, weight)
+  np.testing.assert_allclose(np.asarray(same), 0.0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# A real teacher: a tiny PEFT run, trained through the command line.
+# ---------------------------------------------------------------------------
+
+def tiny_config(**distill) -> ml_collections.ConfigDict:
+  """The student: tiny, one block, PEFT, as the TINY command line sets it."""
+  c = tiny.get_config('method=peft')
+  c.model.depth = 1
+  c.data.eval_split, c.eval_batch_size, c.log_every_steps, c.num_epochs = 'val200', 64, 1, 1
+  for k, v in distill.items():
+    c.distill[k] = v
+  if distill:
+    c.distill.enabled = True
+  return c
+
+
+def teacher_config() -> ml_collections.ConfigDict:
+  c = tiny.get_config('method=peft')
+  c.data.eval_split, c.eval_batch_size, c.log_every_steps, c.num_epochs = 'val200', 64, 1, 1
+  return c
+
+
+class _Capture:
+  def readouterr(self):
+    return '', ''
+
+
+@pytest.fixture(scope='module')
+def teacher_wd(tmp_path_factory):
+  require_offline_mnist()
+  wd = tmp_path_factory.mktemp('pedist') / 'teacher'
+  mp = pytest.MonkeyPatch()
+  code, _, err = run_main(_Capture(), mp, '--config=configs/tiny.py:method=peft',
+                          *TINY, f'--workdir={wd}')
+  mp.undo()
+  reset_flags()
+  assert code == 0, err
+  return wd
+
+
+@pytest.fixture(scope='module')
+def teacher_export(teacher_wd):
+  return export_lib.export(teacher_config(), str(teacher_wd),
+                           str(teacher_wd.parent / 'teacher_export'))
+
+
+_OWN_EVAL = {}
+
+
+def own_eval_logits(teacher_wd, images):
+  """The teacher's logits the way its own --mode=eval computes them."""
+  if teacher_wd not in _OWN_EVAL:
+    run, trainable, _ = train.restore_run(teacher_config(), str(teacher_wd))
+    params = optim.merge_params(trainable, run.frozen)
+    apply = jax.jit(lambda p, x: run.model.apply({'params': p}, x, train=False))
+    _OWN_EVAL[teacher_wd] = lambda x: apply(params, x)
+  return np.asarray(_OWN_EVAL[teacher_wd](images))
+
+
+def eval_batches(config):
+  data = train.get_data(config.data, config.data.eval_split, config.eval_batch_size,
+                        image_size=config.model.image_size, train=False, seed=config.seed)
+  return list(iter(data))
+
+
+def student_with_teacher(**distill):
+  config = tiny_config(**distill)
+  run = train.setup(config, 10)
+  run.teacher = teacher_lib.load_teacher(config, run.model_config, run.replicate)
+  return config, run
+
+
+def test_the_teachers_logits_are_its_own_evals(teacher_wd, teacher_export):
+  """From the workdir: the logits of its --mode=eval, hence its recorded accuracy;
+  from the export: the accuracy of --mode=eval --export_dir."""
+  config, run = student_with_teacher(teacher_workdir=str(teacher_wd))
+  t = run.teacher
+  assert (t.source, t.step, t.model_config.depth) == ('workdir', STEPS, 2)
+  apply = jax.jit(lambda p, x: t.model.apply({'params': p}, x, train=False))
+  correct = count = 0
+  for batch in eval_batches(config):
+    logits = np.asarray(apply(t.params, batch['image']))
+    np.testing.assert_array_equal(logits, own_eval_logits(teacher_wd, batch['image']))
+    correct += int(((logits.argmax(-1) == batch['label']) & batch['mask']).sum())
+    count += int(batch['mask'].sum())
+  recorded = json.loads((teacher_wd / 'results.json').read_text())['final_accuracy']
+  assert count == 200 and correct / count == recorded == t.recorded_accuracy
+  assert train.evaluate_checkpoint(teacher_config(), str(teacher_wd))['accuracy'] == recorded
+
+  _, run_e = student_with_teacher(teacher_export=teacher_export)
+  te = run_e.teacher
+  assert te.source == 'export' and te.model_config.lora_rank == 0 and te.step == STEPS
+  apply_e = jax.jit(lambda p, x: te.model.apply({'params': p}, x, train=False))
+  correct = 0
+  for batch in eval_batches(config):
+    logits = np.asarray(apply_e(te.params, batch['image']))
+    correct += int(((logits.argmax(-1) == batch['label']) & batch['mask']).sum())
+  assert correct / 200 == export_lib.evaluate_export(teacher_export, config)['accuracy']
+
+
+def test_training_loss_is_ce_plus_the_kl_to_the_teacher(teacher_wd):
+  config, run = student_with_teacher(teacher_workdir=str(teacher_wd),
+                                     temperature=2.5, weight=0.6)
+  batch = eval_batches(config)[0]
+  batch['mask'] = batch['mask'].copy()
+  batch['mask'][::5] = False  # Masked rows count in neither term.
+  rng = jax.random.PRNGKey(3)
+  loss, (correct, count) = train.training_loss(
+      run.model, run.trainable, run.frozen, batch, rng,
+      teacher=run.teacher, teacher_params=run.teacher.params)
+  student = np.asarray(run.model.apply(
+      {'params': optim.merge_params(run.trainable, run.frozen)}, batch['image'],
+      train=True, rngs={'dropout': rng}))
+  teacher = own_eval_logits(teacher_wd, batch['image'])
+  want = np_pedist_loss(student, teacher, batch['label'], batch['mask'], 2.5, 0.6)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  assert int(count) == int(batch['mask'].sum())
+  # The KL term is there: without the teacher the loss is the CE alone.
+  ce, _ = train.training_loss(run.model, run.trainable, run.frozen, batch, rng)
+  np.testing.assert_allclose(
+      float(ce), np_pedist_loss(student, teacher, batch['label'], batch['mask'], 2.5, 0.0),
+      rtol=1e-5)
+  assert float(loss) > float(ce) + 1e-4
+
+
+def test_the_step_trains_lora_and_head_only_and_compiles_once(teacher_wd, monkeypatch):
+  config, run = student_with_teacher(teacher_workdir=str(teacher_wd), weight=0.9)
+  teacher_before = jax.tree.map(np.array, jax.device_get(run.teacher.params))
+  # Only LoRA and the head are trainable (config.trainable's lora_head group).
+  paths = traverse_util.flatten_dict(run.trainable, sep='/')
+  assert paths and all('/lora/' in f'/{p}' or p.startswith('head/') for p in paths)
+  # The teacher's parameters get no gradient through the loss.
+  batch = eval_batches(config)[0]
+  g = jax.grad(lambda tp: train.training_loss(
+      run.model, run.trainable, run.frozen, batch, jax.random.PRNGKey(0),
+      teacher=run.teacher, teacher_params=tp)[0])(run.teacher.params)
+  assert all(not np.asarray(x).any() for x in jax.tree.leaves(g))
+
+  traces = []
+  original = train.training_loss
+  monkeypatch.setattr(train, 'training_loss',
+                      lambda *a, **k: traces.append(1) or original(*a, **k))
+  step_fn = train.make_train_step(run, steps_per_epoch=25)
+  tx_init = train.make_optimizer(run, 25)[2]
+  trainable = run.replicate(run.trainable)
+  start = jax.tree.map(np.array, jax.device_get(run.trainable))
+  opt_state = run.replicate(tx_init(run.trainable))
+  key = run.replicate(train.dropout_key(config))
+  data = train.get_data(config.data, config.data.train_split, config.batch_size,
+                        image_size=32, train=True, seed=0)
+  for step, b in zip(range(3), iter(data)):
+    b = train._shard(b, run.batch_sharding)  # pylint: disable=protected-access
+    trainable, opt_state, m = step_fn(trainable, opt_state, run.frozen, b,
+                                      np.int32(step), key, run.teacher.params)
+    assert np.isfinite(float(m['loss']))
+  assert len(traces) == 1  # One trace, one compilation, for 3 batches.
+  after = traverse_util.flatten_dict(jax.device_get(trainable), sep='/')
+  moved = {p for p, v in traverse_util.flatten_dict(start, sep='/').items()
+           if not np.array_equal(v, after[p])}
+  assert moved == set(paths)  # Every LoRA and head parameter moved, nothing else exists.
+  for a, b in zip(jax.tree.leaves(teacher_before),
+                  jax.tree.leaves(jax.device_get(run.teacher.params))):
+    np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# Resume after a kill; the teacher recorded with the run.
+# ---------------------------------------------------------------------------
+
+class Killed(Exception):
+  pass
+
+
+def test_a_killed_distillation_run_resumes_to_the_same_weights(
+    teacher_wd, teacher_export, tmp_path, monkeypatch):
+  config = tiny_config(teacher_workdir=str(teacher_wd))
+  config.checkpoint_every_steps = 10
+  ref = train.train_and_evaluate(config, str(tmp_path / 'ref'))
+  assert ref['teacher']['fingerprint'] and ref['teacher']['step'] == STEPS
+
+  original = train.train_batches
+
+  def dies_after_13(data, start_step):
+    for i, b in enumerate(original(data, start_step)):
+      if i == 13:
+        raise Killed()
+      yield b
+  monkeypatch.setattr(train, 'train_batches', dies_after_13)
+  wd = tmp_path / 'killed'
+  with pytest.raises(Killed):
+    train.train_and_evaluate(config, str(wd))
+  monkeypatch.undo()
+  assert checkpointing.Checkpointer(str(wd / 'checkpoints')).latest_step() == 10
+  # Another teacher (the export's folded weights differ from the workdir's) is refused.
+  other = tiny_config(teacher_export=teacher_export)
+  other.checkpoint_every_steps = 10
+  with pytest.raises(checkpointing.CheckpointMismatchError, match='other weights'):
+    train.train_and_evaluate(other, str(wd))
+  resumed = train.train_and_evaluate(config, str(wd))
+  assert resumed['evals'] == ref['evals']
+  losses = lambda d: {m['step']: m['loss'] for m in metrics.read_metrics(str(d)) if 'loss' in m}
+  assert losses(wd) == losses(tmp_path / 'ref')
+  _, a, _ = train.restore_run(config, str(wd))
+  _, b, _ = train.restore_run(config, str(tmp_path / 'ref'))
+  for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+    np.testing.assert_array_equal(x, y)
+
+
+# ---------------------------------------------------------------------------
+# Bad input, the way a user meets it: one sentence from the command line.
+# ---------------------------------------------------------------------------
+
+def one_sentence(code, err):
+  lines = [l for l in err.strip().splitlines() if l.startswith('Error: ')]
+  return code == 1 and len(lines) == 1 and 'Traceback' not in err
+
+
+@pytest.mark.parametrize('make_args,message', [
+    (lambda t, tmp: ['--config=configs/tiny.py:method=peft,teacher=' + str(tmp / 'nope')],
+     'does not exist: give the --workdir of the teacher'),
+    (lambda t, tmp: ['--config=configs/tiny.py:method=peft,teacher=' + str(tmp)],
+     'holds no checkpoint'),
+    (lambda t, tmp: ['--config=configs/tiny.py:method=peft,teacher_export=' + str(t)],
+     'is not a pyra_jax export'),
+    (lambda t, tmp: ['--config=configs/tiny.py:method=peft,teacher=' + str(t),
+                     '--config.model.num_classes=12'],
+     "has 10 classes but the student's task (mnist) has 12"),
+    (lambda t, tmp: ['--config=configs/tiny.py:method=peft,teacher=' + str(t),
+                     '--config.model.image_size=48'],
+     'was trained at 32 px but the student runs at config.model.image_size = 48'),
+    (lambda t, tmp: ['--config=configs/tiny.py:method=peft,teacher=' + str(t),
+                     '--config.distill.temperature=0.0'],
+     'use a temperature > 0'),
+    (lambda t, tmp: ['--config=configs/tiny.py:method=peft',
+                     '--config.distill.teacher_workdir=' + str(t)],
+     'config.distill.enabled is False'),
+    (lambda t, tmp: ['--config=configs/vits_pedist.py:init=random'],
+     'no teacher is given'),
+])
+def test_bad_teachers_are_one_sentence(teacher_wd, tmp_path, capsys, monkeypatch,
+                                       make_args, message):
+  (tmp_path / 'empty').mkdir()
+  args = make_args(teacher_wd, tmp_path / 'empty')
+  code, out, err = run_main(capsys, monkeypatch, *args, *TINY,
+                            f'--workdir={tmp_path / "student"}')
+  reset_flags()
+  assert one_sentence(code, err) and message in err, err
+
+
+def test_the_pedist_settings():
+  from pyra_jax.configs import vitb_pedist, vits_pedist  # pylint: disable=g-import-not-at-top
+  s = vits_pedist.get_config('task=dtd,teacher=/runs/vitb_peft')
+  b = vitb_pedist.get_config('teacher_export=/runs/vitl_peft/export')
+  # Table 15: ViT-S/16 (LoRA h=4) for ViT-B, ViT-B/16 (h=8) for ViT-L, no merging.
+  assert (s.model.variant, s.model.lora_rank, s.model.method) == ('S/16', 4, 'peft')
+  assert (b.model.variant, b.model.lora_rank, b.model.method) == ('B/16', 8, 'peft')
+  assert s.distill.enabled and s.distill.teacher_workdir == '/runs/vitb_peft'
+  assert b.distill.enabled and b.distill.teacher_export == '/runs/vitl_peft/export'
+  assert s.data.task == 'dtd' and not s.distill.teacher_export
