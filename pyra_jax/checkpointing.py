@@ -64,6 +64,8 @@ RESUMABLE_FIELDS = frozenset({
     # How the same step is computed (same parameters, same update up to
     # round-off): a run may move to an accelerator that wants other values.
     'model.attention', 'grad_accum_steps',
+    # What `python -m pyra_jax.vtab` reads around the run, never the run itself.
+    'vtab.pyra_lr_grid', 'vtab.backbone',
 })
 
 # What must match to evaluate or export a checkpoint: the fields that decide what
