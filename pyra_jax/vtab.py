@@ -40,6 +40,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -52,6 +53,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from pyra_jax import cli
 from pyra_jax import configs
 from pyra_jax import errors
 from pyra_jax.errors import ConfigError, UsageError
@@ -93,6 +95,11 @@ GROUPS = {
                    'smallnorb_ele'),
 }
 VTAB_TASKS = tuple(t for g in GROUPS.values() for t in g)
+# Folder tasks beyond VTAB-1k (pyra_jax/data/tasks.py: EXTRA_TASKS but mnist,
+# which is its own source), and a dataset of one's own, 'folder:NAME'.
+FOLDER_EXTRA_TASKS = ('cifar10',)
+CUSTOM_PREFIX = 'folder:'
+_PLAIN_NAME = re.compile(r'[\w-][\w.-]*')  # As pyra_jax/data/tasks.py.
 
 # The paper's VTAB-1k means over the 19 tasks (docs/algorithm.md §7), by
 # (config.vtab.backbone, method, merging level); level None for PEFT.
@@ -147,8 +154,10 @@ def default_tasks(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def check_tasks(tasks: Sequence[str], source: str) -> None:
-  """Refuses a task the source cannot provide, in one sentence."""
-  from pyra_jax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  """Refuses a task the source cannot provide, in one sentence.
+
+  By name only (no TensorFlow import), so a typo fails in a second.
+  """
   if not tasks:
     raise UsageError('--tasks is empty: give task names separated by commas, '
                      'or leave it out for all 19 VTAB-1k tasks.')
@@ -161,18 +170,19 @@ def check_tasks(tasks: Sequence[str], source: str) -> None:
         raise UsageError(f'--tasks={t}: data.source=mnist has the one task mnist; '
                          'for VTAB-1k tasks set source=tfds or source=folder.')
       continue
-    if t.startswith(tasks_lib.CUSTOM_PREFIX):
+    if t.startswith(CUSTOM_PREFIX):
       if source != 'folder':
         raise UsageError(f'--tasks={t}: a dataset of your own needs data.source=folder.')
-      tasks_lib.custom_folder_name(t)  # Checks the name.
+      if not _PLAIN_NAME.fullmatch(t[len(CUSTOM_PREFIX):]):
+        raise UsageError(f'--tasks={t}: after {CUSTOM_PREFIX!r} give the name of '
+                         "your dataset's folder inside data.data_dir (letters, "
+                         'digits, _ . -), e.g. folder:pets.')
       continue
-    known = t in tasks_lib.TASKS or (source == 'folder' and t in tasks_lib.EXTRA_TASKS
-                                     and t != 'mnist')
-    if not known:
-      extra = ', cifar10 or folder:NAME' if source == 'folder' else ''
+    if t not in VTAB_TASKS and not (source == 'folder' and t in FOLDER_EXTRA_TASKS):
+      extra = f', {", ".join(FOLDER_EXTRA_TASKS)} or folder:NAME' if source == 'folder' else ''
       raise UsageError(
           f'Unknown task {t!r} in --tasks for data.source={source}: use VTAB-1k '
-          f'names ({", ".join(tasks_lib.TASKS)}){extra}.')
+          f'names ({", ".join(VTAB_TASKS)}){extra}.')
 
 
 def check_grid(grid: Sequence[float]) -> list[float]:
@@ -338,9 +348,11 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
   Returns {'waiting': [final runs whose selection other workers have not
   finished], 'summary': the summary dict}.
   """
-  from pyra_jax import train  # pylint: disable=g-import-not-at-top
   tasks = list(tasks) if tasks else default_tasks(config)
   check_tasks(tasks, config.data.source)
+  if selects(config, select):
+    check_grid(config.vtab.pyra_lr_grid)
+  from pyra_jax import train  # pylint: disable=g-import-not-at-top
   train.check_config(config)
   train.check_model_init(config)
   sel, fin = plan(config, workdir, tasks, select)
@@ -652,9 +664,20 @@ def run() -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing with packaged setting names and one-line errors."""
+  """absl parsing with packaged setting names and one-line errors.
+
+  As `pyra_jax.main`: a setting may be named (`--config=vitb_high`), and a
+  missing config file or a misspelt --config.<field> is one sentence.
+  """
   configs.resolve_argv(argv)
   configs.resolve_argv(sys.argv)
+  if not any(a in ('--help', '--helpfull', '-h', '--helpshort') for a in argv):
+    spec = cli._config_arg(argv)  # pylint: disable=protected-access
+    try:
+      if spec:
+        cli.check_overrides(cli.load_config(spec), argv)
+    except UsageError as e:
+      _fail(str(e), 2)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
