@@ -145,8 +145,9 @@ class RunSpec:
 
   @property
   def name(self) -> str:
-    what = f'pyra_lr={format_lr(self.pyra_lr)}' if self.stage == 'select' else 'final'
-    return f'{self.task} {self.stage} {what}' if self.stage == 'select' else f'{self.task} final'
+    if self.stage == 'select':
+      return f'{self.task} select pyra_lr={format_lr(self.pyra_lr)}'
+    return f'{self.task} final'
 
 
 def default_tasks(config: ml_collections.ConfigDict) -> list[str]:
@@ -393,7 +394,7 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
                 '(delete it to retrain).', flush=True)
       train_one(spec, run_config(config, spec.task, 'final', lr))
   elapsed = time.time() - t0
-  summ = write_summary(workdir, tasks, config=config, command_wall_time_s=elapsed)
+  summ = write_summary(workdir, tasks, command_wall_time_s=elapsed)
   if pending:
     print(f'[vtab] worker {worker[0]}/{worker[1]}: {len(pending)} final run(s) wait '
           'on other workers\' selection runs: '
@@ -597,10 +598,8 @@ def to_csv(s: dict) -> str:
 
 
 def write_summary(workdir: str, tasks: Sequence[str] | None = None, *,
-                  config: ml_collections.ConfigDict | None = None,
                   command_wall_time_s: float | None = None) -> dict:
   """Writes summary.{md,json,csv} in `workdir`, prints the table, returns it."""
-  del config
   s = summarize(workdir, tasks)
   if command_wall_time_s is not None:
     s['last_command_wall_time_s'] = command_wall_time_s
