@@ -67,6 +67,8 @@ RESUMABLE_FIELDS = frozenset({
     # Where PE-Dist's teacher lives (a moved folder): its weights are checked
     # by fingerprint on resume (train._check_same_teacher).
     'distill.teacher_workdir', 'distill.teacher_export',
+    # What `python -m pyra_jax.vtab` reads around the run, never the run itself.
+    'vtab.pyra_lr_grid', 'vtab.backbone',
 })
 
 # What must match to evaluate or export a checkpoint: the fields that decide what

@@ -66,7 +66,8 @@ _CACHE_SIZE = 16
 _NOT_IN_STEP = ('seed', 'model_init', 'model_init_format',
                 'model_init_first_blocks', 'data',
                 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
-                'keep_checkpoints', 'eval_batch_size', 'benchmark_after_training')
+                'keep_checkpoints', 'eval_batch_size', 'benchmark_after_training',
+                'vtab')
 
 
 def _json(obj: Any) -> str:

@@ -141,4 +141,16 @@ def get_base_config() -> ml_collections.ConfigDict:
                                 # always stays; README "Reliability")
   config.benchmark_after_training = False  # time the deployed model vs uncompressed
   config.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16'
+
+  # --- VTAB-1k protocol (`python -m pyra_jax.vtab`, docs/algorithm.md §10) ---
+  vtab = config.vtab = ml_collections.ConfigDict()
+  # The PYRA generators' lr values tried per task (train800 -> val200) before
+  # the final run (train800val200 -> test); the paper's grid. MAE ViT-L
+  # (configs/paper.py) tries {1e-6, 3e-6, 1e-5, 3e-5} instead.
+  vtab.pyra_lr_grid = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+  # Which row of the paper's table (docs/algorithm.md §7) the summary prints
+  # beside ours: a configs/paper.py backbone ('vitb', 'vitl', 'vitl_mae',
+  # 'deitb', 'vits', 'deits'), set by the paper settings; '' (the demo, tiny
+  # and own settings): no paper number.
+  vtab.backbone = ''
   return config

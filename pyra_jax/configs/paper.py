@@ -41,7 +41,7 @@ BACKBONES = {
     # ViT-L/16 pretrained with MAE: as ViT-L, but the PYRA lr is tuned in the
     # much lower range {1e-6, 3e-6, 1e-5, 3e-5}; 1e-5 is its middle.
     'vitl_mae': dict(variant='L/16', lora_rank=12, batch_size=32, sched='vitl',
-                     pyra_lr=1e-5),
+                     pyra_lr=1e-5, pyra_lr_grid=(1e-6, 3e-6, 1e-5, 3e-5)),
     # DeiT-B/16 distilled: distillation token, rank 8, batch 128.
     'deitb': dict(variant='B/16', lora_rank=8, batch_size=128, sched='deitb',
                   distilled=True),
@@ -124,6 +124,9 @@ def paper_config(backbone: str, level: str | None, arg: str | None = None
     config.model.distilled = b['distilled']
   if 'pyra_lr' in b:
     config.pyra_lr = b['pyra_lr']
+  if 'pyra_lr_grid' in b:  # The selection grid of `python -m pyra_jax.vtab`.
+    config.vtab.pyra_lr_grid = b['pyra_lr_grid']
+  config.vtab.backbone = backbone  # The paper's row in the vtab summary.
   if level is None or b['sched'] is None:
     set_method(config, 'peft')
   else:
