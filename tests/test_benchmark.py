@@ -338,7 +338,7 @@ def test_paper_preset_through_the_command_line_with_small_overrides(tmp_path):
        '--batch_size=4', '--warmup_seconds=0.5', '--min_seconds=0.3', '--methods=peft',
        '--matmul_size=64', '--gemm_bound=false', f'--out={out}'],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-      text=True, timeout=300)
+      text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.startswith('preset=paper mode=forward batch=4 ')
   s = json.loads(out.read_text())['settings']
