@@ -221,16 +221,20 @@ def compare(authors_repo: str, *, methods=METHODS, batch_size: int = 8,
     calls[f'{m}/train/ours'] = (o.step, sync_jax)
     calls[f'{m}/train/theirs'] = (t.step, sync_torch)
   t_compile = time.perf_counter()
-  for fn, sync in calls.values():  # compile (ours) and warm up (both)
+  for name, (fn, sync) in calls.items():  # compile (ours) and warm up (both)
     for _ in range(1 + warmup):
       sync(fn())
+    print(f'warmed up {name} ({time.perf_counter() - t_compile:.0f} s)', file=sys.stderr,
+          flush=True)
   t_compile = time.perf_counter() - t_compile
   times = {k: [] for k in calls}
   load_before = os.getloadavg()
   t0 = time.perf_counter()
-  for _ in range(rounds):
+  for i in range(rounds):
     for k, (fn, sync) in calls.items():
       times[k].append(_timed(fn, sync))
+    print(f'round {i + 1}/{rounds}: ' + ', '.join(
+        f'{k} {v[-1]:.2f} s' for k, v in times.items()), file=sys.stderr, flush=True)
   elapsed = time.perf_counter() - t0
   out = {'settings': {'batch_size': batch_size, 'rounds': rounds, 'warmup': warmup,
                       'image_size': 224, 'dtype': 'float32', 'num_classes': NUM_CLASSES,
