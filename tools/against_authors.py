@@ -132,6 +132,8 @@ class Theirs:
 
   def __init__(self, method: str, authors_repo: str, batch_size: int, seed: int = 0):
     import torch  # pylint: disable=g-import-not-at-top
+    if authors_repo not in sys.path:
+      sys.path.insert(0, authors_repo)
     from model import optim_factory  # pylint: disable=g-import-not-at-top
     self.torch = torch
     torch.manual_seed(seed)
