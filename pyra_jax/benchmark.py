@@ -204,14 +204,22 @@ def _block(x: Any) -> Any:
 
 
 def round_robin(calls: dict[str, Callable[[], Any]], *, num_iters: int,
-                min_seconds: float, warmup: int) -> dict[str, list[float]]:
+                min_seconds: float, warmup: int,
+                warmup_seconds: float = 0.0) -> dict[str, list[float]]:
   """Times each call once per round, rounds until both limits are met.
 
-  Returns per-name lists of seconds. Interleaving means a burst of background
-  load slows every model in the round, not just one, so ratios stay fair.
+  Warm-up: `warmup` untimed calls of each (at least one, which compiles),
+  then untimed rounds until `warmup_seconds` have passed (the authors warm up
+  for 10 s: clocks and caches settle on an accelerator). Returns per-name
+  lists of seconds. Interleaving means a burst of background load slows every
+  model in the round, not just one, so ratios stay fair.
   """
   for fn in calls.values():
     for _ in range(max(warmup, 1)):  # the first call compiles
+      _block(fn())
+  start = time.perf_counter()
+  while time.perf_counter() - start < warmup_seconds:
+    for fn in calls.values():
       _block(fn())
   times: dict[str, list[float]] = {k: [] for k in calls}
   start = time.perf_counter()
@@ -386,8 +394,8 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                 min_seconds: float = 0.0, warmup: int = 2, matmul_size: int = 2048,
                 methods: Sequence[str] = METHODS, params_path: str = '',
                 num_classes: int = 100, gemm_bound: bool = True,
-                reference_model: Optional[ml_collections.ConfigDict] = None
-                ) -> dict[str, Any]:
+                reference_model: Optional[ml_collections.ConfigDict] = None,
+                warmup_seconds: float = 0.0) -> dict[str, Any]:
   """Times the deployed models round-robin; returns the results dict (module doc).
 
   gemm_bound: also time each model's dense-layer matmuls alone
@@ -439,10 +447,10 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
       calls['merge_ops'] = merge_call
   t0 = time.perf_counter()
   times = round_robin(calls, num_iters=num_iters, min_seconds=min_seconds,
-                      warmup=warmup)
+                      warmup=warmup, warmup_seconds=warmup_seconds)
   elapsed = time.perf_counter() - t0
   out = _results('forward', config, image_size, batch_size, dtype, warmup, times,
-                 elapsed, load_before)
+                 elapsed, load_before, warmup_seconds)
   out['matmul'] = _matmul_result(matmul_size, mm_flops, times['matmul'])
   out['models'] = _per_model(names, infos, times, traced, batch_size, mm_flops,
                              base='reference' if reference_model is not None else None)
@@ -480,11 +488,12 @@ def _gemm_bound(methods, times, models, dense_flops, mm_flops) -> dict[str, Any]
 
 
 def _results(mode, config, image_size, batch_size, dtype, warmup, times, elapsed,
-             load_before) -> dict[str, Any]:
+             load_before, warmup_seconds: float = 0.0) -> dict[str, Any]:
   return {'mode': mode, 'config': config.model.to_dict(), 'machine': _machine(),
           'load_average': {'before': load_before, 'after': _load()},
           'settings': {'batch_size': batch_size, 'dtype': dtype,
                        'image_size': image_size, 'warmup': warmup,
+                       'warmup_seconds': warmup_seconds,
                        'rounds': len(next(iter(times.values()))),
                        'seconds': elapsed}}
 
@@ -667,7 +676,7 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
               dtype: str = 'float32', image_size: int = 0, num_iters: int = 5,
               min_seconds: float = 0.0, warmup: int = 1, matmul_size: int = 2048,
               methods: Sequence[str] = METHODS, params_path: str = '',
-              num_classes: int = 100) -> dict[str, Any]:
+              num_classes: int = 100, warmup_seconds: float = 0.0) -> dict[str, Any]:
   """Times the real training step (`train.make_train_step`) per method.
 
   Round-robin like the forward mode: each round calls every method's step and
@@ -699,7 +708,7 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   rss0 = _peak_rss_bytes()
   t0 = time.perf_counter()
   times = round_robin(calls, num_iters=num_iters, min_seconds=min_seconds,
-                      warmup=max(warmup - 1, 0))
+                      warmup=max(warmup - 1, 0), warmup_seconds=warmup_seconds)
   elapsed = time.perf_counter() - t0
   compiled = {m: steps[m].compiled() for m in methods}
   for m in methods:
@@ -714,7 +723,7 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
     traced[m] = _Count(1 + compiles - compiles_first[m] + sum(
         steps[m].programs[p].traces - 1 for p in steps[m].programs))
   out = _results('train', config, image_size, batch_size, dtype, warmup, times,
-                 elapsed, load_before)
+                 elapsed, load_before, warmup_seconds)
   out['matmul'] = _matmul_result(matmul_size, mm_flops, times['matmul'])
   out['models'] = _per_model(methods, infos, times, traced, batch_size, mm_flops)
   if 'pyra' in methods and 'tome' in methods:
@@ -762,7 +771,8 @@ class _Count:
 def format_table(res: dict[str, Any]) -> str:
   """The console table (one row per model) and the notes under it."""
   s, mm = res['settings'], res['matmul']
-  lines = [f"mode={res['mode']} batch={s['batch_size']} image={s['image_size']} "
+  lines = [(f"preset={s['preset']} " if s.get('preset') else '') +
+           f"mode={res['mode']} batch={s['batch_size']} image={s['image_size']} "
            f"dtype={s['dtype']} rounds={s['rounds']} ({s['seconds']:.1f} s) "
            f"load avg before/after={res['load_average']['before']}/"
            f"{res['load_average']['after']}",
@@ -849,7 +859,40 @@ def define_flags() -> dict[str, Any]:
                                 'Which of peft,tome,pyra to run.'),
       num_classes=flags.DEFINE_integer('num_classes', 100,
                                        'Head size when the config leaves it unset (-1).'),
+      warmup_seconds=flags.DEFINE_float(
+          'warmup_seconds', 0.0, 'After --warmup calls, untimed rounds until this '
+          'much time has passed.'),
+      preset=flags.DEFINE_enum(
+          'preset', '', ['', 'paper'],
+          "paper: the authors' timing (batch 512, 10 s warm-up, then rounds "
+          'until 10 s are timed; PRESETS), for an accelerator; --batch_size, '
+          '--warmup_seconds, --min_seconds and --num_iters given on the command '
+          'line override it. In train mode a batch that does not fit is split '
+          'with --config.grad_accum_steps=k (the same 512-image update).'),
   )
+
+
+# Timing settings a `--preset` stands for. 'paper': the authors'
+# test_model_latency (engine.py of their code): batch 512, 10 s of untimed
+# calls, then calls until 10 s are timed; throughput = 512 / mean time.
+PRESETS = {
+    'paper': {'batch_size': 512, 'warmup_seconds': 10.0, 'min_seconds': 10.0,
+              'num_iters': 1},
+}
+PRESET_FLAGS = ('batch_size', 'warmup_seconds', 'min_seconds', 'num_iters')
+
+
+def settings_from_flags(preset: str, given: dict[str, Any],
+                        defaults: dict[str, Any]) -> dict[str, Any]:
+  """The timing settings: `given` (flags on the command line) over the preset
+  over `defaults`."""
+  out = dict(defaults)
+  if preset:
+    if preset not in PRESETS:
+      raise BenchmarkError(f'--preset={preset!r}: use one of {sorted(PRESETS)}.')
+    out.update(PRESETS[preset])
+  out.update(given)
+  return out
 
 
 def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
@@ -863,11 +906,17 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
   if bad or not methods:
     raise app.UsageError(f'--methods: use some of {METHODS}, got {methods}.')
   train = fl['mode'].value == 'train'
-  batch = fl['batch_size'].value or (8 if jax.devices()[0].platform == 'cpu' else 64)
-  kwargs = dict(batch_size=batch, dtype=fl['dtype'].value,
+  defaults = {'batch_size': 8 if jax.devices()[0].platform == 'cpu' else 64,
+              'num_iters': 5 if train else 10, 'min_seconds': 0.0,
+              'warmup_seconds': 0.0}
+  given = {k: fl[k].value for k in PRESET_FLAGS
+           if flags.FLAGS[k].present and (fl[k].value or k.endswith('seconds'))}
+  timing = settings_from_flags(fl['preset'].value, given, defaults)
+  kwargs = dict(batch_size=timing['batch_size'], dtype=fl['dtype'].value,
                 image_size=fl['image_size'].value,
-                num_iters=fl['num_iters'].value or (5 if train else 10),
-                min_seconds=fl['min_seconds'].value, warmup=fl['warmup'].value,
+                num_iters=timing['num_iters'],
+                min_seconds=timing['min_seconds'], warmup=fl['warmup'].value,
+                warmup_seconds=timing['warmup_seconds'],
                 matmul_size=fl['matmul_size'].value, methods=methods,
                 params_path=fl['params'].value, num_classes=fl['num_classes'].value)
   if not train:
@@ -876,6 +925,7 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
     res = (run_train if train else run_forward)(config, **kwargs)
   except errors.PyraError as e:  # a setting that cannot run: one sentence, no traceback
     raise SystemExit(f'error: {e}') from None
+  res['settings']['preset'] = fl['preset'].value or None
   print(format_table(res))
   out = fl['out'].value
   if out:

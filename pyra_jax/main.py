@@ -73,9 +73,22 @@ _TWO_STAGE = flags.DEFINE_bool(
     'initialisation, where PYRA equals ToMe). eval records the result in '
     "the workdir's results.json under 'two_stage'.")
 _MULTIHOST = flags.DEFINE_bool(
-    'multihost', False, 'Call jax.distributed.initialize() (one process per '
-    'host). Also done automatically when a SLURM/Open MPI/JAX coordinator '
-    'environment with several processes is detected.')
+    'multihost', False, 'Run as one of several processes (one per host, or '
+    'several on one machine): calls jax.distributed.initialize(). On SLURM, '
+    'Open MPI or Cloud TPU the three flags below are detected; elsewhere give '
+    'them (or the environment variables JAX_COORDINATOR_ADDRESS, '
+    'JAX_NUM_PROCESSES, JAX_PROCESS_ID). Also done automatically when such an '
+    'environment with several processes is detected. Every process runs the '
+    'same command with the same config and --workdir (README, "Multi-host").')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, '--multihost: host:port of process 0, where '
+    'the coordinator listens (the same on every process), e.g. localhost:12345 '
+    'for processes on one machine.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, '--multihost: how many processes the job has.')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, '--multihost: this process\'s index, 0 .. '
+    'num_processes - 1 (0 holds the workdir lock and writes metrics and results).')
 
 _HELP_FLAGS = ('--help', '-help', '--helpfull', '-helpfull', '--helpshort',
                '-h', '-?', '--helpxml')
@@ -236,13 +249,65 @@ def _is_user_error(e: BaseException) -> bool:
   return isinstance(e, (errors.PyraError, FileNotFoundError))
 
 
-def _maybe_init_distributed() -> None:
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name, '')
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise UsageError(f'The environment variable {name}={value!r} is not an '
+                     'integer: set it to a whole number or unset it.') from None
+
+
+def distributed_args() -> dict | None:
+  """jax.distributed.initialize's arguments from the flags and environment.
+
+  None when this is a single-process run. Flags win over the environment
+  variables; what neither gives is left to JAX's cluster detection (SLURM,
+  Open MPI, Cloud TPU).
+  """
   env = os.environ
+  args = {'coordinator_address': _COORDINATOR.value or env.get('JAX_COORDINATOR_ADDRESS'),
+          'num_processes': (_NUM_PROCESSES.value if _NUM_PROCESSES.value is not None
+                            else _env_int('JAX_NUM_PROCESSES')),
+          'process_id': (_PROCESS_ID.value if _PROCESS_ID.value is not None
+                         else _env_int('JAX_PROCESS_ID'))}
+  given = {k: v for k, v in args.items() if v is not None}
   several = any(int(env.get(k, '1') or '1') > 1 for k in
-                ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'JAX_NUM_PROCESSES'))
-  if _MULTIHOST.value or several or 'JAX_COORDINATOR_ADDRESS' in env:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+                ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+  if not (_MULTIHOST.value or several or given):
+    return None
+  n, i = args['num_processes'], args['process_id']
+  if given and len(given) < 3 and not several:
+    missing = [f'--{k}' for k, v in args.items() if v is None]
+    raise UsageError(
+        f'A multi-process run needs --coordinator_address, --num_processes and '
+        f'--process_id together; missing {", ".join(missing)} (or run under '
+        'SLURM / Open MPI, which provide them).')
+  if n is not None and n < 1:
+    raise UsageError(f'--num_processes={n}: give the number of processes (>= 1).')
+  if n is not None and i is not None and not 0 <= i < n:
+    raise UsageError(f'--process_id={i} is not in 0 .. {n - 1}: number the '
+                     f'{n} processes from 0.')
+  if args['coordinator_address'] is not None and ':' not in args['coordinator_address']:
+    raise UsageError(f'--coordinator_address={args["coordinator_address"]!r} has '
+                     'no port: give host:port, e.g. localhost:12345.')
+  return given
+
+
+def _maybe_init_distributed() -> None:
+  args = distributed_args()
+  if args is None:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  # Cross-process collectives on CPU hosts (the gradient all-reduce) go
+  # through Gloo over TCP; GPUs and TPUs use their own (NCCL, ICI) and ignore
+  # this. It must be set before the first JAX computation creates the backend.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(**args)
+  logging.info('Process %d of %d (%d local of %d devices).', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 class _QuietOrbax:

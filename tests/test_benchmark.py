@@ -304,3 +304,43 @@ def test_reference_model_is_timed_in_the_same_rounds():
   assert models['peft']['gflops'] == pytest.approx(_flops([0]) / 1e9, rel=1e-12)
   assert models['reference']['gflops'] == pytest.approx(_flops([0, 0, 0]) / 1e9, rel=1e-12)
   assert models['peft']['flops_ratio'] == pytest.approx(3.0, rel=1e-12)
+
+
+def test_round_robin_warms_up_for_the_given_seconds():
+  import time  # pylint: disable=g-import-not-at-top
+  order = []
+  calls = {'a': lambda: (order.append('a'), time.sleep(0.01))}
+  t0 = time.perf_counter()
+  times = benchmark.round_robin(calls, num_iters=2, min_seconds=0.0, warmup=1,
+                                warmup_seconds=0.1)
+  assert time.perf_counter() - t0 >= 0.1 + 2 * 0.01
+  # 1 compile call + at least 0.1 s / 0.01 s untimed calls (fewer if sleeps
+  # overshoot), then 2 timed.
+  assert len(order) >= 1 + 2 + 2 and len(times['a']) == 2
+
+
+def test_paper_preset_is_the_authors_timing_and_flags_override_it():
+  defaults = {'batch_size': 8, 'num_iters': 5, 'min_seconds': 0.0, 'warmup_seconds': 0.0}
+  # The authors' test_model_latency: batch 512, 10 s warm-up, 10 s timed.
+  paper = benchmark.settings_from_flags('paper', {}, defaults)
+  assert (paper['batch_size'], paper['warmup_seconds'], paper['min_seconds']) == (512, 10.0, 10.0)
+  assert benchmark.settings_from_flags('', {}, defaults) == defaults
+  mixed = benchmark.settings_from_flags('paper', {'batch_size': 4}, defaults)
+  assert (mixed['batch_size'], mixed['warmup_seconds']) == (4, 10.0)
+
+
+def test_paper_preset_through_the_command_line_with_small_overrides(tmp_path):
+  cfg = tmp_path / 'tiny_bench.py'
+  cfg.write_text(TINY_CONFIG)
+  out = tmp_path / 'paper.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'pyra_jax.benchmark', f'--config={cfg}', '--preset=paper',
+       '--batch_size=4', '--warmup_seconds=0.5', '--min_seconds=0.3', '--methods=peft',
+       '--matmul_size=64', '--gemm_bound=false', f'--out={out}'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+      text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.startswith('preset=paper mode=forward batch=4 ')
+  s = json.loads(out.read_text())['settings']
+  assert s['preset'] == 'paper' and s['batch_size'] == 4
+  assert s['warmup_seconds'] == 0.5 and s['seconds'] >= 0.3 and s['rounds'] >= 1

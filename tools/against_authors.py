@@ -1,0 +1,328 @@
+r"""Ours against the authors' PyTorch PYRA, in one process, rounds alternating.
+
+  /work/torchenv/bin/python tools/against_authors.py --authors_repo=/path/to/PYRA \
+      [--rounds=5] [--batch_size=8] [--methods=peft,tome,pyra] [--out=res.json]
+
+This repository's `pyra_jax` (the one beside this script) is imported. `--authors_repo` is a checkout of github.com/THU-MIG/PYRA;
+its `model/` package is imported from there at run time (nothing of it is
+copied here).
+
+The environment: one Python with both frameworks. We install our JAX stack
+into a PyTorch venv (the smaller of the two ways: our requirements minus
+TensorFlow, which the benchmark does not import):
+
+  python3 -m venv /work/torchenv
+  /work/torchenv/bin/pip install torch==2.13.0 timm==0.5.4 jax==0.10.2 \
+      jaxlib==0.10.2 flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8 \
+      ml-collections==1.1.0 absl-py==2.5.1 numpy==2.4.6 tqdm==4.70.1 \
+      tensorboardX==2.6.5
+
+timm 0.5.4 imports torchvision at import time (its data transforms and FX
+feature extraction), which the authors' model code never calls. PyPI's
+torchvision wheels are CUDA builds that cannot load against a CPU-only torch,
+so when `import torchvision` fails this script puts an inert stand-in module in
+its place (any attribute is a placeholder class); nothing timed touches it.
+
+What is timed, ViT-B/16 at 224 px, 100 classes, fp32, random weights (speed
+does not depend on their values), the paper's `high` schedule:
+
+  forward   ours: the deployed model (LoRA folded into q/k/v, eval mode, jit),
+            what our inference runs; theirs: their model in eval mode under
+            torch.no_grad(), what their `test_model_latency` times (LoRA as a
+            separate branch, which is how their code deploys).
+  train     ours: `train.make_train_step`, the step a training run executes
+            (AdamW with lr groups and weight-decay mask, LoRA dropout 0.1,
+            stochastic depth 0.1, masked cross-entropy), fed its own outputs;
+            theirs: their `train_one_epoch` body without data loading and
+            logging: model.train(), forward, CrossEntropyLoss, loss.item(),
+            zero_grad, backward, AdamW (their `create_optimizer`, weight decay
+            1e-4 off for biases and 1-D params, separate PYRA lr group).
+
+Methods: peft (no merging), tome, pyra (both with the high schedule; theirs via
+`apply_tome` and `pyra_r`, as their train.py builds them). Each round calls,
+for every method, our forward, their forward, our step, their step, so load on
+a shared machine hits both sides alike; a ratio is the median over rounds of
+ours/theirs throughput within the round (> 1: ours is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import importlib.machinery
+import json
+import os
+import platform
+import sys
+import time
+import types
+
+import numpy as np
+
+METHODS = ('peft', 'tome', 'pyra')
+NUM_CLASSES = 100
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# --------------------------------------------------------------------------- #
+# The authors' side.
+# --------------------------------------------------------------------------- #
+
+class _Inert:
+  """Stands for any torchvision name timm touches at import time."""
+
+  def __init__(self, *a, **k):
+    pass
+
+  def __getattr__(self, name):
+    return _Inert
+
+
+class _InertFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  """Serves `torchvision` and all its submodules as inert modules."""
+
+  def find_spec(self, name, path, target=None):
+    if name == 'torchvision' or name.startswith('torchvision.'):
+      return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    return None
+
+  def create_module(self, spec):
+    module = types.ModuleType(spec.name)
+    module.__path__ = []
+    module.__getattr__ = lambda attr: _Inert
+    return module
+
+  def exec_module(self, module):
+    pass
+
+
+def _torchvision_or_stand_in() -> str:
+  try:
+    import torchvision  # pylint: disable=g-import-not-at-top,unused-import
+    return 'real'
+  except Exception:  # pylint: disable=broad-except
+    for name in [n for n in sys.modules if n == 'torchvision' or n.startswith('torchvision.')]:
+      del sys.modules[name]
+    sys.meta_path.insert(0, _InertFinder())
+    return 'inert stand-in (the PyPI wheel cannot load against this torch)'
+
+
+def their_model(method: str, authors_repo: str):
+  """Their ViT-B/16 (LoRA 8) for `method`, built as their train.py builds it."""
+  if authors_repo not in sys.path:
+    sys.path.insert(0, authors_repo)
+  import model as their_models  # pylint: disable=g-import-not-at-top
+  from model import tome as their_tome  # pylint: disable=g-import-not-at-top
+  name = 'vit_base_patch16_224_in21k'
+  r = their_tome.get_merging_schedule(name, 'high') if method != 'peft' else None
+  m = getattr(their_models, name)(
+      img_size=224, drop_rate=0.0, drop_path_rate=0.1, prompt_tuning_dim=0,
+      LoRA_dim=8, adapter_dim=0, prefix_dim=0, drop_rate_LoRA=0.1,
+      drop_rate_prompt=0.0, drop_rate_adapter=0.0, IS_not_position_VPT=False,
+      pyra_r=list(r) if method == 'pyra' else None)
+  m.reset_classifier(NUM_CLASSES)
+  if method != 'peft':
+    their_tome.apply_tome(m)
+    m.r = list(r)
+  return m
+
+
+class Theirs:
+  """Their forward (eval, no_grad) and training step for one method."""
+
+  def __init__(self, method: str, authors_repo: str, batch_size: int, seed: int = 0):
+    import torch  # pylint: disable=g-import-not-at-top
+    if authors_repo not in sys.path:
+      sys.path.insert(0, authors_repo)
+    from model import optim_factory  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    torch.manual_seed(seed)
+    self.model = their_model(method, authors_repo)
+    rng = np.random.default_rng(seed)
+    self.x = torch.from_numpy(rng.normal(size=(batch_size, 3, 224, 224)).astype(np.float32))
+    self.y = torch.from_numpy(rng.integers(0, NUM_CLASSES, batch_size).astype(np.int64))
+    args = argparse.Namespace(opt='adamw', lr=1e-3, weight_decay=1e-4, momentum=0.9,
+                              opt_eps=1e-8, opt_betas=None, opt_args=None,
+                              separate_lr_for_pyra=True, pyra_lr=1e-3)
+    self.opt = optim_factory.create_optimizer(args, self.model)
+    self.criterion = torch.nn.CrossEntropyLoss()
+    self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+  def forward(self):
+    self.model.eval()
+    with self.torch.no_grad():
+      return self.model(self.x)
+
+  def step(self):
+    self.model.train()
+    loss = self.criterion(self.model(self.x), self.y)
+    value = loss.item()
+    self.opt.zero_grad()
+    loss.backward()
+    self.opt.step()
+    return value
+
+
+# --------------------------------------------------------------------------- #
+# Our side.
+# --------------------------------------------------------------------------- #
+
+class Ours:
+  """Our deployed forward and our real training step for one method."""
+
+  def __init__(self, method: str, batch_size: int):
+    import jax  # pylint: disable=g-import-not-at-top
+    from pyra_jax import benchmark  # pylint: disable=g-import-not-at-top
+    from pyra_jax.configs import vitb_high  # pylint: disable=g-import-not-at-top
+    self.jax = jax
+    config = vitb_high.get_config()
+    mc = benchmark.method_config(config.model, method, image_size=224,
+                                 num_classes=NUM_CLASSES)
+    model, params = benchmark.deployed(mc, 224, benchmark.DTYPES['float32'])
+    x = jax.device_put(np.random.default_rng(0).normal(
+        size=(batch_size, 224, 224, 3)).astype(np.float32))
+    apply = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+    self.forward = lambda: apply(params, x)
+    run = benchmark.train_run(config, method, image_size=224,
+                              num_classes=NUM_CLASSES, dtype='float32')
+    self.calls = benchmark.TrainStepCalls(run, benchmark.synthetic_batch(run, batch_size))
+    self.step = self.calls.call_step
+    self.trainable = sum(int(np.size(v)) for v in jax.tree.leaves(run.trainable))
+    self.schedule = list(run.model.schedule)
+
+
+# --------------------------------------------------------------------------- #
+# Timing.
+# --------------------------------------------------------------------------- #
+
+def _timed(fn, sync) -> float:
+  t0 = time.perf_counter()
+  sync(fn())
+  return time.perf_counter() - t0
+
+
+def compare(authors_repo: str, *, methods=METHODS, batch_size: int = 8,
+            rounds: int = 5, warmup: int = 1, threads: int = 0) -> dict:
+  """Times both sides, alternating; returns per-method seconds and paired ratios."""
+  tv = _torchvision_or_stand_in()
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  if threads:
+    torch.set_num_threads(threads)
+  sync_jax = jax.block_until_ready
+  sync_torch = lambda out: out
+  sides = {}
+  for m in methods:
+    ours, theirs = Ours(m, batch_size), Theirs(m, authors_repo, batch_size)
+    sides[m] = {'ours': ours, 'theirs': theirs}
+  calls = {}
+  for m in methods:
+    o, t = sides[m]['ours'], sides[m]['theirs']
+    calls[f'{m}/forward/ours'] = (o.forward, sync_jax)
+    calls[f'{m}/forward/theirs'] = (t.forward, sync_torch)
+    calls[f'{m}/train/ours'] = (o.step, sync_jax)
+    calls[f'{m}/train/theirs'] = (t.step, sync_torch)
+  t_compile = time.perf_counter()
+  for name, (fn, sync) in calls.items():  # compile (ours) and warm up (both)
+    for _ in range(1 + warmup):
+      sync(fn())
+    print(f'warmed up {name} ({time.perf_counter() - t_compile:.0f} s)', file=sys.stderr,
+          flush=True)
+  t_compile = time.perf_counter() - t_compile
+  times = {k: [] for k in calls}
+  load_before = os.getloadavg()
+  t0 = time.perf_counter()
+  for i in range(rounds):
+    for k, (fn, sync) in calls.items():
+      times[k].append(_timed(fn, sync))
+    print(f'round {i + 1}/{rounds}: ' + ', '.join(
+        f'{k} {v[-1]:.2f} s' for k, v in times.items()), file=sys.stderr, flush=True)
+  elapsed = time.perf_counter() - t0
+  out = {'settings': {'batch_size': batch_size, 'rounds': rounds, 'warmup': warmup,
+                      'image_size': 224, 'dtype': 'float32', 'num_classes': NUM_CLASSES,
+                      'schedule': 'high', 'seconds': elapsed,
+                      'compile_and_warmup_seconds': t_compile},
+         'machine': {'cpu': _cpu_model(), 'cpu_count': os.cpu_count(),
+                     'torch': torch.__version__, 'torch_threads': torch.get_num_threads(),
+                     'jax': jax.__version__, 'python': platform.python_version(),
+                     'torchvision': tv},
+         'load_average': {'before': load_before, 'after': os.getloadavg()},
+         'times': times, 'methods': {}}
+  for m in methods:
+    rec = {'schedule': sides[m]['ours'].schedule,
+           'trainable_params': {'ours': sides[m]['ours'].trainable,
+                                'theirs': sides[m]['theirs'].trainable}}
+    for what in ('forward', 'train'):
+      o = np.asarray(times[f'{m}/{what}/ours'])
+      t = np.asarray(times[f'{m}/{what}/theirs'])
+      rec[what] = {'ours_seconds': float(np.median(o)), 'theirs_seconds': float(np.median(t)),
+                   'ours_images_per_sec': batch_size / float(np.median(o)),
+                   'theirs_images_per_sec': batch_size / float(np.median(t)),
+                   'ratio': float(np.median(t / o)),  # ours/theirs throughput, paired
+                   'ratio_min_max': [float((t / o).min()), float((t / o).max())]}
+    out['methods'][m] = rec
+  return out
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown'
+
+
+def format_table(res: dict) -> str:
+  s, mach = res['settings'], res['machine']
+  lines = [f"ViT-B/16 224, batch {s['batch_size']}, fp32, schedule {s['schedule']}; "
+           f"{s['rounds']} rounds ({s['seconds']:.0f} s); CPU {mach['cpu']} x{mach['cpu_count']}; "
+           f"torch {mach['torch']} ({mach['torch_threads']} threads), jax {mach['jax']}; "
+           f"load avg before/after {[round(x, 1) for x in res['load_average']['before']]}/"
+           f"{[round(x, 1) for x in res['load_average']['after']]}",
+           '',
+           '| | forward, ours / theirs | one training step, ours / theirs |',
+           '|---|---|---|']
+  names = {'peft': 'uncompressed (PEFT)', 'tome': 'ToMe', 'pyra': 'PYRA'}
+  for m, r in res['methods'].items():
+    cell = lambda w: (f"{r[w]['ratio']:.2f}x ({r[w]['ours_images_per_sec']:.1f} vs "
+                      f"{r[w]['theirs_images_per_sec']:.1f} img/s)")
+    lines.append(f"| {names[m]} | {cell('forward')} | {cell('train')} |")
+  lines.append('')
+  lines.append('ratio: median over rounds of (their time / our time) within a round; '
+               'img/s: median round.')
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--authors_repo', required=True,
+                 help='A checkout of github.com/THU-MIG/PYRA (its model/ is imported).')
+  p.add_argument('--methods', default=','.join(METHODS))
+  p.add_argument('--batch_size', type=int, default=8)
+  p.add_argument('--rounds', type=int, default=5)
+  p.add_argument('--warmup', type=int, default=1)
+  p.add_argument('--threads', type=int, default=0,
+                 help='torch intra-op threads (0: torch default, one per core).')
+  p.add_argument('--out', default='')
+  a = p.parse_args(argv)
+  if not os.path.isfile(os.path.join(a.authors_repo, 'model', 'tome.py')):
+    raise SystemExit(f'error: {a.authors_repo} has no model/tome.py: give a checkout '
+                     'of github.com/THU-MIG/PYRA with --authors_repo.')
+  methods = tuple(x for x in a.methods.split(',') if x)
+  if not methods or any(m not in METHODS for m in methods):
+    raise SystemExit(f'error: --methods: use some of {",".join(METHODS)}.')
+  res = compare(os.path.abspath(a.authors_repo), methods=methods,
+                batch_size=a.batch_size, rounds=a.rounds, warmup=a.warmup,
+                threads=a.threads)
+  print(format_table(res))
+  if a.out:
+    with open(a.out, 'w') as f:
+      json.dump(res, f, indent=2)
+    print(f'wrote {a.out}')
+
+
+if __name__ == '__main__':
+  main()
