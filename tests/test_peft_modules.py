@@ -221,6 +221,8 @@ def test_authors_adapter_checkpoint_forward(tmp_path, ext):
     del sd[k]
   path = tmp_path / f'adapter.{ext}'
   _write(sd, path)
+  from pyra_jax.checkpoints import detect_format  # pylint: disable=g-import-not-at-top
+  assert detect_format(str(path)) == 'pyra_torch'  # found by the adapter's names alone
   cfg = _checkpoint_config()
   params = _load(path, cfg)
   x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)

@@ -107,7 +107,8 @@ def detect_format(path: str) -> str:
     return 'onnx_dinov2'
   if ext == '.safetensors' or ext in torch_formats.TORCH_EXTS:
     keys = torch_formats.state_dict_keys(path)
-    if any('LoRA_a' in k or re.search(r'(^|\.)pyra_[ab]$', k) for k in keys):
+    if any('LoRA_a' in k or re.search(r'(^|\.)pyra_[ab]$|\.adapter\.ln1\.weight$', k)
+           for k in keys):  # the authors' LoRA, generators or Adapter
       return 'pyra_torch'
     if any(k.endswith(dinov2.ANCHOR) for k in keys):
       return 'dinov2_hf'
