@@ -2,6 +2,7 @@ r"""Throughput, FLOPs and memory of the deployed models, side by side.
 
   python -m pyra_jax.benchmark --config=configs/vitb_high.py --out=bench.json
   python -m pyra_jax.benchmark --config=configs/vitb_low.py --mode=train
+  python -m pyra_jax.benchmark --config=configs/vitb_high.py --peft=lora,adapter,convpass
 
 Forward mode (default) builds, from one config, three deployed models (LoRA
 folded into q/k/v with `fold_lora` + `deployed_config`, eval mode):
@@ -10,7 +11,13 @@ folded into q/k/v with `fold_lora` + `deployed_config`, eval mode):
   tome  ToMe with the config's schedule,
   pyra  PYRA with the config's schedule and modulation,
 
-compiles each once, warms up, then times forward passes *round-robin* (one pass
+With `--peft=m1,m2,...` (forward mode) it builds each of these models for every
+listed PEFT module (config model.peft), named `method[module]`, e.g.
+`pyra[adapter]`, all timed in the same rounds; the speed-up is over the first
+model (`peft[m1]`). LoRA folds into q/k/v; Adapter and Convpass stay in the
+deployed model, so their cost shows here.
+
+It compiles each once, warms up, then times forward passes *round-robin* (one pass
 of each model per round, plus a reference matmul and the merge operations alone)
 so background load on a shared machine hits them alike. Per model it reports the
 median images/s, GFLOPs per image (our counter, `schedules.vit_flops`: blocks
@@ -103,12 +110,18 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # --------------------------------------------------------------------------- #
 
 def method_config(model_config: ml_collections.ConfigDict, method: str, *,
-                  image_size: int, num_classes: int) -> ml_collections.ConfigDict:
-  """The config's model section switched to `method` (same schedule for tome/pyra)."""
+                  image_size: int, num_classes: int,
+                  peft: Optional[str] = None) -> ml_collections.ConfigDict:
+  """The config's model section switched to `method` (same schedule for tome/pyra)
+  and, if given, to the PEFT module `peft`."""
   if method not in METHODS:
     raise BenchmarkError(f'Unknown method {method!r}: use some of {METHODS}.')
   c = ml_collections.ConfigDict(model_config.to_dict())
   c.method = method
+  if peft is not None:
+    if peft not in vit.PEFT_MODULES:
+      raise BenchmarkError(f'Unknown PEFT module {peft!r}: use some of {vit.PEFT_MODULES}.')
+    c.peft = peft
   c.image_size = image_size
   if c.num_classes is None:
     c.num_classes = num_classes
@@ -134,7 +147,8 @@ def init_params(model_config: ml_collections.ConfigDict, image_size: int,
   model = vit.build_model(model_config)
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   params = jax.jit(lambda k: model.init(k, x))(jax.random.PRNGKey(seed))['params']
-  return _randomize(params, r'lora/up|pyra/w_d', jax.random.PRNGKey(seed + 1))
+  return _randomize(params, r'lora/up|pyra/w_d|convpass/(attn|mlp)/up',
+                    jax.random.PRNGKey(seed + 1))
 
 
 def strip_scope(params: PyTree, name: str) -> PyTree:
@@ -360,6 +374,27 @@ def _peak_rss_bytes() -> int:
 # The two modes
 # --------------------------------------------------------------------------- #
 
+def model_name(method: str, peft: Optional[str]) -> str:
+  """'pyra' for the config's own module, 'pyra[adapter]' with --peft."""
+  return method if peft is None else f'{method}[{peft}]'
+
+
+def _setup_modules(config: ml_collections.ConfigDict, *, image_size: int,
+                   num_classes: int, methods: Sequence[str], peft_modules: Sequence[str]):
+  """Per (module, method): its model config and random training params."""
+  image_size = image_size or config.model.image_size
+  cfgs, params = {}, {}
+  for peft in peft_modules:
+    base = init_params(method_config(config.model, 'pyra', image_size=image_size,
+                                     num_classes=num_classes, peft=peft), image_size)
+    for m in methods:
+      name = model_name(m, peft)
+      cfgs[name] = method_config(config.model, m, image_size=image_size,
+                                 num_classes=num_classes, peft=peft)
+      params[name] = base if m == 'pyra' else strip_scope(base, 'pyra')
+  return image_size, cfgs, params
+
+
 def _setup(config: ml_collections.ConfigDict, *, image_size: int, num_classes: int,
            methods: Sequence[str], params_path: str):
   """Per method: its model config and (random or exported) training params."""
@@ -395,7 +430,8 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                 methods: Sequence[str] = METHODS, params_path: str = '',
                 num_classes: int = 100, gemm_bound: bool = True,
                 reference_model: Optional[ml_collections.ConfigDict] = None,
-                warmup_seconds: float = 0.0) -> dict[str, Any]:
+                warmup_seconds: float = 0.0,
+                peft_modules: Sequence[str] = ()) -> dict[str, Any]:
   """Times the deployed models round-robin; returns the results dict (module doc).
 
   gemm_bound: also time each model's dense-layer matmuls alone
@@ -405,12 +441,23 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   rounds as 'reference'; every speed-up is then over it. Throughput on a shared
   machine drifts by 10-30 % between runs a minute apart, so a speed-up is only
   trustworthy between models timed in the same rounds.
+  peft_modules: time every method with each of these PEFT modules (model names
+  `method[module]`, module doc); random weights only.
   """
   load_before = _load()
   jdtype = DTYPES[dtype]
-  image_size, cfgs, train_params = _setup(
-      config, image_size=image_size, num_classes=num_classes, methods=methods,
-      params_path=params_path)
+  if peft_modules:
+    if params_path:
+      raise BenchmarkError('--peft times random weights: drop --params (an export '
+                           'holds one module only).')
+    image_size, cfgs, train_params = _setup_modules(
+        config, image_size=image_size, num_classes=num_classes, methods=methods,
+        peft_modules=peft_modules)
+    methods = list(cfgs)  # every (module, method) is timed like a method
+  else:
+    image_size, cfgs, train_params = _setup(
+        config, image_size=image_size, num_classes=num_classes, methods=methods,
+        params_path=params_path)
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.normal(size=(batch_size, image_size, image_size, 3)),
                          jnp.float32) for _ in range(2)]
@@ -452,8 +499,9 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   out = _results('forward', config, image_size, batch_size, dtype, warmup, times,
                  elapsed, load_before, warmup_seconds)
   out['matmul'] = _matmul_result(matmul_size, mm_flops, times['matmul'])
-  out['models'] = _per_model(names, infos, times, traced, batch_size, mm_flops,
-                             base='reference' if reference_model is not None else None)
+  base = 'reference' if reference_model is not None else (
+      names[0] if peft_modules else None)
+  out['models'] = _per_model(names, infos, times, traced, batch_size, mm_flops, base=base)
   if 'pyra' in methods and 'tome' in methods:
     out['pyra_cost_over_tome'] = 1.0 - _paired_median(times['tome'], times['pyra'])
   if merge_call is not None:
@@ -778,13 +826,14 @@ def format_table(res: dict[str, Any]) -> str:
            f"{res['load_average']['after']}",
            f"matmul {mm['size']}^3: {mm['gflops_per_s']:.1f} GFLOP/s "
            f"(fastest round {mm['gflops_per_s_best']:.1f})"]
-  hdr = (f"{'model':6} {'img/s':>7} {'GFLOPs':>7} {'speed-up':>8} {'FLOPs ratio':>11} "
+  w = max([6] + [len(m) for m in res['models']])
+  hdr = (f"{'model':{w}} {'img/s':>7} {'GFLOPs':>7} {'speed-up':>8} {'FLOPs ratio':>11} "
          f"{'su/ratio':>8} {'GFLOP/s':>8} {'% matmul':>8}")
   if res['mode'] == 'train':
     hdr += f" {'peak MiB':>9}"
   lines.append(hdr)
   for m, r in res['models'].items():
-    row = (f"{m:6} {r['images_per_sec']:7.2f} {r['gflops']:7.4g} {r['speedup']:7.2f}x "
+    row = (f"{m:{w}} {r['images_per_sec']:7.2f} {r['gflops']:7.4g} {r['speedup']:7.2f}x "
            f"{r['flops_ratio']:10.2f}x {r['speedup_over_flops_ratio']:8.1%} "
            f"{r['gflops_per_s']:8.1f} {r['matmul_fraction']:8.1%}")
     if res['mode'] == 'train':
@@ -800,14 +849,14 @@ def format_table(res: dict[str, Any]) -> str:
                  'programs, paired within rounds; not a profile):')
     for m, r in res['models'].items():
       b = r['breakdown']
-      lines.append(f"  {m:6} forward {b['forward'] * 1e3:8.1f}  RNG {b['rng'] * 1e3:7.1f}  "
+      lines.append(f"  {m:{w}} forward {b['forward'] * 1e3:8.1f}  RNG {b['rng'] * 1e3:7.1f}  "
                    f"backward {b['backward'] * 1e3:8.1f}  optimizer {b['optimizer'] * 1e3:7.1f}"
                    f"  sum {b['sum'] * 1e3:8.1f}  step {b['step'] * 1e3:8.1f}")
   if 'gemm_bound' in res:
     lines.append('dense-layer matmuls alone, at each model\'s token counts '
                  '(the ceiling for its speed-up on this machine):')
     for m, g in res['gemm_bound'].items():
-      lines.append(f"  {m:6} {g['gflops_per_s']:7.1f} GFLOP/s ({g['matmul_fraction']:.1%} "
+      lines.append(f"  {m:{w}} {g['gflops_per_s']:7.1f} GFLOP/s ({g['matmul_fraction']:.1%} "
                    f"of the matmul rate): speed-up bound {g['speedup_bound']:.2f}x, "
                    f"model achieves {g['speedup_over_bound']:.1%} of it")
   if 'merge_ops' in res:
@@ -857,6 +906,10 @@ def define_flags() -> dict[str, Any]:
           'the weights from; default: random weights (speed does not depend on them).'),
       methods=flags.DEFINE_list('methods', list(METHODS),
                                 'Which of peft,tome,pyra to run.'),
+      peft=flags.DEFINE_list('peft', [],
+                             'forward mode: time every method with each of these PEFT '
+                             'modules (model.peft: lora,adapter,convpass), in the same '
+                             "rounds; empty: the config's own module."),
       num_classes=flags.DEFINE_integer('num_classes', 100,
                                        'Head size when the config leaves it unset (-1).'),
       warmup_seconds=flags.DEFINE_float(
@@ -921,6 +974,9 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
                 params_path=fl['params'].value, num_classes=fl['num_classes'].value)
   if not train:
     kwargs['gemm_bound'] = fl['gemm_bound'].value
+    kwargs['peft_modules'] = tuple(fl['peft'].value)
+  elif fl['peft'].value:
+    raise app.UsageError('--peft is for the forward mode: drop it or --mode=train.')
   try:
     res = (run_train if train else run_forward)(config, **kwargs)
   except errors.PyraError as e:  # a setting that cannot run: one sentence, no traceback

@@ -154,11 +154,21 @@ def stored_model_config(saved_model: dict) -> dict:
           else v for k, v in out.items()}
 
 
+# The default `trainable.lora_head` before the PEFT modules other than LoRA
+# existed. In every model of that time it selects exactly what today's default
+# selects (there were no adapter/convpass/... scopes), so it reads as today's.
+_LEGACY_LORA_HEAD = r'(.*/lora/.*|^head.*)'
+
+
 def stored_config(saved: dict) -> dict:
   """A whole stored config in today's form (see `stored_model_config`)."""
-  out = with_defaults(saved, base_defaults())
+  defaults = base_defaults()
+  out = with_defaults(saved, defaults)
   if isinstance(out.get('model'), dict):
     out['model'] = stored_model_config(out['model'])
+  trainable = out.get('trainable')
+  if isinstance(trainable, dict) and trainable.get('lora_head') == _LEGACY_LORA_HEAD:
+    out['trainable'] = dict(trainable, lora_head=defaults['trainable']['lora_head'])
   return out
 
 

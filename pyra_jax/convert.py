@@ -61,7 +61,7 @@ def describe(conv: common.Converted) -> dict:
       'heads_fixed': conv.heads_fixed,
       'task_params': sorted({
           k.split('/')[0] if k.startswith('head') else
-          'lora' if '/lora/' in k else 'pyra'
+          common.TASK_SCOPES.search(k).group(2)  # lora, adapter, ..., pyra
           for k in p if common.TASK_SCOPES.search(k)}),
   }
 

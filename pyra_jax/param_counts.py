@@ -10,6 +10,9 @@ read and nothing is computed.
 
 Every parameter falls in one category, by its path:
   lora             '.../lora/...'         the LoRA factors
+  module           '.../adapter/...', '.../convpass/...', '.../fact/...',
+                   '.../snf/...'          the PEFT module that replaces LoRA
+                                          (config model.peft)
   generators       '.../pyra/...' except the LayerNorm: W_r, W_D, W, the MLP
   generator_norms  '.../pyra/norm/...'    the generators' LayerNorm (2·D per
                                           layer); the paper never counts it
@@ -17,7 +20,9 @@ Every parameter falls in one category, by its path:
   head             'head/...', 'head_dist/...'  the classification head(s)
   backbone         everything else        the pretrained ViT
 The paper's trainable percentages (e.g. 0.35 % for PYRA at ViT-B high) are
-(LoRA + generators) over the backbone: no head, no generator LayerNorm.
+(LoRA + generators) over the backbone: no head, no generator LayerNorm; with
+another module (Tables 18-19: Adapter, 0.19 % at ViT-B high) it takes LoRA's
+place in that sum.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import numpy as np
 from flax import traverse_util
 
 PyTree = Any
-CATEGORIES = ('backbone', 'lora', 'generators', 'generator_norms', 'head')
+CATEGORIES = ('backbone', 'lora', 'module', 'generators', 'generator_norms', 'head')
+# The scopes of the PEFT modules other than LoRA (pyra_jax/models/vit.py PEFT_MODULES).
+MODULE_SCOPES = ('adapter', 'convpass', 'fact', 'snf')
 
 # The paper's generator counts at ViT-B/16 high compression, in parameters as
 # printed (K = 1,000), with where they are printed. Table 6 prints one count
@@ -49,6 +56,7 @@ PAPER_GENERATOR_COUNTS: Mapping[str, tuple[Optional[float], str]] = {
     'low_rank': (None, 'Fig. 6 prints no count'),
 }
 PAPER_TRAINABLE_PERCENT_PYRA_VITB_HIGH = 0.35  # Table 1
+PAPER_TRAINABLE_PERCENT_ADAPTER_VITB_HIGH = 0.19  # Tables 18-19 (Adapter instead of LoRA)
 
 
 def category(path: str) -> str:
@@ -56,6 +64,8 @@ def category(path: str) -> str:
   parts = path.split('/')
   if 'lora' in parts:
     return 'lora'
+  if any(name in parts for name in MODULE_SCOPES):
+    return 'module'
   if 'pyra' in parts:
     return 'generator_norms' if 'norm' in parts[parts.index('pyra'):] else 'generators'
   if parts[0] in ('head', 'head_dist'):
@@ -92,11 +102,12 @@ def trainable_report(trainable: PyTree, frozen: PyTree) -> dict[str, Any]:
   trained = count_by_category(trainable)
   backbone = count_by_category(frozen)['backbone']
   total = sum(trained.values())
-  paper_like = trained['lora'] + trained['generators']
+  paper_like = trained['lora'] + trained['module'] + trained['generators']
   pct = lambda n: 100.0 * n / backbone if backbone else float('nan')
   return {
       'backbone': backbone,
       'lora': trained['lora'],
+      'module': trained['module'],
       'generators': trained['generators'],
       'generator_norms': trained['generator_norms'],
       'head': trained['head'],
@@ -111,12 +122,14 @@ def format_trainable(report: Mapping[str, Any]) -> str:
   """One line for the training log."""
   line = (f"Trainable parameters: {report['trainable']:,} = "
           f"{report['trainable_percent_of_backbone']:.3f}% of the backbone "
-          f"({report['backbone']:,}): LoRA {report['lora']:,}, generators "
+          f"({report['backbone']:,}): LoRA {report['lora']:,}, "
+          + (f"module {report['module']:,}, " if report.get('module') else '') +
+          f"generators "
           f"{report['generators']:,} (+ LayerNorm {report['generator_norms']:,}), "
           f"head {report['head']:,}")
   if report['other_trained']:
     line += f", other {report['other_trained']:,}"
-  return (line + f"; LoRA + generators (the paper's convention): "
+  return (line + f"; LoRA/module + generators (the paper's convention): "
           f"{report['lora_generators_percent_of_backbone']:.3f}%.")
 
 
@@ -145,7 +158,9 @@ def report_text(config: ml_collections.ConfigDict) -> str:
   from pyra_jax.models.pyra import MODULATIONS  # pylint: disable=g-import-not-at-top
   n_cls = num_classes_of(config)
   m = config.model
-  lines = [f"model {m.variant}, schedule {m.schedule!r}, LoRA rank {m.lora_rank}, "
+  module = (f'LoRA rank {m.lora_rank}' if m.get('peft', 'lora') == 'lora'
+            else f'{m.peft} width {m.peft_dim}')
+  lines = [f"model {m.variant}, schedule {m.schedule!r}, {module}, "
            f"low_rank s = {m.modulation_rank}, {n_cls} classes",
            f"{'variant':<16} {'generators':>11} {'+ LayerNorm':>12} {'paper':>9}  where"]
   for kind, counts in variant_counts(m, n_cls, MODULATIONS).items():
@@ -157,9 +172,13 @@ def report_text(config: ml_collections.ConfigDict) -> str:
   trainable, frozen = optim.split_params(params, config.trainable)
   method = m.method if m.method != 'pyra' else f'pyra ({m.modulation})'
   lines.append(f'This config ({method}): ' + format_trainable(trainable_report(trainable, frozen)))
-  if m.method == 'pyra' and m.modulation == 'pyra':
+  peft = m.get('peft', 'lora')
+  if m.method == 'pyra' and m.modulation == 'pyra' and peft == 'lora':
     lines.append(f'Paper (Table 1, PYRA at ViT-B high): '
                  f'{PAPER_TRAINABLE_PERCENT_PYRA_VITB_HIGH}% (LoRA + generators).')
+  elif peft == 'adapter':
+    lines.append(f'Paper (Tables 18-19, Adapter at ViT-B high): '
+                 f'{PAPER_TRAINABLE_PERCENT_ADAPTER_VITB_HIGH}% (Adapter + generators).')
   return '\n'.join(lines)
 
 

@@ -95,10 +95,65 @@ def gelu(x):
   return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
 
 
+def quick_gelu(z):
+  return z / (1.0 + np.exp(-1.702 * z))
+
+
+def adapter(y, a):
+  """The authors' Adapter on the MLP output y: y + up(QuickGELU(down(y)))."""
+  return y + quick_gelu(y @ a['down']['kernel'] + a['down']['bias']) @ a['up']['kernel'] \
+      + a['up']['bias']
+
+
+def conv3x3_tokens(z, kernel, bias, source, num_prefix=1):
+  """Convpass's 3x3 conv (zero padding) for tokens that may be merged.
+
+  z (B, N, k); kernel (3, 3, k, k) as [row offset + 1, column offset + 1, in, out];
+  source (B, N, N0) 0/1, row n marking the input positions token n covers. Each
+  position takes the value of the token covering it; a prefix position is a 1x1
+  image (only the centre tap); each token gets the mean over its positions.
+  """
+  bsz, n, _ = z.shape
+  n0 = source.shape[2]
+  g = int(round(math.sqrt(n0 - num_prefix)))
+  out = np.zeros((bsz, n, kernel.shape[-1]))
+  for bi in range(bsz):
+    owner = [int(np.flatnonzero(source[bi, :, m])[0]) for m in range(n0)]
+    value = [z[bi, owner[m]] for m in range(n0)]
+    conv = []
+    for m in range(n0):
+      acc = bias.copy()
+      if m < num_prefix:
+        acc = acc + value[m] @ kernel[1, 1]
+      else:
+        i, j = divmod(m - num_prefix, g)
+        for di in (-1, 0, 1):
+          for dj in (-1, 0, 1):
+            if 0 <= i + di < g and 0 <= j + dj < g:
+              acc = acc + value[num_prefix + (i + di) * g + (j + dj)] @ kernel[di + 1, dj + 1]
+      conv.append(acc)
+    for t in range(n):
+      covered = [m for m in range(n0) if source[bi, t, m] == 1]
+      out[bi, t] = sum(conv[m] for m in covered) / len(covered)
+  return out
+
+
+def convpass_bypass(h, c, source, scale):
+  """s · up(QuickGELU(conv(QuickGELU(down(h))))) (dropout off)."""
+  z = quick_gelu(h @ c['down']['kernel'] + c['down']['bias'])
+  z = quick_gelu(conv3x3_tokens(z, c['conv']['kernel'], c['conv']['bias'], source))
+  return scale * (z @ c['up']['kernel'] + c['up']['bias'])
+
+
 def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
                 prop_attn: bool = True, pyra: bool = False, ln_eps: float = 1e-6,
-                pyra_eps: float = 1e-5) -> np.ndarray:
-  """A numpy forward of our parameter tree (LoRA unfolded), merging per schedule."""
+                pyra_eps: float = 1e-5, peft: str = 'lora',
+                convpass_scale: float = 1.0) -> np.ndarray:
+  """A numpy forward of our parameter tree (LoRA unfolded), merging per schedule.
+
+  peft='adapter' / 'convpass' adds the block's `adapter` / `convpass` modules
+  (their definitions above); LoRA is used wherever the tree has it.
+  """
   p = {k: v for k, v in p.items()}
   kernel = np.asarray(p['embedding']['kernel'])
   patch, dim = kernel.shape[0], kernel.shape[-1]
@@ -114,6 +169,7 @@ def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
   cls = np.broadcast_to(np.asarray(p['cls']), (bsz, 1, dim))
   x = np.concatenate([cls, x], 1) + np.asarray(p['Transformer']['posembed_input']['pos_embedding'])
   size = np.ones(x.shape[:2] + (1,))
+  source = np.broadcast_to(np.eye(x.shape[1]), (bsz,) + (x.shape[1],) * 2).copy()
   hd = dim // num_heads
   for li, r in enumerate(schedule):
     blk = p['Transformer'][f'encoderblock_{li}']
@@ -138,6 +194,8 @@ def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
         out[bi, :, hh] = (e / e.sum(-1, keepdims=True)) @ v[bi, :, hh]
     out = np.einsum('bnhk,hkd->bnd', out, att['out']['kernel']) + att['out']['bias']
     x = x + out
+    if peft == 'convpass':
+      x = x + convpass_bypass(y, blk['convpass']['attn'], source, convpass_scale)
     if r > 0:
       plans = match(k.mean(2), r)
       mod = None
@@ -146,11 +204,17 @@ def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
         mod = lambda s, d_: pyra_modulate(s, d_, g['w_r'], g['w_d'], g['norm']['scale'],
                                           g['norm']['bias'], pyra_eps)
       x, size = merge_wavg(x, size, plans, modulate=mod)
+      source = merge(source, plans)
     ln1 = blk['LayerNorm_1']
     y = layer_norm(x, ln1['scale'], ln1['bias'], ln_eps)
     mlp = blk['MlpBlock_0']
-    y = gelu(y @ mlp['Dense_0']['kernel'] + mlp['Dense_0']['bias'])
-    x = x + y @ mlp['Dense_1']['kernel'] + mlp['Dense_1']['bias']
+    m = gelu(y @ mlp['Dense_0']['kernel'] + mlp['Dense_0']['bias'])
+    m = m @ mlp['Dense_1']['kernel'] + mlp['Dense_1']['bias']
+    if peft == 'adapter':
+      m = adapter(m, blk['adapter'])
+    x = x + m
+    if peft == 'convpass':
+      x = x + convpass_bypass(y, blk['convpass']['mlp'], source, convpass_scale)
   en = p['Transformer']['encoder_norm']
   x = layer_norm(x, en['scale'], en['bias'], ln_eps)
   return x[:, 0] @ p['head']['kernel'] + p['head']['bias']

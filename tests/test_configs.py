@@ -37,6 +37,12 @@ PAPER = {
     # PE-Dist students (Table 15): the smaller backbone, PEFT, no merging.
     'vits_pedist.py': ('S/16', False, 4, 64, (0,) * 12),
     'vitb_pedist.py': ('B/16', False, 8, 64, (0,) * 12),
+    # Tables 18-20: Adapter / Convpass in LoRA's place (lora_rank stays, ignored).
+    'vitb_high_adapter.py': ('B/16', False, 8, 64, VITB_HIGH),
+    'vitl_high_adapter.py': ('L/16', False, 12, 32, VITL_HIGH),
+    'vits_peft_adapter.py': ('S/16', False, 4, 64, (0,) * 12),
+    'vitb_high_convpass.py': ('B/16', False, 8, 64, VITB_HIGH),
+    'vitb_low_convpass.py': ('B/16', False, 8, 64, (16,) * 11 + (10,)),
 }
 
 

@@ -19,8 +19,9 @@ from pyra_jax.errors import CheckpointError  # pylint: disable=unused-import
 FORMATS = ('npz', 'timm', 'pyra_torch', 'dinov2_hf', 'onnx_dinov2', 'pyra_jax')
 
 # Scopes that are task-specific and re-initialised for each task, unless a
-# checkpoint of ours or of the authors' code carries trained values.
-TASK_SCOPES = re.compile(r'^(head|head_dist)/|/lora/|/pyra/')
+# checkpoint of ours or of the authors' code carries trained values: the heads,
+# the PYRA generators and every PEFT module (config model.peft).
+TASK_SCOPES = re.compile(r'^(head|head_dist)/|/(lora|adapter|convpass|fact|snf|pyra)/')
 
 
 

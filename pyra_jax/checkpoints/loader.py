@@ -107,7 +107,8 @@ def detect_format(path: str) -> str:
     return 'onnx_dinov2'
   if ext == '.safetensors' or ext in torch_formats.TORCH_EXTS:
     keys = torch_formats.state_dict_keys(path)
-    if any('LoRA_a' in k or re.search(r'(^|\.)pyra_[ab]$', k) for k in keys):
+    if any('LoRA_a' in k or re.search(r'(^|\.)pyra_[ab]$|\.adapter\.ln1\.weight$', k)
+           for k in keys):  # the authors' LoRA, generators or Adapter
       return 'pyra_torch'
     if any(k.endswith(dinov2.ANCHOR) for k in keys):
       return 'dinov2_hf'
@@ -426,6 +427,10 @@ def _mismatch_report(where, src, init, missing, extra, unexpected,
     rank = next(v.shape[1] for k, v in src.items() if k.endswith('/lora/down'))
     fixes.append(f'the checkpoint carries LoRA of rank {rank}: set '
                  f'model.lora_rank={rank}.')
+  if has(extra, r'/adapter/'):
+    dim = next(v.shape[1] for k, v in src.items() if k.endswith('/adapter/down/kernel'))
+    fixes.append(f'the checkpoint carries an Adapter of width {dim}: set '
+                 f"model.peft='adapter' and model.peft_dim={dim}.")
   if has(extra, r'/pyra/'):
     layers = sorted(block_ids(k for k in extra if '/pyra/' in k))
     fixes.append(f'the checkpoint carries PYRA generators in layers {layers}: '
@@ -449,6 +454,9 @@ def _mismatch_report(where, src, init, missing, extra, unexpected,
     elif k.endswith('MlpBlock_0/Dense_0/kernel'):
       fixes.append(f'mlp_dim differs: checkpoint {s[1]}, config {m[1]}: set '
                    f'model.mlp_dim={s[1]}.')
+    elif re.search(r'/adapter/(down|up)/kernel$', k):
+      dim = s[1] if '/down/' in k else s[0]
+      fixes.append(f'Adapter width differs: set model.peft_dim={dim}.')
     elif k.endswith('/lora/down') or k.endswith('/lora/up'):
       rank = src[k].shape[1 if k.endswith('down') else 0]
       fixes.append(f'LoRA rank differs: set model.lora_rank={rank}.')

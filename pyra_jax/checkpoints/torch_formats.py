@@ -32,6 +32,9 @@ PyTorch PYRA/ToMe checkpoints) keeps them and adds:
   blocks.i.pyra_a (r_i, 1)                             -> pyra/w_r
   blocks.i.pyra_b (1, D)                               -> pyra/w_d
   blocks.i.pyra_norm.{weight, bias}                    -> pyra/norm/{scale, bias}
+  blocks.i.adapter.ln1.{weight (k, D), bias}  Linear D->k -> adapter/down/{kernel (D, k), bias}
+  blocks.i.adapter.ln2.{weight (D, k), bias}  Linear k->D -> adapter/up/{kernel (k, D), bias}
+                                            (their Adapter variant, model.peft='adapter')
 A `pyra_a` with zero rows (a layer that merges nothing) is dropped silently.
 Wrapper prefixes (`module.`, `model.`, ...) are found from the anchor
 `patch_embed.proj.weight`, whatever they are.
@@ -200,11 +203,15 @@ def convert_torch_vit(state: Mapping[str, Any], num_heads: int | None = None,
 
 def _take_pyra_block(sd: common.Consumer, s: str, t: str,
                      p: dict[str, np.ndarray]) -> None:
-  """LoRA and PYRA generator tensors of one block of the authors' model."""
+  """LoRA, Adapter and PYRA generator tensors of one block of the authors' model."""
   a = t + 'MultiHeadDotProductAttention_0/lora/'
   if sd.has(s + 'attn.LoRA_a.weight') or sd.has(s + 'attn.LoRA_b.weight'):
     p[a + 'down'] = sd.take(s + 'attn.LoRA_a.weight').T
     p[a + 'up'] = sd.take(s + 'attn.LoRA_b.weight').T
+  for src, dst in (('ln1', 'down'), ('ln2', 'up')):
+    if sd.has(s + f'adapter.{src}.weight'):
+      p[t + f'adapter/{dst}/kernel'] = sd.take(s + f'adapter.{src}.weight').T
+      p[t + f'adapter/{dst}/bias'] = sd.take(s + f'adapter.{src}.bias')
   if sd.has(s + 'pyra_a'):
     w_r = sd.take(s + 'pyra_a')
     if w_r.shape[0] == 0:  # a layer that merges nothing: nothing to modulate.

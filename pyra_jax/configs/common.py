@@ -54,6 +54,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.lora_init = 'zeros'     # 'zeros': B = 0 (LoRA starts as identity);
                                 # 'trunc_normal': A, B ~ TN(0.02), the authors' code
 
+  # The trainable module (docs/algorithm.md §10; README "PEFT modules"):
+  # 'lora' (above) | 'adapter' (the authors' bottleneck Adapter after the MLP,
+  # Tables 18-19) | 'convpass' (3x3 convolutional bypasses beside attention and
+  # the MLP, Jie & Deng 2022; Table 20). Any module but 'lora' turns LoRA off:
+  # lora_rank and lora_dropout are then ignored. Folding: LoRA folds into q/k/v;
+  # Adapter and Convpass stay in the deployed model.
+  model.peft = 'lora'
+  model.peft_dim = 8            # bottleneck k of adapter / convpass (the authors':
+                                # 8 ViT-B, 4 ViT-S, 12 ViT-L; Convpass's paper: 8)
+  model.peft_dropout = 0.1      # dropout inside adapter / convpass, training only
+                                # (0.1: both authors' code defaults)
+  model.convpass_scale = 1.0    # s, the bypasses' output scale (Convpass's per-task
+                                # configs pick it from {0.01, 0.1, 1, 10, 100})
+  model.convpass_init = 'identity'  # conv kernel: 'identity' on the centre tap (their
+                                    # default) | 'xavier' (their choice on some tasks)
+
   # Token merging.
   model.method = 'pyra'         # 'peft' (no merging) | 'tome' | 'pyra'
   model.schedule = 'vitb_high'  # a named schedule, an int (ToMe constant r),
@@ -116,7 +132,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # everything that matches none is frozen.
   config.trainable = ml_collections.ConfigDict()
   config.trainable.pyra = r'.*/pyra/.*'  # PYRA generators + their LayerNorm (lr: pyra_lr)
-  config.trainable.lora_head = r'(.*/lora/.*|^head.*)'  # LoRA and the head (lr: lr)
+  # The PEFT module (whichever model.peft selects: each lives under a scope of its
+  # own name) and the head (lr: lr). The name stays `lora_head` for old runs.
+  config.trainable.lora_head = r'(.*/(lora|adapter|convpass|fact|snf)/.*|^head.*)'
 
   # --- Distillation (PE-Dist, the paper's Table 15) ----------------------------
   # Train on CE + weight·T²·KL(softmax(teacher/T) || softmax(student/T)) towards a

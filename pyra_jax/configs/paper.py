@@ -10,7 +10,10 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
 
   task=NAME        data.task, a VTAB-1k task (default cifar100), or
                    folder:NAME for a dataset of one's own (source=folder)
-  method=M         model.method: peft (LoRA only) | tome | pyra (default)
+  method=M         model.method: peft (no merging) | tome | pyra (default)
+  peft=P           model.peft, the trainable module: lora (default) | adapter |
+                   convpass (Tables 18-20); its bottleneck is the backbone's
+                   peft_dim below
   modulation=F     model.modulation, the ablations of Tables 6-8 (pyra only)
   pyra_lr=X        learning rate of the PYRA generators (the paper tunes it
                    per task in {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3})
@@ -33,26 +36,29 @@ import ml_collections
 from pyra_jax.configs import common
 
 # backbone -> settings that differ from common.get_base_config() (Tables 10-12).
+# peft_dim is the Adapter / Convpass bottleneck: the authors' Adapter configs use
+# 8 (ViT-B), 4 (ViT-S), 12 (ViT-L), the same numbers as their LoRA ranks.
 BACKBONES = {
     # ViT-B/16 pretrained on ImageNet-21k: LoRA rank 8, batch 64.
-    'vitb': dict(variant='B/16', lora_rank=8, batch_size=64, sched='vitb'),
+    'vitb': dict(variant='B/16', lora_rank=8, peft_dim=8, batch_size=64, sched='vitb'),
     # ViT-L/16 (ImageNet-21k): rank 12, batch 32.
-    'vitl': dict(variant='L/16', lora_rank=12, batch_size=32, sched='vitl'),
+    'vitl': dict(variant='L/16', lora_rank=12, peft_dim=12, batch_size=32, sched='vitl'),
     # ViT-L/16 pretrained with MAE: as ViT-L, but the PYRA lr is tuned in the
     # much lower range {1e-6, 3e-6, 1e-5, 3e-5}; 1e-5 is its middle.
-    'vitl_mae': dict(variant='L/16', lora_rank=12, batch_size=32, sched='vitl',
-                     pyra_lr=1e-5, pyra_lr_grid=(1e-6, 3e-6, 1e-5, 3e-5)),
+    'vitl_mae': dict(variant='L/16', lora_rank=12, peft_dim=12, batch_size=32,
+                     sched='vitl', pyra_lr=1e-5, pyra_lr_grid=(1e-6, 3e-6, 1e-5, 3e-5)),
     # DeiT-B/16 distilled: distillation token, rank 8, batch 128.
-    'deitb': dict(variant='B/16', lora_rank=8, batch_size=128, sched='deitb',
+    'deitb': dict(variant='B/16', lora_rank=8, peft_dim=8, batch_size=128, sched='deitb',
                   distilled=True),
     # The smaller-model references (PEFT only): ViT-S/16 and DeiT-S, rank 4.
-    'vits': dict(variant='S/16', lora_rank=4, batch_size=64, sched=None),
-    'deits': dict(variant='S/16', lora_rank=4, batch_size=128, sched=None,
+    'vits': dict(variant='S/16', lora_rank=4, peft_dim=4, batch_size=64, sched=None),
+    'deits': dict(variant='S/16', lora_rank=4, peft_dim=4, batch_size=128, sched=None,
                   distilled=True),
 }
 LEVELS = ('low', 'high')
-ARG_KEYS = ('task', 'method', 'modulation', 'pyra_lr', 'lr', 'source',
+ARG_KEYS = ('task', 'method', 'peft', 'modulation', 'pyra_lr', 'lr', 'source',
             'data_dir', 'init', 'teacher', 'teacher_export')
+PEFT_MODULES = ('lora', 'adapter', 'convpass')  # = pyra_jax.models.vit.PEFT_MODULES
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -81,6 +87,10 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None
     config.data.task = kv['task']
   if 'method' in kv:
     set_method(config, kv['method'])
+  if 'peft' in kv:
+    if kv['peft'] not in PEFT_MODULES:
+      raise ValueError(f"peft={kv['peft']!r}: use one of {', '.join(PEFT_MODULES)}.")
+    config.model.peft = kv['peft']
   if 'modulation' in kv:
     config.model.modulation = kv['modulation']
   for key in ('pyra_lr', 'lr'):
@@ -119,6 +129,7 @@ def paper_config(backbone: str, level: str | None, arg: str | None = None
   config = common.get_base_config()
   config.model.variant = b['variant']
   config.model.lora_rank = b['lora_rank']
+  config.model.peft_dim = b['peft_dim']
   config.batch_size = b['batch_size']
   if 'distilled' in b:
     config.model.distilled = b['distilled']

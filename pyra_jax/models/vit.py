@@ -31,6 +31,8 @@ import ml_collections
 
 from pyra_jax import merge as merge_lib
 from pyra_jax import schedules
+from pyra_jax.models.adapter import Adapter
+from pyra_jax.models.convpass import CONVPASS_INITS, Convpass
 from pyra_jax.models.lora import LoRA
 from pyra_jax.models.pyra import MODULATIONS, PyraGenerator
 
@@ -45,6 +47,9 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     'H': (1280, 32, 16, 5120),
 }
 METHODS = ('peft', 'tome', 'pyra')
+# The trainable module (config.model.peft; docs/algorithm.md §10). Each keeps its
+# parameters under its own scope name, the module's name, so one regex selects them.
+PEFT_MODULES = ('lora', 'adapter', 'convpass')
 # How Attention computes softmax(q k^T / sqrt(hd) + log size) v (config.model.attention).
 ATTENTION_IMPLEMENTATIONS = ('einsum', 'dot_product_attention')
 
@@ -239,20 +244,35 @@ class EncoderBlock(nn.Module):
   lora_init: str
   dtype: Any
   attention: str  # an ATTENTION_IMPLEMENTATIONS entry
+  # The non-LoRA PEFT modules (lora_rank is 0 when peft != 'lora').
+  peft: str  # a PEFT_MODULES entry
+  peft_dim: int
+  peft_dropout: float
+  convpass_scale: float
+  convpass_init: str
 
   @nn.compact
   def __call__(self, x: Array, size: Optional[Array], source: Optional[Array], *,
                train: bool) -> tuple[Array, Optional[Array], Optional[Array]]:
-    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_0')(x)
+    num_prefix = 1 + int(self.distilled)
+    convpass = None
+    if self.peft == 'convpass':
+      convpass = Convpass(dim=self.peft_dim, dropout=self.peft_dropout,
+                          init_scheme=self.convpass_init, scale=self.convpass_scale,
+                          dtype=self.dtype, name='convpass')
+    h = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_0')(x)
     y, metric = Attention(num_heads=self.num_heads, qkv_bias=self.qkv_bias,
                           lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
                           lora_init=self.lora_init, dtype=self.dtype,
                           implementation=self.attention,
                           name='MultiHeadDotProductAttention_0')(
-                              y, size if self.prop_attn else None, train=train)
+                              h, size if self.prop_attn else None, train=train)
     if self.layerscale:
       y = LayerScale(name='LayerScale_0')(y)
     x = x + DropPath(self.drop_path)(y, train=train)
+    if convpass is not None:  # beside attention, on the tokens before this merge
+      y = convpass.attn_branch(h, source, num_prefix, train=train)
+      x = x + DropPath(self.drop_path)(y, train=train)
 
     if self.r > 0:
       plan = merge_lib.bipartite_soft_matching(
@@ -269,11 +289,18 @@ class EncoderBlock(nn.Module):
       if source is not None:
         source = merge_lib.merge_source(source, plan, distill_token=self.distilled)
 
-    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_1')(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name='MlpBlock_0')(y)
+    h = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_1')(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name='MlpBlock_0')(h)
     if self.layerscale:
       y = LayerScale(name='LayerScale_1')(y)
-    x = x + DropPath(self.drop_path)(y, train=train)
+    y = DropPath(self.drop_path)(y, train=train)
+    if self.peft == 'adapter':  # on the (dropped-path) MLP output, as the authors'
+      y = y + Adapter(dim=self.peft_dim, dropout=self.peft_dropout, dtype=self.dtype,
+                      name='adapter')(y, train=train)
+    x = x + y
+    if convpass is not None:  # beside the MLP, on the merged tokens
+      y = convpass.mlp_branch(h, source, num_prefix, train=train)
+      x = x + DropPath(self.drop_path)(y, train=train)
     return x, size, source
 
 
@@ -319,6 +346,11 @@ class VisionTransformer(nn.Module):
   lora_dropout: float
   lora_init: str
   attention: str
+  peft: str
+  peft_dim: int
+  peft_dropout: float
+  convpass_scale: float
+  convpass_init: str
   dtype: Any
   trace_source: bool = False  # a debugging output, not a config field
 
@@ -342,7 +374,9 @@ class VisionTransformer(nn.Module):
         pyra_ln_eps=self.pyra_ln_eps, distilled=self.distilled, prop_attn=self.prop_attn,
         qkv_bias=self.qkv_bias, layerscale=self.layerscale, ln_eps=self.ln_eps,
         lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
-        lora_init=self.lora_init, attention=self.attention, dtype=self.dtype)
+        lora_init=self.lora_init, attention=self.attention, dtype=self.dtype,
+        peft=self.peft, peft_dim=self.peft_dim, peft_dropout=self.peft_dropout,
+        convpass_scale=self.convpass_scale, convpass_init=self.convpass_init)
     x = Encoder(schedule=self.schedule, drop_path=self.drop_path,
                 trace_source=self.trace_source, block=tuple(sorted(block.items())),
                 name='Transformer')(x, train=train)
@@ -379,7 +413,9 @@ class Encoder(nn.Module):
     x = AddPositionEmbs(name='posembed_input')(x)
     size = None
     source = None
-    if self.trace_source:
+    # Convpass needs each token's input positions once tokens merge (convpass.py).
+    track = self.trace_source or (block['peft'] == 'convpass' and any(self.schedule))
+    if track:
       source = jnp.broadcast_to(jnp.eye(x.shape[1], dtype=x.dtype), (x.shape[0],) + (x.shape[1],) * 2)
     for i in range(depth):
       rate = self.drop_path * i / max(depth - 1, 1)  # linear 0 -> drop_path
@@ -388,7 +424,7 @@ class Encoder(nn.Module):
               x, size, source, train=train)
       if size is not None:
         self.sow('intermediates', f'size_{i}', size)
-      if source is not None:
+      if self.trace_source:
         self.sow('intermediates', f'source_{i}', source)
     return nn.LayerNorm(epsilon=block['ln_eps'], dtype=block['dtype'], name='encoder_norm')(x)
 
@@ -417,7 +453,8 @@ _FROM_VARIANT = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
 # Config fields that become the VisionTransformer field of the same name as they are.
 _AS_IS = ('modulation_rank', 'wr_init', 'pyra_ln_eps', 'prop_attn', 'qkv_bias',
           'layerscale', 'ln_eps', 'distilled_eval', 'drop_path', 'head_init_std',
-          'lora_rank', 'lora_dropout', 'lora_init', 'attention')
+          'lora_rank', 'lora_dropout', 'lora_init', 'attention', 'peft_dropout',
+          'convpass_scale')
 
 
 def _field(model_config: ml_collections.ConfigDict, name: str) -> Any:
@@ -481,6 +518,18 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
   if attention not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f'model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, '
                      f'got {attention!r}.')
+  peft = _field(c, 'peft')
+  if peft not in PEFT_MODULES:
+    raise ValueError(f'model.peft must be one of {PEFT_MODULES}, got {peft!r}.')
+  peft_dim = _field(c, 'peft_dim')
+  if peft != 'lora' and (isinstance(peft_dim, bool) or not isinstance(
+      peft_dim, numbers.Integral) or peft_dim <= 0):
+    raise ValueError(f'model.peft_dim must be a positive integer for model.peft={peft!r}, '
+                     f'got {peft_dim!r}.')
+  convpass_init = _field(c, 'convpass_init')
+  if peft == 'convpass' and convpass_init not in CONVPASS_INITS:
+    raise ValueError(f'model.convpass_init must be one of {CONVPASS_INITS}, '
+                     f'got {convpass_init!r}.')
   distilled = _field(c, 'distilled')
   num_protected = 1 + int(distilled)
   num_patches = (image_size // patch) ** 2
@@ -495,10 +544,13 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
         width=width, mlp_ratio=mlp / width)
   if dtype is None:
     dtype = jnp.float32
-  return dict(
+  kwargs = dict(
       num_classes=n_classes, schedule=schedule, modulation=modulation,
-      distilled=distilled, dtype=jnp.dtype(dtype), **arch,
-      **{name: _field(c, name) for name in _AS_IS})
+      distilled=distilled, dtype=jnp.dtype(dtype), peft=peft, peft_dim=peft_dim,
+      convpass_init=convpass_init, **arch, **{name: _field(c, name) for name in _AS_IS})
+  if peft != 'lora':  # another module replaces LoRA: lora_rank is ignored
+    kwargs['lora_rank'] = 0
+  return kwargs
 
 
 def build_model(model_config: ml_collections.ConfigDict, *,
@@ -510,11 +562,17 @@ def build_model(model_config: ml_collections.ConfigDict, *,
 
 
 def deployed_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config of the deployed model: LoRA folded in (rank 0), no dropout."""
+  """The config of the deployed model: LoRA folded in (rank 0), no dropout.
+
+  A module that cannot fold (Adapter, Convpass) stays in the deployed model,
+  with its parameters, under the same config (docs/algorithm.md §10).
+  """
   c = ml_collections.ConfigDict(model_config.to_dict())
   c.lora_rank = 0
   c.lora_dropout = 0.0
   c.drop_path = 0.0
+  if 'peft_dropout' in c:
+    c.peft_dropout = 0.0
   return c
 
 
