@@ -54,6 +54,25 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.lora_init = 'zeros'     # 'zeros': B = 0 (LoRA starts as identity);
                                 # 'trunc_normal': A, B ~ TN(0.02), the authors' code
 
+  # The trainable module (README "PEFT modules", docs/algorithm.md §10-11):
+  # 'lora' (above) | 'fact' | 'snf'. Any module but 'lora' turns LoRA off
+  # (lora_rank is then ignored). Each module's parameters live under its own
+  # scope name ('fact', 'snf'), which config.trainable.lora_head matches.
+  model.peft = 'lora'
+  # FacT (Jie & Deng, AAAI 2023): increments s·U Σ_i V of q/k/v/out and the
+  # MLP's fc1/fc2 slices, U (D, r), V (r, D) shared by all layers; folds into
+  # the frozen kernels for deployment.
+  model.fact_variant = 'tt'     # 'tt': a learned (r, r) core per slice (FacT-TT);
+                                # 'tk': cores from one (r, r, r) tensor and a
+                                # (12L, r) factor (FacT-TK, Tucker)
+  model.fact_rank = 8           # r (the FacT code's VTAB ranks: tt 8-16, tk 32)
+  model.fact_scale = 1.0        # s (the FacT code tunes it per task: tt ~1-10, tk 0.1-1)
+  model.fact_dropout = 0.1      # dropout on (x U) Σ_i, training only
+  # SNF (Wang et al., CVPR 2023): each shortcut x -> f(x), f = element-wise
+  # affine then K planar flow steps; not foldable, stays in the deployed model.
+  model.snf_flow_length = 0     # K; 0 is the paper's 0.036M parameters at ViT-B
+                                # (the authors' code defaults to 16: 0.63M)
+
   # Token merging.
   model.method = 'pyra'         # 'peft' (no merging) | 'tome' | 'pyra'
   model.schedule = 'vitb_high'  # a named schedule, an int (ToMe constant r),
@@ -116,7 +135,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # everything that matches none is frozen.
   config.trainable = ml_collections.ConfigDict()
   config.trainable.pyra = r'.*/pyra/.*'  # PYRA generators + their LayerNorm (lr: pyra_lr)
-  config.trainable.lora_head = r'(.*/lora/.*|^head.*)'  # LoRA and the head (lr: lr)
+  # The PEFT module (LoRA, FacT or SNF: each under its own scope) and the head (lr: lr)
+  config.trainable.lora_head = r'(.*/(lora|fact|snf)/.*|^head.*)'
 
   # --- Loop -------------------------------------------------------------------
   config.log_every_steps = 10   # metrics.jsonl / TensorBoard cadence

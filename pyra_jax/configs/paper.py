@@ -11,6 +11,8 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
   task=NAME        data.task, a VTAB-1k task (default cifar100), or
                    folder:NAME for a dataset of one's own (source=folder)
   method=M         model.method: peft (LoRA only) | tome | pyra (default)
+  peft=P           model.peft, the trainable module: lora (default) | fact | snf
+                   (any but lora turns LoRA off; README "PEFT modules")
   modulation=F     model.modulation, the ablations of Tables 6-8 (pyra only)
   pyra_lr=X        learning rate of the PYRA generators (the paper tunes it
                    per task in {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3})
@@ -49,7 +51,7 @@ BACKBONES = {
 }
 LEVELS = ('low', 'high')
 ARG_KEYS = ('task', 'method', 'modulation', 'pyra_lr', 'lr', 'source',
-            'data_dir', 'init')
+            'data_dir', 'init', 'peft')
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -80,6 +82,8 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None
     set_method(config, kv['method'])
   if 'modulation' in kv:
     config.model.modulation = kv['modulation']
+  if 'peft' in kv:
+    config.model.peft = kv['peft']  # checked with the other model fields (build_model)
   for key in ('pyra_lr', 'lr'):
     if key in kv:
       try:

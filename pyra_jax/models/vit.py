@@ -31,7 +31,9 @@ import ml_collections
 
 from pyra_jax import merge as merge_lib
 from pyra_jax import schedules
+from pyra_jax.models import fact as fact_lib
 from pyra_jax.models.lora import LoRA
+from pyra_jax.models.snf import SNF
 from pyra_jax.models.pyra import MODULATIONS, PyraGenerator
 
 Array = jax.Array
@@ -45,6 +47,8 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     'H': (1280, 32, 16, 5120),
 }
 METHODS = ('peft', 'tome', 'pyra')
+# The trainable module (config.model.peft); anything but 'lora' turns LoRA off.
+PEFT_MODULES = ('lora', 'fact', 'snf')
 # How Attention computes softmax(q k^T / sqrt(hd) + log size) v (config.model.attention).
 ATTENTION_IMPLEMENTATIONS = ('einsum', 'dot_product_attention')
 
@@ -145,9 +149,12 @@ class Attention(nn.Module):
   lora_init: str
   dtype: Any
   implementation: str
+  fact_scale: float     # FacT (pyra_jax/models/fact.py), used when `fact` is given
+  fact_dropout: float
 
   @nn.compact
-  def __call__(self, x: Array, size: Optional[Array], *, train: bool) -> tuple[Array, Array]:
+  def __call__(self, x: Array, size: Optional[Array], *, train: bool,
+               fact: Optional[dict[str, Any]] = None) -> tuple[Array, Array]:
     b, n, d = x.shape
     h = self.num_heads
     hd = d // h
@@ -157,6 +164,10 @@ class Attention(nn.Module):
       delta = LoRA(rank=self.lora_rank, dropout=self.lora_dropout,
                    init_scheme=self.lora_init, dtype=self.dtype,
                    name='lora')(x, train=train)  # (B, N, 3D)
+    fact_delta = None
+    if fact is not None:
+      fact_delta = fact_lib.FactDelta(self.fact_scale, self.fact_dropout, self.dtype,
+                                      name='fact_delta')
     heads = []
     for i, name in enumerate(('query', 'key', 'value')):
       # Three (D, D) matmuls, not one on the concatenated (D, 3D) kernel: the
@@ -168,6 +179,8 @@ class Attention(nn.Module):
         y = y + bias.reshape(d).astype(self.dtype)
       if delta is not None:
         y = y + delta[..., i * d:(i + 1) * d]
+      if fact_delta is not None:
+        y = y + fact_delta(x, fact, name, train=train)
       heads.append(y.reshape(b, n, h, hd))
     q, k, v = heads  # (B, N, H, hd)
     if self.implementation == 'dot_product_attention':
@@ -176,25 +189,42 @@ class Attention(nn.Module):
       out = _attention_einsum(q, k, v, size)
     out = out.reshape(b, n, d)
     w_out, b_out = ParamsOnly((h, hd, d), (d,), name='out')()
-    out = out @ w_out.reshape(d, d).astype(self.dtype) + b_out.astype(self.dtype)
-    return out, k.mean(axis=2)
+    y = out @ w_out.reshape(d, d).astype(self.dtype) + b_out.astype(self.dtype)
+    if fact_delta is not None:
+      y = y + fact_delta(out, fact, 'out', train=train)
+    return y, k.mean(axis=2)
 
 
 class MlpBlock(nn.Module):
-  """Dense -> exact (erf) GELU -> Dense, as timm and the authors' code."""
+  """Dense -> exact (erf) GELU -> Dense, as timm and the authors' code.
+
+  With `fact`, FacT's increments are added to both Dense outputs.
+  """
   mlp_dim: int
   dtype: Any
+  fact_scale: float
+  fact_dropout: float
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, *, train: bool = False,
+               fact: Optional[dict[str, Any]] = None) -> Array:
     d = x.shape[-1]
     init = nn.initializers.xavier_uniform()
     bias_init = nn.initializers.normal(stddev=1e-6)
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=init, bias_init=bias_init,
+    fact_delta = None
+    if fact is not None:
+      fact_delta = fact_lib.FactDelta(self.fact_scale, self.fact_dropout, self.dtype,
+                                      name='fact_delta')
+    h = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=init, bias_init=bias_init,
                  name='Dense_0')(x)
-    x = nn.gelu(x, approximate=False)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=init, bias_init=bias_init,
-                    name='Dense_1')(x)
+    if fact_delta is not None:
+      h = h + fact_delta(x, fact, 'fc1', train=train)
+    h = nn.gelu(h, approximate=False)
+    y = nn.Dense(d, dtype=self.dtype, kernel_init=init, bias_init=bias_init,
+                 name='Dense_1')(h)
+    if fact_delta is not None:
+      y = y + fact_delta(h, fact, 'fc2', train=train)
+    return y
 
 
 class LayerScale(nn.Module):
@@ -239,20 +269,35 @@ class EncoderBlock(nn.Module):
   lora_init: str
   dtype: Any
   attention: str  # an ATTENTION_IMPLEMENTATIONS entry
+  peft: str  # a PEFT_MODULES entry
+  fact_variant: str
+  fact_rank: int
+  fact_scale: float
+  fact_dropout: float
+  snf_flow_length: int
 
   @nn.compact
   def __call__(self, x: Array, size: Optional[Array], source: Optional[Array], *,
-               train: bool) -> tuple[Array, Optional[Array], Optional[Array]]:
+               train: bool, fact: Optional[dict[str, Any]] = None
+               ) -> tuple[Array, Optional[Array], Optional[Array]]:
+    # FacT: the shared factors come from the Encoder; a tt layer adds its own cores.
+    if self.peft == 'fact' and self.fact_variant == 'tt':
+      fact = dict(fact, cores=fact_lib.FactLayerCores(
+          self.fact_rank, self.mlp_dim // x.shape[-1], name='fact')())
+    fact_kw = dict(fact_scale=self.fact_scale, fact_dropout=self.fact_dropout)
+    snf = (SNF(self.snf_flow_length, self.dtype, name='snf')
+           if self.peft == 'snf' else None)
+    shortcut = x if snf is None else snf(x, 'attn')  # SNF: a flow on the shortcut
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_0')(x)
     y, metric = Attention(num_heads=self.num_heads, qkv_bias=self.qkv_bias,
                           lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
                           lora_init=self.lora_init, dtype=self.dtype,
-                          implementation=self.attention,
+                          implementation=self.attention, **fact_kw,
                           name='MultiHeadDotProductAttention_0')(
-                              y, size if self.prop_attn else None, train=train)
+                              y, size if self.prop_attn else None, train=train, fact=fact)
     if self.layerscale:
       y = LayerScale(name='LayerScale_0')(y)
-    x = x + DropPath(self.drop_path)(y, train=train)
+    x = shortcut + DropPath(self.drop_path)(y, train=train)
 
     if self.r > 0:
       plan = merge_lib.bipartite_soft_matching(
@@ -269,11 +314,13 @@ class EncoderBlock(nn.Module):
       if source is not None:
         source = merge_lib.merge_source(source, plan, distill_token=self.distilled)
 
+    shortcut = x if snf is None else snf(x, 'mlp')
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_1')(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name='MlpBlock_0')(y)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, **fact_kw, name='MlpBlock_0')(
+        y, train=train, fact=fact)
     if self.layerscale:
       y = LayerScale(name='LayerScale_1')(y)
-    x = x + DropPath(self.drop_path)(y, train=train)
+    x = shortcut + DropPath(self.drop_path)(y, train=train)
     return x, size, source
 
 
@@ -319,6 +366,12 @@ class VisionTransformer(nn.Module):
   lora_dropout: float
   lora_init: str
   attention: str
+  peft: str
+  fact_variant: str
+  fact_rank: int
+  fact_scale: float
+  fact_dropout: float
+  snf_flow_length: int
   dtype: Any
   trace_source: bool = False  # a debugging output, not a config field
 
@@ -342,7 +395,10 @@ class VisionTransformer(nn.Module):
         pyra_ln_eps=self.pyra_ln_eps, distilled=self.distilled, prop_attn=self.prop_attn,
         qkv_bias=self.qkv_bias, layerscale=self.layerscale, ln_eps=self.ln_eps,
         lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
-        lora_init=self.lora_init, attention=self.attention, dtype=self.dtype)
+        lora_init=self.lora_init, attention=self.attention, dtype=self.dtype,
+        peft=self.peft, fact_variant=self.fact_variant, fact_rank=self.fact_rank,
+        fact_scale=self.fact_scale, fact_dropout=self.fact_dropout,
+        snf_flow_length=self.snf_flow_length)
     x = Encoder(schedule=self.schedule, drop_path=self.drop_path,
                 trace_source=self.trace_source, block=tuple(sorted(block.items())),
                 name='Transformer')(x, train=train)
@@ -381,11 +437,20 @@ class Encoder(nn.Module):
     source = None
     if self.trace_source:
       source = jnp.broadcast_to(jnp.eye(x.shape[1], dtype=x.dtype), (x.shape[0],) + (x.shape[1],) * 2)
+    fact = None
+    if block['peft'] == 'fact':  # FacT's factors shared by all layers: Transformer/fact
+      mlp_slices = block['mlp_dim'] // x.shape[-1]
+      fact = fact_lib.FactShared(
+          block['fact_variant'], block['fact_rank'],
+          depth * fact_lib.slices_per_layer(mlp_slices), name='fact')(x.shape[-1])
     for i in range(depth):
       rate = self.drop_path * i / max(depth - 1, 1)  # linear 0 -> drop_path
+      layer_fact = fact
+      if fact is not None and 'cores' in fact:  # tk: this layer's rows of the tensor
+        layer_fact = dict(fact, cores=fact_lib.layer_cores(fact['cores'], i, mlp_slices))
       x, size, source = EncoderBlock(
           r=self.schedule[i], drop_path=rate, name=f'encoderblock_{i}', **block)(
-              x, size, source, train=train)
+              x, size, source, train=train, fact=layer_fact)
       if size is not None:
         self.sow('intermediates', f'size_{i}', size)
       if source is not None:
@@ -417,7 +482,8 @@ _FROM_VARIANT = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
 # Config fields that become the VisionTransformer field of the same name as they are.
 _AS_IS = ('modulation_rank', 'wr_init', 'pyra_ln_eps', 'prop_attn', 'qkv_bias',
           'layerscale', 'ln_eps', 'distilled_eval', 'drop_path', 'head_init_std',
-          'lora_rank', 'lora_dropout', 'lora_init', 'attention')
+          'lora_rank', 'lora_dropout', 'lora_init', 'attention',
+          'fact_variant', 'fact_scale', 'fact_dropout')
 
 
 def _field(model_config: ml_collections.ConfigDict, name: str) -> Any:
@@ -481,6 +547,7 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
   if attention not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f'model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, '
                      f'got {attention!r}.')
+  peft = _peft_kwargs(c, width=width, mlp=mlp)
   distilled = _field(c, 'distilled')
   num_protected = 1 + int(distilled)
   num_patches = (image_size // patch) ** 2
@@ -495,10 +562,37 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
         width=width, mlp_ratio=mlp / width)
   if dtype is None:
     dtype = jnp.float32
-  return dict(
+  kwargs = dict(
       num_classes=n_classes, schedule=schedule, modulation=modulation,
       distilled=distilled, dtype=jnp.dtype(dtype), **arch,
       **{name: _field(c, name) for name in _AS_IS})
+  kwargs.update(peft)
+  return kwargs
+
+
+def _peft_kwargs(c: ml_collections.ConfigDict, *, width: int, mlp: int) -> dict[str, Any]:
+  """model.peft and its module's fields, checked; any module but LoRA turns LoRA off."""
+  peft = _field(c, 'peft')
+  if peft not in PEFT_MODULES:
+    raise ValueError(f'model.peft must be one of {PEFT_MODULES}, got {peft!r}.')
+  out = dict(peft=peft, fact_rank=_field(c, 'fact_rank'),
+             snf_flow_length=_field(c, 'snf_flow_length'))
+  if peft != 'lora':
+    out['lora_rank'] = 0
+  if peft == 'fact':
+    if _field(c, 'fact_variant') not in fact_lib.FACT_VARIANTS:
+      raise ValueError(f'model.fact_variant must be one of {fact_lib.FACT_VARIANTS}, '
+                       f'got {c.fact_variant!r}.')
+    rank = out['fact_rank']
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+      raise ValueError(f'model.fact_rank must be a positive integer, got {rank!r}.')
+    if mlp % width:
+      raise ValueError(f'FacT cuts the MLP kernels into (D, D) slices, so model.mlp_dim '
+                       f'({mlp}) must be a multiple of model.width ({width}).')
+  k = out['snf_flow_length']
+  if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+    raise ValueError(f'model.snf_flow_length must be an integer >= 0, got {k!r}.')
+  return out
 
 
 def build_model(model_config: ml_collections.ConfigDict, *,
@@ -510,12 +604,33 @@ def build_model(model_config: ml_collections.ConfigDict, *,
 
 
 def deployed_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config of the deployed model: LoRA folded in (rank 0), no dropout."""
+  """The config of the deployed model: LoRA folded in (rank 0), no dropout.
+
+  FacT folds too (`fact.fold_fact`), so its deployed model is the plain ViT
+  (peft='lora', rank 0); SNF cannot fold and stays in the deployed model.
+  """
   c = ml_collections.ConfigDict(model_config.to_dict())
   c.lora_rank = 0
   c.lora_dropout = 0.0
   c.drop_path = 0.0
+  if c.get('peft') == 'fact':
+    c.peft = 'lora'
+  if 'fact_dropout' in c:
+    c.fact_dropout = 0.0
   return c
+
+
+def fold_peft(params: Any, model_config: ml_collections.ConfigDict) -> Any:
+  """The trained params folded for `deployed_config(model_config)`.
+
+  LoRA and FacT fold into the frozen kernels; other modules are kept as they are.
+  """
+  from pyra_jax.models import lora  # pylint: disable=g-import-not-at-top
+  if model_config.get('peft', 'lora') == 'fact' or fact_lib.has_fact(params):
+    params = fact_lib.fold_fact(params, model_config.fact_scale)
+  if model_config.get('peft', 'lora') == 'lora' and model_config.lora_rank > 0:
+    params = lora.fold_lora(params)
+  return params
 
 
 def num_tokens(model: VisionTransformer, image_size: int) -> list[int]:
