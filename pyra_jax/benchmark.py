@@ -134,7 +134,7 @@ def init_params(model_config: ml_collections.ConfigDict, image_size: int,
   model = vit.build_model(model_config)
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   params = jax.jit(lambda k: model.init(k, x))(jax.random.PRNGKey(seed))['params']
-  return _randomize(params, r'lora/up|pyra/w_d', jax.random.PRNGKey(seed + 1))
+  return _randomize(params, r'lora/up|pyra/w_d|fact/v', jax.random.PRNGKey(seed + 1))
 
 
 def strip_scope(params: PyTree, name: str) -> PyTree:
@@ -151,7 +151,9 @@ def deployed(model_config: ml_collections.ConfigDict, image_size: int, dtype: An
   model = vit.build_model(dep, dtype=dtype)
   if params is None:
     params = init_params(model_config, image_size, seed)
-  if model_config.lora_rank > 0 or _has_scope(params, 'lora'):
+  if model_config.get('peft', 'lora') != 'lora' or _has_scope(params, 'fact'):
+    params = vit.fold_peft(params, model_config)  # FacT folds, SNF stays
+  elif model_config.lora_rank > 0 or _has_scope(params, 'lora'):
     params = fold_lora(params)
   return model, jax.device_put(params)
 
@@ -386,7 +388,8 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                 min_seconds: float = 0.0, warmup: int = 2, matmul_size: int = 2048,
                 methods: Sequence[str] = METHODS, params_path: str = '',
                 num_classes: int = 100, gemm_bound: bool = True,
-                reference_model: Optional[ml_collections.ConfigDict] = None
+                reference_model: Optional[ml_collections.ConfigDict] = None,
+                peft_modules: Sequence[str] = ()
                 ) -> dict[str, Any]:
   """Times the deployed models round-robin; returns the results dict (module doc).
 
@@ -397,6 +400,9 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   rounds as 'reference'; every speed-up is then over it. Throughput on a shared
   machine drifts by 10-30 % between runs a minute apart, so a speed-up is only
   trustworthy between models timed in the same rounds.
+  peft_modules: other trainable modules (model.peft, e.g. ('fact', 'snf')):
+  each one's deployed model for every method, named '<module>:<method>',
+  timed in the same rounds (FacT folded, so as fast as LoRA; SNF kept).
   """
   load_before = _load()
   jdtype = DTYPES[dtype]
@@ -412,6 +418,16 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                                       num_classes=num_classes)
     train_params['reference'] = init_params(cfgs['reference'], image_size)
     names.append('reference')
+  for module in peft_modules:  # random weights: speed does not depend on them
+    src = ml_collections.ConfigDict(config.model.to_dict())
+    src.peft = module
+    for m in methods:
+      name = f'{module}:{m}'
+      cfgs[name] = method_config(src, m, image_size=image_size, num_classes=num_classes)
+      p = init_params(method_config(src, 'pyra', image_size=image_size,
+                                    num_classes=num_classes), image_size)
+      train_params[name] = p if m == 'pyra' else strip_scope(p, 'pyra')
+      names.append(name)
   models, calls, infos, traced = {}, {}, {}, {}
   for m in names:
     model, params = deployed(cfgs[m], image_size, jdtype, train_params[m])
@@ -768,13 +784,13 @@ def format_table(res: dict[str, Any]) -> str:
            f"{res['load_average']['after']}",
            f"matmul {mm['size']}^3: {mm['gflops_per_s']:.1f} GFLOP/s "
            f"(fastest round {mm['gflops_per_s_best']:.1f})"]
-  hdr = (f"{'model':6} {'img/s':>7} {'GFLOPs':>7} {'speed-up':>8} {'FLOPs ratio':>11} "
+  hdr = (f"{'model':10} {'img/s':>7} {'GFLOPs':>7} {'speed-up':>8} {'FLOPs ratio':>11} "
          f"{'su/ratio':>8} {'GFLOP/s':>8} {'% matmul':>8}")
   if res['mode'] == 'train':
     hdr += f" {'peak MiB':>9}"
   lines.append(hdr)
   for m, r in res['models'].items():
-    row = (f"{m:6} {r['images_per_sec']:7.2f} {r['gflops']:7.4g} {r['speedup']:7.2f}x "
+    row = (f"{m:10} {r['images_per_sec']:7.2f} {r['gflops']:7.4g} {r['speedup']:7.2f}x "
            f"{r['flops_ratio']:10.2f}x {r['speedup_over_flops_ratio']:8.1%} "
            f"{r['gflops_per_s']:8.1f} {r['matmul_fraction']:8.1%}")
     if res['mode'] == 'train':
@@ -847,6 +863,10 @@ def define_flags() -> dict[str, Any]:
           'the weights from; default: random weights (speed does not depend on them).'),
       methods=flags.DEFINE_list('methods', list(METHODS),
                                 'Which of peft,tome,pyra to run.'),
+      peft_modules=flags.DEFINE_list(
+          'peft_modules', [], 'forward mode: also time these trainable modules '
+          "(model.peft values, e.g. fact,snf), each with every --methods entry, as "
+          "'<module>:<method>' in the same rounds."),
       num_classes=flags.DEFINE_integer('num_classes', 100,
                                        'Head size when the config leaves it unset (-1).'),
   )
@@ -872,6 +892,10 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
                 params_path=fl['params'].value, num_classes=fl['num_classes'].value)
   if not train:
     kwargs['gemm_bound'] = fl['gemm_bound'].value
+    kwargs['peft_modules'] = tuple(fl['peft_modules'].value)
+    bad = [p for p in kwargs['peft_modules'] if p not in vit.PEFT_MODULES]
+    if bad:
+      raise app.UsageError(f'--peft_modules: use some of {vit.PEFT_MODULES}, got {bad}.')
   try:
     res = (run_train if train else run_forward)(config, **kwargs)
   except errors.PyraError as e:  # a setting that cannot run: one sentence, no traceback

@@ -10,6 +10,8 @@ read and nothing is computed.
 
 Every parameter falls in one category, by its path:
   lora             '.../lora/...'         the LoRA factors
+  fact             '.../fact/...'         FacT's shared factors and cores
+  snf              '.../snf/...'          SNF's shortcut flows
   generators       '.../pyra/...' except the LayerNorm: W_r, W_D, W, the MLP
   generator_norms  '.../pyra/norm/...'    the generators' LayerNorm (2·D per
                                           layer); the paper never counts it
@@ -17,7 +19,8 @@ Every parameter falls in one category, by its path:
   head             'head/...', 'head_dist/...'  the classification head(s)
   backbone         everything else        the pretrained ViT
 The paper's trainable percentages (e.g. 0.35 % for PYRA at ViT-B high) are
-(LoRA + generators) over the backbone: no head, no generator LayerNorm.
+(LoRA + generators) over the backbone: no head, no generator LayerNorm; with
+another PEFT module, its parameters take LoRA's place in that sum.
 """
 
 from __future__ import annotations
@@ -32,7 +35,15 @@ import numpy as np
 from flax import traverse_util
 
 PyTree = Any
-CATEGORIES = ('backbone', 'lora', 'generators', 'generator_norms', 'head')
+CATEGORIES = ('backbone', 'lora', 'fact', 'snf', 'generators', 'generator_norms', 'head')
+# The PEFT module categories, counted like LoRA in the paper's convention.
+PEFT_CATEGORIES = ('lora', 'fact', 'snf')
+# What the modules' own papers report for ViT-B/16 (trainable, no head).
+PAPER_PEFT_COUNTS: Mapping[str, tuple[float, str]] = {
+    'fact': (0.040e6, 'FacT paper, FacT-TT (rank <= 16, averaged over VTAB tasks); '
+                      'FacT-TK (rank <= 32): 0.069M'),
+    'snf': (0.036e6, 'SNF paper, abstract'),
+}
 
 # The paper's generator counts at ViT-B/16 high compression, in parameters as
 # printed (K = 1,000), with where they are printed. Table 6 prints one count
@@ -54,8 +65,9 @@ PAPER_TRAINABLE_PERCENT_PYRA_VITB_HIGH = 0.35  # Table 1
 def category(path: str) -> str:
   """The category of a '/'-joined parameter path (see the module docstring)."""
   parts = path.split('/')
-  if 'lora' in parts:
-    return 'lora'
+  for module in PEFT_CATEGORIES:
+    if module in parts:
+      return module
   if 'pyra' in parts:
     return 'generator_norms' if 'norm' in parts[parts.index('pyra'):] else 'generators'
   if parts[0] in ('head', 'head_dist'):
@@ -92,11 +104,15 @@ def trainable_report(trainable: PyTree, frozen: PyTree) -> dict[str, Any]:
   trained = count_by_category(trainable)
   backbone = count_by_category(frozen)['backbone']
   total = sum(trained.values())
-  paper_like = trained['lora'] + trained['generators']
+  peft = sum(trained[k] for k in PEFT_CATEGORIES)
+  paper_like = peft + trained['generators']
   pct = lambda n: 100.0 * n / backbone if backbone else float('nan')
   return {
       'backbone': backbone,
       'lora': trained['lora'],
+      'fact': trained['fact'],
+      'snf': trained['snf'],
+      'peft_module': peft,
       'generators': trained['generators'],
       'generator_norms': trained['generator_norms'],
       'head': trained['head'],
@@ -107,16 +123,23 @@ def trainable_report(trainable: PyTree, frozen: PyTree) -> dict[str, Any]:
   }
 
 
+def _module_text(report: Mapping[str, Any]) -> str:
+  names = {'lora': 'LoRA', 'fact': 'FacT', 'snf': 'SNF'}
+  used = [k for k in PEFT_CATEGORIES if report.get(k)] or ['lora']
+  return ', '.join(f'{names[k]} {report.get(k, 0):,}' for k in used)
+
+
 def format_trainable(report: Mapping[str, Any]) -> str:
   """One line for the training log."""
   line = (f"Trainable parameters: {report['trainable']:,} = "
           f"{report['trainable_percent_of_backbone']:.3f}% of the backbone "
-          f"({report['backbone']:,}): LoRA {report['lora']:,}, generators "
+          f"({report['backbone']:,}): {_module_text(report)}, generators "
           f"{report['generators']:,} (+ LayerNorm {report['generator_norms']:,}), "
           f"head {report['head']:,}")
   if report['other_trained']:
     line += f", other {report['other_trained']:,}"
-  return (line + f"; LoRA + generators (the paper's convention): "
+  module = _module_text(report).split(' ')[0]  # LoRA, FacT or SNF
+  return (line + f"; {module} + generators (the paper's convention): "
           f"{report['lora_generators_percent_of_backbone']:.3f}%.")
 
 
