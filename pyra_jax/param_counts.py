@@ -180,6 +180,9 @@ def report_text(config: ml_collections.ConfigDict) -> str:
   trainable, frozen = optim.split_params(params, config.trainable)
   method = m.method if m.method != 'pyra' else f'pyra ({m.modulation})'
   lines.append(f'This config ({method}): ' + format_trainable(trainable_report(trainable, frozen)))
+  if m.get('peft', 'lora') in PAPER_PEFT_COUNTS:
+    paper, where = PAPER_PEFT_COUNTS[m.peft]
+    lines.append(f'{m.peft} at ViT-B/16 in its own paper: {paper / 1e6:.3f}M ({where}).')
   if m.method == 'pyra' and m.modulation == 'pyra':
     lines.append(f'Paper (Table 1, PYRA at ViT-B high): '
                  f'{PAPER_TRAINABLE_PERCENT_PYRA_VITB_HIGH}% (LoRA + generators).')
