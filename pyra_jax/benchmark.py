@@ -2,7 +2,7 @@ r"""Throughput, FLOPs and memory of the deployed models, side by side.
 
   python -m pyra_jax.benchmark --config=configs/vitb_high.py --out=bench.json
   python -m pyra_jax.benchmark --config=configs/vitb_low.py --mode=train
-  python -m pyra_jax.benchmark --config=configs/vitb_high.py --peft=lora,adapter,convpass
+  python -m pyra_jax.benchmark --config=configs/vitb_high.py --peft=lora,adapter,convpass,fact,snf
 
 Forward mode (default) builds, from one config, three deployed models (LoRA
 folded into q/k/v with `fold_lora` + `deployed_config`, eval mode):
@@ -14,8 +14,8 @@ folded into q/k/v with `fold_lora` + `deployed_config`, eval mode):
 With `--peft=m1,m2,...` (forward mode) it builds each of these models for every
 listed PEFT module (config model.peft), named `method[module]`, e.g.
 `pyra[adapter]`, all timed in the same rounds; the speed-up is over the first
-model (`peft[m1]`). LoRA folds into q/k/v; Adapter and Convpass stay in the
-deployed model, so their cost shows here.
+model (`peft[m1]`). LoRA and FacT fold into the frozen kernels; Adapter,
+Convpass and SNF stay in the deployed model, so their cost shows here.
 
 It compiles each once, warms up, then times forward passes *round-robin* (one pass
 of each model per round, plus a reference matmul and the merge operations alone)
@@ -147,7 +147,7 @@ def init_params(model_config: ml_collections.ConfigDict, image_size: int,
   model = vit.build_model(model_config)
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   params = jax.jit(lambda k: model.init(k, x))(jax.random.PRNGKey(seed))['params']
-  return _randomize(params, r'lora/up|pyra/w_d|convpass/(attn|mlp)/up',
+  return _randomize(params, r'lora/up|pyra/w_d|convpass/(attn|mlp)/up|fact/v',
                     jax.random.PRNGKey(seed + 1))
 
 
@@ -165,7 +165,9 @@ def deployed(model_config: ml_collections.ConfigDict, image_size: int, dtype: An
   model = vit.build_model(dep, dtype=dtype)
   if params is None:
     params = init_params(model_config, image_size, seed)
-  if model_config.lora_rank > 0 or _has_scope(params, 'lora'):
+  if model_config.get('peft', 'lora') != 'lora' or _has_scope(params, 'fact'):
+    params = vit.fold_peft(params, model_config)  # FacT folds, SNF stays
+  elif model_config.lora_rank > 0 or _has_scope(params, 'lora'):
     params = fold_lora(params)
   return model, jax.device_put(params)
 

@@ -42,6 +42,11 @@ def fold_lora(params: PyTree) -> PyTree:
   return lora.fold_lora(params)
 
 
+def fold_peft(params: PyTree, model_config: ml_collections.ConfigDict) -> PyTree:
+  from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
+  return vit.fold_peft(params, model_config)
+
+
 def deployed_model_config(model_config: ml_collections.ConfigDict
                           ) -> ml_collections.ConfigDict:
   from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
@@ -130,8 +135,7 @@ def export(config: ml_collections.ConfigDict, workdir: str,
                                                two_stage=two_stage)
   params = optim.merge_params(jax.device_get(trainable),
                               jax.device_get(run.frozen))
-  if run.model_config.lora_rank > 0:
-    params = fold_lora(params)
+  params = fold_peft(params, run.model_config)  # LoRA, FacT; SNF stays
   params = strip_lora(jax.device_get(params))
   cfg = folded_config(config, run.model_config)
   meta = checkpointing.config_to_dict(cfg)

@@ -40,6 +40,12 @@ PyTree = Any
 CATEGORIES = ('backbone', 'lora', 'module', 'generators', 'generator_norms', 'head')
 # The scopes of the PEFT modules other than LoRA (pyra_jax/models/vit.py PEFT_MODULES).
 MODULE_SCOPES = ('adapter', 'convpass', 'fact', 'snf')
+# What the modules' own papers report for ViT-B/16 (trainable, no head).
+PAPER_PEFT_COUNTS: Mapping[str, tuple[float, str]] = {
+    'fact': (0.040e6, 'FacT paper, FacT-TT (rank <= 16, averaged over VTAB tasks); '
+                      'FacT-TK (rank <= 32): 0.069M'),
+    'snf': (0.036e6, 'SNF paper, abstract'),
+}
 
 # The paper's generator counts at ViT-B/16 high compression, in parameters as
 # printed (K = 1,000), with where they are printed. Table 6 prints one count
@@ -158,8 +164,9 @@ def report_text(config: ml_collections.ConfigDict) -> str:
   from pyra_jax.models.pyra import MODULATIONS  # pylint: disable=g-import-not-at-top
   n_cls = num_classes_of(config)
   m = config.model
-  module = (f'LoRA rank {m.lora_rank}' if m.get('peft', 'lora') == 'lora'
-            else f'{m.peft} width {m.peft_dim}')
+  module = {'lora': f'LoRA rank {m.lora_rank}', 'fact': f'FacT-{m.get("fact_variant", "").upper()} rank {m.get("fact_rank")}',
+            'snf': f'SNF K = {m.get("snf_flow_length")}'}.get(
+                m.get('peft', 'lora'), f'{m.get("peft")} width {m.get("peft_dim")}')
   lines = [f"model {m.variant}, schedule {m.schedule!r}, {module}, "
            f"low_rank s = {m.modulation_rank}, {n_cls} classes",
            f"{'variant':<16} {'generators':>11} {'+ LayerNorm':>12} {'paper':>9}  where"]
@@ -173,6 +180,9 @@ def report_text(config: ml_collections.ConfigDict) -> str:
   method = m.method if m.method != 'pyra' else f'pyra ({m.modulation})'
   lines.append(f'This config ({method}): ' + format_trainable(trainable_report(trainable, frozen)))
   peft = m.get('peft', 'lora')
+  if peft in PAPER_PEFT_COUNTS:
+    paper, where = PAPER_PEFT_COUNTS[peft]
+    lines.append(f'{peft} at ViT-B/16 in its own paper: {paper / 1e6:.3f}M ({where}).')
   if m.method == 'pyra' and m.modulation == 'pyra' and peft == 'lora':
     lines.append(f'Paper (Table 1, PYRA at ViT-B high): '
                  f'{PAPER_TRAINABLE_PERCENT_PYRA_VITB_HIGH}% (LoRA + generators).')

@@ -57,9 +57,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The trainable module (docs/algorithm.md §10; README "PEFT modules"):
   # 'lora' (above) | 'adapter' (the authors' bottleneck Adapter after the MLP,
   # Tables 18-19) | 'convpass' (3x3 convolutional bypasses beside attention and
-  # the MLP, Jie & Deng 2022; Table 20). Any module but 'lora' turns LoRA off:
-  # lora_rank and lora_dropout are then ignored. Folding: LoRA folds into q/k/v;
-  # Adapter and Convpass stay in the deployed model.
+  # the MLP, Jie & Deng 2022; Table 20) | 'fact' (FacT, Jie & Deng 2023) |
+  # 'snf' (SNF, Wang et al. 2023). Any module but 'lora' turns LoRA off:
+  # lora_rank and lora_dropout are then ignored. Each module's parameters live
+  # under its own scope name, which config.trainable.lora_head matches.
+  # Folding: LoRA and FacT fold into the frozen kernels; Adapter, Convpass and
+  # SNF stay in the deployed model.
   model.peft = 'lora'
   model.peft_dim = 8            # bottleneck k of adapter / convpass (the authors':
                                 # 8 ViT-B, 4 ViT-S, 12 ViT-L; Convpass's paper: 8)
@@ -69,6 +72,19 @@ def get_base_config() -> ml_collections.ConfigDict:
                                 # configs pick it from {0.01, 0.1, 1, 10, 100})
   model.convpass_init = 'identity'  # conv kernel: 'identity' on the centre tap (their
                                     # default) | 'xavier' (their choice on some tasks)
+  # FacT (Jie & Deng, AAAI 2023): increments s·U Σ_i V of q/k/v/out and the
+  # MLP's fc1/fc2 slices, U (D, r), V (r, D) shared by all layers; folds into
+  # the frozen kernels for deployment.
+  model.fact_variant = 'tt'     # 'tt': a learned (r, r) core per slice (FacT-TT);
+                                # 'tk': cores from one (r, r, r) tensor and a
+                                # (12L, r) factor (FacT-TK, Tucker)
+  model.fact_rank = 8           # r (the FacT code's VTAB ranks: tt 8-16, tk 32)
+  model.fact_scale = 1.0        # s (the FacT code tunes it per task: tt ~1-10, tk 0.1-1)
+  model.fact_dropout = 0.1      # dropout on (x U) Σ_i, training only
+  # SNF (Wang et al., CVPR 2023): each shortcut x -> f(x), f = element-wise
+  # affine then K planar flow steps; not foldable, stays in the deployed model.
+  model.snf_flow_length = 0     # K; 0 is the paper's 0.036M parameters at ViT-B
+                                # (the authors' code defaults to 16: 0.63M)
 
   # Token merging.
   model.method = 'pyra'         # 'peft' (no merging) | 'tome' | 'pyra'

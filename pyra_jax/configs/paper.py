@@ -12,8 +12,9 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
                    folder:NAME for a dataset of one's own (source=folder)
   method=M         model.method: peft (no merging) | tome | pyra (default)
   peft=P           model.peft, the trainable module: lora (default) | adapter |
-                   convpass (Tables 18-20); its bottleneck is the backbone's
-                   peft_dim below
+                   convpass | fact | snf (Tables 18-20; any but lora turns LoRA
+                   off; README "PEFT modules"); the adapter/convpass bottleneck
+                   is the backbone's peft_dim below
   modulation=F     model.modulation, the ablations of Tables 6-8 (pyra only)
   pyra_lr=X        learning rate of the PYRA generators (the paper tunes it
                    per task in {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3})
@@ -58,7 +59,7 @@ BACKBONES = {
 LEVELS = ('low', 'high')
 ARG_KEYS = ('task', 'method', 'peft', 'modulation', 'pyra_lr', 'lr', 'source',
             'data_dir', 'init', 'teacher', 'teacher_export')
-PEFT_MODULES = ('lora', 'adapter', 'convpass')  # = pyra_jax.models.vit.PEFT_MODULES
+PEFT_MODULES = ('lora', 'adapter', 'convpass', 'fact', 'snf')  # = vit.PEFT_MODULES
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:

@@ -33,7 +33,9 @@ from pyra_jax import merge as merge_lib
 from pyra_jax import schedules
 from pyra_jax.models.adapter import Adapter
 from pyra_jax.models.convpass import CONVPASS_INITS, Convpass
+from pyra_jax.models import fact as fact_lib
 from pyra_jax.models.lora import LoRA
+from pyra_jax.models.snf import SNF
 from pyra_jax.models.pyra import MODULATIONS, PyraGenerator
 
 Array = jax.Array
@@ -48,8 +50,9 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
 }
 METHODS = ('peft', 'tome', 'pyra')
 # The trainable module (config.model.peft; docs/algorithm.md §10). Each keeps its
-# parameters under its own scope name, the module's name, so one regex selects them.
-PEFT_MODULES = ('lora', 'adapter', 'convpass')
+# parameters under its own scope name, the module's name, so one regex selects
+# them; anything but 'lora' turns LoRA off.
+PEFT_MODULES = ('lora', 'adapter', 'convpass', 'fact', 'snf')
 # How Attention computes softmax(q k^T / sqrt(hd) + log size) v (config.model.attention).
 ATTENTION_IMPLEMENTATIONS = ('einsum', 'dot_product_attention')
 
@@ -150,9 +153,12 @@ class Attention(nn.Module):
   lora_init: str
   dtype: Any
   implementation: str
+  fact_scale: float     # FacT (pyra_jax/models/fact.py), used when `fact` is given
+  fact_dropout: float
 
   @nn.compact
-  def __call__(self, x: Array, size: Optional[Array], *, train: bool) -> tuple[Array, Array]:
+  def __call__(self, x: Array, size: Optional[Array], *, train: bool,
+               fact: Optional[dict[str, Any]] = None) -> tuple[Array, Array]:
     b, n, d = x.shape
     h = self.num_heads
     hd = d // h
@@ -162,6 +168,10 @@ class Attention(nn.Module):
       delta = LoRA(rank=self.lora_rank, dropout=self.lora_dropout,
                    init_scheme=self.lora_init, dtype=self.dtype,
                    name='lora')(x, train=train)  # (B, N, 3D)
+    fact_delta = None
+    if fact is not None:
+      fact_delta = fact_lib.FactDelta(self.fact_scale, self.fact_dropout, self.dtype,
+                                      name='fact_delta')
     heads = []
     for i, name in enumerate(('query', 'key', 'value')):
       # Three (D, D) matmuls, not one on the concatenated (D, 3D) kernel: the
@@ -173,6 +183,8 @@ class Attention(nn.Module):
         y = y + bias.reshape(d).astype(self.dtype)
       if delta is not None:
         y = y + delta[..., i * d:(i + 1) * d]
+      if fact_delta is not None:
+        y = y + fact_delta(x, fact, name, train=train)
       heads.append(y.reshape(b, n, h, hd))
     q, k, v = heads  # (B, N, H, hd)
     if self.implementation == 'dot_product_attention':
@@ -181,25 +193,42 @@ class Attention(nn.Module):
       out = _attention_einsum(q, k, v, size)
     out = out.reshape(b, n, d)
     w_out, b_out = ParamsOnly((h, hd, d), (d,), name='out')()
-    out = out @ w_out.reshape(d, d).astype(self.dtype) + b_out.astype(self.dtype)
-    return out, k.mean(axis=2)
+    y = out @ w_out.reshape(d, d).astype(self.dtype) + b_out.astype(self.dtype)
+    if fact_delta is not None:
+      y = y + fact_delta(out, fact, 'out', train=train)
+    return y, k.mean(axis=2)
 
 
 class MlpBlock(nn.Module):
-  """Dense -> exact (erf) GELU -> Dense, as timm and the authors' code."""
+  """Dense -> exact (erf) GELU -> Dense, as timm and the authors' code.
+
+  With `fact`, FacT's increments are added to both Dense outputs.
+  """
   mlp_dim: int
   dtype: Any
+  fact_scale: float
+  fact_dropout: float
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, *, train: bool = False,
+               fact: Optional[dict[str, Any]] = None) -> Array:
     d = x.shape[-1]
     init = nn.initializers.xavier_uniform()
     bias_init = nn.initializers.normal(stddev=1e-6)
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=init, bias_init=bias_init,
+    fact_delta = None
+    if fact is not None:
+      fact_delta = fact_lib.FactDelta(self.fact_scale, self.fact_dropout, self.dtype,
+                                      name='fact_delta')
+    h = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=init, bias_init=bias_init,
                  name='Dense_0')(x)
-    x = nn.gelu(x, approximate=False)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=init, bias_init=bias_init,
-                    name='Dense_1')(x)
+    if fact_delta is not None:
+      h = h + fact_delta(x, fact, 'fc1', train=train)
+    h = nn.gelu(h, approximate=False)
+    y = nn.Dense(d, dtype=self.dtype, kernel_init=init, bias_init=bias_init,
+                 name='Dense_1')(h)
+    if fact_delta is not None:
+      y = y + fact_delta(h, fact, 'fc2', train=train)
+    return y
 
 
 class LayerScale(nn.Module):
@@ -244,32 +273,46 @@ class EncoderBlock(nn.Module):
   lora_init: str
   dtype: Any
   attention: str  # an ATTENTION_IMPLEMENTATIONS entry
-  # The non-LoRA PEFT modules (lora_rank is 0 when peft != 'lora').
+  # The PEFT modules (lora_rank is 0 when peft != 'lora').
   peft: str  # a PEFT_MODULES entry
   peft_dim: int
   peft_dropout: float
   convpass_scale: float
   convpass_init: str
+  fact_variant: str
+  fact_rank: int
+  fact_scale: float
+  fact_dropout: float
+  snf_flow_length: int
 
   @nn.compact
   def __call__(self, x: Array, size: Optional[Array], source: Optional[Array], *,
-               train: bool) -> tuple[Array, Optional[Array], Optional[Array]]:
+               train: bool, fact: Optional[dict[str, Any]] = None
+               ) -> tuple[Array, Optional[Array], Optional[Array]]:
     num_prefix = 1 + int(self.distilled)
     convpass = None
     if self.peft == 'convpass':
       convpass = Convpass(dim=self.peft_dim, dropout=self.peft_dropout,
                           init_scheme=self.convpass_init, scale=self.convpass_scale,
                           dtype=self.dtype, name='convpass')
+    # FacT: the shared factors come from the Encoder; a tt layer adds its own cores.
+    if self.peft == 'fact' and self.fact_variant == 'tt':
+      fact = dict(fact, cores=fact_lib.FactLayerCores(
+          self.fact_rank, self.mlp_dim // x.shape[-1], name='fact')())
+    fact_kw = dict(fact_scale=self.fact_scale, fact_dropout=self.fact_dropout)
+    snf = (SNF(self.snf_flow_length, self.dtype, name='snf')
+           if self.peft == 'snf' else None)
+    shortcut = x if snf is None else snf(x, 'attn')  # SNF: a flow on the shortcut
     h = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_0')(x)
     y, metric = Attention(num_heads=self.num_heads, qkv_bias=self.qkv_bias,
                           lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
                           lora_init=self.lora_init, dtype=self.dtype,
-                          implementation=self.attention,
+                          implementation=self.attention, **fact_kw,
                           name='MultiHeadDotProductAttention_0')(
-                              h, size if self.prop_attn else None, train=train)
+                              h, size if self.prop_attn else None, train=train, fact=fact)
     if self.layerscale:
       y = LayerScale(name='LayerScale_0')(y)
-    x = x + DropPath(self.drop_path)(y, train=train)
+    x = shortcut + DropPath(self.drop_path)(y, train=train)
     if convpass is not None:  # beside attention, on the tokens before this merge
       y = convpass.attn_branch(h, source, num_prefix, train=train)
       x = x + DropPath(self.drop_path)(y, train=train)
@@ -289,15 +332,17 @@ class EncoderBlock(nn.Module):
       if source is not None:
         source = merge_lib.merge_source(source, plan, distill_token=self.distilled)
 
+    shortcut = x if snf is None else snf(x, 'mlp')
     h = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_1')(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name='MlpBlock_0')(h)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, **fact_kw, name='MlpBlock_0')(
+        h, train=train, fact=fact)
     if self.layerscale:
       y = LayerScale(name='LayerScale_1')(y)
     y = DropPath(self.drop_path)(y, train=train)
     if self.peft == 'adapter':  # on the (dropped-path) MLP output, as the authors'
       y = y + Adapter(dim=self.peft_dim, dropout=self.peft_dropout, dtype=self.dtype,
                       name='adapter')(y, train=train)
-    x = x + y
+    x = shortcut + y
     if convpass is not None:  # beside the MLP, on the merged tokens
       y = convpass.mlp_branch(h, source, num_prefix, train=train)
       x = x + DropPath(self.drop_path)(y, train=train)
@@ -351,6 +396,11 @@ class VisionTransformer(nn.Module):
   peft_dropout: float
   convpass_scale: float
   convpass_init: str
+  fact_variant: str
+  fact_rank: int
+  fact_scale: float
+  fact_dropout: float
+  snf_flow_length: int
   dtype: Any
   trace_source: bool = False  # a debugging output, not a config field
 
@@ -376,7 +426,10 @@ class VisionTransformer(nn.Module):
         lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
         lora_init=self.lora_init, attention=self.attention, dtype=self.dtype,
         peft=self.peft, peft_dim=self.peft_dim, peft_dropout=self.peft_dropout,
-        convpass_scale=self.convpass_scale, convpass_init=self.convpass_init)
+        convpass_scale=self.convpass_scale, convpass_init=self.convpass_init,
+        fact_variant=self.fact_variant, fact_rank=self.fact_rank,
+        fact_scale=self.fact_scale, fact_dropout=self.fact_dropout,
+        snf_flow_length=self.snf_flow_length)
     x = Encoder(schedule=self.schedule, drop_path=self.drop_path,
                 trace_source=self.trace_source, block=tuple(sorted(block.items())),
                 name='Transformer')(x, train=train)
@@ -417,11 +470,20 @@ class Encoder(nn.Module):
     track = self.trace_source or (block['peft'] == 'convpass' and any(self.schedule))
     if track:
       source = jnp.broadcast_to(jnp.eye(x.shape[1], dtype=x.dtype), (x.shape[0],) + (x.shape[1],) * 2)
+    fact = None
+    if block['peft'] == 'fact':  # FacT's factors shared by all layers: Transformer/fact
+      mlp_slices = block['mlp_dim'] // x.shape[-1]
+      fact = fact_lib.FactShared(
+          block['fact_variant'], block['fact_rank'],
+          depth * fact_lib.slices_per_layer(mlp_slices), name='fact')(x.shape[-1])
     for i in range(depth):
       rate = self.drop_path * i / max(depth - 1, 1)  # linear 0 -> drop_path
+      layer_fact = fact
+      if fact is not None and 'cores' in fact:  # tk: this layer's rows of the tensor
+        layer_fact = dict(fact, cores=fact_lib.layer_cores(fact['cores'], i, mlp_slices))
       x, size, source = EncoderBlock(
           r=self.schedule[i], drop_path=rate, name=f'encoderblock_{i}', **block)(
-              x, size, source, train=train)
+              x, size, source, train=train, fact=layer_fact)
       if size is not None:
         self.sow('intermediates', f'size_{i}', size)
       if self.trace_source:
@@ -454,7 +516,7 @@ _FROM_VARIANT = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
 _AS_IS = ('modulation_rank', 'wr_init', 'pyra_ln_eps', 'prop_attn', 'qkv_bias',
           'layerscale', 'ln_eps', 'distilled_eval', 'drop_path', 'head_init_std',
           'lora_rank', 'lora_dropout', 'lora_init', 'attention', 'peft_dropout',
-          'convpass_scale')
+          'convpass_scale', 'fact_variant', 'fact_scale', 'fact_dropout')
 
 
 def _field(model_config: ml_collections.ConfigDict, name: str) -> Any:
@@ -518,18 +580,7 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
   if attention not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f'model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, '
                      f'got {attention!r}.')
-  peft = _field(c, 'peft')
-  if peft not in PEFT_MODULES:
-    raise ValueError(f'model.peft must be one of {PEFT_MODULES}, got {peft!r}.')
-  peft_dim = _field(c, 'peft_dim')
-  if peft != 'lora' and (isinstance(peft_dim, bool) or not isinstance(
-      peft_dim, numbers.Integral) or peft_dim <= 0):
-    raise ValueError(f'model.peft_dim must be a positive integer for model.peft={peft!r}, '
-                     f'got {peft_dim!r}.')
-  convpass_init = _field(c, 'convpass_init')
-  if peft == 'convpass' and convpass_init not in CONVPASS_INITS:
-    raise ValueError(f'model.convpass_init must be one of {CONVPASS_INITS}, '
-                     f'got {convpass_init!r}.')
+  peft = _peft_kwargs(c, width=width, mlp=mlp)
   distilled = _field(c, 'distilled')
   num_protected = 1 + int(distilled)
   num_patches = (image_size // patch) ** 2
@@ -546,11 +597,44 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
     dtype = jnp.float32
   kwargs = dict(
       num_classes=n_classes, schedule=schedule, modulation=modulation,
-      distilled=distilled, dtype=jnp.dtype(dtype), peft=peft, peft_dim=peft_dim,
-      convpass_init=convpass_init, **arch, **{name: _field(c, name) for name in _AS_IS})
-  if peft != 'lora':  # another module replaces LoRA: lora_rank is ignored
-    kwargs['lora_rank'] = 0
+      distilled=distilled, dtype=jnp.dtype(dtype), **arch,
+      **{name: _field(c, name) for name in _AS_IS})
+  kwargs.update(peft)
   return kwargs
+
+
+def _peft_kwargs(c: ml_collections.ConfigDict, *, width: int, mlp: int) -> dict[str, Any]:
+  """model.peft and its module's fields, checked; any module but LoRA turns LoRA off."""
+  peft = _field(c, 'peft')
+  if peft not in PEFT_MODULES:
+    raise ValueError(f'model.peft must be one of {PEFT_MODULES}, got {peft!r}.')
+  out = dict(peft=peft, peft_dim=_field(c, 'peft_dim'),
+             convpass_init=_field(c, 'convpass_init'), fact_rank=_field(c, 'fact_rank'),
+             snf_flow_length=_field(c, 'snf_flow_length'))
+  if peft != 'lora':  # another module replaces LoRA: lora_rank is ignored
+    out['lora_rank'] = 0
+  peft_dim = out['peft_dim']
+  if peft in ('adapter', 'convpass') and (isinstance(peft_dim, bool) or not isinstance(
+      peft_dim, numbers.Integral) or peft_dim <= 0):
+    raise ValueError(f'model.peft_dim must be a positive integer for model.peft={peft!r}, '
+                     f'got {peft_dim!r}.')
+  if peft == 'convpass' and out['convpass_init'] not in CONVPASS_INITS:
+    raise ValueError(f'model.convpass_init must be one of {CONVPASS_INITS}, '
+                     f'got {out["convpass_init"]!r}.')
+  if peft == 'fact':
+    if _field(c, 'fact_variant') not in fact_lib.FACT_VARIANTS:
+      raise ValueError(f'model.fact_variant must be one of {fact_lib.FACT_VARIANTS}, '
+                       f'got {c.fact_variant!r}.')
+    rank = out['fact_rank']
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+      raise ValueError(f'model.fact_rank must be a positive integer, got {rank!r}.')
+    if mlp % width:
+      raise ValueError(f'FacT cuts the MLP kernels into (D, D) slices, so model.mlp_dim '
+                       f'({mlp}) must be a multiple of model.width ({width}).')
+  k = out['snf_flow_length']
+  if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+    raise ValueError(f'model.snf_flow_length must be an integer >= 0, got {k!r}.')
+  return out
 
 
 def build_model(model_config: ml_collections.ConfigDict, *,
@@ -564,8 +648,10 @@ def build_model(model_config: ml_collections.ConfigDict, *,
 def deployed_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config of the deployed model: LoRA folded in (rank 0), no dropout.
 
-  A module that cannot fold (Adapter, Convpass) stays in the deployed model,
-  with its parameters, under the same config (docs/algorithm.md §10).
+  FacT folds too (`fact.fold_fact`), so its deployed model is the plain ViT
+  (peft='lora', rank 0). A module that cannot fold (Adapter, Convpass, SNF)
+  stays in the deployed model, with its parameters, under the same config
+  (docs/algorithm.md §10).
   """
   c = ml_collections.ConfigDict(model_config.to_dict())
   c.lora_rank = 0
@@ -573,7 +659,24 @@ def deployed_config(model_config: ml_collections.ConfigDict) -> ml_collections.C
   c.drop_path = 0.0
   if 'peft_dropout' in c:
     c.peft_dropout = 0.0
+  if c.get('peft') == 'fact':
+    c.peft = 'lora'
+  if 'fact_dropout' in c:
+    c.fact_dropout = 0.0
   return c
+
+
+def fold_peft(params: Any, model_config: ml_collections.ConfigDict) -> Any:
+  """The trained params folded for `deployed_config(model_config)`.
+
+  LoRA and FacT fold into the frozen kernels; other modules are kept as they are.
+  """
+  from pyra_jax.models import lora  # pylint: disable=g-import-not-at-top
+  if model_config.get('peft', 'lora') == 'fact' or fact_lib.has_fact(params):
+    params = fact_lib.fold_fact(params, model_config.fact_scale)
+  if model_config.get('peft', 'lora') == 'lora' and model_config.lora_rank > 0:
+    params = lora.fold_lora(params)
+  return params
 
 
 def num_tokens(model: VisionTransformer, image_size: int) -> list[int]:
