@@ -31,6 +31,10 @@ import ml_collections
 
 from pyra_jax import merge as merge_lib
 from pyra_jax import schedules
+from pyra_jax.errors import ConfigError
+from pyra_jax.methods import ats as ats_lib
+from pyra_jax.methods import evit as evit_lib
+from pyra_jax.methods import tofu as tofu_lib
 from pyra_jax.models.lora import LoRA
 from pyra_jax.models.pyra import MODULATIONS, PyraGenerator
 
@@ -44,7 +48,10 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     'L': (1024, 24, 16, 4096),
     'H': (1280, 32, 16, 5120),
 }
-METHODS = ('peft', 'tome', 'pyra')
+METHODS = ('peft', 'tome', 'pyra',
+           'evit', 'tofu', 'ats',)
+# Methods that need the class token's attention (Attention.return_cls_attn).
+CLS_ATTN_METHODS = ('evit', 'ats')
 # How Attention computes softmax(q k^T / sqrt(hd) + log size) v (config.model.attention).
 ATTENTION_IMPLEMENTATIONS = ('einsum', 'dot_product_attention')
 
@@ -145,9 +152,12 @@ class Attention(nn.Module):
   lora_init: str
   dtype: Any
   implementation: str
+  # Wiring, not config: set by the block when its method needs them.
+  return_cls_attn: bool = False   # also return the class token's attention (B, H, N)
+  return_value_norm: bool = False  # also return |v_j| over all heads (B, N) (ATS)
 
   @nn.compact
-  def __call__(self, x: Array, size: Optional[Array], *, train: bool) -> tuple[Array, Array]:
+  def __call__(self, x: Array, size: Optional[Array], *, train: bool) -> tuple[Array, ...]:
     b, n, d = x.shape
     h = self.num_heads
     hd = d // h
@@ -177,7 +187,28 @@ class Attention(nn.Module):
     out = out.reshape(b, n, d)
     w_out, b_out = ParamsOnly((h, hd, d), (d,), name='out')()
     out = out @ w_out.reshape(d, d).astype(self.dtype) + b_out.astype(self.dtype)
-    return out, k.mean(axis=2)
+    result = (out, k.mean(axis=2))
+    if self.return_cls_attn:
+      result += (class_attention(q, k, size),)
+    if self.return_value_norm:
+      result += (jnp.linalg.norm(v.reshape(b, n, d).astype(jnp.float32), axis=-1),)
+    return result
+
+
+def class_attention(q: Array, k: Array, size: Optional[Array]) -> Array:
+  """The class token's attention over the keys, (B, H, N) float32.
+
+  softmax_j(q_0 . k_j / sqrt(hd) + log size_j): the first row of the
+  attention matrix, computed from q[:, 0] and k alone (one query, cheap), so
+  it is the same whichever attention implementation produced the output.
+  """
+  hd = q.shape[-1]
+  logits = jnp.einsum('bhd,bnhd->bhn', q[:, 0].astype(jnp.float32) * (hd ** -0.5),
+                      k.astype(jnp.float32))
+  bias = _log_size_bias(size)
+  if bias is not None:
+    logits = logits + bias[:, :, 0].astype(jnp.float32)
+  return jax.nn.softmax(logits, axis=-1)
 
 
 class MlpBlock(nn.Module):
@@ -220,10 +251,18 @@ class DropPath(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """One transformer block, merging `r` tokens after attention when r > 0."""
+  """One transformer block, removing `r` tokens after attention when r > 0.
+
+  How depends on `method` (docs/algorithm.md §1 and §10): tome/pyra merge
+  (pyra also modulates), tofu prunes (`prune`) or MLERP-merges, evit keeps the
+  attentive tokens and fuses the others into one, ats samples N - r slots and
+  masks repeated picks (the mask travels in `size`, see methods/ats.py).
+  """
   num_heads: int
   mlp_dim: int
   r: int
+  method: str  # a METHODS entry
+  prune: bool  # tofu: this layer prunes instead of merging
   modulation: str  # 'none' = ToMe; else a PyraGenerator variant
   modulation_rank: int
   wr_init: str
@@ -244,17 +283,38 @@ class EncoderBlock(nn.Module):
   def __call__(self, x: Array, size: Optional[Array], source: Optional[Array], *,
                train: bool) -> tuple[Array, Optional[Array], Optional[Array]]:
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_0')(x)
-    y, metric = Attention(num_heads=self.num_heads, qkv_bias=self.qkv_bias,
-                          lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
-                          lora_init=self.lora_init, dtype=self.dtype,
-                          implementation=self.attention,
-                          name='MultiHeadDotProductAttention_0')(
-                              y, size if self.prop_attn else None, train=train)
+    method = self.method
+    needs_cls = self.r > 0 and method in CLS_ATTN_METHODS
+    # ATS's `size` is its 0/1 mask, which attention must respect whatever
+    # prop_attn says; evit has no sizes (None).
+    attn_size = size if (self.prop_attn or method == 'ats') else None
+    y, metric, *extra = Attention(
+        num_heads=self.num_heads, qkv_bias=self.qkv_bias,
+        lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
+        lora_init=self.lora_init, dtype=self.dtype,
+        implementation=self.attention, return_cls_attn=needs_cls,
+        return_value_norm=needs_cls and method == 'ats',
+        name='MultiHeadDotProductAttention_0')(y, attn_size, train=train)
     if self.layerscale:
       y = LayerScale(name='LayerScale_0')(y)
     x = x + DropPath(self.drop_path)(y, train=train)
+    num_protected = 1 + int(self.distilled)
 
-    if self.r > 0:
+    if self.r > 0 and method == 'tofu':
+      x, size, plan = tofu_lib.tofu(x, size, metric, self.r, prune_layer=self.prune,
+                                    distill_token=self.distilled)
+      if source is not None and plan is not None:
+        source = merge_lib.merge_source(source, plan, distill_token=self.distilled)
+    elif self.r > 0 and method == 'evit':
+      keep = x.shape[1] - num_protected - 1 - self.r
+      x = evit_lib.evit_reorganize(x, extra[0], keep, num_protected=num_protected)
+    elif self.r > 0 and method == 'ats':
+      if size is None:
+        size = jnp.ones(x.shape[:2] + (1,), x.dtype)
+      x, size = ats_lib.ats_sample(x, size, extra[0], extra[1],
+                                   x.shape[1] - num_protected - self.r,
+                                   num_protected=num_protected)
+    elif self.r > 0:
       plan = merge_lib.bipartite_soft_matching(
           metric, self.r, class_token=True, distill_token=self.distilled)
       modulate = None
@@ -320,11 +380,15 @@ class VisionTransformer(nn.Module):
   lora_init: str
   attention: str
   dtype: Any
+  method: str
+  tofu_prune_layers: int
   trace_source: bool = False  # a debugging output, not a config field
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False, features: bool = False) -> Array:
     p = self.patch_size
+    if self.trace_source and self.method in CLS_ATTN_METHODS:
+      raise ValueError(f'trace_source follows merges (tome, pyra, tofu), not {self.method}.')
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f'Image size {images.shape[1:3]} is not a multiple of the patch size {p}.')
     kernel, bias = ParamsOnly((p, p, images.shape[-1], self.width), (self.width,),
@@ -342,7 +406,8 @@ class VisionTransformer(nn.Module):
         pyra_ln_eps=self.pyra_ln_eps, distilled=self.distilled, prop_attn=self.prop_attn,
         qkv_bias=self.qkv_bias, layerscale=self.layerscale, ln_eps=self.ln_eps,
         lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
-        lora_init=self.lora_init, attention=self.attention, dtype=self.dtype)
+        lora_init=self.lora_init, attention=self.attention, dtype=self.dtype,
+        method=self.method, tofu_prune_layers=self.tofu_prune_layers)
     x = Encoder(schedule=self.schedule, drop_path=self.drop_path,
                 trace_source=self.trace_source, block=tuple(sorted(block.items())),
                 name='Transformer')(x, train=train)
@@ -375,6 +440,7 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     block = dict(self.block)
+    tofu_prune_layers = block.pop('tofu_prune_layers')
     depth = len(self.schedule)
     x = AddPositionEmbs(name='posembed_input')(x)
     size = None
@@ -384,7 +450,8 @@ class Encoder(nn.Module):
     for i in range(depth):
       rate = self.drop_path * i / max(depth - 1, 1)  # linear 0 -> drop_path
       x, size, source = EncoderBlock(
-          r=self.schedule[i], drop_path=rate, name=f'encoderblock_{i}', **block)(
+          r=self.schedule[i], drop_path=rate, prune=i < tofu_prune_layers,
+          name=f'encoderblock_{i}', **block)(
               x, size, source, train=train)
       if size is not None:
         self.sow('intermediates', f'size_{i}', size)
@@ -441,6 +508,51 @@ def _positive_or_unset(name: str, value: Any, unset_means: str) -> Optional[int]
   return value
 
 
+def evit_layers(model_config: ml_collections.ConfigDict, depth: int) -> tuple[int, ...]:
+  """`model.evit_layers` as 0-based ints ('' = EViT's own 3, 6, 9 of 12, scaled)."""
+  spec = _field(model_config, 'evit_layers')
+  if isinstance(spec, (list, tuple)):
+    parts = list(spec)
+  else:
+    spec = str(spec).strip()
+    if not spec:
+      return schedules.evit_default_layers(depth)
+    parts = [p for p in spec.replace('(', '').replace(')', '').split(',') if p.strip()]
+  try:
+    layers = tuple(int(p) for p in parts)
+  except (TypeError, ValueError):
+    raise ConfigError(f'model.evit_layers = {spec!r}: give 0-based layer numbers '
+                      "separated by commas, e.g. '3,6,9'.") from None
+  for l in layers:
+    if not 0 <= l < depth:
+      raise ConfigError(f'model.evit_layers has layer {l}, but the model has {depth} '
+                        f'layers (0-based: 0 to {depth - 1}): remove it or lower it.')
+  if len(set(layers)) != len(layers):
+    raise ConfigError(f'model.evit_layers = {spec!r} names a layer twice.')
+  return tuple(sorted(layers))
+
+
+def _evit_schedule(c: ml_collections.ConfigDict, target: Optional[tuple[int, ...]], *,
+                   depth: int, num_patches: int, num_protected: int, width: int,
+                   mlp: int) -> tuple[int, ...]:
+  """EViT's per-layer r: from its keep rate, or (target given) the keep rate
+  whose FLOPs match the target schedule's (docs/algorithm.md §10.1)."""
+  layers = evit_layers(c, depth)
+  keep_rate = _field(c, 'evit_keep_rate')
+  if (isinstance(keep_rate, bool) or not isinstance(keep_rate, numbers.Real)
+      or not 0.0 < keep_rate < 1.0):
+    raise ConfigError(f'model.evit_keep_rate must be between 0 and 1 (the fraction of '
+                      f'tokens kept at each EViT layer, e.g. 0.7), got {keep_rate!r}.')
+  n0 = num_patches + num_protected
+  if target is not None:
+    flops = schedules.vit_flops(target, num_tokens=n0, width=width, mlp_ratio=mlp / width)
+    keep_rate = schedules.evit_keep_rate_for_flops(
+        flops, layers, depth=depth, num_tokens=n0, num_protected=num_protected,
+        width=width, mlp_ratio=mlp / width)
+  return schedules.evit_schedule(keep_rate, layers, depth=depth, num_tokens=n0,
+                                 num_protected=num_protected)
+
+
 def model_kwargs(model_config: ml_collections.ConfigDict, *,
                  num_classes: Optional[int] = None, dtype: Any = None) -> dict[str, Any]:
   """Resolves a config's `model` section into VisionTransformer fields.
@@ -484,8 +596,17 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
   distilled = _field(c, 'distilled')
   num_protected = 1 + int(distilled)
   num_patches = (image_size // patch) ** 2
+  tofu_prune_layers = _field(c, 'tofu_prune_layers')
+  if method == 'tofu' and (isinstance(tofu_prune_layers, bool) or
+                           not isinstance(tofu_prune_layers, numbers.Integral)
+                           or not 0 <= tofu_prune_layers <= depth):
+    raise ConfigError(f'model.tofu_prune_layers must be an integer from 0 to the depth '
+                      f'{depth} (how many leading layers prune), got {tofu_prune_layers!r}.')
   if method == 'peft':
     schedule = (0,) * depth
+  elif method == 'evit' and not _field(c, 'evit_match_flops'):
+    schedule = _evit_schedule(c, None, depth=depth, num_patches=num_patches,
+                              num_protected=num_protected, width=width, mlp=mlp)
   else:
     spec = _field(c, 'schedule')
     if isinstance(spec, (list, tuple)):
@@ -493,11 +614,15 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
     schedule = schedules.resolve_schedule(
         spec, depth=depth, num_patches=num_patches, num_protected=num_protected,
         width=width, mlp_ratio=mlp / width)
+    if method == 'evit':  # the schedule is only the FLOPs target
+      schedule = _evit_schedule(c, schedule, depth=depth, num_patches=num_patches,
+                                num_protected=num_protected, width=width, mlp=mlp)
   if dtype is None:
     dtype = jnp.float32
   return dict(
       num_classes=n_classes, schedule=schedule, modulation=modulation,
-      distilled=distilled, dtype=jnp.dtype(dtype), **arch,
+      distilled=distilled, dtype=jnp.dtype(dtype), method=method,
+      tofu_prune_layers=tofu_prune_layers, **arch,
       **{name: _field(c, name) for name in _AS_IS})
 
 
