@@ -93,7 +93,7 @@ from pyra_jax.models.lora import fold_lora
 from pyra_jax.errors import BenchmarkError  # pylint: disable=unused-import
 
 PyTree = Any
-METHODS = ('peft', 'tome', 'pyra')
+METHODS = vit.METHODS  # every method the model knows
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
