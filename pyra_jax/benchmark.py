@@ -93,7 +93,11 @@ from pyra_jax.models.lora import fold_lora
 from pyra_jax.errors import BenchmarkError  # pylint: disable=unused-import
 
 PyTree = Any
-METHODS = vit.METHODS  # every method the model knows
+# Every method the model knows, plus 'evit_own': EViT at its own keep rate
+# (model.evit_keep_rate at model.evit_layers) rather than FLOPs-matched.
+METHODS = vit.METHODS + ('evit_own',)
+# What `--methods` runs when not given: the original three.
+DEFAULT_METHODS = ('peft', 'tome', 'pyra')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -103,11 +107,25 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # --------------------------------------------------------------------------- #
 
 def method_config(model_config: ml_collections.ConfigDict, method: str, *,
-                  image_size: int, num_classes: int) -> ml_collections.ConfigDict:
-  """The config's model section switched to `method` (same schedule for tome/pyra)."""
+                  image_size: int, num_classes: int,
+                  schedule: Optional[str] = None) -> ml_collections.ConfigDict:
+  """The config's model section switched to `method` (and `schedule` if given).
+
+  Every compressing method gets the same schedule: tome/pyra/tofu merge its
+  r per layer, ats samples N - r slots, and evit solves the keep rate whose
+  FLOPs match it (docs/algorithm.md §10), unless the config itself is an EViT
+  config at its own keep rate, or the method is 'evit_own'.
+  """
   if method not in METHODS:
     raise BenchmarkError(f'Unknown method {method!r}: use some of {METHODS}.')
   c = ml_collections.ConfigDict(model_config.to_dict())
+  if schedule is not None:
+    c.schedule = schedule
+  if method == 'evit_own':
+    c.evit_match_flops = False
+  elif method == 'evit' and (model_config.method != 'evit' or schedule is not None):
+    c.evit_match_flops = c.schedule != 'none'
+  method = 'evit' if method == 'evit_own' else method
   c.method = method
   c.image_size = image_size
   if c.num_classes is None:
@@ -174,9 +192,30 @@ def model_info(model: vit.VisionTransformer, method: str, image_size: int,
   n0 = (image_size // model.patch_size) ** 2 + prefix
   flops = schedules.vit_flops(model.schedule, num_tokens=n0, width=model.width,
                               mlp_ratio=model.mlp_dim / model.width)
-  return {'method': method, 'schedule': list(model.schedule),
+  info = {'method': method, 'schedule': list(model.schedule),
           'tokens': schedules.token_counts(model.schedule, n0),
           'gflops': flops / 1e9, 'batch_flops': flops * batch_size}
+  if method == 'ats':
+    info['tokens_note'] = ('slots the static shapes compute; repeated picks are masked, '
+                           'so fewer distinct tokens are live (live_tokens)')
+  return info
+
+
+def live_tokens(model: vit.VisionTransformer, params: PyTree, images: jax.Array
+                ) -> list[float]:
+  """ATS: the mean count of live (unmasked) tokens after each block on `images`.
+
+  What a data-dependent implementation would compute; the static shapes
+  compute `tokens` (the slots) instead.
+  """
+  _, state = model.apply({'params': params}, images, mutable=['intermediates'])
+  inter = state['intermediates']['Transformer']
+  out = []
+  for i in range(len(model.schedule)):
+    mask = inter.get(f'size_{i}')
+    out.append(float(np.asarray(mask[0]).sum(axis=1).mean())
+               if mask is not None else float('nan'))
+  return out
 
 
 # --------------------------------------------------------------------------- #
@@ -352,9 +391,23 @@ def _peak_rss_bytes() -> int:
 # The two modes
 # --------------------------------------------------------------------------- #
 
+def model_names(methods: Sequence[str], schedules_: Sequence[str]) -> list[tuple[str, str, Optional[str]]]:
+  """(name, method, schedule) of each model timed: with several schedules, every
+  compressing method at each ('tome@vitb_low'), peft once."""
+  if not schedules_:
+    return [(m, m, None) for m in methods]
+  out = []
+  for m in methods:
+    if m in ('peft', 'evit_own'):  # neither depends on the schedule
+      out.append((m, m, None))
+    else:
+      out.extend((f'{m}@{s}', m, s) for s in schedules_)
+  return out
+
+
 def _setup(config: ml_collections.ConfigDict, *, image_size: int, num_classes: int,
-           methods: Sequence[str], params_path: str):
-  """Per method: its model config and (random or exported) training params."""
+           methods: Sequence[str], params_path: str, schedules_: Sequence[str] = ()):
+  """Per model name: its model config and (random or exported) training params."""
   exported, export_cfg = (None, None)
   if params_path:
     exported, export_cfg = load_params(params_path)
@@ -368,26 +421,31 @@ def _setup(config: ml_collections.ConfigDict, *, image_size: int, num_classes: i
                          f'{owner.model.image_size}: drop --image_size.')
   cfgs, params = {}, {}
   base = None
-  for m in methods:
+  for name, m, sched in model_names(methods, schedules_):
     src = export_cfg.model if export_cfg is not None else config.model
-    cfgs[m] = method_config(src, m, image_size=image_size, num_classes=num_classes)
+    try:
+      cfgs[name] = method_config(src, m, image_size=image_size, num_classes=num_classes,
+                                 schedule=sched)
+      vit.model_kwargs(cfgs[name])  # a setting that cannot work fails here, named
+    except errors.PyraError as e:
+      raise BenchmarkError(f'{name}: {e}') from None
     if exported is not None:
-      params[m] = exported if m == 'pyra' else strip_scope(exported, 'pyra')
+      params[name] = exported if m == 'pyra' else strip_scope(exported, 'pyra')
     else:
       if base is None:  # one init (with pyra), shared: same backbone for all
         base = init_params(method_config(config.model, 'pyra', image_size=image_size,
                                          num_classes=num_classes), image_size)
-      params[m] = base if m == 'pyra' else strip_scope(base, 'pyra')
+      params[name] = base if m == 'pyra' else strip_scope(base, 'pyra')
   return image_size, cfgs, params
 
 
 def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                 dtype: str = 'float32', image_size: int = 0, num_iters: int = 10,
                 min_seconds: float = 0.0, warmup: int = 2, matmul_size: int = 2048,
-                methods: Sequence[str] = METHODS, params_path: str = '',
+                methods: Sequence[str] = DEFAULT_METHODS, params_path: str = '',
                 num_classes: int = 100, gemm_bound: bool = True,
-                reference_model: Optional[ml_collections.ConfigDict] = None
-                ) -> dict[str, Any]:
+                reference_model: Optional[ml_collections.ConfigDict] = None,
+                schedules_: Sequence[str] = ()) -> dict[str, Any]:
   """Times the deployed models round-robin; returns the results dict (module doc).
 
   gemm_bound: also time each model's dense-layer matmuls alone
@@ -402,11 +460,12 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   jdtype = DTYPES[dtype]
   image_size, cfgs, train_params = _setup(
       config, image_size=image_size, num_classes=num_classes, methods=methods,
-      params_path=params_path)
+      params_path=params_path, schedules_=schedules_)
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.normal(size=(batch_size, image_size, image_size, 3)),
                          jnp.float32) for _ in range(2)]
-  names = list(methods)
+  names = list(cfgs)
+  timed = list(names)  # the models (without the reference)
   if reference_model is not None:  # timed like the others, under its own name
     cfgs['reference'] = method_config(reference_model, 'peft', image_size=image_size,
                                       num_classes=num_classes)
@@ -417,6 +476,8 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
     model, params = deployed(cfgs[m], image_size, jdtype, train_params[m])
     models[m] = (model, params)
     infos[m] = model_info(model, cfgs[m].method, image_size, batch_size)
+    if cfgs[m].method == 'ats':
+      infos[m]['live_tokens'] = live_tokens(model, params, batches[0])
     fn = Traced(lambda p, x, model=model: model.apply({'params': p}, x, train=False))
     traced[m] = fn
     counter = iter(range(1 << 62))
@@ -426,11 +487,12 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   calls['matmul'] = mm
   dense_flops = {}
   if gemm_bound:
-    for m in methods:
+    for m in timed:
       model, params = models[m]
       calls[f'{m}:dense'], dense_flops[m] = dense_layers_call(
           model, batch_size, image_size, params, jdtype)
-  merge_owner = 'pyra' if 'pyra' in models else ('tome' if 'tome' in models else None)
+  merge_owner = next((m for m in timed if cfgs[m].method == 'pyra'),
+                     next((m for m in timed if cfgs[m].method == 'tome'), None))
   merge_call = None
   if merge_owner:
     model, params = models[merge_owner]
@@ -454,7 +516,7 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                         'share_of_model': _paired_median(times['merge_ops'],
                                                          times[merge_owner])}
   if gemm_bound:
-    out['gemm_bound'] = _gemm_bound(methods, times, out['models'], dense_flops,
+    out['gemm_bound'] = _gemm_bound(timed, times, out['models'], dense_flops,
                                     mm_flops)
   out['recompiled'] = any(v['recompiled'] for v in out['models'].values())
   return out
@@ -666,7 +728,7 @@ def _breakdown(times: dict[str, list[float]], m: str) -> dict[str, float]:
 def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
               dtype: str = 'float32', image_size: int = 0, num_iters: int = 5,
               min_seconds: float = 0.0, warmup: int = 1, matmul_size: int = 2048,
-              methods: Sequence[str] = METHODS, params_path: str = '',
+              methods: Sequence[str] = DEFAULT_METHODS, params_path: str = '',
               num_classes: int = 100) -> dict[str, Any]:
   """Times the real training step (`train.make_train_step`) per method.
 
@@ -768,13 +830,14 @@ def format_table(res: dict[str, Any]) -> str:
            f"{res['load_average']['after']}",
            f"matmul {mm['size']}^3: {mm['gflops_per_s']:.1f} GFLOP/s "
            f"(fastest round {mm['gflops_per_s_best']:.1f})"]
-  hdr = (f"{'model':6} {'img/s':>7} {'GFLOPs':>7} {'speed-up':>8} {'FLOPs ratio':>11} "
+  w = max([6] + [len(m) for m in res['models']])
+  hdr = (f"{'model':{w}} {'img/s':>7} {'GFLOPs':>7} {'speed-up':>8} {'FLOPs ratio':>11} "
          f"{'su/ratio':>8} {'GFLOP/s':>8} {'% matmul':>8}")
   if res['mode'] == 'train':
     hdr += f" {'peak MiB':>9}"
   lines.append(hdr)
   for m, r in res['models'].items():
-    row = (f"{m:6} {r['images_per_sec']:7.2f} {r['gflops']:7.4g} {r['speedup']:7.2f}x "
+    row = (f"{m:{w}} {r['images_per_sec']:7.2f} {r['gflops']:7.4g} {r['speedup']:7.2f}x "
            f"{r['flops_ratio']:10.2f}x {r['speedup_over_flops_ratio']:8.1%} "
            f"{r['gflops_per_s']:8.1f} {r['matmul_fraction']:8.1%}")
     if res['mode'] == 'train':
@@ -797,7 +860,7 @@ def format_table(res: dict[str, Any]) -> str:
     lines.append('dense-layer matmuls alone, at each model\'s token counts '
                  '(the ceiling for its speed-up on this machine):')
     for m, g in res['gemm_bound'].items():
-      lines.append(f"  {m:6} {g['gflops_per_s']:7.1f} GFLOP/s ({g['matmul_fraction']:.1%} "
+      lines.append(f"  {m:{w}} {g['gflops_per_s']:7.1f} GFLOP/s ({g['matmul_fraction']:.1%} "
                    f"of the matmul rate): speed-up bound {g['speedup_bound']:.2f}x, "
                    f"model achieves {g['speedup_over_bound']:.1%} of it")
   if 'merge_ops' in res:
@@ -845,8 +908,13 @@ def define_flags() -> dict[str, Any]:
       params=flags.DEFINE_string(
           'params', '', 'A pyra_jax export directory (`main --mode=export`) to take '
           'the weights from; default: random weights (speed does not depend on them).'),
-      methods=flags.DEFINE_list('methods', list(METHODS),
-                                'Which of peft,tome,pyra to run.'),
+      methods=flags.DEFINE_list('methods', list(DEFAULT_METHODS),
+                                f'Which of {",".join(METHODS)} to run, or "all" '
+                                '(every one; evit_own: EViT at its own keep rate).'),
+      schedules=flags.DEFINE_list(
+          'schedules', [], 'forward mode: time every compressing method at each of '
+          'these schedules (e.g. vitb_low,vitb_high) in the same rounds, as '
+          "'<method>@<schedule>'; default: the config's schedule only."),
       num_classes=flags.DEFINE_integer('num_classes', 100,
                                        'Head size when the config leaves it unset (-1).'),
   )
@@ -859,6 +927,8 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
   if config is None:
     raise app.UsageError('Give --config=configs/<setting>.py (a file with get_config()).')
   methods = tuple(fl['methods'].value)
+  if methods == ('all',):
+    methods = METHODS
   bad = [m for m in methods if m not in METHODS]
   if bad or not methods:
     raise app.UsageError(f'--methods: use some of {METHODS}, got {methods}.')
@@ -872,6 +942,10 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
                 params_path=fl['params'].value, num_classes=fl['num_classes'].value)
   if not train:
     kwargs['gemm_bound'] = fl['gemm_bound'].value
+    kwargs['schedules_'] = tuple(fl['schedules'].value)
+  elif fl['schedules'].value:
+    raise app.UsageError('--schedules is for the forward mode: use one config per '
+                         'schedule with --mode=train.')
   try:
     res = (run_train if train else run_forward)(config, **kwargs)
   except errors.PyraError as e:  # a setting that cannot run: one sentence, no traceback

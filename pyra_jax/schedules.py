@@ -240,8 +240,9 @@ EVIT_LAYERS_12 = (3, 6, 9)
 
 
 def evit_default_layers(depth: int) -> tuple[int, ...]:
-  """EViT's layers 3, 6, 9 of 12, scaled to `depth` (24 layers: 6, 12, 18)."""
-  return tuple(int(round(l * depth / 12)) for l in EVIT_LAYERS_12)
+  """EViT's layers 3, 6, 9 of 12, scaled to `depth` (24 layers: 6, 12, 18;
+  rounded down, repeats dropped: 2 layers -> 0, 1)."""
+  return tuple(sorted({l * depth // 12 for l in EVIT_LAYERS_12}))
 
 
 def evit_schedule(keep_rate: float, layers: Sequence[int], *, depth: int,
