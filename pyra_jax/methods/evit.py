@@ -16,17 +16,10 @@ weights do (they are attention probabilities).
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-
-
-def kept_count(num_tokens: int, keep_rate: float, num_protected: int) -> int:
-  """EViT's ceil(keep_rate * M) of the M = num_tokens - num_protected tokens."""
-  return int(math.ceil(keep_rate * (num_tokens - num_protected) - 1e-9))
 
 
 def evit_reorganize(x: Array, cls_attn: Array, keep: int, *,
