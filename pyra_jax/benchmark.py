@@ -100,7 +100,11 @@ from pyra_jax.models.lora import fold_lora
 from pyra_jax.errors import BenchmarkError  # pylint: disable=unused-import
 
 PyTree = Any
-METHODS = ('peft', 'tome', 'pyra')
+# Every method the model knows, plus 'evit_own': EViT at its own keep rate
+# (model.evit_keep_rate at model.evit_layers) rather than FLOPs-matched.
+METHODS = vit.METHODS + ('evit_own',)
+# What `--methods` runs when not given: the original three.
+DEFAULT_METHODS = ('peft', 'tome', 'pyra')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -111,12 +115,26 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 def method_config(model_config: ml_collections.ConfigDict, method: str, *,
                   image_size: int, num_classes: int,
-                  peft: Optional[str] = None) -> ml_collections.ConfigDict:
-  """The config's model section switched to `method` (same schedule for tome/pyra)
-  and, if given, to the PEFT module `peft`."""
+                  peft: Optional[str] = None, schedule: Optional[str] = None
+                  ) -> ml_collections.ConfigDict:
+  """The config's model section switched to `method` (and `schedule` if given),
+  and, if given, to the PEFT module `peft`.
+
+  Every compressing method gets the same schedule: tome/pyra/tofu merge its
+  r per layer, ats samples N - r slots, and evit solves the keep rate whose
+  FLOPs match it (docs/algorithm.md §10), unless the config itself is an EViT
+  config at its own keep rate, or the method is 'evit_own'.
+  """
   if method not in METHODS:
     raise BenchmarkError(f'Unknown method {method!r}: use some of {METHODS}.')
   c = ml_collections.ConfigDict(model_config.to_dict())
+  if schedule is not None:
+    c.schedule = schedule
+  if method == 'evit_own':
+    c.evit_match_flops = False
+  elif method == 'evit' and (model_config.method != 'evit' or schedule is not None):
+    c.evit_match_flops = c.schedule != 'none'
+  method = 'evit' if method == 'evit_own' else method
   c.method = method
   if peft is not None:
     if peft not in vit.PEFT_MODULES:
@@ -190,9 +208,30 @@ def model_info(model: vit.VisionTransformer, method: str, image_size: int,
   n0 = (image_size // model.patch_size) ** 2 + prefix
   flops = schedules.vit_flops(model.schedule, num_tokens=n0, width=model.width,
                               mlp_ratio=model.mlp_dim / model.width)
-  return {'method': method, 'schedule': list(model.schedule),
+  info = {'method': method, 'schedule': list(model.schedule),
           'tokens': schedules.token_counts(model.schedule, n0),
           'gflops': flops / 1e9, 'batch_flops': flops * batch_size}
+  if method == 'ats':
+    info['tokens_note'] = ('slots the static shapes compute; repeated picks are masked, '
+                           'so fewer distinct tokens are live (live_tokens)')
+  return info
+
+
+def live_tokens(model: vit.VisionTransformer, params: PyTree, images: jax.Array
+                ) -> list[float]:
+  """ATS: the mean count of live (unmasked) tokens after each block on `images`.
+
+  What a data-dependent implementation would compute; the static shapes
+  compute `tokens` (the slots) instead.
+  """
+  _, state = model.apply({'params': params}, images, mutable=['intermediates'])
+  inter = state['intermediates']['Transformer']
+  out = []
+  for i in range(len(model.schedule)):
+    mask = inter.get(f'size_{i}')
+    out.append(float(np.asarray(mask[0]).sum(axis=1).mean())
+               if mask is not None else float('nan'))
+  return out
 
 
 # --------------------------------------------------------------------------- #
@@ -395,11 +434,23 @@ def _setup_modules(config: ml_collections.ConfigDict, *, image_size: int,
                                  num_classes=num_classes, peft=peft)
       params[name] = base if m == 'pyra' else strip_scope(base, 'pyra')
   return image_size, cfgs, params
+def model_names(methods: Sequence[str], schedules_: Sequence[str]) -> list[tuple[str, str, Optional[str]]]:
+  """(name, method, schedule) of each model timed: with several schedules, every
+  compressing method at each ('tome@vitb_low'), peft once."""
+  if not schedules_:
+    return [(m, m, None) for m in methods]
+  out = []
+  for m in methods:
+    if m in ('peft', 'evit_own'):  # neither depends on the schedule
+      out.append((m, m, None))
+    else:
+      out.extend((f'{m}@{s}', m, s) for s in schedules_)
+  return out
 
 
 def _setup(config: ml_collections.ConfigDict, *, image_size: int, num_classes: int,
-           methods: Sequence[str], params_path: str):
-  """Per method: its model config and (random or exported) training params."""
+           methods: Sequence[str], params_path: str, schedules_: Sequence[str] = ()):
+  """Per model name: its model config and (random or exported) training params."""
   exported, export_cfg = (None, None)
   if params_path:
     exported, export_cfg = load_params(params_path)
@@ -413,27 +464,33 @@ def _setup(config: ml_collections.ConfigDict, *, image_size: int, num_classes: i
                          f'{owner.model.image_size}: drop --image_size.')
   cfgs, params = {}, {}
   base = None
-  for m in methods:
+  for name, m, sched in model_names(methods, schedules_):
     src = export_cfg.model if export_cfg is not None else config.model
-    cfgs[m] = method_config(src, m, image_size=image_size, num_classes=num_classes)
+    try:
+      cfgs[name] = method_config(src, m, image_size=image_size, num_classes=num_classes,
+                                 schedule=sched)
+      vit.model_kwargs(cfgs[name])  # a setting that cannot work fails here, named
+    except errors.PyraError as e:
+      raise BenchmarkError(f'{name}: {e}') from None
     if exported is not None:
-      params[m] = exported if m == 'pyra' else strip_scope(exported, 'pyra')
+      params[name] = exported if m == 'pyra' else strip_scope(exported, 'pyra')
     else:
       if base is None:  # one init (with pyra), shared: same backbone for all
         base = init_params(method_config(config.model, 'pyra', image_size=image_size,
                                          num_classes=num_classes), image_size)
-      params[m] = base if m == 'pyra' else strip_scope(base, 'pyra')
+      params[name] = base if m == 'pyra' else strip_scope(base, 'pyra')
   return image_size, cfgs, params
 
 
 def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                 dtype: str = 'float32', image_size: int = 0, num_iters: int = 10,
                 min_seconds: float = 0.0, warmup: int = 2, matmul_size: int = 2048,
-                methods: Sequence[str] = METHODS, params_path: str = '',
+                methods: Sequence[str] = DEFAULT_METHODS, params_path: str = '',
                 num_classes: int = 100, gemm_bound: bool = True,
                 reference_model: Optional[ml_collections.ConfigDict] = None,
                 warmup_seconds: float = 0.0,
-                peft_modules: Sequence[str] = ()) -> dict[str, Any]:
+                peft_modules: Sequence[str] = (),
+                schedules_: Sequence[str] = ()) -> dict[str, Any]:
   """Times the deployed models round-robin; returns the results dict (module doc).
 
   gemm_bound: also time each model's dense-layer matmuls alone
@@ -452,18 +509,21 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
     if params_path:
       raise BenchmarkError('--peft times random weights: drop --params (an export '
                            'holds one module only).')
+    if schedules_:
+      raise BenchmarkError('--peft times the config\'s schedule only: drop --schedules '
+                           '(or run once per schedule).')
     image_size, cfgs, train_params = _setup_modules(
         config, image_size=image_size, num_classes=num_classes, methods=methods,
         peft_modules=peft_modules)
-    methods = list(cfgs)  # every (module, method) is timed like a method
   else:
     image_size, cfgs, train_params = _setup(
         config, image_size=image_size, num_classes=num_classes, methods=methods,
-        params_path=params_path)
+        params_path=params_path, schedules_=schedules_)
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.normal(size=(batch_size, image_size, image_size, 3)),
                          jnp.float32) for _ in range(2)]
-  names = list(methods)
+  names = list(cfgs)
+  timed = list(names)  # the models (without the reference)
   if reference_model is not None:  # timed like the others, under its own name
     cfgs['reference'] = method_config(reference_model, 'peft', image_size=image_size,
                                       num_classes=num_classes)
@@ -474,6 +534,8 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
     model, params = deployed(cfgs[m], image_size, jdtype, train_params[m])
     models[m] = (model, params)
     infos[m] = model_info(model, cfgs[m].method, image_size, batch_size)
+    if cfgs[m].method == 'ats':
+      infos[m]['live_tokens'] = live_tokens(model, params, batches[0])
     fn = Traced(lambda p, x, model=model: model.apply({'params': p}, x, train=False))
     traced[m] = fn
     counter = iter(range(1 << 62))
@@ -483,11 +545,12 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   calls['matmul'] = mm
   dense_flops = {}
   if gemm_bound:
-    for m in methods:
+    for m in timed:
       model, params = models[m]
       calls[f'{m}:dense'], dense_flops[m] = dense_layers_call(
           model, batch_size, image_size, params, jdtype)
-  merge_owner = 'pyra' if 'pyra' in models else ('tome' if 'tome' in models else None)
+  merge_owner = next((m for m in timed if cfgs[m].method == 'pyra'),
+                     next((m for m in timed if cfgs[m].method == 'tome'), None))
   merge_call = None
   if merge_owner:
     model, params = models[merge_owner]
@@ -504,7 +567,7 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   base = 'reference' if reference_model is not None else (
       names[0] if peft_modules else None)
   out['models'] = _per_model(names, infos, times, traced, batch_size, mm_flops, base=base)
-  if 'pyra' in methods and 'tome' in methods:
+  if 'pyra' in times and 'tome' in times:
     out['pyra_cost_over_tome'] = 1.0 - _paired_median(times['tome'], times['pyra'])
   if merge_call is not None:
     sec, _ = _median_iqr(times['merge_ops'])
@@ -512,7 +575,7 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                         'share_of_model': _paired_median(times['merge_ops'],
                                                          times[merge_owner])}
   if gemm_bound:
-    out['gemm_bound'] = _gemm_bound(methods, times, out['models'], dense_flops,
+    out['gemm_bound'] = _gemm_bound(timed, times, out['models'], dense_flops,
                                     mm_flops)
   out['recompiled'] = any(v['recompiled'] for v in out['models'].values())
   return out
@@ -725,7 +788,7 @@ def _breakdown(times: dict[str, list[float]], m: str) -> dict[str, float]:
 def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
               dtype: str = 'float32', image_size: int = 0, num_iters: int = 5,
               min_seconds: float = 0.0, warmup: int = 1, matmul_size: int = 2048,
-              methods: Sequence[str] = METHODS, params_path: str = '',
+              methods: Sequence[str] = DEFAULT_METHODS, params_path: str = '',
               num_classes: int = 100, warmup_seconds: float = 0.0) -> dict[str, Any]:
   """Times the real training step (`train.make_train_step`) per method.
 
@@ -776,7 +839,7 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                  elapsed, load_before, warmup_seconds)
   out['matmul'] = _matmul_result(matmul_size, mm_flops, times['matmul'])
   out['models'] = _per_model(methods, infos, times, traced, batch_size, mm_flops)
-  if 'pyra' in methods and 'tome' in methods:
+  if 'pyra' in times and 'tome' in times:
     out['pyra_cost_over_tome'] = 1.0 - _paired_median(times['tome'], times['pyra'])
   dev = jax.devices()[0]
   stats = dev.memory_stats() if hasattr(dev, 'memory_stats') else None
@@ -906,12 +969,17 @@ def define_flags() -> dict[str, Any]:
       params=flags.DEFINE_string(
           'params', '', 'A pyra_jax export directory (`main --mode=export`) to take '
           'the weights from; default: random weights (speed does not depend on them).'),
-      methods=flags.DEFINE_list('methods', list(METHODS),
-                                'Which of peft,tome,pyra to run.'),
+      methods=flags.DEFINE_list('methods', list(DEFAULT_METHODS),
+                                f'Which of {",".join(METHODS)} to run, or "all" '
+                                '(every one; evit_own: EViT at its own keep rate).'),
       peft=flags.DEFINE_list('peft', [],
                              'forward mode: time every method with each of these PEFT '
-                             'modules (model.peft: lora,adapter,convpass), in the same '
-                             "rounds; empty: the config's own module."),
+                             'modules (model.peft: lora,adapter,convpass,fact,snf), in '
+                             "the same rounds; empty: the config's own module."),
+      schedules=flags.DEFINE_list(
+          'schedules', [], 'forward mode: time every compressing method at each of '
+          'these schedules (e.g. vitb_low,vitb_high) in the same rounds, as '
+          "'<method>@<schedule>'; default: the config's schedule only."),
       num_classes=flags.DEFINE_integer('num_classes', 100,
                                        'Head size when the config leaves it unset (-1).'),
       warmup_seconds=flags.DEFINE_float(
@@ -957,6 +1025,8 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
   if config is None:
     raise app.UsageError('Give --config=configs/<setting>.py (a file with get_config()).')
   methods = tuple(fl['methods'].value)
+  if methods == ('all',):
+    methods = METHODS
   bad = [m for m in methods if m not in METHODS]
   if bad or not methods:
     raise app.UsageError(f'--methods: use some of {METHODS}, got {methods}.')
@@ -977,8 +1047,12 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
   if not train:
     kwargs['gemm_bound'] = fl['gemm_bound'].value
     kwargs['peft_modules'] = tuple(fl['peft'].value)
+    kwargs['schedules_'] = tuple(fl['schedules'].value)
   elif fl['peft'].value:
     raise app.UsageError('--peft is for the forward mode: drop it or --mode=train.')
+  elif fl['schedules'].value:
+    raise app.UsageError('--schedules is for the forward mode: use one config per '
+                         'schedule with --mode=train.')
   try:
     res = (run_train if train else run_forward)(config, **kwargs)
   except errors.PyraError as e:  # a setting that cannot run: one sentence, no traceback

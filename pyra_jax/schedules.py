@@ -221,3 +221,71 @@ def resolve_schedule(spec: ScheduleSpec, *, depth: int, num_patches: int,
     out.append(int(r))
     n -= r
   return tuple(out)
+
+
+# --------------------------------------------------------------------------- #
+# The competing methods' per-layer counts (docs/algorithm.md §10)
+# --------------------------------------------------------------------------- #
+# Every method resolves to the same per-layer tuple: r_l, the tokens the layer
+# removes net (its output has r_l fewer tokens than its input), so token counts
+# (`token_counts`), FLOPs (`vit_flops`) and the static shapes are computed one
+# way for all of them. tome/pyra/tofu: r_l merged (or pruned); ats: the layer
+# outputs N_l - r_l slots (what the static shapes compute; repeated picks are
+# masked, not removed); evit: r_l = M_l - keep_l - 1 (keep_l tokens kept and one
+# fused token added, M_l the unprotected tokens).
+
+# EViT's own placement for ViT-B/DeiT (12 layers): reorganise after the 4th,
+# 7th and 10th block (0-based 3, 6, 9); other depths scale it.
+EVIT_LAYERS_12 = (3, 6, 9)
+
+
+def evit_default_layers(depth: int) -> tuple[int, ...]:
+  """EViT's layers 3, 6, 9 of 12, scaled to `depth` (24 layers: 6, 12, 18;
+  rounded down, repeats dropped: 2 layers -> 0, 1)."""
+  return tuple(sorted({l * depth // 12 for l in EVIT_LAYERS_12}))
+
+
+def evit_schedule(keep_rate: float, layers: Sequence[int], *, depth: int,
+                  num_tokens: int, num_protected: int) -> tuple[int, ...]:
+  """Per-layer r of EViT keeping ceil(keep_rate * M) of M unprotected tokens.
+
+  A layer where that would remove nothing (keep >= M - 1: fusing one token
+  into one) is left alone (r = 0).
+  """
+  out, n = [], num_tokens
+  for l in range(depth):
+    r = 0
+    if l in layers:
+      m = n - num_protected
+      keep = max(int(math.ceil(keep_rate * m - 1e-9)), 1)
+      r = max(m - keep - 1, 0)
+    out.append(r)
+    n -= r
+  return tuple(out)
+
+
+def evit_keep_rate_for_flops(target_flops: float, layers: Sequence[int], *, depth: int,
+                             num_tokens: int, num_protected: int, width: int,
+                             mlp_ratio: float = 4.0) -> float:
+  """The keep rate (one for all EViT layers) whose FLOPs are closest to a target.
+
+  Like `schedule_for_flops_ratio` for Eq. 8: a fine grid (0.001 steps) of the
+  single free parameter. Raises ScheduleError when even the best is more than
+  5 % off (e.g. high compression with late layers: the blocks before the first
+  EViT layer alone cost more than the target).
+  """
+  def flops(k: float) -> float:
+    return vit_flops(evit_schedule(k, layers, depth=depth, num_tokens=num_tokens,
+                                   num_protected=num_protected),
+                     num_tokens=num_tokens, width=width, mlp_ratio=mlp_ratio)
+
+  grid = [i / 1000 for i in range(1, 1000)]
+  best = min(grid, key=lambda k: abs(flops(k) - target_flops))
+  if abs(flops(best) - target_flops) > 0.05 * target_flops:
+    full = flops(1.0)
+    raise ScheduleError(
+        f'EViT at layers {tuple(layers)} cannot reach the FLOPs of model.schedule '
+        f'(ratio {full / target_flops:.2f}x; the best keep rate gives '
+        f'{full / flops(best):.2f}x): move model.evit_layers earlier, or set '
+        'model.evit_match_flops=False and a keep rate.')
+  return best

@@ -344,3 +344,34 @@ def test_paper_preset_through_the_command_line_with_small_overrides(tmp_path):
   s = json.loads(out.read_text())['settings']
   assert s['preset'] == 'paper' and s['batch_size'] == 4
   assert s['warmup_seconds'] == 0.5 and s['seconds'] >= 0.3 and s['rounds'] >= 1
+def test_every_method_at_two_schedules_in_one_run():
+  """The competing methods (docs/algorithm.md §10) timed with the others, each
+  compressing method at both schedules, in the same rounds; one trace each."""
+  from pyra_jax.configs import common  # pylint: disable=g-import-not-at-top
+  config = common.get_base_config()
+  m = config.model
+  m.variant, m.image_size, m.patch_size = 'Ti/8', 32, 8
+  m.width, m.depth, m.num_heads, m.mlp_dim = 32, 2, 2, 64
+  m.lora_rank, m.schedule, m.num_classes = 4, '4,2', 10
+  m.tofu_prune_layers = 1
+  res = benchmark.run_forward(
+      config, batch_size=2, num_iters=2, warmup=1, matmul_size=64, gemm_bound=False,
+      methods=('peft', 'tome', 'evit', 'evit_own', 'tofu', 'ats'),
+      schedules_=('4,2', '6,3'))
+  models = res['models']
+  assert list(models) == ['peft', 'tome@4,2', 'tome@6,3', 'evit@4,2', 'evit@6,3',
+                          'evit_own', 'tofu@4,2', 'tofu@6,3', 'ats@4,2', 'ats@6,3']
+  assert not res['recompiled'] and all(v['traces'] == 1 for v in models.values())
+  for sched, r in (('4,2', [4, 2]), ('6,3', [6, 3])):
+    for method in ('tome', 'tofu', 'ats'):
+      assert models[f'{method}@{sched}']['schedule'] == r
+      assert models[f'{method}@{sched}']['gflops'] == pytest.approx(_flops(r) / 1e9)
+    # EViT's keep rate is solved to the schedule's FLOPs (within 5 %).
+    assert models[f'evit@{sched}']['gflops'] == pytest.approx(_flops(r) / 1e9, rel=0.05)
+  # EViT's own keep rate 0.7 at layers 0 and 1 (3, 6, 9 of 12 scaled to 2 layers):
+  # ceil(0.7 * 16) = 12 kept + 1 fused; then ceil(0.7 * 13) = 10 kept + 1 fused.
+  assert models['evit_own']['tokens'] == [17, 14, 12]
+  # ATS: the static slots are ToMe's counts; the distinct live tokens are no more.
+  ats = models['ats@6,3']
+  assert ats['tokens'] == [17, 11, 8]
+  assert all(live <= slots for live, slots in zip(ats['live_tokens'], ats['tokens'][1:]))

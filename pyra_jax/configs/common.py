@@ -87,7 +87,8 @@ def get_base_config() -> ml_collections.ConfigDict:
                                 # (the authors' code defaults to 16: 0.63M)
 
   # Token merging.
-  model.method = 'pyra'         # 'peft' (no merging) | 'tome' | 'pyra'
+  model.method = 'pyra'         # 'peft' (no merging) | 'tome' | 'pyra' |
+                                # 'evit' | 'tofu' | 'ats' (Table 14's competitors)
   model.schedule = 'vitb_high'  # a named schedule, an int (ToMe constant r),
                                 # 'r,inflection', 'flops:<ratio>', or 'r0,r1,...'
   model.prop_attn = True        # add log(size) to the key logits
@@ -99,6 +100,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.modulation_rank = 1     # s, for modulation='low_rank' (Fig. 6)
   model.wr_init = 'uniform'     # 'uniform' U(-1, 1) (authors' code) | 'normal'
   model.pyra_ln_eps = 1e-5      # the generators' LayerNorm eps (PyTorch default)
+
+  # The competing methods (Table 14; docs/algorithm.md §10). tofu and ats take
+  # their per-layer counts from model.schedule (ats: N - r slots per layer).
+  # EViT's layers, 0-based, comma-separated ('3,6,9'); '': EViT's own 3,6,9 of
+  # 12 layers, scaled to the depth (24 layers: 6,12,18)
+  model.evit_layers = ''
+  model.evit_keep_rate = 0.7    # EViT: fraction of the tokens kept at each of its
+                                # layers, in (0, 1) (0.7: EViT's own for ViT-B)
+  model.evit_match_flops = False  # True: ignore evit_keep_rate and solve the keep
+                                  # rate whose FLOPs match model.schedule's
+  model.tofu_prune_layers = 3   # ToFu: the first N layers prune, later ones MLERP-merge
 
   # --- Pretrained weights ---------------------------------------------------
   # Path to a checkpoint, a Hub name 'hf-hub:<owner>/<repo>[/<file>][@<rev>]'

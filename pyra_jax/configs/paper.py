@@ -10,7 +10,10 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
 
   task=NAME        data.task, a VTAB-1k task (default cifar100), or
                    folder:NAME for a dataset of one's own (source=folder)
-  method=M         model.method: peft (no merging) | tome | pyra (default)
+  method=M         model.method: peft (no merging) | tome | pyra (default) |
+                   evit | tofu | ats (Table 14's competitors: at a level, EViT's
+                   keep rate is solved to match the level's FLOPs; tofu and ats
+                   use the level's schedule; configs/vitb_evit.py is EViT's own)
   peft=P           model.peft, the trainable module: lora (default) | adapter |
                    convpass | fact | snf (Tables 18-20; any but lora turns LoRA
                    off; README "PEFT modules"); the adapter/convpass bottleneck
@@ -43,11 +46,14 @@ BACKBONES = {
     # ViT-B/16 pretrained on ImageNet-21k: LoRA rank 8, batch 64.
     'vitb': dict(variant='B/16', lora_rank=8, peft_dim=8, batch_size=64, sched='vitb'),
     # ViT-L/16 (ImageNet-21k): rank 12, batch 32.
-    'vitl': dict(variant='L/16', lora_rank=12, peft_dim=12, batch_size=32, sched='vitl'),
+    # ToFu prunes in the first quarter of the layers (3 of 12, 6 of 24).
+    'vitl': dict(variant='L/16', lora_rank=12, peft_dim=12, batch_size=32, sched='vitl',
+                 tofu_prune_layers=6),
     # ViT-L/16 pretrained with MAE: as ViT-L, but the PYRA lr is tuned in the
     # much lower range {1e-6, 3e-6, 1e-5, 3e-5}; 1e-5 is its middle.
     'vitl_mae': dict(variant='L/16', lora_rank=12, peft_dim=12, batch_size=32,
-                     sched='vitl', pyra_lr=1e-5, pyra_lr_grid=(1e-6, 3e-6, 1e-5, 3e-5)),
+                     sched='vitl', pyra_lr=1e-5, pyra_lr_grid=(1e-6, 3e-6, 1e-5, 3e-5),
+                     tofu_prune_layers=6),
     # DeiT-B/16 distilled: distillation token, rank 8, batch 128.
     'deitb': dict(variant='B/16', lora_rank=8, peft_dim=8, batch_size=128, sched='deitb',
                   distilled=True),
@@ -114,13 +120,24 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None
   return config
 
 
+METHODS = ('peft', 'tome', 'pyra', 'evit', 'tofu', 'ats')
+
+
 def set_method(config: ml_collections.ConfigDict, method: str) -> None:
-  """peft trains LoRA + head without merging; tome merges; pyra also modulates."""
-  if method not in ('peft', 'tome', 'pyra'):
-    raise ValueError(f'method={method!r}: use peft, tome or pyra.')
+  """peft trains LoRA + head without merging; tome merges; pyra also modulates;
+  evit/tofu/ats are the competitors of Table 14 (docs/algorithm.md §10).
+
+  evit at a compression setting (a schedule) matches that setting's FLOPs with
+  its keep rate; its own setting (keep rate 0.7 at layers 3, 6, 9) is
+  `evit_own_config`.
+  """
+  if method not in METHODS:
+    raise ValueError(f'method={method!r}: use one of {", ".join(METHODS)}.')
   config.model.method = method
   if method == 'peft':
     config.model.schedule = 'none'
+  if method == 'evit':
+    config.model.evit_match_flops = config.model.schedule != 'none'
 
 
 def paper_config(backbone: str, level: str | None, arg: str | None = None
@@ -139,10 +156,23 @@ def paper_config(backbone: str, level: str | None, arg: str | None = None
   if 'pyra_lr_grid' in b:  # The selection grid of `python -m pyra_jax.vtab`.
     config.vtab.pyra_lr_grid = b['pyra_lr_grid']
   config.vtab.backbone = backbone  # The paper's row in the vtab summary.
+  if 'tofu_prune_layers' in b:
+    config.model.tofu_prune_layers = b['tofu_prune_layers']
   if level is None or b['sched'] is None:
     set_method(config, 'peft')
   else:
     if level not in LEVELS:
       raise ValueError(f'level {level!r}: use one of {LEVELS}.')
     config.model.schedule = f'{b["sched"]}_{level}'
+  return apply_arg(config, arg)
+
+
+def evit_own_config(backbone: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """EViT at its own setting on `backbone`'s recipe: keep rate 0.7 at layers
+  3, 6, 9 of 12 (scaled to the depth: 6, 12, 18 of 24), whatever FLOPs that gives."""
+  config = paper_config(backbone, 'high')
+  config.model.method = 'evit'
+  config.model.evit_match_flops = False
+  config.model.evit_keep_rate = 0.7
+  config.model.evit_layers = ''
   return apply_arg(config, arg)

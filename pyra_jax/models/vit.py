@@ -34,6 +34,10 @@ from pyra_jax import schedules
 from pyra_jax.models.adapter import Adapter
 from pyra_jax.models.convpass import CONVPASS_INITS, Convpass
 from pyra_jax.models import fact as fact_lib
+from pyra_jax.errors import ConfigError
+from pyra_jax.methods import ats as ats_lib
+from pyra_jax.methods import evit as evit_lib
+from pyra_jax.methods import tofu as tofu_lib
 from pyra_jax.models.lora import LoRA
 from pyra_jax.models.snf import SNF
 from pyra_jax.models.pyra import MODULATIONS, PyraGenerator
@@ -48,7 +52,12 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     'L': (1024, 24, 16, 4096),
     'H': (1280, 32, 16, 5120),
 }
-METHODS = ('peft', 'tome', 'pyra')
+METHODS = ('peft', 'tome', 'pyra',
+           'evit', 'tofu', 'ats',)
+# Methods whose token reduction keeps a source matrix (what Convpass needs).
+MERGING_METHODS = ('peft', 'tome', 'pyra')
+# Methods that need the class token's attention (Attention.return_cls_attn).
+CLS_ATTN_METHODS = ('evit', 'ats')
 # The trainable module (config.model.peft; docs/algorithm.md §10). Each keeps its
 # parameters under its own scope name, the module's name, so one regex selects
 # them; anything but 'lora' turns LoRA off.
@@ -155,10 +164,13 @@ class Attention(nn.Module):
   implementation: str
   fact_scale: float     # FacT (pyra_jax/models/fact.py), used when `fact` is given
   fact_dropout: float
+  # Wiring, not config: set by the block when its method needs them.
+  return_cls_attn: bool = False   # also return the class token's attention (B, H, N)
+  return_value_norm: bool = False  # also return |v_j| over all heads (B, N) (ATS)
 
   @nn.compact
   def __call__(self, x: Array, size: Optional[Array], *, train: bool,
-               fact: Optional[dict[str, Any]] = None) -> tuple[Array, Array]:
+               fact: Optional[dict[str, Any]] = None) -> tuple[Array, ...]:
     b, n, d = x.shape
     h = self.num_heads
     hd = d // h
@@ -196,7 +208,28 @@ class Attention(nn.Module):
     y = out @ w_out.reshape(d, d).astype(self.dtype) + b_out.astype(self.dtype)
     if fact_delta is not None:
       y = y + fact_delta(out, fact, 'out', train=train)
-    return y, k.mean(axis=2)
+    result = (y, k.mean(axis=2))
+    if self.return_cls_attn:
+      result += (class_attention(q, k, size),)
+    if self.return_value_norm:
+      result += (jnp.linalg.norm(v.reshape(b, n, d).astype(jnp.float32), axis=-1),)
+    return result
+
+
+def class_attention(q: Array, k: Array, size: Optional[Array]) -> Array:
+  """The class token's attention over the keys, (B, H, N) float32.
+
+  softmax_j(q_0 . k_j / sqrt(hd) + log size_j): the first row of the
+  attention matrix, computed from q[:, 0] and k alone (one query, cheap), so
+  it is the same whichever attention implementation produced the output.
+  """
+  hd = q.shape[-1]
+  logits = jnp.einsum('bhd,bnhd->bhn', q[:, 0].astype(jnp.float32) * (hd ** -0.5),
+                      k.astype(jnp.float32))
+  bias = _log_size_bias(size)
+  if bias is not None:
+    logits = logits + bias[:, :, 0].astype(jnp.float32)
+  return jax.nn.softmax(logits, axis=-1)
 
 
 class MlpBlock(nn.Module):
@@ -254,10 +287,18 @@ class DropPath(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """One transformer block, merging `r` tokens after attention when r > 0."""
+  """One transformer block, removing `r` tokens after attention when r > 0.
+
+  How depends on `method` (docs/algorithm.md §1 and §10): tome/pyra merge
+  (pyra also modulates), tofu prunes (`prune`) or MLERP-merges, evit keeps the
+  attentive tokens and fuses the others into one, ats samples N - r slots and
+  masks repeated picks (the mask travels in `size`, see methods/ats.py).
+  """
   num_heads: int
   mlp_dim: int
   r: int
+  method: str  # a METHODS entry
+  prune: bool  # tofu: this layer prunes instead of merging
   modulation: str  # 'none' = ToMe; else a PyraGenerator variant
   modulation_rank: int
   wr_init: str
@@ -289,7 +330,7 @@ class EncoderBlock(nn.Module):
   def __call__(self, x: Array, size: Optional[Array], source: Optional[Array], *,
                train: bool, fact: Optional[dict[str, Any]] = None
                ) -> tuple[Array, Optional[Array], Optional[Array]]:
-    num_prefix = 1 + int(self.distilled)
+    num_protected = 1 + int(self.distilled)
     convpass = None
     if self.peft == 'convpass':
       convpass = Convpass(dim=self.peft_dim, dropout=self.peft_dropout,
@@ -304,20 +345,40 @@ class EncoderBlock(nn.Module):
            if self.peft == 'snf' else None)
     shortcut = x if snf is None else snf(x, 'attn')  # SNF: a flow on the shortcut
     h = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_0')(x)
-    y, metric = Attention(num_heads=self.num_heads, qkv_bias=self.qkv_bias,
-                          lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
-                          lora_init=self.lora_init, dtype=self.dtype,
-                          implementation=self.attention, **fact_kw,
-                          name='MultiHeadDotProductAttention_0')(
-                              h, size if self.prop_attn else None, train=train, fact=fact)
+    method = self.method
+    needs_cls = self.r > 0 and method in CLS_ATTN_METHODS
+    # ATS's `size` is its 0/1 mask, which attention must respect whatever
+    # prop_attn says; evit has no sizes (None).
+    attn_size = size if (self.prop_attn or method == 'ats') else None
+    y, metric, *extra = Attention(
+        num_heads=self.num_heads, qkv_bias=self.qkv_bias,
+        lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
+        lora_init=self.lora_init, dtype=self.dtype,
+        implementation=self.attention, return_cls_attn=needs_cls,
+        return_value_norm=needs_cls and method == 'ats', **fact_kw,
+        name='MultiHeadDotProductAttention_0')(h, attn_size, train=train, fact=fact)
     if self.layerscale:
       y = LayerScale(name='LayerScale_0')(y)
     x = shortcut + DropPath(self.drop_path)(y, train=train)
     if convpass is not None:  # beside attention, on the tokens before this merge
-      y = convpass.attn_branch(h, source, num_prefix, train=train)
+      y = convpass.attn_branch(h, source, num_protected, train=train)
       x = x + DropPath(self.drop_path)(y, train=train)
 
-    if self.r > 0:
+    if self.r > 0 and method == 'tofu':
+      x, size, plan = tofu_lib.tofu(x, size, metric, self.r, prune_layer=self.prune,
+                                    distill_token=self.distilled)
+      if source is not None and plan is not None:
+        source = merge_lib.merge_source(source, plan, distill_token=self.distilled)
+    elif self.r > 0 and method == 'evit':
+      keep = x.shape[1] - num_protected - 1 - self.r
+      x = evit_lib.evit_reorganize(x, extra[0], keep, num_protected=num_protected)
+    elif self.r > 0 and method == 'ats':
+      if size is None:
+        size = jnp.ones(x.shape[:2] + (1,), x.dtype)
+      x, size = ats_lib.ats_sample(x, size, extra[0], extra[1],
+                                   x.shape[1] - num_protected - self.r,
+                                   num_protected=num_protected)
+    elif self.r > 0:
       plan = merge_lib.bipartite_soft_matching(
           metric, self.r, class_token=True, distill_token=self.distilled)
       modulate = None
@@ -344,7 +405,7 @@ class EncoderBlock(nn.Module):
                       name='adapter')(y, train=train)
     x = shortcut + y
     if convpass is not None:  # beside the MLP, on the merged tokens
-      y = convpass.mlp_branch(h, source, num_prefix, train=train)
+      y = convpass.mlp_branch(h, source, num_protected, train=train)
       x = x + DropPath(self.drop_path)(y, train=train)
     return x, size, source
 
@@ -402,11 +463,15 @@ class VisionTransformer(nn.Module):
   fact_dropout: float
   snf_flow_length: int
   dtype: Any
+  method: str
+  tofu_prune_layers: int
   trace_source: bool = False  # a debugging output, not a config field
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False, features: bool = False) -> Array:
     p = self.patch_size
+    if self.trace_source and self.method in CLS_ATTN_METHODS:
+      raise ValueError(f'trace_source follows merges (tome, pyra, tofu), not {self.method}.')
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f'Image size {images.shape[1:3]} is not a multiple of the patch size {p}.')
     kernel, bias = ParamsOnly((p, p, images.shape[-1], self.width), (self.width,),
@@ -429,7 +494,8 @@ class VisionTransformer(nn.Module):
         convpass_scale=self.convpass_scale, convpass_init=self.convpass_init,
         fact_variant=self.fact_variant, fact_rank=self.fact_rank,
         fact_scale=self.fact_scale, fact_dropout=self.fact_dropout,
-        snf_flow_length=self.snf_flow_length)
+        snf_flow_length=self.snf_flow_length,
+        method=self.method, tofu_prune_layers=self.tofu_prune_layers)
     x = Encoder(schedule=self.schedule, drop_path=self.drop_path,
                 trace_source=self.trace_source, block=tuple(sorted(block.items())),
                 name='Transformer')(x, train=train)
@@ -462,6 +528,7 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     block = dict(self.block)
+    tofu_prune_layers = block.pop('tofu_prune_layers')
     depth = len(self.schedule)
     x = AddPositionEmbs(name='posembed_input')(x)
     size = None
@@ -482,7 +549,8 @@ class Encoder(nn.Module):
       if fact is not None and 'cores' in fact:  # tk: this layer's rows of the tensor
         layer_fact = dict(fact, cores=fact_lib.layer_cores(fact['cores'], i, mlp_slices))
       x, size, source = EncoderBlock(
-          r=self.schedule[i], drop_path=rate, name=f'encoderblock_{i}', **block)(
+          r=self.schedule[i], drop_path=rate, prune=i < tofu_prune_layers,
+          name=f'encoderblock_{i}', **block)(
               x, size, source, train=train, fact=layer_fact)
       if size is not None:
         self.sow('intermediates', f'size_{i}', size)
@@ -540,6 +608,51 @@ def _positive_or_unset(name: str, value: Any, unset_means: str) -> Optional[int]
   return value
 
 
+def evit_layers(model_config: ml_collections.ConfigDict, depth: int) -> tuple[int, ...]:
+  """`model.evit_layers` as 0-based ints ('' = EViT's own 3, 6, 9 of 12, scaled)."""
+  spec = _field(model_config, 'evit_layers')
+  if isinstance(spec, (list, tuple)):
+    parts = list(spec)
+  else:
+    spec = str(spec).strip()
+    if not spec:
+      return schedules.evit_default_layers(depth)
+    parts = [p for p in spec.replace('(', '').replace(')', '').split(',') if p.strip()]
+  try:
+    layers = tuple(int(p) for p in parts)
+  except (TypeError, ValueError):
+    raise ConfigError(f'model.evit_layers = {spec!r}: give 0-based layer numbers '
+                      "separated by commas, e.g. '3,6,9'.") from None
+  for l in layers:
+    if not 0 <= l < depth:
+      raise ConfigError(f'model.evit_layers has layer {l}, but the model has {depth} '
+                        f'layers (0-based: 0 to {depth - 1}): remove it or lower it.')
+  if len(set(layers)) != len(layers):
+    raise ConfigError(f'model.evit_layers = {spec!r} names a layer twice.')
+  return tuple(sorted(layers))
+
+
+def _evit_schedule(c: ml_collections.ConfigDict, target: Optional[tuple[int, ...]], *,
+                   depth: int, num_patches: int, num_protected: int, width: int,
+                   mlp: int) -> tuple[int, ...]:
+  """EViT's per-layer r: from its keep rate, or (target given) the keep rate
+  whose FLOPs match the target schedule's (docs/algorithm.md §10.1)."""
+  layers = evit_layers(c, depth)
+  keep_rate = _field(c, 'evit_keep_rate')
+  if (isinstance(keep_rate, bool) or not isinstance(keep_rate, numbers.Real)
+      or not 0.0 < keep_rate < 1.0):
+    raise ConfigError(f'model.evit_keep_rate must be between 0 and 1 (the fraction of '
+                      f'tokens kept at each EViT layer, e.g. 0.7), got {keep_rate!r}.')
+  n0 = num_patches + num_protected
+  if target is not None:
+    flops = schedules.vit_flops(target, num_tokens=n0, width=width, mlp_ratio=mlp / width)
+    keep_rate = schedules.evit_keep_rate_for_flops(
+        flops, layers, depth=depth, num_tokens=n0, num_protected=num_protected,
+        width=width, mlp_ratio=mlp / width)
+  return schedules.evit_schedule(keep_rate, layers, depth=depth, num_tokens=n0,
+                                 num_protected=num_protected)
+
+
 def model_kwargs(model_config: ml_collections.ConfigDict, *,
                  num_classes: Optional[int] = None, dtype: Any = None) -> dict[str, Any]:
   """Resolves a config's `model` section into VisionTransformer fields.
@@ -581,11 +694,25 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
     raise ValueError(f'model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, '
                      f'got {attention!r}.')
   peft = _peft_kwargs(c, width=width, mlp=mlp)
+  if peft['peft'] == 'convpass' and method not in MERGING_METHODS:
+    raise ConfigError(
+        f"model.peft='convpass' lays tokens on the patch grid through the merge's source "
+        f"matrix, which model.method={method!r} does not keep: use it with "
+        f"{', '.join(MERGING_METHODS)}, or another module (model.peft).")
   distilled = _field(c, 'distilled')
   num_protected = 1 + int(distilled)
   num_patches = (image_size // patch) ** 2
+  tofu_prune_layers = _field(c, 'tofu_prune_layers')
+  if method == 'tofu' and (isinstance(tofu_prune_layers, bool) or
+                           not isinstance(tofu_prune_layers, numbers.Integral)
+                           or not 0 <= tofu_prune_layers <= depth):
+    raise ConfigError(f'model.tofu_prune_layers must be an integer from 0 to the depth '
+                      f'{depth} (how many leading layers prune), got {tofu_prune_layers!r}.')
   if method == 'peft':
     schedule = (0,) * depth
+  elif method == 'evit' and not _field(c, 'evit_match_flops'):
+    schedule = _evit_schedule(c, None, depth=depth, num_patches=num_patches,
+                              num_protected=num_protected, width=width, mlp=mlp)
   else:
     spec = _field(c, 'schedule')
     if isinstance(spec, (list, tuple)):
@@ -593,11 +720,15 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
     schedule = schedules.resolve_schedule(
         spec, depth=depth, num_patches=num_patches, num_protected=num_protected,
         width=width, mlp_ratio=mlp / width)
+    if method == 'evit':  # the schedule is only the FLOPs target
+      schedule = _evit_schedule(c, schedule, depth=depth, num_patches=num_patches,
+                                num_protected=num_protected, width=width, mlp=mlp)
   if dtype is None:
     dtype = jnp.float32
   kwargs = dict(
       num_classes=n_classes, schedule=schedule, modulation=modulation,
-      distilled=distilled, dtype=jnp.dtype(dtype), **arch,
+      distilled=distilled, dtype=jnp.dtype(dtype), method=method,
+      tofu_prune_layers=tofu_prune_layers, **arch,
       **{name: _field(c, name) for name in _AS_IS})
   kwargs.update(peft)
   return kwargs
