@@ -320,13 +320,35 @@ def training_loss(model, trainable: PyTree, frozen: PyTree, batch: dict,
   """The loss a training step differentiates: (loss, (correct, count)).
 
   The model in training mode (LoRA dropout, stochastic depth drawn from
-  `rng`) on `batch`, masked cross-entropy (`_masked_xent`). Shared by the step
-  and by the benchmark's breakdown of it.
+  `rng`) on `batch`, masked cross-entropy (`_masked_xent`), plus the FLOPs
+  regulariser of the methods that learn their compression (LTMP, the DiffRate
+  search: the model sows it under `losses`; docs/algorithm.md §10). Shared by
+  the step and by the benchmark's breakdown of it.
   """
-  logits = model.apply({'params': optim.merge_params(trainable, frozen)},
-                       batch['image'], train=True, rngs={'dropout': rng})
+  variables = {'params': optim.merge_params(trainable, frozen)}
+  if _has_flops_regulariser(model):
+    logits, state = model.apply(variables, batch['image'], train=True,
+                                 rngs={'dropout': rng}, mutable=['losses'])
+  else:
+    logits, state = model.apply(variables, batch['image'], train=True,
+                                rngs={'dropout': rng}), {}
   loss, correct, count = _masked_xent(logits, batch['label'], batch['mask'], total)
+  for penalty in jax.tree.leaves(state.get('losses', {})):
+    # A micro-batch of an accumulated step adds its share (count / total).
+    loss = loss + (penalty if total is None else penalty * count / total)
   return loss, (correct, count)
+
+
+def _has_flops_regulariser(model) -> bool:
+  method = getattr(model, 'method', None)
+  return method == 'ltmp' or (
+      method == 'diffrate' and dict(getattr(model, 'settings', ())).get('diffrate_search', False))
+
+
+def project_params(trainable: PyTree) -> PyTree:
+  """Constraints the methods keep after every update (LTMP: thresholds in [0, 1])."""
+  from pyra_jax.methods import ltmp  # pylint: disable=g-import-not-at-top
+  return ltmp.project_thresholds(trainable)
 
 
 def step_key(run: 'Run') -> str:
@@ -396,7 +418,7 @@ def make_train_step(run: 'Run', steps_per_epoch: int) -> Callable:
       (loss, correct, count, grads), _ = jax.lax.scan(
           add_micro_batch, zeros, (jnp.arange(accum), _micro_batches(batch, accum)))
     updates, opt_state = tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
+    trainable = project_params(optax.apply_updates(trainable, updates))
     return trainable, opt_state, {'loss': loss, 'correct': correct,
                                   'count': count,
                                   'grad_norm': optax.tree.norm(grads)}

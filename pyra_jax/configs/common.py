@@ -55,7 +55,8 @@ def get_base_config() -> ml_collections.ConfigDict:
                                 # 'trunc_normal': A, B ~ TN(0.02), the authors' code
 
   # Token merging.
-  model.method = 'pyra'         # 'peft' (no merging) | 'tome' | 'pyra'
+  model.method = 'pyra'         # 'peft' (no merging) | 'tome' | 'pyra' |
+                                # 'ltmp' | 'diffrate' (Table 14; docs/algorithm.md §10)
   model.schedule = 'vitb_high'  # a named schedule, an int (ToMe constant r),
                                 # 'r,inflection', 'flops:<ratio>', or 'r0,r1,...'
   model.prop_attn = True        # add log(size) to the key logits
@@ -67,6 +68,25 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.modulation_rank = 1     # s, for modulation='low_rank' (Fig. 6)
   model.wr_init = 'uniform'     # 'uniform' U(-1, 1) (authors' code) | 'normal'
   model.pyra_ln_eps = 1e-5      # the generators' LayerNorm eps (PyTorch default)
+
+  # LTMP (method='ltmp'): learned merge/prune thresholds per layer, straight-through
+  # masks (hard forward, sigmoid((score - threshold) / tau) gradient); masked tokens
+  # stay in the arrays (static shapes), so what runs costs full FLOPs.
+  model.ltmp_tau = 0.1          # sigmoid temperature of the masks (the method's)
+  model.ltmp_merge_init = 0.9   # initial merge threshold (cosine similarity)
+  model.ltmp_prune_init = 0.0   # initial prune threshold (mean attention received)
+  model.ltmp_flops_target = 0.75  # FLOPs fraction (of uncompressed) the masks aim at
+  model.ltmp_flops_weight = 10.0  # weight of (fraction - target)^2 in the loss
+  # DiffRate (method='diffrate'): per-layer prune and merge kept counts found by
+  # `--mode=search`, then fixed (static ints).
+  model.diffrate_rates = ''     # the searched rates: <search workdir>/diffrate_rates.json,
+                                # or inline 'p0,p1,...;m0,m1,...' (kept counts, class
+                                # token included, one per layer)
+  model.diffrate_search = False  # True: the search forward (set by --mode=search)
+  model.diffrate_flops_ratio = 2.0  # search target: uncompressed / searched FLOPs
+  model.diffrate_flops_weight = 100.0  # weight of (FLOPs fraction - 1/ratio)^2
+  model.diffrate_granularity = 4  # tokens between candidate kept counts (the method's)
+  model.diffrate_search_epochs = 3  # epochs of --mode=search (the method's 3)
 
   # --- Pretrained weights ---------------------------------------------------
   # Path to a checkpoint, a Hub name 'hf-hub:<owner>/<repo>[/<file>][@<rev>]'
@@ -117,6 +137,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.trainable = ml_collections.ConfigDict()
   config.trainable.pyra = r'.*/pyra/.*'  # PYRA generators + their LayerNorm (lr: pyra_lr)
   config.trainable.lora_head = r'(.*/lora/.*|^head.*)'  # LoRA and the head (lr: lr)
+  config.trainable.ltmp = r'.*/ltmp/.*'  # LTMP's thresholds (lr: lr)
+  config.trainable.diffrate = r'.*/diffrate/.*'  # DiffRate search logits (lr: lr)
 
   # --- Loop -------------------------------------------------------------------
   config.log_every_steps = 10   # metrics.jsonl / TensorBoard cadence

@@ -10,7 +10,8 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
 
   task=NAME        data.task, a VTAB-1k task (default cifar100), or
                    folder:NAME for a dataset of one's own (source=folder)
-  method=M         model.method: peft (LoRA only) | tome | pyra (default)
+  method=M         model.method: peft (LoRA only) | tome | pyra (default) |
+                   ltmp | diffrate (docs/algorithm.md §10)
   modulation=F     model.modulation, the ablations of Tables 6-8 (pyra only)
   pyra_lr=X        learning rate of the PYRA generators (the paper tunes it
                    per task in {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3})
@@ -97,8 +98,10 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None
 
 def set_method(config: ml_collections.ConfigDict, method: str) -> None:
   """peft trains LoRA + head without merging; tome merges; pyra also modulates."""
-  if method not in ('peft', 'tome', 'pyra'):
-    raise ValueError(f'method={method!r}: use peft, tome or pyra.')
+  methods = ('peft', 'tome', 'pyra',
+             'ltmp', 'diffrate')  # = pyra_jax.models.vit.METHODS (no JAX import here)
+  if method not in methods:
+    raise ValueError(f'method={method!r}: use one of {", ".join(methods)}.')
   config.model.method = method
   if method == 'peft':
     config.model.schedule = 'none'
