@@ -105,8 +105,8 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 def method_config(model_config: ml_collections.ConfigDict, method: str, *,
                   image_size: int, num_classes: int) -> ml_collections.ConfigDict:
   """The config's model section switched to `method` (same schedule for tome/pyra)."""
-  if method not in METHODS:
-    raise BenchmarkError(f'Unknown method {method!r}: use some of {METHODS}.')
+  if method not in vit.METHODS:
+    raise BenchmarkError(f'Unknown method {method!r}: use some of {vit.METHODS}.')
   c = ml_collections.ConfigDict(model_config.to_dict())
   c.method = method
   c.image_size = image_size
@@ -174,9 +174,16 @@ def model_info(model: vit.VisionTransformer, method: str, image_size: int,
   n0 = (image_size // model.patch_size) ** 2 + prefix
   flops = schedules.vit_flops(model.schedule, num_tokens=n0, width=model.width,
                               mlp_ratio=model.mlp_dim / model.width)
-  return {'method': method, 'schedule': list(model.schedule),
+  info = {'method': method, 'schedule': list(model.schedule),
           'tokens': schedules.token_counts(model.schedule, n0),
           'gflops': flops / 1e9, 'batch_flops': flops * batch_size}
+  if method == 'ltmp':
+    # Static shapes: masked tokens stay in the arrays, so every layer runs on
+    # all n0 tokens (the FLOPs above); the FLOPs of the tokens LTMP keeps
+    # depend on the images (pyra_jax.methods.ltmp.effective_flops).
+    info['note'] = ('ltmp: all tokens run (masked ones are ignored by attention); '
+                    'effective FLOPs depend on the data')
+  return info
 
 
 # --------------------------------------------------------------------------- #
@@ -378,6 +385,8 @@ def _setup(config: ml_collections.ConfigDict, *, image_size: int, num_classes: i
         base = init_params(method_config(config.model, 'pyra', image_size=image_size,
                                          num_classes=num_classes), image_size)
       params[m] = base if m == 'pyra' else strip_scope(base, 'pyra')
+      if m == 'ltmp':  # its thresholds; the backbone is the same (per-path RNG)
+        params[m] = init_params(cfgs[m], image_size)
   return image_size, cfgs, params
 
 
@@ -859,9 +868,9 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
   if config is None:
     raise app.UsageError('Give --config=configs/<setting>.py (a file with get_config()).')
   methods = tuple(fl['methods'].value)
-  bad = [m for m in methods if m not in METHODS]
+  bad = [m for m in methods if m not in vit.METHODS]
   if bad or not methods:
-    raise app.UsageError(f'--methods: use some of {METHODS}, got {methods}.')
+    raise app.UsageError(f'--methods: use some of {vit.METHODS}, got {methods}.')
   train = fl['mode'].value == 'train'
   batch = fl['batch_size'].value or (8 if jax.devices()[0].platform == 'cpu' else 64)
   kwargs = dict(batch_size=batch, dtype=fl['dtype'].value,

@@ -20,7 +20,7 @@ FORMATS = ('npz', 'timm', 'pyra_torch', 'dinov2_hf', 'onnx_dinov2', 'pyra_jax')
 
 # Scopes that are task-specific and re-initialised for each task, unless a
 # checkpoint of ours or of the authors' code carries trained values.
-TASK_SCOPES = re.compile(r'^(head|head_dist)/|/lora/|/pyra/')
+TASK_SCOPES = re.compile(r'^(head|head_dist)/|/lora/|/pyra/|/ltmp/|/diffrate/')
 
 
 
