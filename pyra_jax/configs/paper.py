@@ -105,6 +105,47 @@ def set_method(config: ml_collections.ConfigDict, method: str) -> None:
   config.model.method = method
   if method == 'peft':
     config.model.schedule = 'none'
+  if method in ('ltmp', 'diffrate'):
+    match_flops(config)
+
+
+# width, depth, mlp_dim of the variants the settings use (= models.vit.VARIANTS,
+# repeated so that configs load without importing JAX).
+_DIMS = {'Ti': (192, 12, 768), 'S': (384, 12, 1536), 'B': (768, 12, 3072),
+         'L': (1024, 24, 4096), 'H': (1280, 32, 5120)}
+
+
+def match_flops(config: ml_collections.ConfigDict) -> None:
+  """LTMP's and DiffRate's FLOPs targets = those of the setting's schedule.
+
+  They learn their compression instead of following `model.schedule`; at a
+  paper setting (low/high) they aim at the FLOPs the schedule gives ToMe and
+  PYRA: `model.ltmp_flops_target` = compressed / full, and
+  `model.diffrate_flops_ratio` = full / compressed. A schedule that cannot be
+  resolved here leaves the targets as they are (the model reports it).
+  """
+  from pyra_jax import schedules  # pylint: disable=g-import-not-at-top
+  m = config.model
+  name, _, patch = (m.variant or '').partition('/')
+  if name not in _DIMS or not patch.isdigit():
+    return
+  width, depth, mlp = _DIMS[name]
+  width, depth, mlp = m.width or width, m.depth or depth, m.mlp_dim or mlp
+  patch = m.patch_size or int(patch)
+  num_patches = (m.image_size // patch) ** 2
+  prefix = 1 + int(m.distilled)
+  try:
+    sched = schedules.resolve_schedule(m.schedule, depth=depth, num_patches=num_patches,
+                                       num_protected=prefix, width=width,
+                                       mlp_ratio=mlp / width)
+  except ValueError:
+    return
+  full = schedules.vit_flops([0] * depth, num_tokens=num_patches + prefix, width=width,
+                             mlp_ratio=mlp / width)
+  flops = schedules.vit_flops(sched, num_tokens=num_patches + prefix, width=width,
+                              mlp_ratio=mlp / width)
+  m.ltmp_flops_target = round(flops / full, 4)
+  m.diffrate_flops_ratio = round(full / flops, 4)
 
 
 def paper_config(backbone: str, level: str | None, arg: str | None = None
