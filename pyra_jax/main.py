@@ -353,6 +353,10 @@ def main(argv: list[str]) -> None:
         print(f'max accuracy ({split}), paper protocol (max over periodic '
               f'evals): {100 * r["max_accuracy_paper_protocol"]:.2f}%')
         print(f'checkpoint (Orbax): {train_lib.checkpoint_dir(_WORKDIR.value)}/{r["steps"]}')
+        if 'ltmp' in r:
+          print(f"ltmp: effective FLOPs {r['ltmp']['effective_flops_fraction']:.3f} of "
+                'uncompressed with the masked tokens removed (static shapes run all '
+                f"tokens: 1.0); active tokens after each block {r['ltmp']['mean_active_tokens']}")
         print(f'results: {os.path.join(_WORKDIR.value, "results.json")}')
         if config.get('benchmark_after_training', False):
           _report_speedup(config, _WORKDIR.value)

@@ -146,6 +146,20 @@ def check_model_init(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(checkpoints.missing_weights_message(config.model))
 
 
+def check_model_config(config: ml_collections.ConfigDict) -> None:
+  """Resolves config.model once without data (pure Python, no tracing), so a bad
+  model setting is reported before the data is prepared. The task's class
+  count is not known yet: a stand-in is used when the config leaves it unset.
+  """
+  from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
+  try:
+    vit.model_kwargs(resolve_model_config(config, 1))
+  except ValueError as e:
+    if type(e) is ValueError:
+      raise ConfigError(str(e)) from e
+    raise
+
+
 def init_params(config: ml_collections.ConfigDict,
                 model_config: ml_collections.ConfigDict, model) -> PyTree:
   """Random init (head, LoRA, PYRA), then the pretrained backbone."""
@@ -604,6 +618,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """The run, in its steps: data, model, restore, train, final evaluation."""
   t_start = time.time()
   check_model_init(config)  # Before minutes of data preparation.
+  check_model_config(config)  # Likewise.
   train_data, eval_data, steps_per_epoch = _load_data(config)
   run = setup(config, train_data.num_classes)
   # What the run trains, as Table 1 reports it (LoRA, generators, head).
@@ -787,6 +802,40 @@ def _train_loop(run: Run, ckpt: checkpointing.Checkpointer,
                                    if train_seconds else None)}
 
 
+def ltmp_token_report(run: Run, trainable: PyTree, eval_data) -> dict:
+  """LTMP's data-dependent cost on `eval_data` (hard masks, eval mode).
+
+  Static shapes make every layer compute all tokens (`flops_fraction_run` =
+  1); `effective_flops_fraction` is the mean over the images of the blocks'
+  FLOPs with the inactive tokens removed (docs/algorithm.md §10.1), and
+  `mean_active_tokens` the tokens left active after each block.
+  """
+  from pyra_jax.methods import ltmp  # pylint: disable=g-import-not-at-top
+  model = run.model
+
+  def report(trainable, frozen, batch):
+    _, state = model.apply({'params': optim.merge_params(trainable, frozen)},
+                           batch['image'], train=False, mutable=['intermediates'])
+    inter = state['intermediates']['Transformer']
+    masks = [inter[f'mask_{i}'][0] for i in range(model.depth)]
+    w = batch['mask'].astype(jnp.float32)
+    frac = ltmp.flops_ratio([m.mean(axis=-1) for m in masks],
+                            num_tokens=masks[0].shape[1], width=model.width,
+                            mlp_ratio=model.mlp_dim / model.width)
+    return ((frac * w).sum(), jnp.stack([(m.sum(-1) * w).sum() for m in masks]), w.sum())
+
+  step = _memo(('ltmp_report', id(model), run.mesh),
+               lambda: jax.jit(report, out_shardings=run.replicated))
+  frac = count = 0.0
+  tokens = np.zeros(model.depth)
+  for batch in iter(eval_data):
+    f, t, n = step(trainable, run.frozen, _shard(batch, run.batch_sharding))
+    frac, tokens, count = frac + float(f), tokens + np.asarray(t), count + float(n)
+  count = max(count, 1.0)
+  return {'effective_flops_fraction': frac / count, 'flops_fraction_run': 1.0,
+          'mean_active_tokens': [round(float(v) / count, 2) for v in tokens]}
+
+
 def _final_results(run: Run, progress: Progress, eval_data,
                    steps_per_epoch: int, speed: dict, trainable_params: dict,
                    t_start: float) -> dict:
@@ -799,7 +848,11 @@ def _final_results(run: Run, progress: Progress, eval_data,
     result = evaluate(run, make_eval_step(run), progress.trainable, eval_data)
     evals.append({'epoch': config.num_epochs, 'step': total_steps,
                   'accuracy': result['accuracy']})
+  extra = {}
+  if getattr(run.model, 'method', None) == 'ltmp':
+    extra['ltmp'] = ltmp_token_report(run, progress.trainable, eval_data)
   return {
+      **extra,
       'final_accuracy': evals[-1]['accuracy'],
       'max_accuracy_paper_protocol': max(e['accuracy'] for e in evals),
       'evals': evals,

@@ -310,7 +310,7 @@ def test_searched_rates_are_the_expected_counts_and_round_trip_through_the_file(
 # Through the command line
 # ---------------------------------------------------------------------------
 
-def cli(*args, timeout=300):
+def cli(*args, timeout=900):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, '-m', 'pyra_jax.main', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
@@ -380,3 +380,22 @@ def test_a_killed_search_is_continued_by_a_rerun_and_its_rates_train(tmp_path):
                        '--config.num_epochs=1')
   assert code == 0, err
   assert 'final accuracy' in out
+
+
+def test_ltmp_training_reports_both_flops_figures(tmp_path):
+  from tests.offline_data import require_offline_mnist  # pylint: disable=g-import-not-at-top
+  require_offline_mnist()
+  wd = tmp_path / 'ltmp'
+  code, out, err = cli('--config=configs/tiny.py:method=ltmp', f'--workdir={wd}',
+                       '--config.num_epochs=1', '--config.model.ltmp_flops_target=0.6',
+                       '--config.model.ltmp_merge_init=0.5')
+  assert code == 0, err
+  assert 'static shapes run all tokens: 1.0' in out
+  r = json.loads((wd / 'results.json').read_text())['ltmp']
+  assert r['flops_fraction_run'] == 1.0
+  tokens = r['mean_active_tokens']
+  assert len(tokens) == 2 and 1 <= tokens[1] <= tokens[0] <= 17
+  # Bounds from the definition: all layers at the final count (lowest) or at
+  # the first layer's count (highest).
+  lo = ltmp.flops_ratio([1.0 / 17] * 2, num_tokens=17, width=32, mlp_ratio=2.0)
+  assert float(lo) <= r['effective_flops_fraction'] <= 1.0
