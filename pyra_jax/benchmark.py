@@ -214,6 +214,12 @@ def model_info(model: vit.VisionTransformer, method: str, image_size: int,
   if method == 'ats':
     info['tokens_note'] = ('slots the static shapes compute; repeated picks are masked, '
                            'so fewer distinct tokens are live (live_tokens)')
+  if method == 'ltmp':
+    # Static shapes: masked tokens stay in the arrays, so every layer runs on
+    # all n0 tokens (the FLOPs above); the FLOPs of the tokens LTMP keeps
+    # depend on the images (pyra_jax.methods.ltmp.effective_flops).
+    info['note'] = ('ltmp: all tokens run (masked ones are ignored by attention); '
+                    'effective FLOPs depend on the data')
   return info
 
 
@@ -479,6 +485,8 @@ def _setup(config: ml_collections.ConfigDict, *, image_size: int, num_classes: i
         base = init_params(method_config(config.model, 'pyra', image_size=image_size,
                                          num_classes=num_classes), image_size)
       params[name] = base if m == 'pyra' else strip_scope(base, 'pyra')
+      if m == 'ltmp':  # its thresholds; the backbone is the same (per-path RNG)
+        params[name] = init_params(cfgs[name], image_size)
   return image_size, cfgs, params
 
 
@@ -1029,7 +1037,7 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
     methods = METHODS
   bad = [m for m in methods if m not in METHODS]
   if bad or not methods:
-    raise app.UsageError(f'--methods: use some of {METHODS}, got {methods}.')
+    raise app.UsageError(f'--methods: use some of {vit.METHODS}, got {methods}.')
   train = fl['mode'].value == 'train'
   defaults = {'batch_size': 8 if jax.devices()[0].platform == 'cpu' else 64,
               'num_iters': 5 if train else 10, 'min_seconds': 0.0,

@@ -7,6 +7,10 @@ r"""Train, evaluate or export a PYRA model: `python -m pyra_jax.main`.
   python -m pyra_jax.main --config=... --mode=eval --export_dir=DIR
   python -m pyra_jax.main --config=<setting>:method=tome --workdir=<peft run> \
       --mode=eval --two_stage      # trained without merging, evaluated with it
+  python -m pyra_jax.main --config=<setting>:method=diffrate --workdir=S \
+      --mode=search                # DiffRate: search rates -> S/diffrate_rates.json
+  python -m pyra_jax.main --config=<setting>:method=diffrate --workdir=W \
+      --config.model.diffrate_rates=S/diffrate_rates.json   # train with them
 
 The text after ':' in --config is the setting's argument, a comma-separated
 list of key=value pairs (configs/paper.py documents the keys: task, method,
@@ -48,10 +52,11 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Where checkpoints, metrics.jsonl, TensorBoard logs and '
     'results.json go (one run per workdir; training resumes from it).')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'eval', 'export'],
+    'mode', 'train', ['train', 'eval', 'export', 'search'],
     'train: train (or resume) then evaluate; eval: test accuracy of a saved '
     'checkpoint (or of --export_dir); export: write the deployable checkpoint '
-    'with LoRA folded in.')
+    'with LoRA folded in; search: DiffRate\'s rate search (method=diffrate), '
+    'resumable like train, writing <workdir>/diffrate_rates.json.')
 _CHECKPOINT_STEP = flags.DEFINE_integer(
     'checkpoint_step', None, 'eval/export: the checkpoint step to use '
     '(default: the latest).')
@@ -370,9 +375,24 @@ def main(argv: list[str]) -> None:
         print(f'max accuracy ({split}), paper protocol (max over periodic '
               f'evals): {100 * r["max_accuracy_paper_protocol"]:.2f}%')
         print(f'checkpoint (Orbax): {train_lib.checkpoint_dir(_WORKDIR.value)}/{r["steps"]}')
+        if 'ltmp' in r:
+          print(f"ltmp: effective FLOPs {r['ltmp']['effective_flops_fraction']:.3f} of "
+                'uncompressed with the masked tokens removed (static shapes run all '
+                f"tokens: 1.0); active tokens after each block {r['ltmp']['mean_active_tokens']}")
         print(f'results: {os.path.join(_WORKDIR.value, "results.json")}')
         if config.get('benchmark_after_training', False):
           _report_speedup(config, _WORKDIR.value)
+    elif mode == 'search':
+      from pyra_jax import search as search_lib  # pylint: disable=g-import-not-at-top
+      r = search_lib.run_search(
+          config, _WORKDIR.value,
+          allow_config_change=[f.strip() for f in _ALLOW_CONFIG_CHANGE.value])
+      if jax.process_index() == 0:
+        print(f"searched rates (kept tokens per layer): prune {[p for p, _ in r['rates']]}, "
+              f"merge {[m for _, m in r['rates']]}; FLOPs ratio {r['flops_ratio']:.2f} "
+              f"(target {r['target_flops_ratio']:.2f})")
+        print(f"rates file: {r['path']} (train with "
+              f"--config.model.diffrate_rates={r['path']})")
     elif mode == 'eval':
       if _EXPORT_DIR.value:
         r = export_lib.evaluate_export(_EXPORT_DIR.value, config)

@@ -147,6 +147,20 @@ def check_model_init(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(checkpoints.missing_weights_message(config.model))
 
 
+def check_model_config(config: ml_collections.ConfigDict) -> None:
+  """Resolves config.model once without data (pure Python, no tracing), so a bad
+  model setting is reported before the data is prepared. The task's class
+  count is not known yet: a stand-in is used when the config leaves it unset.
+  """
+  from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
+  try:
+    vit.model_kwargs(resolve_model_config(config, 1))
+  except ValueError as e:
+    if type(e) is ValueError:
+      raise ConfigError(str(e)) from e
+    raise
+
+
 def init_params(config: ml_collections.ConfigDict,
                 model_config: ml_collections.ConfigDict, model) -> PyTree:
   """Random init (head, LoRA, PYRA), then the pretrained backbone."""
@@ -325,8 +339,10 @@ def training_loss(model, trainable: PyTree, frozen: PyTree, batch: dict,
   """The loss a training step differentiates: (loss, (correct, count)).
 
   The model in training mode (LoRA dropout, stochastic depth drawn from
-  `rng`) on `batch`, masked cross-entropy (`_masked_xent`). Shared by the step
-  and by the benchmark's breakdown of it.
+  `rng`) on `batch`, masked cross-entropy (`_masked_xent`), plus the FLOPs
+  regulariser of the methods that learn their compression (LTMP, the DiffRate
+  search: the model sows it under `losses`; docs/algorithm.md §10). Shared by
+  the step and by the benchmark's breakdown of it.
 
   With a `teacher` (PE-Dist, `pyra_jax.teacher.Teacher`) each unmasked row
   adds `w·T²·KL(softmax(t/T) || softmax(s/T))` (`methods.pedist`), averaged
@@ -334,9 +350,17 @@ def training_loss(model, trainable: PyTree, frozen: PyTree, batch: dict,
   which get no gradient (they are not an argument of the differentiation,
   and its logits are behind a stop_gradient).
   """
-  logits = model.apply({'params': optim.merge_params(trainable, frozen)},
-                       batch['image'], train=True, rngs={'dropout': rng})
+  variables = {'params': optim.merge_params(trainable, frozen)}
+  if _has_flops_regulariser(model):
+    logits, state = model.apply(variables, batch['image'], train=True,
+                                 rngs={'dropout': rng}, mutable=['losses'])
+  else:
+    logits, state = model.apply(variables, batch['image'], train=True,
+                                rngs={'dropout': rng}), {}
   loss, correct, count = _masked_xent(logits, batch['label'], batch['mask'], total)
+  for penalty in jax.tree.leaves(state.get('losses', {})):
+    # A micro-batch of an accumulated step adds its share (count / total).
+    loss = loss + (penalty if total is None else penalty * count / total)
   if teacher is not None:
     from pyra_jax.methods import pedist  # pylint: disable=g-import-not-at-top
     teacher_logits = teacher.model.apply({'params': teacher_params},
@@ -348,6 +372,18 @@ def training_loss(model, trainable: PyTree, frozen: PyTree, batch: dict,
                                   teacher.weight)
     loss = loss + (kd * w).sum() / total
   return loss, (correct, count)
+
+
+def _has_flops_regulariser(model) -> bool:
+  method = getattr(model, 'method', None)
+  return method == 'ltmp' or (
+      method == 'diffrate' and dict(getattr(model, 'settings', ())).get('diffrate_search', False))
+
+
+def project_params(trainable: PyTree) -> PyTree:
+  """Constraints the methods keep after every update (LTMP: thresholds in [0, 1])."""
+  from pyra_jax.methods import ltmp  # pylint: disable=g-import-not-at-top
+  return ltmp.project_thresholds(trainable)
 
 
 def step_key(run: 'Run') -> str:
@@ -426,7 +462,7 @@ def make_train_step(run: 'Run', steps_per_epoch: int) -> Callable:
       (loss, correct, count, grads), _ = jax.lax.scan(
           add_micro_batch, zeros, (jnp.arange(accum), _micro_batches(batch, accum)))
     updates, opt_state = tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
+    trainable = project_params(optax.apply_updates(trainable, updates))
     return trainable, opt_state, {'loss': loss, 'correct': correct,
                                   'count': count,
                                   'grad_norm': optax.tree.norm(grads)}
@@ -616,6 +652,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """The run, in its steps: data, model, restore, train, final evaluation."""
   t_start = time.time()
   check_model_init(config)  # Before minutes of data preparation.
+  check_model_config(config)  # Likewise.
   train_data, eval_data, steps_per_epoch = _load_data(config)
   run = setup(config, train_data.num_classes)
   from pyra_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
@@ -824,6 +861,40 @@ def _train_loop(run: Run, ckpt: checkpointing.Checkpointer,
                                    if train_seconds else None)}
 
 
+def ltmp_token_report(run: Run, trainable: PyTree, eval_data) -> dict:
+  """LTMP's data-dependent cost on `eval_data` (hard masks, eval mode).
+
+  Static shapes make every layer compute all tokens (`flops_fraction_run` =
+  1); `effective_flops_fraction` is the mean over the images of the blocks'
+  FLOPs with the inactive tokens removed (docs/algorithm.md §10.1), and
+  `mean_active_tokens` the tokens left active after each block.
+  """
+  from pyra_jax.methods import ltmp  # pylint: disable=g-import-not-at-top
+  model = run.model
+
+  def report(trainable, frozen, batch):
+    _, state = model.apply({'params': optim.merge_params(trainable, frozen)},
+                           batch['image'], train=False, mutable=['intermediates'])
+    inter = state['intermediates']['Transformer']
+    masks = [inter[f'mask_{i}'][0] for i in range(model.depth)]
+    w = batch['mask'].astype(jnp.float32)
+    frac = ltmp.flops_ratio([m.mean(axis=-1) for m in masks],
+                            num_tokens=masks[0].shape[1], width=model.width,
+                            mlp_ratio=model.mlp_dim / model.width)
+    return ((frac * w).sum(), jnp.stack([(m.sum(-1) * w).sum() for m in masks]), w.sum())
+
+  step = _memo(('ltmp_report', id(model), run.mesh),
+               lambda: jax.jit(report, out_shardings=run.replicated))
+  frac = count = 0.0
+  tokens = np.zeros(model.depth)
+  for batch in iter(eval_data):
+    f, t, n = step(trainable, run.frozen, _shard(batch, run.batch_sharding))
+    frac, tokens, count = frac + float(f), tokens + np.asarray(t), count + float(n)
+  count = max(count, 1.0)
+  return {'effective_flops_fraction': frac / count, 'flops_fraction_run': 1.0,
+          'mean_active_tokens': [round(float(v) / count, 2) for v in tokens]}
+
+
 def _final_results(run: Run, progress: Progress, eval_data,
                    steps_per_epoch: int, speed: dict, trainable_params: dict,
                    t_start: float) -> dict:
@@ -836,7 +907,11 @@ def _final_results(run: Run, progress: Progress, eval_data,
     result = evaluate(run, make_eval_step(run), progress.trainable, eval_data)
     evals.append({'epoch': config.num_epochs, 'step': total_steps,
                   'accuracy': result['accuracy']})
+  extra = {}
+  if getattr(run.model, 'method', None) == 'ltmp':
+    extra['ltmp'] = ltmp_token_report(run, progress.trainable, eval_data)
   return {
+      **extra,
       'final_accuracy': evals[-1]['accuracy'],
       'max_accuracy_paper_protocol': max(e['accuracy'] for e in evals),
       'evals': evals,

@@ -222,7 +222,8 @@ def test_class_attention_is_the_first_row_of_attention():
   for impl in vit.ATTENTION_IMPLEMENTATIONS:
     mod = vit.Attention(num_heads=h, qkv_bias=True, lora_rank=0, lora_dropout=0.0,
                         lora_init='zeros', dtype=jnp.float32, implementation=impl,
-                        return_cls_attn=True, return_value_norm=True)
+                        return_cls_attn=True, return_value_norm=True, fact_scale=0.0,
+                        fact_dropout=0.0)
     params = mod.init(jax.random.PRNGKey(1), x, size, train=False)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
                           params)

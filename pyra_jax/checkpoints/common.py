@@ -20,8 +20,10 @@ FORMATS = ('npz', 'timm', 'pyra_torch', 'dinov2_hf', 'onnx_dinov2', 'pyra_jax')
 
 # Scopes that are task-specific and re-initialised for each task, unless a
 # checkpoint of ours or of the authors' code carries trained values: the heads,
-# the PYRA generators and every PEFT module (config model.peft).
-TASK_SCOPES = re.compile(r'^(head|head_dist)/|/(lora|adapter|convpass|fact|snf|pyra)/')
+# the PYRA generators, every PEFT module (config model.peft) and the learned
+# parts of LTMP and DiffRate.
+TASK_SCOPES = re.compile(
+    r'^(head|head_dist)/|/(lora|adapter|convpass|fact|snf|pyra|ltmp|diffrate)/')
 
 
 

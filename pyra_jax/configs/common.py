@@ -88,7 +88,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Token merging.
   model.method = 'pyra'         # 'peft' (no merging) | 'tome' | 'pyra' |
-                                # 'evit' | 'tofu' | 'ats' (Table 14's competitors)
+                                # 'evit' | 'tofu' | 'ats' | 'ltmp' | 'diffrate'
+                                # (Table 14's competitors; docs/algorithm.md §10)
   model.schedule = 'vitb_high'  # a named schedule, an int (ToMe constant r),
                                 # 'r,inflection', 'flops:<ratio>', or 'r0,r1,...'
   model.prop_attn = True        # add log(size) to the key logits
@@ -111,6 +112,24 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.evit_match_flops = False  # True: ignore evit_keep_rate and solve the keep
                                   # rate whose FLOPs match model.schedule's
   model.tofu_prune_layers = 3   # ToFu: the first N layers prune, later ones MLERP-merge
+  # LTMP (method='ltmp'): learned merge/prune thresholds per layer, straight-through
+  # masks (hard forward, sigmoid((score - threshold) / tau) gradient); masked tokens
+  # stay in the arrays (static shapes), so what runs costs full FLOPs.
+  model.ltmp_tau = 0.1          # sigmoid temperature of the masks (the method's)
+  model.ltmp_merge_init = 0.9   # initial merge threshold (cosine similarity)
+  model.ltmp_prune_init = 0.0   # initial prune threshold (mean attention received)
+  model.ltmp_flops_target = 0.75  # FLOPs fraction (of uncompressed) the masks aim at
+  model.ltmp_flops_weight = 10.0  # weight of (fraction - target)^2 in the loss
+  # DiffRate (method='diffrate'): per-layer prune and merge kept counts found by
+  # `--mode=search`, then fixed (static ints).
+  model.diffrate_rates = ''     # the searched rates: <search workdir>/diffrate_rates.json,
+                                # or inline 'p0,p1,...;m0,m1,...' (kept counts, class
+                                # token included, one per layer)
+  model.diffrate_search = False  # True: the search forward (set by --mode=search)
+  model.diffrate_flops_ratio = 2.0  # search target: uncompressed / searched FLOPs
+  model.diffrate_flops_weight = 100.0  # weight of (FLOPs fraction - 1/ratio)^2
+  model.diffrate_granularity = 4  # tokens between candidate kept counts (the method's)
+  model.diffrate_search_epochs = 3  # epochs of --mode=search (the method's 3)
 
   # --- Pretrained weights ---------------------------------------------------
   # Path to a checkpoint, a Hub name 'hf-hub:<owner>/<repo>[/<file>][@<rev>]'
@@ -163,6 +182,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The PEFT module (whichever model.peft selects: each lives under a scope of its
   # own name) and the head (lr: lr). The name stays `lora_head` for old runs.
   config.trainable.lora_head = r'(.*/(lora|adapter|convpass|fact|snf)/.*|^head.*)'
+  config.trainable.ltmp = r'.*/ltmp/.*'  # LTMP's thresholds (lr: lr)
+  config.trainable.diffrate = r'.*/diffrate/.*'  # DiffRate search logits (lr: lr)
 
   # --- Distillation (PE-Dist, the paper's Table 15) ----------------------------
   # Train on CE + weight·T²·KL(softmax(teacher/T) || softmax(student/T)) towards a

@@ -13,7 +13,8 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
   method=M         model.method: peft (no merging) | tome | pyra (default) |
                    evit | tofu | ats (Table 14's competitors: at a level, EViT's
                    keep rate is solved to match the level's FLOPs; tofu and ats
-                   use the level's schedule; configs/vitb_evit.py is EViT's own)
+                   use the level's schedule; configs/vitb_evit.py is EViT's own) |
+                   ltmp | diffrate (their FLOPs targets are the level's)
   peft=P           model.peft, the trainable module: lora (default) | adapter |
                    convpass | fact | snf (Tables 18-20; any but lora turns LoRA
                    off; README "PEFT modules"); the adapter/convpass bottleneck
@@ -120,16 +121,18 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None
   return config
 
 
-METHODS = ('peft', 'tome', 'pyra', 'evit', 'tofu', 'ats')
+# = pyra_jax.models.vit.METHODS (repeated: configs load without importing JAX)
+METHODS = ('peft', 'tome', 'pyra', 'evit', 'tofu', 'ats', 'ltmp', 'diffrate')
 
 
 def set_method(config: ml_collections.ConfigDict, method: str) -> None:
   """peft trains LoRA + head without merging; tome merges; pyra also modulates;
-  evit/tofu/ats are the competitors of Table 14 (docs/algorithm.md §10).
+  evit/tofu/ats/ltmp/diffrate are the competitors of Table 14 (docs/algorithm.md §10).
 
   evit at a compression setting (a schedule) matches that setting's FLOPs with
   its keep rate; its own setting (keep rate 0.7 at layers 3, 6, 9) is
-  `evit_own_config`.
+  `evit_own_config`. ltmp and diffrate learn their compression and aim at the
+  setting's FLOPs (`match_flops`).
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r}: use one of {", ".join(METHODS)}.')
@@ -138,6 +141,47 @@ def set_method(config: ml_collections.ConfigDict, method: str) -> None:
     config.model.schedule = 'none'
   if method == 'evit':
     config.model.evit_match_flops = config.model.schedule != 'none'
+  if method in ('ltmp', 'diffrate'):
+    match_flops(config)
+
+
+# width, depth, mlp_dim of the variants the settings use (= models.vit.VARIANTS,
+# repeated so that configs load without importing JAX).
+_DIMS = {'Ti': (192, 12, 768), 'S': (384, 12, 1536), 'B': (768, 12, 3072),
+         'L': (1024, 24, 4096), 'H': (1280, 32, 5120)}
+
+
+def match_flops(config: ml_collections.ConfigDict) -> None:
+  """LTMP's and DiffRate's FLOPs targets = those of the setting's schedule.
+
+  They learn their compression instead of following `model.schedule`; at a
+  paper setting (low/high) they aim at the FLOPs the schedule gives ToMe and
+  PYRA: `model.ltmp_flops_target` = compressed / full, and
+  `model.diffrate_flops_ratio` = full / compressed. A schedule that cannot be
+  resolved here leaves the targets as they are (the model reports it).
+  """
+  from pyra_jax import schedules  # pylint: disable=g-import-not-at-top
+  m = config.model
+  name, _, patch = (m.variant or '').partition('/')
+  if name not in _DIMS or not patch.isdigit():
+    return
+  width, depth, mlp = _DIMS[name]
+  width, depth, mlp = m.width or width, m.depth or depth, m.mlp_dim or mlp
+  patch = m.patch_size or int(patch)
+  num_patches = (m.image_size // patch) ** 2
+  prefix = 1 + int(m.distilled)
+  try:
+    sched = schedules.resolve_schedule(m.schedule, depth=depth, num_patches=num_patches,
+                                       num_protected=prefix, width=width,
+                                       mlp_ratio=mlp / width)
+  except ValueError:
+    return
+  full = schedules.vit_flops([0] * depth, num_tokens=num_patches + prefix, width=width,
+                             mlp_ratio=mlp / width)
+  flops = schedules.vit_flops(sched, num_tokens=num_patches + prefix, width=width,
+                              mlp_ratio=mlp / width)
+  m.ltmp_flops_target = round(flops / full, 4)
+  m.diffrate_flops_ratio = round(full / flops, 4)
 
 
 def paper_config(backbone: str, level: str | None, arg: str | None = None

@@ -36,7 +36,9 @@ from pyra_jax.models.convpass import CONVPASS_INITS, Convpass
 from pyra_jax.models import fact as fact_lib
 from pyra_jax.errors import ConfigError
 from pyra_jax.methods import ats as ats_lib
+from pyra_jax.methods import diffrate as diffrate_lib
 from pyra_jax.methods import evit as evit_lib
+from pyra_jax.methods import ltmp as ltmp_lib
 from pyra_jax.methods import tofu as tofu_lib
 from pyra_jax.models.lora import LoRA
 from pyra_jax.models.snf import SNF
@@ -53,7 +55,8 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     'H': (1280, 32, 16, 5120),
 }
 METHODS = ('peft', 'tome', 'pyra',
-           'evit', 'tofu', 'ats',)
+           'evit', 'tofu', 'ats',
+           'ltmp', 'diffrate')
 # Methods whose token reduction keeps a source matrix (what Convpass needs).
 MERGING_METHODS = ('peft', 'tome', 'pyra')
 # Methods that need the class token's attention (Attention.return_cls_attn).
@@ -141,6 +144,54 @@ def _attention_jax(q: Array, k: Array, v: Array, size: Optional[Array]) -> Array
       implementation=None)
 
 
+def _class_attention(q: Array, k: Array, size: Optional[Array]) -> Array:
+  """(B, H, N) float32: softmax over keys of the class-token query's logits.
+
+  Computed from q[:, 0] and k alone (one query: cheap), with the log-size bias
+  when proportional attention is on, so either attention implementation can
+  return it.
+  """
+  hd = q.shape[-1]
+  logits = jnp.einsum('bhd,bnhd->bhn', q[:, 0] * (hd ** -0.5), k).astype(jnp.float32)
+  bias = _log_size_bias(size)
+  if bias is not None:
+    logits = logits + bias[:, :, 0]
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def _attention_masked(q: Array, k: Array, v: Array, size: Optional[Array],
+                      mask: Optional[Array], eps: float,
+                      keep_self: bool) -> tuple[Array, Array]:
+  """Attention whose keys are weighted by a token mask; also returns the weights.
+
+  softmax(q k^T / sqrt(hd) + log size) with exp(.) multiplied by mask (B, N)
+  before normalising (+ eps, `ltmp_lib.masked_softmax`); with keep_self every
+  query also keeps its own key (DiffRate's search). Returns (out (B, N, H, hd),
+  probs (B, H, N, N) float32). The (B, H, N, N) weights are materialised, for
+  the methods that score tokens by the attention they receive.
+  """
+  hd = q.shape[-1]
+  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q * (hd ** -0.5), k).astype(jnp.float32)
+  bias = _log_size_bias(size)
+  if bias is not None:
+    logits = logits + bias
+  n = logits.shape[-1]
+  if mask is None:
+    mask = jnp.ones(logits.shape[:1] + (n,), jnp.float32)
+  mask = mask.astype(jnp.float32)
+  if keep_self:
+    w = mask[:, None, None, :]
+    w = w + (1.0 - w) * jnp.eye(n, dtype=jnp.float32)
+    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))) * w
+    probs = ((e + eps / n) / (e.sum(axis=-1, keepdims=True) + eps) if eps else
+             e / e.sum(axis=-1, keepdims=True))
+  else:
+    probs = ltmp_lib.masked_softmax(logits, mask, eps)
+  out = jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v.dtype), v)
+  return out.transpose(0, 2, 1, 3), probs
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with LoRA on q/k/v and proportional attention.
 
@@ -154,6 +205,12 @@ class Attention(nn.Module):
   log-size bias to `jax.nn.dot_product_attention`, the entry point through
   which JAX chooses an accelerator's attention kernel, so GPU/TPU runs get
   whatever JAX makes fastest there without a change here.
+
+  `return_cls_attn`: also return the class token's attention (B, H, N)
+  (`_class_attention`). `return_mean_attn`: also return the attention each
+  token receives, averaged over heads and queries (B, N). Given a token
+  `mask` (B, N) (or asked for the mean attention), the weights are computed
+  explicitly (`_attention_masked`) whatever `implementation` says.
   """
   num_heads: int
   qkv_bias: bool
@@ -167,10 +224,13 @@ class Attention(nn.Module):
   # Wiring, not config: set by the block when its method needs them.
   return_cls_attn: bool = False   # also return the class token's attention (B, H, N)
   return_value_norm: bool = False  # also return |v_j| over all heads (B, N) (ATS)
+  return_mean_attn: bool = False  # instead, the attention each key receives (B, N) (LTMP)
 
   @nn.compact
   def __call__(self, x: Array, size: Optional[Array], *, train: bool,
-               fact: Optional[dict[str, Any]] = None) -> tuple[Array, ...]:
+               fact: Optional[dict[str, Any]] = None,
+               mask: Optional[Array] = None, mask_eps: float = 0.0,
+               mask_keep_self: bool = False) -> tuple[Array, ...]:
     b, n, d = x.shape
     h = self.num_heads
     hd = d // h
@@ -199,37 +259,31 @@ class Attention(nn.Module):
         y = y + fact_delta(x, fact, name, train=train)
       heads.append(y.reshape(b, n, h, hd))
     q, k, v = heads  # (B, N, H, hd)
-    if self.implementation == 'dot_product_attention':
-      out = _attention_jax(q, k, v, size)
+    extra = None
+    if mask is not None or self.return_mean_attn:
+      out, probs = _attention_masked(q, k, v, size, mask, mask_eps, mask_keep_self)
+      if self.return_mean_attn:
+        extra = probs.mean(axis=(1, 2))
+      elif self.return_cls_attn:
+        extra = probs[:, :, 0, :]
     else:
-      out = _attention_einsum(q, k, v, size)
+      if self.implementation == 'dot_product_attention':
+        out = _attention_jax(q, k, v, size)
+      else:
+        out = _attention_einsum(q, k, v, size)
+      if self.return_cls_attn:
+        extra = _class_attention(q, k, size)
     out = out.reshape(b, n, d)
     w_out, b_out = ParamsOnly((h, hd, d), (d,), name='out')()
     y = out @ w_out.reshape(d, d).astype(self.dtype) + b_out.astype(self.dtype)
     if fact_delta is not None:
       y = y + fact_delta(out, fact, 'out', train=train)
     result = (y, k.mean(axis=2))
-    if self.return_cls_attn:
-      result += (class_attention(q, k, size),)
+    if extra is not None:
+      result += (extra,)
     if self.return_value_norm:
       result += (jnp.linalg.norm(v.reshape(b, n, d).astype(jnp.float32), axis=-1),)
     return result
-
-
-def class_attention(q: Array, k: Array, size: Optional[Array]) -> Array:
-  """The class token's attention over the keys, (B, H, N) float32.
-
-  softmax_j(q_0 . k_j / sqrt(hd) + log size_j): the first row of the
-  attention matrix, computed from q[:, 0] and k alone (one query, cheap), so
-  it is the same whichever attention implementation produced the output.
-  """
-  hd = q.shape[-1]
-  logits = jnp.einsum('bhd,bnhd->bhn', q[:, 0].astype(jnp.float32) * (hd ** -0.5),
-                      k.astype(jnp.float32))
-  bias = _log_size_bias(size)
-  if bias is not None:
-    logits = logits + bias[:, :, 0].astype(jnp.float32)
-  return jax.nn.softmax(logits, axis=-1)
 
 
 class MlpBlock(nn.Module):
@@ -286,13 +340,47 @@ class DropPath(nn.Module):
     return nn.Dropout(self.rate, broadcast_dims=(1, 2), deterministic=False)(x)
 
 
-class EncoderBlock(nn.Module):
-  """One transformer block, removing `r` tokens after attention when r > 0.
+class LtmpThresholds(nn.Module):
+  """`ltmp/{merge_threshold, prune_threshold}` (1,): LTMP's learned thresholds.
 
-  How depends on `method` (docs/algorithm.md §1 and §10): tome/pyra merge
-  (pyra also modulates), tofu prunes (`prune`) or MLERP-merges, evit keeps the
-  attentive tokens and fuses the others into one, ats samples N - r slots and
-  masks repeated picks (the mask travels in `size`, see methods/ats.py).
+  Kept in [0, 1] by the training step (`ltmp_lib.project_thresholds`), as the
+  method clamps them after every update.
+  """
+  merge_init: float
+  prune_init: float
+
+  @nn.compact
+  def __call__(self) -> tuple[Array, Array]:
+    merge = self.param('merge_threshold', nn.initializers.constant(self.merge_init), (1,))
+    prune = self.param('prune_threshold', nn.initializers.constant(self.prune_init), (1,))
+    return merge[0], prune[0]
+
+
+class DiffRateLogits(nn.Module):
+  """`diffrate/{prune_logits, merge_logits}` (K,): the search's rate distributions."""
+  num_candidates: int
+
+  @nn.compact
+  def __call__(self) -> tuple[Array, Array]:
+    shape = (self.num_candidates,)
+    return (self.param('prune_logits', nn.initializers.zeros, shape),
+            self.param('merge_logits', nn.initializers.zeros, shape))
+
+
+class EncoderBlock(nn.Module):
+  """One transformer block, reducing tokens after attention.
+
+  How depends on `method` (docs/algorithm.md §1 and §10): tome/pyra merge `r`
+  tokens (pyra also modulates), tofu prunes (`prune`) or MLERP-merges, evit
+  keeps the attentive tokens and fuses the others into one, ats samples N - r
+  slots and masks repeated picks (the mask travels in `size`, see
+  methods/ats.py); LTMP and DiffRate reduce by their own rules, reading
+  `settings` (sorted (name, value) pairs of the `model.<method>_*` config
+  fields) and, for DiffRate with fixed rates, `kept` = (prune_kept,
+  merge_kept) of this layer. `mask` (B, N) carries the active tokens of the
+  mask-based forms (LTMP, the DiffRate search); it is None otherwise. Returns
+  (x, size, source, mask, aux): aux is what the FLOPs regulariser needs from
+  this layer (or None).
   """
   num_heads: int
   mlp_dim: int
@@ -325,12 +413,20 @@ class EncoderBlock(nn.Module):
   fact_scale: float
   fact_dropout: float
   snf_flow_length: int
+  layer: int
+  settings: tuple[tuple[str, Any], ...]
+  kept: tuple[int, int]
 
   @nn.compact
-  def __call__(self, x: Array, size: Optional[Array], source: Optional[Array], *,
-               train: bool, fact: Optional[dict[str, Any]] = None
-               ) -> tuple[Array, Optional[Array], Optional[Array]]:
+  def __call__(self, x: Array, size: Optional[Array], source: Optional[Array],
+               mask: Optional[Array] = None, *, train: bool,
+               fact: Optional[dict[str, Any]] = None
+               ) -> tuple[Array, Optional[Array], Optional[Array], Optional[Array], Any]:
+    cfg = dict(self.settings)
     num_protected = 1 + int(self.distilled)
+    method = self.method
+    search = method == 'diffrate' and cfg.get('diffrate_search', False)
+    aux = None
     convpass = None
     if self.peft == 'convpass':
       convpass = Convpass(dim=self.peft_dim, dropout=self.peft_dropout,
@@ -345,18 +441,26 @@ class EncoderBlock(nn.Module):
            if self.peft == 'snf' else None)
     shortcut = x if snf is None else snf(x, 'attn')  # SNF: a flow on the shortcut
     h = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_0')(x)
-    method = self.method
     needs_cls = self.r > 0 and method in CLS_ATTN_METHODS
     # ATS's `size` is its 0/1 mask, which attention must respect whatever
     # prop_attn says; evit has no sizes (None).
     attn_size = size if (self.prop_attn or method == 'ats') else None
+    attn_kwargs = {}
+    if method == 'ltmp':
+      attn_kwargs = dict(mask=mask, mask_eps=ltmp_lib.TRAIN_EPS if train else 0.0)
+    elif search:
+      attn_kwargs = dict(mask=mask, mask_eps=diffrate_lib.TRAIN_EPS if train else 0.0,
+                         mask_keep_self=True)
     y, metric, *extra = Attention(
         num_heads=self.num_heads, qkv_bias=self.qkv_bias,
         lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
         lora_init=self.lora_init, dtype=self.dtype,
-        implementation=self.attention, return_cls_attn=needs_cls,
-        return_value_norm=needs_cls and method == 'ats', **fact_kw,
-        name='MultiHeadDotProductAttention_0')(h, attn_size, train=train, fact=fact)
+        implementation=self.attention,
+        return_cls_attn=needs_cls or method == 'diffrate',
+        return_value_norm=needs_cls and method == 'ats',
+        return_mean_attn=method == 'ltmp', **fact_kw,
+        name='MultiHeadDotProductAttention_0')(h, attn_size, train=train, fact=fact,
+                                               **attn_kwargs)
     if self.layerscale:
       y = LayerScale(name='LayerScale_0')(y)
     x = shortcut + DropPath(self.drop_path)(y, train=train)
@@ -378,6 +482,40 @@ class EncoderBlock(nn.Module):
       x, size = ats_lib.ats_sample(x, size, extra[0], extra[1],
                                    x.shape[1] - num_protected - self.r,
                                    num_protected=num_protected)
+    elif method == 'ltmp':
+      merge_t, prune_t = LtmpThresholds(cfg['ltmp_merge_init'], cfg['ltmp_prune_init'],
+                                        name='ltmp')()
+      if size is None:
+        size = jnp.ones(x.shape[:2] + (1,), x.dtype)
+      if mask is None:
+        mask = jnp.ones(x.shape[:2], jnp.float32)
+      x, size, mask = ltmp_lib.merge_then_prune(
+          x, size, mask, metric, extra[0], merge_t, prune_t, tau=cfg['ltmp_tau'],
+          num_protected=num_protected)
+      aux = mask.mean()
+    elif search:
+      if size is None:
+        size = jnp.ones(x.shape[:2] + (1,), x.dtype)
+      if mask is None:
+        mask = jnp.ones(x.shape[:2], jnp.float32)
+      cands = diffrate_lib.candidates(x.shape[1] - num_protected, cfg['diffrate_granularity'])
+      if self.layer == 0:  # The method never compresses the first block.
+        n = jnp.asarray(float(x.shape[1]))
+        aux = (n, n)
+      else:
+        prune_logits, merge_logits = DiffRateLogits(len(cands), name='diffrate')()
+        x, size, mask, prune_kept, merge_kept = diffrate_lib.search_step(
+            x, size, mask, extra[0], prune_logits, merge_logits, cands,
+            num_protected=num_protected)
+        aux = (prune_kept, merge_kept)
+    elif method == 'diffrate':
+      prune_kept, merge_kept = self.kept
+      if prune_kept < x.shape[1] or merge_kept < prune_kept:
+        if size is None:
+          size = jnp.ones(x.shape[:2] + (1,), x.dtype)
+        x, size, source = diffrate_lib.compress(
+            x, size, source, extra[0], prune_kept=prune_kept, merge_kept=merge_kept,
+            num_protected=num_protected)
     elif self.r > 0:
       plan = merge_lib.bipartite_soft_matching(
           metric, self.r, class_token=True, distill_token=self.distilled)
@@ -407,7 +545,7 @@ class EncoderBlock(nn.Module):
     if convpass is not None:  # beside the MLP, on the merged tokens
       y = convpass.mlp_branch(h, source, num_protected, train=train)
       x = x + DropPath(self.drop_path)(y, train=train)
-    return x, size, source
+    return x, size, source, mask, aux
 
 
 class VisionTransformer(nn.Module):
@@ -465,6 +603,8 @@ class VisionTransformer(nn.Module):
   dtype: Any
   method: str
   tofu_prune_layers: int
+  settings: tuple[tuple[str, Any], ...]  # the method's model.<method>_* fields
+  diffrate_kept: tuple[tuple[int, int], ...]  # per layer; () unless DiffRate with rates
   trace_source: bool = False  # a debugging output, not a config field
 
   @nn.compact
@@ -498,6 +638,8 @@ class VisionTransformer(nn.Module):
         method=self.method, tofu_prune_layers=self.tofu_prune_layers)
     x = Encoder(schedule=self.schedule, drop_path=self.drop_path,
                 trace_source=self.trace_source, block=tuple(sorted(block.items())),
+                method=self.method, settings=self.settings,
+                diffrate_kept=self.diffrate_kept,
                 name='Transformer')(x, train=train)
 
     cls_feature = x[:, 0].astype(jnp.float32)
@@ -519,11 +661,19 @@ class Encoder(nn.Module):
 
   `block` holds the EncoderBlock fields shared by every layer, as sorted
   (name, value) pairs so the module stays hashable.
+
+  LTMP and the DiffRate search add a FLOPs regulariser to the training loss:
+  its value is sown as `losses/flops_penalty` (apply with
+  `mutable=['losses']`, as `train.training_loss` does), and the relative
+  FLOPs it measures as `intermediates/flops_fraction`.
   """
   schedule: tuple[int, ...]
   drop_path: float
   trace_source: bool
   block: tuple[tuple[str, Any], ...]
+  method: str
+  settings: tuple[tuple[str, Any], ...]
+  diffrate_kept: tuple[tuple[int, int], ...]
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -543,20 +693,49 @@ class Encoder(nn.Module):
       fact = fact_lib.FactShared(
           block['fact_variant'], block['fact_rank'],
           depth * fact_lib.slices_per_layer(mlp_slices), name='fact')(x.shape[-1])
+    mask = None
+    num_tokens, width = x.shape[1], x.shape[2]
+    aux = []
     for i in range(depth):
       rate = self.drop_path * i / max(depth - 1, 1)  # linear 0 -> drop_path
       layer_fact = fact
       if fact is not None and 'cores' in fact:  # tk: this layer's rows of the tensor
         layer_fact = dict(fact, cores=fact_lib.layer_cores(fact['cores'], i, mlp_slices))
-      x, size, source = EncoderBlock(
-          r=self.schedule[i], drop_path=rate, prune=i < tofu_prune_layers,
-          name=f'encoderblock_{i}', **block)(
-              x, size, source, train=train, fact=layer_fact)
+      kept = self.diffrate_kept[i] if self.diffrate_kept else (0, 0)
+      x, size, source, mask, a = EncoderBlock(
+          r=self.schedule[i], drop_path=rate, prune=i < tofu_prune_layers, layer=i,
+          settings=self.settings, kept=kept, name=f'encoderblock_{i}', **block)(
+              x, size, source, mask, train=train, fact=layer_fact)
+      aux.append(a)
       if size is not None:
         self.sow('intermediates', f'size_{i}', size)
       if self.trace_source:
         self.sow('intermediates', f'source_{i}', source)
+      if mask is not None:
+        self.sow('intermediates', f'mask_{i}', mask)
+    if aux and aux[0] is not None:
+      fraction, penalty = _flops_regulariser(self.method, dict(self.settings), aux,
+                                             num_tokens, width, block['mlp_dim'] / width)
+      self.sow('losses', 'flops_penalty', penalty,
+               init_fn=lambda: 0.0, reduce_fn=lambda _, v: v)
+      self.sow('intermediates', 'flops_fraction', fraction)
     return nn.LayerNorm(epsilon=block['ln_eps'], dtype=block['dtype'], name='encoder_norm')(x)
+
+
+def _flops_regulariser(method: str, cfg: dict, aux: list, num_tokens: int,
+                       width: int, mlp_ratio: float) -> tuple[Array, Array]:
+  """(FLOPs fraction, penalty toward the method's target) (docs/algorithm.md §10)."""
+  if method == 'ltmp':
+    fraction = ltmp_lib.flops_ratio(aux, num_tokens=num_tokens, width=width,
+                                    mlp_ratio=mlp_ratio)
+    return fraction, ltmp_lib.flops_penalty(fraction, cfg['ltmp_flops_target'],
+                                            cfg['ltmp_flops_weight'])
+  full = schedules.vit_flops([0] * len(aux), num_tokens=num_tokens, width=width,
+                             mlp_ratio=mlp_ratio)
+  fraction = diffrate_lib.search_flops(aux, num_tokens=num_tokens, width=width,
+                                       mlp_ratio=mlp_ratio) / full
+  return fraction, cfg['diffrate_flops_weight'] * jnp.square(
+      fraction - 1.0 / cfg['diffrate_flops_ratio'])
 
 
 class AddPositionEmbs(nn.Module):
@@ -708,8 +887,13 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
                            or not 0 <= tofu_prune_layers <= depth):
     raise ConfigError(f'model.tofu_prune_layers must be an integer from 0 to the depth '
                       f'{depth} (how many leading layers prune), got {tofu_prune_layers!r}.')
-  if method == 'peft':
+  settings, diffrate_kept = _method_settings(
+      c, method, depth=depth, num_patches=num_patches, num_protected=num_protected,
+      width=width, mlp_ratio=mlp / width)
+  if method in ('peft', 'ltmp') or (method == 'diffrate' and not diffrate_kept):
     schedule = (0,) * depth
+  elif method == 'diffrate':
+    schedule = diffrate_lib.rates_to_schedule(diffrate_kept, num_patches + num_protected)
   elif method == 'evit' and not _field(c, 'evit_match_flops'):
     schedule = _evit_schedule(c, None, depth=depth, num_patches=num_patches,
                               num_protected=num_protected, width=width, mlp=mlp)
@@ -728,7 +912,8 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
   kwargs = dict(
       num_classes=n_classes, schedule=schedule, modulation=modulation,
       distilled=distilled, dtype=jnp.dtype(dtype), method=method,
-      tofu_prune_layers=tofu_prune_layers, **arch,
+      tofu_prune_layers=tofu_prune_layers, settings=settings,
+      diffrate_kept=diffrate_kept, **arch,
       **{name: _field(c, name) for name in _AS_IS})
   kwargs.update(peft)
   return kwargs
@@ -766,6 +951,65 @@ def _peft_kwargs(c: ml_collections.ConfigDict, *, width: int, mlp: int) -> dict[
   if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
     raise ValueError(f'model.snf_flow_length must be an integer >= 0, got {k!r}.')
   return out
+
+
+# The model.<method>_* fields each method reads (configs/common.py documents them).
+METHOD_FIELDS = {
+    'ltmp': ('ltmp_tau', 'ltmp_merge_init', 'ltmp_prune_init', 'ltmp_flops_target',
+             'ltmp_flops_weight'),
+    'diffrate': ('diffrate_search', 'diffrate_granularity', 'diffrate_flops_ratio',
+                 'diffrate_flops_weight'),
+}
+
+
+def _method_settings(c: ml_collections.ConfigDict, method: str, *, depth: int,
+                     num_patches: int, num_protected: int, width: int,
+                     mlp_ratio: float) -> tuple[tuple, tuple]:
+  """(settings, diffrate_kept) of LTMP / DiffRate, checked; ((), ()) otherwise."""
+  if method not in METHOD_FIELDS:
+    return (), ()
+  cfg = {name: _field(c, name) for name in METHOD_FIELDS[method]}
+  num_tokens = num_patches + num_protected
+  if method == 'ltmp':
+    if not cfg['ltmp_tau'] > 0:
+      raise ConfigError(f'model.ltmp_tau = {cfg["ltmp_tau"]}: the sigmoid temperature '
+                        'must be positive (the method uses 0.1).')
+    for name in ('ltmp_merge_init', 'ltmp_prune_init'):
+      if not 0.0 <= cfg[name] <= 1.0:
+        raise ConfigError(f'model.{name} = {cfg[name]}: thresholds live in [0, 1] '
+                          '(cosine similarity, mean attention).')
+    if cfg['ltmp_flops_weight'] < 0:
+      raise ConfigError(f'model.ltmp_flops_weight = {cfg["ltmp_flops_weight"]}: use a '
+                        'weight >= 0 (0 trains without the FLOPs target).')
+    target = cfg['ltmp_flops_target']
+    least = float(ltmp_lib.flops_ratio([1.0 / num_tokens] * depth, num_tokens=num_tokens,
+                                       width=width, mlp_ratio=mlp_ratio))
+    if not least <= target <= 1.0:
+      raise ConfigError(
+          f'model.ltmp_flops_target = {target}: the FLOPs fraction to keep must lie '
+          f'between {least:.3f} (only the class token left after the first block) and 1.')
+    return tuple(sorted(cfg.items())), ()
+  g = cfg['diffrate_granularity']
+  if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g < num_patches:
+    raise ConfigError(f'model.diffrate_granularity = {g!r}: use an int from 1 to '
+                      f'{num_patches - 1} (tokens between candidate rates; the method uses 4).')
+  if cfg['diffrate_search']:
+    ratio = cfg['diffrate_flops_ratio']
+    reach = diffrate_lib.max_flops_ratio(depth=depth, num_patches=num_patches,
+                                         num_protected=num_protected, granularity=g,
+                                         width=width, mlp_ratio=mlp_ratio)
+    if not 1.0 <= ratio <= reach:
+      raise ConfigError(
+          f'model.diffrate_flops_ratio = {ratio}: the search can reach FLOPs ratios from '
+          f'1 to {reach:.2f} on this model (the first block is never compressed); '
+          'choose a target in that range.')
+    if cfg['diffrate_flops_weight'] < 0:
+      raise ConfigError(f'model.diffrate_flops_weight = {cfg["diffrate_flops_weight"]}: '
+                        'use a weight >= 0.')
+    return tuple(sorted(cfg.items())), ()
+  kept = diffrate_lib.read_rates(_field(c, 'diffrate_rates'), depth=depth,
+                                 num_tokens=num_tokens, num_protected=num_protected)
+  return tuple(sorted(cfg.items())), tuple(kept)
 
 
 def build_model(model_config: ml_collections.ConfigDict, *,

@@ -1,0 +1,166 @@
+"""LTMP: learned-threshold token merging and pruning (Bonnaerens & Dambre, TMLR 2023).
+
+docs/algorithm.md §10.1. Every block, between attention and the MLP:
+
+  merge  ToMe's bipartite split (A = even, B = odd positions); each active A
+         token's best cosine similarity to a B token (mean keys) is compared
+         with the layer's merge threshold: m = [sim > theta_m]. A merged source
+         adds its size-weighted value and its size to its destination and
+         becomes inactive (mask 0). The class token is never a source, the
+         distillation token (B[0]) never a destination.
+  prune  importance = the attention a token receives, averaged over heads and
+         queries (of the masked softmax); a merged destination takes the max of
+         its own and its sources' importance. Active tokens with importance <=
+         theta_p become inactive. The class (and distillation) token's
+         importance is +inf: never pruned.
+
+Masks are straight-through: the forward value is the hard 0/1 decision, the
+gradient is that of sigmoid((score - theta) / tau). Training and inference
+therefore run the same forward; only the thresholds' gradients are "soft".
+
+Static shapes: inactive tokens stay in the arrays (their position is kept, no
+reordering) and attention ignores them as keys (`masked_attention`), so the
+token count that runs is the full one in every layer; the mask only changes
+which tokens influence the class token. The FLOPs LTMP *would* cost with
+tokens actually removed is `flops_ratio` of the mean masks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+# The method's training softmax adds eps / K to the numerator and eps to the sum.
+TRAIN_EPS = 1e-5
+THRESHOLD_NAMES = ('merge_threshold', 'prune_threshold')
+
+
+def threshold_mask(score: Array, threshold: Array, tau: float) -> Array:
+  """[score > threshold] forward, d sigmoid((score - threshold) / tau) backward."""
+  soft = jax.nn.sigmoid((score - threshold) / tau)
+  hard = (score > threshold).astype(soft.dtype)
+  return hard + (soft - jax.lax.stop_gradient(soft))
+
+
+def masked_softmax(logits: Array, mask: Array, eps: float = 0.0) -> Array:
+  """softmax over the last axis with keys weighted by `mask` (B, K).
+
+  exp(l - max) * mask / (sum + eps), plus eps / K in the numerator when eps > 0
+  (LTMP trains with eps = 1e-5 for stability; inference uses eps = 0, a plain
+  softmax over the active keys). logits (B, H, Q, K) float32.
+  """
+  e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+  e = e * mask[:, None, None, :].astype(e.dtype)
+  if eps:
+    return (e + eps / e.shape[-1]) / (e.sum(axis=-1, keepdims=True) + eps)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+class LtmpState(NamedTuple):
+  x: Array        # (B, N, D)
+  size: Array     # (B, N, 1): patches each token stands for
+  mask: Array     # (B, N): 1 active, 0 merged away or pruned (straight-through)
+
+
+def merge_then_prune(x: Array, size: Array, mask: Array, metric: Array,
+                     importance: Array, merge_threshold: Array,
+                     prune_threshold: Array, *, tau: float,
+                     num_protected: int = 1) -> LtmpState:
+  """One LTMP block's reduction (after attention, before the MLP).
+
+  x (B, N, D) the tokens after the attention residual; size (B, N, 1); mask
+  (B, N) the active tokens entering; metric (B, N, C) the head-mean keys;
+  importance (B, N) the mean attention each token received; thresholds
+  scalars. `num_protected` = 1 (class token) or 2 (class + distillation).
+  Returns the new tokens, sizes and mask, same shapes.
+  """
+  b, n, d = x.shape
+  hard_active = jax.lax.stop_gradient(mask) > 0
+  metric = jax.lax.stop_gradient(metric)
+  metric = metric / jnp.linalg.norm(metric, axis=-1, keepdims=True)
+  metric = metric * hard_active[..., None].astype(metric.dtype)
+  a, bb = metric[:, ::2], metric[:, 1::2]
+  na, nb = a.shape[1], bb.shape[1]
+  scores = jnp.einsum('bic,bjc->bij', a, bb).astype(jnp.float32)
+  scores = scores.at[:, 0, :].set(-jnp.inf)          # class token: not a source
+  if num_protected > 1:
+    scores = scores.at[:, :, 0].set(-jnp.inf)        # distillation token: not a destination
+  node_max = scores.max(axis=-1)
+  node_idx = scores.argmax(axis=-1)
+  m = threshold_mask(node_max, merge_threshold, tau)  # (B, NA)
+  m = jnp.where(jnp.isfinite(node_max), m, 0.0)       # protected: no mask, no gradient
+  m_stop = jax.lax.stop_gradient(m)
+  src_active = hard_active[:, ::2]
+  a_mask = jnp.where(src_active, 1.0 - m, mask[:, ::2])
+
+  xs = x * size
+  src_x, dst_x = xs[:, ::2], xs[:, 1::2]
+  src_s, dst_s = size[:, ::2], size[:, 1::2]
+  add = jax.vmap(lambda d_, i, s_: d_.at[i].add(s_))
+  dst_x = add(dst_x, node_idx, src_x * m_stop[..., None].astype(xs.dtype))
+  dst_s = add(dst_s, node_idx, src_s * m_stop[..., None].astype(size.dtype))
+  src_imp = importance[:, ::2] * m_stop
+  src_imp = src_imp.at[:, 0].set(0.0)
+  dst_imp = jax.vmap(lambda d_, i, s_: d_.at[i].max(s_))(importance[:, 1::2], node_idx, src_imp)
+
+  # Back to the original positions: A at even, B at odd indices.
+  def interleave(ev, od):
+    out = jnp.zeros((b, n) + ev.shape[2:], ev.dtype)
+    return out.at[:, ::2].set(ev).at[:, 1::2].set(od)
+  xs = interleave(src_x, dst_x)
+  size = interleave(src_s, dst_s)
+  new_mask = interleave(a_mask.astype(mask.dtype), mask[:, 1::2])
+  imp = interleave(importance[:, ::2], dst_imp)
+  imp = imp.at[:, :num_protected].set(jnp.inf)
+  del na, nb
+
+  p = threshold_mask(imp, prune_threshold, tau)
+  p = jnp.where(jnp.isfinite(imp), p, 1.0)
+  new_mask = jnp.where(jax.lax.stop_gradient(new_mask) > 0, p.astype(mask.dtype), new_mask)
+  return LtmpState(xs / size, size, new_mask)
+
+
+def flops_ratio(kept: Sequence[Array], *, num_tokens: int, width: int,
+                mlp_ratio: float = 4.0) -> Array:
+  """LTMP's FLOPs of the blocks relative to the uncompressed model.
+
+  kept[l] is the fraction of the N tokens active after block l's reduction
+  (the mean of its mask); block l's attention runs on kept[l-1] * N tokens
+  (kept[-1] = 1) and its MLP on kept[l] * N. Per block, with n = N:
+  (4 k n D^2 + 2 (k n)^2 D + 2 mlp_ratio k' n D^2) / (4 n D^2 + 2 n^2 D +
+  2 mlp_ratio n D^2), averaged over the blocks (all blocks cost the same
+  uncompressed, so this is the ratio of the sums).
+  """
+  n, d = float(num_tokens), float(width)
+  full = 4 * n * d * d + 2 * n * n * d + 2 * mlp_ratio * n * d * d
+  total = 0.0
+  prev = 1.0
+  for k in kept:
+    total = total + (4 * prev * n * d * d + 2 * (prev * n) ** 2 * d
+                     + 2 * mlp_ratio * k * n * d * d) / full
+    prev = k
+  return total / len(kept)
+
+
+def flops_penalty(ratio: Array, target: float, weight: float) -> Array:
+  """weight * (ratio - target)^2: pulls the kept FLOPs toward the target."""
+  return weight * jnp.square(ratio - target)
+
+
+def effective_tokens(masks: Sequence[Array]) -> list[float]:
+  """Mean number of active tokens after each block (host floats, for reports)."""
+  return [float(jnp.mean(jnp.sum(m, axis=-1))) for m in masks]
+
+
+def project_thresholds(params: Any) -> Any:
+  """Clamps every `ltmp/*_threshold` leaf into [0, 1] (the method does this
+  after each optimiser step: similarity and mean attention live there)."""
+  def clip(path, leaf):
+    names = [getattr(k, 'key', str(k)) for k in path]
+    if len(names) >= 2 and names[-2] == 'ltmp' and names[-1] in THRESHOLD_NAMES:
+      return jnp.clip(leaf, 0.0, 1.0)
+    return leaf
+  return jax.tree_util.tree_map_with_path(clip, params)
