@@ -269,7 +269,12 @@ class Checkpointer:
     dest = os.path.join(dest_root, str(step))
     if os.path.exists(dest):
       dest = f'{dest}.{int(time.time())}'
-    shutil.move(src, dest)
+    # Several processes share the workdir: one moves, all wait for it.
+    if jax.process_index() == 0:
+      shutil.move(src, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'pyra_jax set_aside {step}')
     self._mgr.reload()
     self._verified.discard(step)
     return dest

@@ -284,7 +284,9 @@ def distributed_args() -> dict | None:
   if not (_MULTIHOST.value or several or given):
     return None
   n, i = args['num_processes'], args['process_id']
-  if given and len(given) < 3 and not several:
+  # A coordinator address alone may be completed by JAX's cluster detection;
+  # a process count or index without the rest cannot be.
+  if (n is not None or i is not None) and len(given) < 3 and not several:
     missing = [f'--{k}' for k, v in args.items() if v is None]
     raise UsageError(
         f'A multi-process run needs --coordinator_address, --num_processes and '

@@ -62,6 +62,15 @@ def test_misspelt_override_is_rejected_with_the_valid_names():
     (['--config=configs/vitb_high.py', '--config.model.lora_rank=abc'], 'lora_rank=abc'),
     (['--config=configs/vitb_high.py', '--mode=fit'], 'train|eval|export'),
     (['--config=configs/vitb_high.py', '--mode=eval'], 'needs --workdir'),
+    # Multi-host flags: refused before JAX tries to reach a coordinator.
+    (['--config=configs/tiny.py', '--workdir=/tmp/unused', '--num_processes=2'],
+     'missing --coordinator_address, --process_id'),
+    (['--config=configs/tiny.py', '--workdir=/tmp/unused', '--multihost',
+      '--coordinator_address=localhost:1', '--num_processes=2', '--process_id=2'],
+     '--process_id=2 is not in 0 .. 1'),
+    (['--config=configs/tiny.py', '--workdir=/tmp/unused', '--multihost',
+      '--coordinator_address=localhost', '--num_processes=2', '--process_id=0'],
+     'has no port'),
 ])
 def test_bad_command_lines_fail_with_one_sentence(args, message):
   rc, out, err = cli(*args)

@@ -68,7 +68,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The authors' side.
 # --------------------------------------------------------------------------- #
 
-class _Inert:
+class _InertType(type):
+  """Class attributes of the stand-in (e.g. InterpolationMode.NEAREST) are stand-ins,
+  one distinct class per name (timm builds lookup tables keyed by them)."""
+  _made: dict = {}
+
+  def __getattr__(cls, name):
+    if name.startswith('__'):
+      raise AttributeError(name)
+    key = (cls.__name__, name)
+    if key not in _InertType._made:
+      _InertType._made[key] = _InertType(name, (_Inert,), {})
+    return _InertType._made[key]
+
+
+class _Inert(metaclass=_InertType):
   """Stands for any torchvision name timm touches at import time."""
 
   def __init__(self, *a, **k):
@@ -89,7 +103,12 @@ class _InertFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
   def create_module(self, spec):
     module = types.ModuleType(spec.name)
     module.__path__ = []
-    module.__getattr__ = lambda attr: _Inert
+
+    def attribute(attr):
+      if attr.startswith('__'):  # __file__ and the like: absent, as for a builtin
+        raise AttributeError(attr)
+      return getattr(_Inert, attr)
+    module.__getattr__ = attribute
     return module
 
   def exec_module(self, module):
