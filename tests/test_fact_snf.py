@@ -75,9 +75,14 @@ def test_modules_start_as_the_frozen_backbone(kw):
   plain = build_model(tiny('pyra', lora_rank=0))
   strip = re.compile(r'(^|/)(fact|snf)(/|$)')
   plain_params = traverse_util.unflatten_dict(
-      {k: v for k, v in flat(params).items() if not strip.search('/'.join(k))})
+      {k: v for k, v in flat(params).items() if not strip.search(k)}, sep='/')
   x = images(3)
-  np.testing.assert_array_equal(apply(model, params, x), apply(plain, plain_params, x))
+  a, b = apply(model, params, x), apply(plain, plain_params, x)
+  if kw['peft'] == 'snf':  # exp(0)·x + 0 is x: the same graph, the same bits
+    np.testing.assert_array_equal(a, b)
+  else:  # + s·(x U Σ)·0 adds exact zeros, but XLA may fuse the bypass's matmul with
+    # the frozen one (a different float32 summation order): equal up to rounding.
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('variant', ['tt', 'tk'])
