@@ -194,7 +194,7 @@ def _adapter_state(rng, depth=2, width=32, k=3):
 
 def _checkpoint_config(**kw):
   from tests.test_checkpoints_formats import tiny_config  # pylint: disable=g-import-not-at-top
-  return tiny_config(peft='adapter', peft_dim=3, num_classes=5, **kw)
+  return tiny_config(**{'peft': 'adapter', 'peft_dim': 3, 'num_classes': 5, **kw})
 
 
 def _load(path, cfg):
