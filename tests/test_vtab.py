@@ -240,20 +240,28 @@ def test_killed_in_the_middle_of_the_grid_then_rerun_gives_the_same_summary(
   assert _comparable(out['summary']) == _comparable(reference)
 
 
-def test_two_workers_give_the_same_summary_as_one(reference, tmp_path):
+def test_two_workers_give_the_same_summary_as_one(reference, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'workers')
   config = quick_config(checkpoint_every_steps=5)
   # Worker 1 of 2 has the first grid value and the final run, whose selection
-  # waits on worker 2's value; it says so, and a second call makes it.
+  # waits on worker 2's value: it says so (the command exits with status 3).
   first = vtab.run_protocol(config, workdir, worker=(1, 2))
   assert first['waiting'] == ['mnist']
   assert os.path.isfile(os.path.join(workdir, 'mnist', 'select',
                                      f'pyra_lr={vtab.format_lr(GRID[0])}', 'results.json'))
   assert not os.path.exists(os.path.join(workdir, 'mnist', 'select',
                                          f'pyra_lr={vtab.format_lr(GRID[1])}'))
-  assert vtab.run_protocol(config, workdir, worker=(2, 2))['waiting'] == []
-  last = vtab.run_protocol(config, workdir, worker=(1, 2))
-  assert last['waiting'] == []
+  assert not os.path.exists(os.path.join(workdir, 'mnist', 'final'))
+  # Called again with --wait, it waits; worker 2 makes its run meanwhile.
+  slept = []
+
+  def worker_2_meanwhile(seconds):
+    slept.append(seconds)
+    assert vtab.run_protocol(config, workdir, worker=(2, 2))['waiting'] == []
+
+  monkeypatch.setattr(vtab, '_sleep', worker_2_meanwhile)
+  last = vtab.run_protocol(config, workdir, worker=(1, 2), wait=True, poll_seconds=7)
+  assert slept == [7] and last['waiting'] == []
   assert _comparable(last['summary']) == _comparable(reference)
 
 
