@@ -444,7 +444,8 @@ def _found_tasks(workdir: str) -> list[str]:
     d = os.path.join(workdir, name)
     if os.path.isdir(os.path.join(d, 'final')) or os.path.isdir(os.path.join(d, 'select')):
       out.append(name)
-  return out
+  order = {t: i for i, t in enumerate(VTAB_TASKS)}  # The paper's order, then the rest.
+  return sorted(out, key=lambda t: (order.get(t, len(order)), t))
 
 
 def _task_row(workdir: str, task: str) -> dict:
