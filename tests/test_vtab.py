@@ -146,7 +146,7 @@ def _write_folder(task_dir: Path, num_classes: int, sizes: dict, seed: int):
     lines = []
     for i in range(n):
       label = i % num_classes
-      image = np.full((8, 8, 3), 40 * label, np.uint8) + rng.integers(0, 20, (8, 8, 3),
+      image = np.full((8, 8, 3), 22 * label, np.uint8) + rng.integers(0, 20, (8, 8, 3),
                                                                        dtype=np.uint8)
       rel = f'images/{split}/{i:06d}.png'
       Image.fromarray(image).save(task_dir / rel)
