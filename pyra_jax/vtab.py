@@ -24,7 +24,8 @@ k mod n. A worker first makes its selection runs, then each of its final runs
 whose task's selection is complete; a final run whose selection still lacks
 another worker's runs is left waiting, listed at the end, and the command
 exits with status 3. Running the same worker again (once the others are done)
-makes it. The summary is written by every invocation, from whatever the
+makes it; with `--wait` the worker waits for them instead. A run whose
+workdir another live process holds (its lock) is left to that process. The summary is written by every invocation, from whatever the
 workdirs hold, so the last worker to finish writes the complete one.
 
 The summary (`summary.md`, `summary.json`, `summary.csv` in --workdir, and
@@ -77,6 +78,10 @@ _SELECT = flags.DEFINE_enum(
 _WORKER = flags.DEFINE_string(
     'worker', '1/1', 'i/n: this process makes the i-th of n deterministic '
     'shares of the runs (module doc).')
+_WAIT = flags.DEFINE_bool(
+    'wait', False, 'A final run whose selection runs belong to other workers '
+    '(or are being trained by another process) is waited for, checking every '
+    'minute, instead of left for a later call (exit status 3).')
 _SUMMARY_ONLY = flags.DEFINE_bool(
     'summary_only', False, 'Write and print the summary from the workdirs; '
     'train nothing.')
@@ -321,8 +326,12 @@ def _benchmark(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   _write_json(path, res)
 
 
-def train_one(spec: RunSpec, cfg: ml_collections.ConfigDict) -> dict:
-  """Trains (or resumes, or reads) one run; returns its results.json."""
+def train_one(spec: RunSpec, cfg: ml_collections.ConfigDict) -> dict | None:
+  """Trains (or resumes, or reads) one run; returns its results.json.
+
+  None when another live process trains in that workdir (its lock, e.g. a
+  worker started twice): the run is being made elsewhere.
+  """
   done = read_results(spec.workdir)
   if done is not None:
     print(f'[vtab] {spec.name}: finished earlier, read {spec.workdir}/results.json',
@@ -333,7 +342,11 @@ def train_one(spec: RunSpec, cfg: ml_collections.ConfigDict) -> dict:
           f'({cfg.data.train_split} -> {cfg.data.eval_split}, '
           f'pyra_lr {cfg.pyra_lr:g})', flush=True)
     os.makedirs(spec.workdir, exist_ok=True)
-    done = train.train_and_evaluate(cfg, spec.workdir)
+    try:
+      done = train.train_and_evaluate(cfg, spec.workdir)
+    except errors.WorkdirInUseError as e:
+      print(f'[vtab] {spec.name}: left to the process that holds it: {e}', flush=True)
+      return None
   print(f'[vtab] {spec.name}: {done["eval_split"]} accuracy '
         f'{100 * done["final_accuracy"]:.2f}%', flush=True)
   if spec.stage == 'final':
@@ -341,13 +354,22 @@ def train_one(spec: RunSpec, cfg: ml_collections.ConfigDict) -> dict:
   return done
 
 
+def _sleep(seconds: float) -> None:
+  """time.sleep, by a name tests can replace."""
+  time.sleep(seconds)
+
+
 def run_protocol(config: ml_collections.ConfigDict, workdir: str,
                  tasks: Sequence[str] | None = None, select: str = 'grid',
-                 worker: tuple[int, int] = (1, 1)) -> dict:
+                 worker: tuple[int, int] = (1, 1), wait: bool = False,
+                 poll_seconds: float = 60.0) -> dict:
   """Makes this worker's runs of the protocol; returns what it did.
 
-  Returns {'waiting': [final runs whose selection other workers have not
-  finished], 'summary': the summary dict}.
+  With `wait`, a final run whose selection lacks other processes' runs is
+  waited for (checked every `poll_seconds`) instead of left waiting.
+
+  Returns {'waiting': [tasks whose final run waits on other workers'
+  selection runs], 'summary': the summary dict}.
   """
   tasks = list(tasks) if tasks else default_tasks(config)
   check_tasks(tasks, config.data.source)
@@ -376,7 +398,13 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
       if choice is not None:
         ready.append((spec, choice))
     if not ready:
-      break
+      if not pending or not wait:
+        break
+      print(f'[vtab] waiting for other workers\' selection runs of '
+            f'{", ".join(s.task for s in pending)} (checking every {poll_seconds:g} s)',
+            flush=True)
+      _sleep(poll_seconds)
+      continue
     for spec, choice in ready:
       pending.remove(spec)
       lr = None
@@ -416,7 +444,8 @@ def _found_tasks(workdir: str) -> list[str]:
     d = os.path.join(workdir, name)
     if os.path.isdir(os.path.join(d, 'final')) or os.path.isdir(os.path.join(d, 'select')):
       out.append(name)
-  return out
+  order = {t: i for i, t in enumerate(VTAB_TASKS)}  # The paper's order, then the rest.
+  return sorted(out, key=lambda t: (order.get(t, len(order)), t))
 
 
 def _task_row(workdir: str, task: str) -> dict:
@@ -648,7 +677,8 @@ def main(argv: Sequence[str]) -> None:
     config = _CONFIG.value
     if config is None:
       _fail('Give a setting with --config=configs/<setting>.py (see configs/).', 2)
-    out = run_protocol(config, _WORKDIR.value, _TASKS.value, _SELECT.value, worker)
+    out = run_protocol(config, _WORKDIR.value, _TASKS.value, _SELECT.value, worker,
+                       wait=_WAIT.value)
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, (errors.PyraError, FileNotFoundError)):
       raise

@@ -146,7 +146,7 @@ def _write_folder(task_dir: Path, num_classes: int, sizes: dict, seed: int):
     lines = []
     for i in range(n):
       label = i % num_classes
-      image = np.full((8, 8, 3), 40 * label, np.uint8) + rng.integers(0, 20, (8, 8, 3),
+      image = np.full((8, 8, 3), 22 * label, np.uint8) + rng.integers(0, 20, (8, 8, 3),
                                                                        dtype=np.uint8)
       rel = f'images/{split}/{i:06d}.png'
       Image.fromarray(image).save(task_dir / rel)
@@ -240,20 +240,28 @@ def test_killed_in_the_middle_of_the_grid_then_rerun_gives_the_same_summary(
   assert _comparable(out['summary']) == _comparable(reference)
 
 
-def test_two_workers_give_the_same_summary_as_one(reference, tmp_path):
+def test_two_workers_give_the_same_summary_as_one(reference, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'workers')
   config = quick_config(checkpoint_every_steps=5)
   # Worker 1 of 2 has the first grid value and the final run, whose selection
-  # waits on worker 2's value; it says so, and a second call makes it.
+  # waits on worker 2's value: it says so (the command exits with status 3).
   first = vtab.run_protocol(config, workdir, worker=(1, 2))
   assert first['waiting'] == ['mnist']
   assert os.path.isfile(os.path.join(workdir, 'mnist', 'select',
                                      f'pyra_lr={vtab.format_lr(GRID[0])}', 'results.json'))
   assert not os.path.exists(os.path.join(workdir, 'mnist', 'select',
                                          f'pyra_lr={vtab.format_lr(GRID[1])}'))
-  assert vtab.run_protocol(config, workdir, worker=(2, 2))['waiting'] == []
-  last = vtab.run_protocol(config, workdir, worker=(1, 2))
-  assert last['waiting'] == []
+  assert not os.path.exists(os.path.join(workdir, 'mnist', 'final'))
+  # Called again with --wait, it waits; worker 2 makes its run meanwhile.
+  slept = []
+
+  def worker_2_meanwhile(seconds):
+    slept.append(seconds)
+    assert vtab.run_protocol(config, workdir, worker=(2, 2))['waiting'] == []
+
+  monkeypatch.setattr(vtab, '_sleep', worker_2_meanwhile)
+  last = vtab.run_protocol(config, workdir, worker=(1, 2), wait=True, poll_seconds=7)
+  assert slept == [7] and last['waiting'] == []
   assert _comparable(last['summary']) == _comparable(reference)
 
 
@@ -336,3 +344,47 @@ def test_task_names_agree_with_the_data_registry():
   assert set(vtab.FOLDER_EXTRA_TASKS) == set(tasks.EXTRA_TASKS) - {'mnist'}
   assert vtab.CUSTOM_PREFIX == tasks.CUSTOM_PREFIX
   assert vtab._PLAIN_NAME.pattern == tasks._PLAIN_NAME.pattern  # pylint: disable=protected-access
+
+
+def _fake_run(path, accuracy, pyra_lr, *, max_accuracy=None, backbone='vitb'):
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, 'results.json'), 'w') as f:
+    json.dump({'final_accuracy': accuracy,
+               'max_accuracy_paper_protocol': max_accuracy or accuracy,
+               'num_test_images': 100, 'wall_time_s': 10.0,
+               'train_images_per_sec': 5.0, 'eval_split': 'test',
+               'trainable_params': {'trainable_percent_of_backbone': 0.5,
+                                    'lora_generators_percent_of_backbone': 0.4},
+               'config': {'pyra_lr': pyra_lr, 'lr': 1e-3,
+                          'model': {'method': 'pyra', 'schedule': 'vitb_high'},
+                          'vtab': {'backbone': backbone}}}, f)
+
+
+def test_summary_from_workdirs_alone(tmp_path):
+  """Group means, partial groups and the paper's number, on hand-made results."""
+  rng = np.random.default_rng(0)
+  acc = {t: float(rng.uniform(0.2, 0.9)) for t in NATURAL + SPECIALIZED + STRUCTURED}
+  for t in sorted(acc, reverse=True):  # Written in another order than the paper's.
+    _fake_run(tmp_path / t / 'final', acc[t], 3e-4, max_accuracy=acc[t] + 0.01)
+    _fake_run(tmp_path / t / 'select' / 'pyra_lr=3e-4', 0.5, 3e-4)
+  s = vtab.summarize(str(tmp_path))
+  assert [r['task'] for r in s['tasks']] == list(NATURAL + SPECIALIZED + STRUCTURED)
+  for group, members in (('Natural', NATURAL), ('Specialized', SPECIALIZED),
+                         ('Structured', STRUCTURED)):
+    want = sum(acc[t] for t in members) / len(members)
+    assert s['groups'][group]['mean'] == pytest.approx(want, abs=1e-12)
+  assert s['vtab_mean']['mean'] == pytest.approx(sum(acc.values()) / 19, abs=1e-12)
+  assert s['vtab_mean']['paper'] == 72.06  # ViT-B/16 PYRA high, docs/algorithm.md §7.
+  row = s['tasks'][0]
+  assert row['max_accuracy_paper_protocol'] == pytest.approx(acc['caltech101'] + 0.01)
+  assert row['select_wall_time_s'] == 10.0 and row['final_wall_time_s'] == 10.0
+  # One task fewer: its group and the 19-task mean become partial.
+  os.remove(tmp_path / 'dmlab' / 'final' / 'results.json')
+  s = vtab.summarize(str(tmp_path))
+  assert s['groups']['Structured'] == {'tasks_done': 7, 'tasks': 8, 'mean': None}
+  assert s['groups']['Natural']['mean'] is not None
+  assert s['vtab_mean']['mean'] is None
+  md = vtab.to_markdown(s)
+  assert '| Structured (8) | partial (7/8 tasks) | – |' in md
+  assert '| VTAB-1k, 19 tasks | partial (18/19 tasks) | 72.06 |' in md
+  assert [r['status'] for r in s['tasks'] if r['task'] == 'dmlab'] == ['selecting']
