@@ -472,7 +472,11 @@ class EncoderBlock(nn.Module):
       x, size, plan = tofu_lib.tofu(x, size, metric, self.r, prune_layer=self.prune,
                                     distill_token=self.distilled)
       if source is not None and plan is not None:
-        source = merge_lib.merge_source(source, plan, distill_token=self.distilled)
+        # A pruned source's patches leave with it (its row contributes zeros
+        # to the max); a merged one's join its destination.
+        drop = (lambda src, dst: jnp.zeros_like(src)) if self.prune else None
+        source = merge_lib.merge(source, plan, distill_token=self.distilled,
+                                 reduce='max', modulate=drop)
     elif self.r > 0 and method == 'evit':
       keep = x.shape[1] - num_protected - 1 - self.r
       x = evit_lib.evit_reorganize(x, extra[0], keep, num_protected=num_protected)
