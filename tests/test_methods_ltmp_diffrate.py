@@ -356,7 +356,7 @@ def test_a_killed_search_is_continued_by_a_rerun_and_its_rates_train(tmp_path):
   first = subprocess.Popen([sys.executable, '-m', 'pyra_jax.main', *args], cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
-    deadline = time.time() + 240
+    deadline = time.time() + 1200  # a loaded machine prepares the data slowly
     ckpts = wd / 'checkpoints'
     while not (ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 10
                                       for p in ckpts.iterdir())):
