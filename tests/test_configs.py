@@ -114,5 +114,5 @@ def test_argument_grammar():
     paper.parse_arg('dtd')
   with pytest.raises(ValueError, match='not a number'):
     load('vitb_high.py', 'lr=fast')
-  with pytest.raises(ValueError, match='peft, tome or pyra'):
+  with pytest.raises(ValueError, match='use one of peft, tome, pyra'):
     load('vitb_high.py', 'method=fast')

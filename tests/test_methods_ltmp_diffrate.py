@@ -275,7 +275,7 @@ def test_diffrate_rates_fix_the_token_counts_and_the_flops():
 
 @pytest.mark.parametrize('method,overrides', [
     ('ltmp', {}), ('diffrate', {'diffrate_rates': '17,13;15,9'}),
-    ('diffrate', {'diffrate_search': True, 'diffrate_flops_ratio': 1.3})])
+    ('diffrate', {'diffrate_search': True, 'diffrate_flops_ratio': 1.1})])
 def test_one_compilation_per_method(method, overrides):
   _, model = _tiny_model(method, **overrides)
   x = jnp.asarray(_rng(9).normal(size=(4, 32, 32, 3)), jnp.float32)
@@ -351,13 +351,13 @@ def test_a_killed_search_is_continued_by_a_rerun_and_its_rates_train(tmp_path):
   require_offline_mnist()
   wd = tmp_path / 'search'
   args = ['--config=configs/tiny.py:method=diffrate', '--mode=search', f'--workdir={wd}',
-          '--config.model.diffrate_flops_ratio=1.3', '--config.model.diffrate_search_epochs=4',
+          '--config.model.diffrate_flops_ratio=1.1', '--config.model.diffrate_search_epochs=4',
           '--config.checkpoint_every_steps=5', '--config.eval_every_epochs=0']
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   first = subprocess.Popen([sys.executable, '-m', 'pyra_jax.main', *args], cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
-    deadline = time.time() + 240
+    deadline = time.time() + 1200  # a loaded machine prepares the data slowly
     ckpts = wd / 'checkpoints'
     while not (ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 10
                                       for p in ckpts.iterdir())):

@@ -322,7 +322,7 @@ def max_flops_ratio(*, depth: int, num_patches: int, num_protected: int,
   from pyra_jax import schedules  # pylint: disable=g-import-not-at-top
   n0 = num_patches + num_protected
   least = int(candidates(num_patches, granularity)[-1]) + num_protected
-  sched = [n0 - least] + [0] * (depth - 1)
+  sched = ([0, n0 - least] + [0] * (depth - 2))[:depth]
   full = schedules.vit_flops([0] * depth, num_tokens=n0, width=width, mlp_ratio=mlp_ratio)
   best = schedules.vit_flops(sched, num_tokens=n0, width=width, mlp_ratio=mlp_ratio)
   return full / best

@@ -969,7 +969,13 @@ METHOD_FIELDS = {
 def _method_settings(c: ml_collections.ConfigDict, method: str, *, depth: int,
                      num_patches: int, num_protected: int, width: int,
                      mlp_ratio: float) -> tuple[tuple, tuple]:
-  """(settings, diffrate_kept) of LTMP / DiffRate, checked; ((), ()) otherwise."""
+  """(settings, diffrate_kept) of LTMP / DiffRate, checked; ((), ()) otherwise.
+
+  Every method's fields must exist whatever the method (a config missing one is
+  refused by name, as for every other model field).
+  """
+  for name in sum(METHOD_FIELDS.values(), ()) + ('diffrate_rates', 'diffrate_search_epochs'):
+    _field(c, name)
   if method not in METHOD_FIELDS:
     return (), ()
   cfg = {name: _field(c, name) for name in METHOD_FIELDS[method]}
