@@ -122,7 +122,7 @@ def method_config(model_config: ml_collections.ConfigDict, method: str, *,
 
   Every compressing method gets the same schedule: tome/pyra/tofu merge its
   r per layer, ats samples N - r slots, and evit solves the keep rate whose
-  FLOPs match it (docs/algorithm.md §10), unless the config itself is an EViT
+  FLOPs match it (docs/algorithm.md §16), unless the config itself is an EViT
   config at its own keep rate, or the method is 'evit_own'.
   """
   if method not in METHODS:

@@ -224,7 +224,7 @@ def resolve_schedule(spec: ScheduleSpec, *, depth: int, num_patches: int,
 
 
 # --------------------------------------------------------------------------- #
-# The competing methods' per-layer counts (docs/algorithm.md §10)
+# The competing methods' per-layer counts (docs/algorithm.md §16)
 # --------------------------------------------------------------------------- #
 # Every method resolves to the same per-layer tuple: r_l, the tokens the layer
 # removes net (its output has r_l fewer tokens than its input), so token counts

@@ -1,6 +1,6 @@
 """DiffRate's search stage, behind `python -m pyra_jax.main --mode=search`.
 
-The search is a training run of its own (docs/algorithm.md §10.2): the same
+The search is a training run of its own (docs/algorithm.md §17.2): the same
 loop, data, Orbax checkpoints and resume as `--mode=train`, on the config
 with `model.diffrate_search = True` and `model.diffrate_search_epochs`
 epochs. Besides LoRA and the head (a new task's head starts random, so class

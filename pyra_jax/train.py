@@ -341,7 +341,7 @@ def training_loss(model, trainable: PyTree, frozen: PyTree, batch: dict,
   The model in training mode (LoRA dropout, stochastic depth drawn from
   `rng`) on `batch`, masked cross-entropy (`_masked_xent`), plus the FLOPs
   regulariser of the methods that learn their compression (LTMP, the DiffRate
-  search: the model sows it under `losses`; docs/algorithm.md §10). Shared by
+  search: the model sows it under `losses`; docs/algorithm.md §17). Shared by
   the step and by the benchmark's breakdown of it.
 
   With a `teacher` (PE-Dist, `pyra_jax.teacher.Teacher`) each unmasked row
@@ -866,7 +866,7 @@ def ltmp_token_report(run: Run, trainable: PyTree, eval_data) -> dict:
 
   Static shapes make every layer compute all tokens (`flops_fraction_run` =
   1); `effective_flops_fraction` is the mean over the images of the blocks'
-  FLOPs with the inactive tokens removed (docs/algorithm.md §10.1), and
+  FLOPs with the inactive tokens removed (docs/algorithm.md §17.1), and
   `mean_active_tokens` the tokens left active after each block.
   """
   from pyra_jax.methods import ltmp  # pylint: disable=g-import-not-at-top

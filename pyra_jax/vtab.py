@@ -1,4 +1,4 @@
-r"""The VTAB-1k protocol end to end: `python -m pyra_jax.vtab` (docs/algorithm.md §10).
+r"""The VTAB-1k protocol end to end: `python -m pyra_jax.vtab` (docs/algorithm.md §11).
 
   python -m pyra_jax.vtab --config=configs/vitb_high.py:init=W --workdir=runs/vitb_high
   python -m pyra_jax.vtab ... --tasks=dtd,oxford_iiit_pet --select=none

@@ -1,6 +1,6 @@
 """Slow numpy transcriptions of LTMP and DiffRate, written from their definitions.
 
-docs/algorithm.md §10 (and the methods' papers): loops over the batch and the
+docs/algorithm.md §17 (and the methods' papers): loops over the batch and the
 tokens, no vectorised tricks, so a bug in `pyra_jax/methods/` cannot be mirrored
 here. Hard (forward) values only; used by tests/test_methods_ltmp_diffrate.py.
 """

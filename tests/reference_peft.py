@@ -1,4 +1,4 @@
-"""Slow numpy transcriptions of FacT and SNF from their definitions (docs/algorithm.md §10-11).
+"""Slow numpy transcriptions of FacT and SNF from their definitions (docs/algorithm.md §14-15).
 
 FacT: the weight increment of slice i is ΔW_i = s · U Σ_i V, built here as an
 explicit (D, D) matrix with loops over its entries (no factorised shortcut),

@@ -345,7 +345,7 @@ def test_paper_preset_through_the_command_line_with_small_overrides(tmp_path):
   assert s['preset'] == 'paper' and s['batch_size'] == 4
   assert s['warmup_seconds'] == 0.5 and s['seconds'] >= 0.3 and s['rounds'] >= 1
 def test_every_method_at_two_schedules_in_one_run():
-  """The competing methods (docs/algorithm.md §10) timed with the others, each
+  """The competing methods (docs/algorithm.md §16) timed with the others, each
   compressing method at both schedules, in the same rounds; one trace each."""
   from pyra_jax.configs import common  # pylint: disable=g-import-not-at-top
   config = common.get_base_config()

@@ -1,4 +1,4 @@
-"""EViT, ToFu and ATS (docs/algorithm.md §10) against slow numpy transcriptions
+"""EViT, ToFu and ATS (docs/algorithm.md §16) against slow numpy transcriptions
 of their definitions, plus the model-level properties every method must have:
 the class (and distillation) token survives, one compilation, clear errors.
 

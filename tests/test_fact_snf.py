@@ -1,7 +1,7 @@
 """FacT and SNF as the trainable module (model.peft), under every merging method.
 
 Forward passes are checked against tests/reference_peft.py, a numpy transcription
-of the modules' definitions (docs/algorithm.md §10-11), with random module
+of the modules' definitions (docs/algorithm.md §14-15), with random module
 parameters; FacT's folding against the unfolded model; parameter counts against
 formulas written from the definitions and the papers' printed counts.
 """

@@ -1,4 +1,4 @@
-"""LTMP and DiffRate (Table 14; docs/algorithm.md §10) against numpy transcriptions.
+"""LTMP and DiffRate (Table 14; docs/algorithm.md §17) against numpy transcriptions.
 
 The references (tests/reference_methods.py) are loops written from the methods'
 definitions. Also: the class token is never dropped or merged, one compilation

@@ -303,13 +303,13 @@ def test_paper_settings_take_peft():
 def test_bad_peft_argument_fails_with_one_sentence():
   rc, _, err = cli('--config=configs/tiny.py:peft=prompt', '--workdir=/tmp/unused')
   assert rc != 0 and 'Traceback' not in err, err
-  assert "peft='prompt': use one of lora, adapter, convpass." in err
+  assert "peft='prompt': use one of lora, adapter, convpass, fact, snf." in err
   assert len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize('override,message', [
     ('--config.model.peft=prompt',
-     "model.peft must be one of ('lora', 'adapter', 'convpass'), got 'prompt'."),
+     "model.peft must be one of ('lora', 'adapter', 'convpass', 'fact', 'snf'), got 'prompt'."),
     ('--config.model.peft_dim=0',
      "model.peft_dim must be a positive integer for model.peft='adapter', got 0."),
     ('--config.model.convpass_init=ones',

@@ -1,4 +1,4 @@
-"""The VTAB-1k protocol command (`python -m pyra_jax.vtab`, docs/algorithm.md §10).
+"""The VTAB-1k protocol command (`python -m pyra_jax.vtab`, docs/algorithm.md §11).
 
 Tiny model (configs/tiny.py, 1 epoch), 2-value pyra_lr grids. What each run
 reports is read back from its own results.json and the protocol's choices are

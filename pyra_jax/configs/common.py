@@ -54,7 +54,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.lora_init = 'zeros'     # 'zeros': B = 0 (LoRA starts as identity);
                                 # 'trunc_normal': A, B ~ TN(0.02), the authors' code
 
-  # The trainable module (docs/algorithm.md §10; README "PEFT modules"):
+  # The trainable module (docs/algorithm.md §13-15; README "PEFT modules"):
   # 'lora' (above) | 'adapter' (the authors' bottleneck Adapter after the MLP,
   # Tables 18-19) | 'convpass' (3x3 convolutional bypasses beside attention and
   # the MLP, Jie & Deng 2022; Table 20) | 'fact' (FacT, Jie & Deng 2023) |
@@ -89,7 +89,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Token merging.
   model.method = 'pyra'         # 'peft' (no merging) | 'tome' | 'pyra' |
                                 # 'evit' | 'tofu' | 'ats' | 'ltmp' | 'diffrate'
-                                # (Table 14's competitors; docs/algorithm.md §10)
+                                # (Table 14's competitors; docs/algorithm.md §16-17)
   model.schedule = 'vitb_high'  # a named schedule, an int (ToMe constant r),
                                 # 'r,inflection', 'flops:<ratio>', or 'r0,r1,...'
   model.prop_attn = True        # add log(size) to the key logits
@@ -102,7 +102,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.wr_init = 'uniform'     # 'uniform' U(-1, 1) (authors' code) | 'normal'
   model.pyra_ln_eps = 1e-5      # the generators' LayerNorm eps (PyTorch default)
 
-  # The competing methods (Table 14; docs/algorithm.md §10). tofu and ats take
+  # The competing methods (Table 14; docs/algorithm.md §16). tofu and ats take
   # their per-layer counts from model.schedule (ats: N - r slots per layer).
   # EViT's layers, 0-based, comma-separated ('3,6,9'); '': EViT's own 3,6,9 of
   # 12 layers, scaled to the depth (24 layers: 6,12,18)
@@ -209,7 +209,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.benchmark_after_training = False  # time the deployed model vs uncompressed
   config.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16'
 
-  # --- VTAB-1k protocol (`python -m pyra_jax.vtab`, docs/algorithm.md §10) ---
+  # --- VTAB-1k protocol (`python -m pyra_jax.vtab`, docs/algorithm.md §11) ---
   vtab = config.vtab = ml_collections.ConfigDict()
   # The PYRA generators' lr values tried per task (train800 -> val200) before
   # the final run (train800val200 -> test); the paper's grid. MAE ViT-L

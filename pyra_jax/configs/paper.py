@@ -127,7 +127,7 @@ METHODS = ('peft', 'tome', 'pyra', 'evit', 'tofu', 'ats', 'ltmp', 'diffrate')
 
 def set_method(config: ml_collections.ConfigDict, method: str) -> None:
   """peft trains LoRA + head without merging; tome merges; pyra also modulates;
-  evit/tofu/ats/ltmp/diffrate are the competitors of Table 14 (docs/algorithm.md §10).
+  evit/tofu/ats/ltmp/diffrate are the competitors of Table 14 (docs/algorithm.md §16-17).
 
   evit at a compression setting (a schedule) matches that setting's FLOPs with
   its keep rate; its own setting (keep rate 0.7 at layers 3, 6, 9) is

@@ -1,6 +1,6 @@
 """ATS, Adaptive Token Sampling (Fayyaz et al., ECCV 2022), in static shapes.
 
-Definition (docs/algorithm.md §10.3). At a sampling layer, after attention and
+Definition (docs/algorithm.md §16.3). At a sampling layer, after attention and
 its residual, over the M = N - P tokens after the protected prefix (class token,
 and DeiT's distillation token):
   1. score  s_j = (sum over heads of the class token's attention to j) * |v_j|,

@@ -1,6 +1,6 @@
 """DiffRate: differentiable per-layer compression rates (Chen et al., ICCV 2023).
 
-docs/algorithm.md §10.2. Every block, between attention and the MLP:
+docs/algorithm.md §17.2. Every block, between attention and the MLP:
 
   sort   the image tokens by class attention (mean over heads), descending;
          the protected prefix (class, distillation token) stays first;

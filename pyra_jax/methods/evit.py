@@ -1,6 +1,6 @@
 """EViT (Liang et al., ICLR 2022): keep the attentive tokens, fuse the rest into one.
 
-Definition (docs/algorithm.md §10.1). At a reorganisation layer, after attention
+Definition (docs/algorithm.md §16.1). At a reorganisation layer, after attention
 and its residual, with a = the class token's attention over the tokens averaged
 over heads:
   * the protected prefix (class token, and DeiT's distillation token) stays;

@@ -1,6 +1,6 @@
 """LTMP: learned-threshold token merging and pruning (Bonnaerens & Dambre, TMLR 2023).
 
-docs/algorithm.md §10.1. Every block, between attention and the MLP:
+docs/algorithm.md §17.1. Every block, between attention and the MLP:
 
   merge  ToMe's bipartite split (A = even, B = odd positions); each active A
          token's best cosine similarity to a B token (mean keys) is compared

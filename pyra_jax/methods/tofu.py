@@ -1,6 +1,6 @@
 """ToFu, Token Fusion (Kim et al., WACV 2024): ToMe's matching, then prune or MLERP-merge.
 
-Definition (docs/algorithm.md §10.2). The plan is ToMe's bipartite soft
+Definition (docs/algorithm.md §16.2). The plan is ToMe's bipartite soft
 matching on the head-mean keys (`merge.bipartite_soft_matching`: r sources of
 set A, each paired with its most similar token of set B; the class token
 and the distillation token are never sources).

@@ -10,7 +10,7 @@ activation and `up` (training only). Stochastic depth drops y before the
 Adapter sees it, so a dropped branch drops the Adapter's output too (the
 authors' `x + adapter(drop_path(mlp(norm2(x))))`). The update is nonlinear in
 y, so it cannot be folded into the frozen MLP: the deployed model keeps it
-(docs/algorithm.md §10).
+(docs/algorithm.md §13).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ size-weighted average merging itself uses, so the bypass of a merged model is
 the identity) it is exactly the original Convpass. Convolving is linear, so
 the down/activation stay per token; only the conv itself needs the grid.
 Nothing here folds (the activations are nonlinear): the deployed model keeps
-the bypasses (docs/algorithm.md §10).
+the bypasses (docs/algorithm.md §13).
 """
 
 from __future__ import annotations

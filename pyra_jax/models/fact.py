@@ -14,7 +14,7 @@ per slice:
 
 So ΔW_i = s · U Σ_i V with a fixed scale s; the module computes it as
 s · ((x U) Σ_i) V, with dropout on (x U) Σ_i in training. V starts at zero, so
-FacT starts as the identity (docs/algorithm.md §10). Every increment is linear
+FacT starts as the identity (docs/algorithm.md §14). Every increment is linear
 in x, which is why `fold_fact` can add s · U Σ_i V to the frozen kernels for
 deployment: same logits, no FacT parameter left, no extra FLOPs.
 

@@ -4,7 +4,7 @@ SNF (Wang et al., CVPR 2023) keeps both branches of a block frozen and adapts
 the two identity shortcuts instead: `x + Attn(LN(x))` becomes
 `f_attn(x) + Attn(LN(x))` and `x + MLP(LN(x))` becomes `f_mlp(x) + MLP(LN(x))`,
 where each f is an invertible map (a normalizing flow) applied to every token
-independently (docs/algorithm.md §11):
+independently (docs/algorithm.md §15):
 
   z_0 = μ + exp(log σ) ⊙ x                       (element-wise affine)
   z_k = z_{k-1} + u_k · tanh(w_k · z_{k-1} + b_k)  (K planar steps, k = 1..K)

@@ -61,7 +61,7 @@ METHODS = ('peft', 'tome', 'pyra',
 MERGING_METHODS = ('peft', 'tome', 'pyra')
 # Methods that need the class token's attention (Attention.return_cls_attn).
 CLS_ATTN_METHODS = ('evit', 'ats')
-# The trainable module (config.model.peft; docs/algorithm.md §10). Each keeps its
+# The trainable module (config.model.peft; docs/algorithm.md §13-15). Each keeps its
 # parameters under its own scope name, the module's name, so one regex selects
 # them; anything but 'lora' turns LoRA off.
 PEFT_MODULES = ('lora', 'adapter', 'convpass', 'fact', 'snf')
@@ -370,7 +370,7 @@ class DiffRateLogits(nn.Module):
 class EncoderBlock(nn.Module):
   """One transformer block, reducing tokens after attention.
 
-  How depends on `method` (docs/algorithm.md §1 and §10): tome/pyra merge `r`
+  How depends on `method` (docs/algorithm.md §1 and §16-17): tome/pyra merge `r`
   tokens (pyra also modulates), tofu prunes (`prune`) or MLERP-merges, evit
   keeps the attentive tokens and fuses the others into one, ats samples N - r
   slots and masks repeated picks (the mask travels in `size`, see
@@ -728,7 +728,7 @@ class Encoder(nn.Module):
 
 def _flops_regulariser(method: str, cfg: dict, aux: list, num_tokens: int,
                        width: int, mlp_ratio: float) -> tuple[Array, Array]:
-  """(FLOPs fraction, penalty toward the method's target) (docs/algorithm.md §10)."""
+  """(FLOPs fraction, penalty toward the method's target) (docs/algorithm.md §17)."""
   if method == 'ltmp':
     fraction = ltmp_lib.flops_ratio(aux, num_tokens=num_tokens, width=width,
                                     mlp_ratio=mlp_ratio)
@@ -819,7 +819,7 @@ def _evit_schedule(c: ml_collections.ConfigDict, target: Optional[tuple[int, ...
                    depth: int, num_patches: int, num_protected: int, width: int,
                    mlp: int) -> tuple[int, ...]:
   """EViT's per-layer r: from its keep rate, or (target given) the keep rate
-  whose FLOPs match the target schedule's (docs/algorithm.md §10.1)."""
+  whose FLOPs match the target schedule's (docs/algorithm.md §16.1)."""
   layers = evit_layers(c, depth)
   keep_rate = _field(c, 'evit_keep_rate')
   if (isinstance(keep_rate, bool) or not isinstance(keep_rate, numbers.Real)
@@ -1036,7 +1036,7 @@ def deployed_config(model_config: ml_collections.ConfigDict) -> ml_collections.C
   FacT folds too (`fact.fold_fact`), so its deployed model is the plain ViT
   (peft='lora', rank 0). A module that cannot fold (Adapter, Convpass, SNF)
   stays in the deployed model, with its parameters, under the same config
-  (docs/algorithm.md §10).
+  (docs/algorithm.md §13).
   """
   c = ml_collections.ConfigDict(model_config.to_dict())
   c.lora_rank = 0
