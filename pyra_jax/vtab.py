@@ -59,33 +59,6 @@ from pyra_jax import configs
 from pyra_jax import errors
 from pyra_jax.errors import ConfigError, UsageError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None,
-    'A setting file, e.g. configs/vitb_high.py:init=W (the task in it is '
-    'replaced by each task of --tasks). Override fields with '
-    '--config.<field>=<value>, e.g. --config.vtab.pyra_lr_grid="(1e-4,1e-3)".',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Root of the protocol: <workdir>/<task>/select/pyra_lr=<v>, '
-    '<workdir>/<task>/final, and the summary files.')
-_TASKS = flags.DEFINE_list(
-    'tasks', None, 'Comma-separated tasks (default: the 19 VTAB-1k tasks; with '
-    'data.source=mnist, mnist).')
-_SELECT = flags.DEFINE_enum(
-    'select', 'grid', ['grid', 'none'],
-    "grid: choose pyra_lr per task on val200 from config.vtab.pyra_lr_grid "
-    "(method=pyra only); none: train the config's pyra_lr directly.")
-_WORKER = flags.DEFINE_string(
-    'worker', '1/1', 'i/n: this process makes the i-th of n deterministic '
-    'shares of the runs (module doc).')
-_WAIT = flags.DEFINE_bool(
-    'wait', False, 'A final run whose selection runs belong to other workers '
-    '(or are being trained by another process) is waited for, checking every '
-    'minute, instead of left for a later call (exit status 3).')
-_SUMMARY_ONLY = flags.DEFINE_bool(
-    'summary_only', False, 'Write and print the summary from the workdirs; '
-    'train nothing.')
-
 # Exit status of a worker that left final runs waiting on other workers.
 EXIT_WAITING = 3
 
@@ -660,25 +633,58 @@ class _QuietOrbax:
     return record.levelno >= 30 or '/orbax/' not in record.pathname
 
 
-def main(argv: Sequence[str]) -> None:
+def define_flags() -> dict[str, Any]:
+  """The command's flags, defined when the command runs (not on import, so that
+  importing this module beside `pyra_jax.main`, which has its own --config, works)."""
+  fl: dict[str, Any] = {}
+  fl['config'] = config_flags.DEFINE_config_file(
+      'config', None,
+      'A setting file, e.g. configs/vitb_high.py:init=W (the task in it is '
+      'replaced by each task of --tasks). Override fields with '
+      '--config.<field>=<value>, e.g. --config.vtab.pyra_lr_grid="(1e-4,1e-3)".',
+      lock_config=True)
+  fl['workdir'] = flags.DEFINE_string(
+      'workdir', None, 'Root of the protocol: <workdir>/<task>/select/pyra_lr=<v>, '
+      '<workdir>/<task>/final, and the summary files.')
+  fl['tasks'] = flags.DEFINE_list(
+      'tasks', None, 'Comma-separated tasks (default: the 19 VTAB-1k tasks; with '
+      'data.source=mnist, mnist).')
+  fl['select'] = flags.DEFINE_enum(
+      'select', 'grid', ['grid', 'none'],
+      "grid: choose pyra_lr per task on val200 from config.vtab.pyra_lr_grid "
+      "(method=pyra only); none: train the config's pyra_lr directly.")
+  fl['worker'] = flags.DEFINE_string(
+      'worker', '1/1', 'i/n: this process makes the i-th of n deterministic '
+      'shares of the runs (module doc).')
+  fl['wait'] = flags.DEFINE_bool(
+      'wait', False, 'A final run whose selection runs belong to other workers '
+      '(or are being trained by another process) is waited for, checking every '
+      'minute, instead of left for a later call (exit status 3).')
+  fl['summary_only'] = flags.DEFINE_bool(
+      'summary_only', False, 'Write and print the summary from the workdirs; '
+      'train nothing.')
+  return fl
+
+
+def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
   logging.get_absl_handler().addFilter(_QuietOrbax())
   if len(argv) > 1:
     _fail(f'Unexpected arguments: {" ".join(argv[1:])}', 2)
-  if _WORKDIR.value is None:
+  if fl['workdir'].value is None:
     _fail('Give --workdir=DIR: the root of the protocol\'s runs and summary.', 2)
   try:
-    worker = parse_worker(_WORKER.value)
-    if _SUMMARY_ONLY.value:
-      if _TASKS.value is not None:
-        config = _CONFIG.value
-        check_tasks(_TASKS.value, config.data.source if config else 'folder')
-      write_summary(_WORKDIR.value, _TASKS.value)
+    worker = parse_worker(fl['worker'].value)
+    if fl['summary_only'].value:
+      if fl['tasks'].value is not None:
+        config = fl['config'].value
+        check_tasks(fl['tasks'].value, config.data.source if config else 'folder')
+      write_summary(fl['workdir'].value, fl['tasks'].value)
       return
-    config = _CONFIG.value
+    config = fl['config'].value
     if config is None:
       _fail('Give a setting with --config=configs/<setting>.py (see configs/).', 2)
-    out = run_protocol(config, _WORKDIR.value, _TASKS.value, _SELECT.value, worker,
-                       wait=_WAIT.value)
+    out = run_protocol(config, fl['workdir'].value, fl['tasks'].value, fl['select'].value, worker,
+                       wait=fl['wait'].value)
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, (errors.PyraError, FileNotFoundError)):
       raise
@@ -689,7 +695,8 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-  app.run(main, flags_parser=_parse_flags)
+  fl = define_flags()
+  app.run(lambda argv: main(argv, fl), flags_parser=_parse_flags)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
