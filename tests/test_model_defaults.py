@@ -27,7 +27,9 @@ from tests.test_train_cli import reset_flags, run_main
 from tests.offline_data import require_offline_mnist
 
 # Module fields that are not config fields, so a default there is no second copy.
-NOT_CONFIG_FIELDS = {'trace_source', 'hidden', 'kernel_init'}
+# Wiring between modules (set by the block for the method at hand), not config.
+NOT_CONFIG_FIELDS = {'trace_source', 'hidden', 'kernel_init', 'return_cls_attn',
+                     'return_value_norm', 'return_mean_attn'}
 UNSET_FIELDS = ('num_classes', 'width', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
 
 

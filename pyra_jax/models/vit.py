@@ -885,6 +885,10 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
   distilled = _field(c, 'distilled')
   num_protected = 1 + int(distilled)
   num_patches = (image_size // patch) ** 2
+  # EViT's fields are read (and so must exist) whatever the method, like every
+  # other model field; _evit_schedule interprets them when method == 'evit'.
+  for name in ('evit_layers', 'evit_keep_rate', 'evit_match_flops'):
+    _field(c, name)
   tofu_prune_layers = _field(c, 'tofu_prune_layers')
   if method == 'tofu' and (isinstance(tofu_prune_layers, bool) or
                            not isinstance(tofu_prune_layers, numbers.Integral)
