@@ -145,7 +145,28 @@ def method_config(model_config: ml_collections.ConfigDict, method: str, *,
     c.num_classes = num_classes
   if method == 'pyra' and c.modulation == 'none':
     c.modulation = 'pyra'
+  if method == 'diffrate' and not c.get('diffrate_rates'):
+    c.diffrate_rates = schedule_as_diffrate_rates(c)
   return c
+
+
+def schedule_as_diffrate_rates(model_config: ml_collections.ConfigDict) -> str:
+  """DiffRate's rates when no search has run: the schedule's r_l merged, none pruned.
+
+  DiffRate's speed depends on how many tokens each layer keeps, which a search
+  sets to meet its FLOPs target; timing it at the schedule's own counts gives
+  the same FLOPs as ToMe's, what a search aiming at that budget converges to.
+  The inline form of `model.diffrate_rates`: kept counts after pruning (none:
+  the layer's input count) ; kept counts after merging.
+  """
+  as_tome = ml_collections.ConfigDict(model_config.to_dict())
+  as_tome.method = 'tome'
+  kw = vit.model_kwargs(as_tome, num_classes=1)
+  n0 = (model_config.image_size // kw['patch_size']) ** 2 + 1 + int(kw['distilled'])
+  counts = schedules.token_counts(kw['schedule'], n0)  # n0, n1, ..., n_depth
+  prune = ','.join(str(n) for n in counts[:-1])
+  merge = ','.join(str(n) for n in counts[1:])
+  return f'{prune};{merge}'
 
 
 def _randomize(params: PyTree, pattern: str, key: jax.Array) -> PyTree:
@@ -440,6 +461,8 @@ def _setup_modules(config: ml_collections.ConfigDict, *, image_size: int,
                                  num_classes=num_classes, peft=peft)
       params[name] = base if m == 'pyra' else strip_scope(base, 'pyra')
   return image_size, cfgs, params
+
+
 def model_names(methods: Sequence[str], schedules_: Sequence[str]) -> list[tuple[str, str, Optional[str]]]:
   """(name, method, schedule) of each model timed: with several schedules, every
   compressing method at each ('tome@vitb_low'), peft once."""
@@ -469,7 +492,7 @@ def _setup(config: ml_collections.ConfigDict, *, image_size: int, num_classes: i
     raise BenchmarkError(f'--image_size={image_size} differs from the export\'s '
                          f'{owner.model.image_size}: drop --image_size.')
   cfgs, params = {}, {}
-  base = None
+  bases = {}  # schedule -> init with PYRA's generators, whose shapes follow r_l
   for name, m, sched in model_names(methods, schedules_):
     src = export_cfg.model if export_cfg is not None else config.model
     try:
@@ -481,10 +504,14 @@ def _setup(config: ml_collections.ConfigDict, *, image_size: int, num_classes: i
     if exported is not None:
       params[name] = exported if m == 'pyra' else strip_scope(exported, 'pyra')
     else:
-      if base is None:  # one init (with pyra), shared: same backbone for all
-        base = init_params(method_config(config.model, 'pyra', image_size=image_size,
-                                         num_classes=num_classes), image_size)
-      params[name] = base if m == 'pyra' else strip_scope(base, 'pyra')
+      # One init (with pyra) per schedule; the backbone is the same in every one
+      # (flax draws each parameter from its own path), so all share it.
+      key = sched if m == 'pyra' else next(iter(bases), sched)
+      if key not in bases:
+        bases[key] = init_params(method_config(config.model, 'pyra', image_size=image_size,
+                                               num_classes=num_classes, schedule=key),
+                                 image_size)
+      params[name] = bases[key] if m == 'pyra' else strip_scope(bases[key], 'pyra')
       if m == 'ltmp':  # its thresholds; the backbone is the same (per-path RNG)
         params[name] = init_params(cfgs[name], image_size)
   return image_size, cfgs, params

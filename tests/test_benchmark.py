@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -356,14 +357,17 @@ def test_every_method_at_two_schedules_in_one_run():
   m.tofu_prune_layers = 1
   res = benchmark.run_forward(
       config, batch_size=2, num_iters=2, warmup=1, matmul_size=64, gemm_bound=False,
-      methods=('peft', 'tome', 'evit', 'evit_own', 'tofu', 'ats'),
+      methods=('peft', 'tome', 'pyra', 'evit', 'evit_own', 'tofu', 'ats', 'diffrate'),
       schedules_=('4,2', '6,3'))
   models = res['models']
-  assert list(models) == ['peft', 'tome@4,2', 'tome@6,3', 'evit@4,2', 'evit@6,3',
-                          'evit_own', 'tofu@4,2', 'tofu@6,3', 'ats@4,2', 'ats@6,3']
+  assert list(models) == ['peft', 'tome@4,2', 'tome@6,3', 'pyra@4,2', 'pyra@6,3',
+                          'evit@4,2', 'evit@6,3', 'evit_own', 'tofu@4,2', 'tofu@6,3',
+                          'ats@4,2', 'ats@6,3', 'diffrate@4,2', 'diffrate@6,3']
   assert not res['recompiled'] and all(v['traces'] == 1 for v in models.values())
   for sched, r in (('4,2', [4, 2]), ('6,3', [6, 3])):
-    for method in ('tome', 'tofu', 'ats'):
+    # PYRA's generators are sized by each schedule's r_l (one init per schedule);
+    # DiffRate without searched rates keeps the schedule's counts.
+    for method in ('tome', 'pyra', 'tofu', 'ats', 'diffrate'):
       assert models[f'{method}@{sched}']['schedule'] == r
       assert models[f'{method}@{sched}']['gflops'] == pytest.approx(_flops(r) / 1e9)
     # EViT's keep rate is solved to the schedule's FLOPs (within 5 %).
@@ -375,3 +379,27 @@ def test_every_method_at_two_schedules_in_one_run():
   ats = models['ats@6,3']
   assert ats['tokens'] == [17, 11, 8]
   assert all(live <= slots for live, slots in zip(ats['live_tokens'], ats['tokens'][1:]))
+
+
+def test_diffrate_without_searched_rates_is_timed_at_the_schedules_token_counts():
+  """No search has run: DiffRate keeps, per layer, the tokens ToMe keeps at the
+  same schedule (merged, none pruned), so its FLOPs are the schedule's."""
+  from pyra_jax.configs import vitb_high  # pylint: disable=g-import-not-at-top
+  from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
+  model = vitb_high.get_config().model
+  for sched in ('vitb_low', 'vitb_high', '8'):
+    dr = benchmark.method_config(model, 'diffrate', image_size=224, num_classes=10,
+                                 schedule=sched)
+    tome = benchmark.method_config(model, 'tome', image_size=224, num_classes=10,
+                                   schedule=sched)
+    r = vit.model_kwargs(tome)['schedule']
+    prune, merge = ([int(v) for v in half.split(',')] for half in dr.diffrate_rates.split(';'))
+    n = [197]
+    for ri in r:
+      n.append(n[-1] - ri)
+    assert prune == n[:-1] and merge == n[1:]  # written out from the definition
+    assert vit.model_kwargs(dr)['schedule'] == r
+  given = benchmark.method_config(
+      ml_collections.ConfigDict(dict(model.to_dict(), diffrate_rates='x.json')),
+      'diffrate', image_size=224, num_classes=10)
+  assert given.diffrate_rates == 'x.json'  # searched rates are used as given

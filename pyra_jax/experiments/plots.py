@@ -327,9 +327,15 @@ def embed_tsne(features, perplexity: float = 30.0, seed: int = 0):
 
   t-SNE needs perplexity < N; a smaller split gets (N - 1) / 3, about three
   neighbours' worth of points on each side, and the caller reports it.
+
+  scikit-learn's Barnes-Hut gradient runs in OpenMP threads, which spin while
+  waiting for each other: with the cores busy (another job, or the tests' other
+  worker) 200 points took 43 s with them and 0.75 s on one thread (2-core AMD
+  EPYC, both cores loaded). So it runs on one thread: 2,000 points take ~10 s.
   """
   try:
     from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
+    from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise errors.UsageError(
         'The t-SNE plot needs scikit-learn: pip install "pyra_jax[plots]" (or '
@@ -338,7 +344,8 @@ def embed_tsne(features, perplexity: float = 30.0, seed: int = 0):
   perplexity = min(float(perplexity), (len(x) - 1) / 3)
   tsne = TSNE(n_components=2, perplexity=perplexity, init='pca',
               random_state=seed)
-  return tsne.fit_transform(x), perplexity
+  with threadpool_limits(limits=1, user_api='openmp'):
+    return tsne.fit_transform(x), perplexity
 
 
 def plot_tsne(panels: Sequence[dict], out: str, title: str = '') -> None:
