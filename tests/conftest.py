@@ -18,19 +18,20 @@ if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
                              ' --xla_backend_optimization_level=0').strip()
 
 # One JAX persistent compilation cache for the whole run, shared by both xdist
-# workers and every subprocess the tests start (they inherit the environment):
-# many tests compile the same small programs (initialisers, the tiny model's
-# steps, the CLI's runs), and a program compiled once is then read back. It
-# lives in the temp dir under this run's id and is removed when the run ends.
-_RUN_ID = os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'pid{os.getpid()}'
-_CACHE = os.path.join(tempfile.gettempdir(), f'pyra_jax_tests_jax_cache_{_RUN_ID}')
+# workers and every subprocess the tests start: many tests compile the same
+# small programs (initialisers, the tiny model's steps, the CLI's runs), and a
+# program compiled once is then read back. The first process (pytest itself, or
+# xdist's controller) makes it; workers and subprocesses inherit the variable,
+# so they neither make nor remove one. A cache the user set is left alone.
+_OWN_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+  _OWN_CACHE = tempfile.mkdtemp(prefix='pyra_jax_tests_jax_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
 
 
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
-  """The controller (not an xdist worker) removes the run's compilation cache."""
-  if not hasattr(session.config, 'workerinput'):
-    shutil.rmtree(_CACHE, ignore_errors=True)
+  """The process that made the run's compilation cache removes it."""
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -61,7 +61,7 @@ def kernel_dirs(tmp_path_factory):
       'display_name': 'pyra_jax tests', 'language': 'python',
       # XLA_FLAGS empty: the notebooks run the real ViT-S/14, where the tests'
       # quick-compile setting (conftest.py) costs more run time than it saves
-      # (quickstart: 114 s with it, 77 s without, 2-core AMD EPYC).
+      # (quickstart: 114 s with it, about 80 s without, 2-core AMD EPYC).
       'env': {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3', 'XLA_FLAGS': '',
               'JAX_COMPILATION_CACHE_DIR': str(cache), 'MPLBACKEND': 'Agg'},
   }
