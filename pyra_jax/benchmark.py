@@ -93,6 +93,7 @@ from flax import traverse_util
 
 from pyra_jax import errors
 from pyra_jax import merge as merge_lib
+from pyra_jax import profiling
 from pyra_jax import schedules
 from pyra_jax import train as train_lib
 from pyra_jax.models import vit
@@ -791,6 +792,11 @@ class TrainStepCalls:
     """Compilations of the step since this object was made (1: the first call)."""
     return self.step_fn._cache_size() - self.compiles_before  # pylint: disable=protected-access
 
+  def compiled_step(self) -> Any:
+    """The step compiled for the current inputs (jax's cache after the first
+    call): its HLO names the ops a profile of the step reports."""
+    return self.step_fn.lower(*self._args()).compile()
+
   def compiled(self) -> dict[str, Any]:
     """Each program compiled for the current inputs (served from jax's caches
     after the first calls; used for the cost and memory analyses)."""
@@ -824,14 +830,18 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
               dtype: str = 'float32', image_size: int = 0, num_iters: int = 5,
               min_seconds: float = 0.0, warmup: int = 1, matmul_size: int = 2048,
               methods: Sequence[str] = DEFAULT_METHODS, params_path: str = '',
-              num_classes: int = 100, warmup_seconds: float = 0.0) -> dict[str, Any]:
+              num_classes: int = 100, warmup_seconds: float = 0.0,
+              profile_calls: int = 0) -> dict[str, Any]:
   """Times the real training step (`train.make_train_step`) per method.
 
   Round-robin like the forward mode: each round calls every method's step and
   the programs that split it (`TrainStepCalls`), plus the reference matmul.
   Reports images/s, the paired speed-up over peft (else the first method),
   the step's FLOPs from XLA's cost analysis and the rate achieved, peak
-  memory, and the forward / RNG / backward / optimiser breakdown.
+  memory, and the forward / RNG / backward / optimiser breakdown. With
+  `profile_calls` > 0, each step is then also profiled over that many calls
+  (`profiling.profile_compiled`): milliseconds by phase and part of the one
+  compiled program, the breakdown that does not rely on subtraction.
   """
   if params_path:
     raise BenchmarkError('--mode=train times the training step on random weights of '
@@ -902,6 +912,10 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
       rec['peak_source'] = 'compiled memory_analysis: arguments + outputs + temp - alias'
   out['process_peak_rss_bytes'] = {'before_timing': rss0, 'after': _peak_rss_bytes()}
   out['recompiled'] = any(v['recompiled'] for v in out['models'].values())
+  if profile_calls > 0:
+    for m in methods:  # after the timing, so the profiler cannot disturb it
+      out['models'][m]['profile'] = profiling.profile_compiled(
+          steps[m].call_step, compiled[m]['step'].as_text(), profile_calls)
   return out
 
 
@@ -952,6 +966,9 @@ def format_table(res: dict[str, Any]) -> str:
       lines.append(f"  {m:{w}} forward {b['forward'] * 1e3:8.1f}  RNG {b['rng'] * 1e3:7.1f}  "
                    f"backward {b['backward'] * 1e3:8.1f}  optimizer {b['optimizer'] * 1e3:7.1f}"
                    f"  sum {b['sum'] * 1e3:8.1f}  step {b['step'] * 1e3:8.1f}")
+  if any('profile' in r for r in res['models'].values()):
+    lines.append(format_profiles({m: r['profile'] for m, r in res['models'].items()
+                                  if 'profile' in r}))
   if 'gemm_bound' in res:
     lines.append('dense-layer matmuls alone, at each model\'s token counts '
                  '(the ceiling for its speed-up on this machine):')
@@ -971,6 +988,24 @@ def format_table(res: dict[str, Any]) -> str:
     lines.append(f'WARNING: recompilation between calls in {bad} (traces > 1).')
   else:
     lines.append('No recompilation between calls (one trace per model).')
+  return '\n'.join(lines)
+
+
+def format_profiles(profiles: dict[str, dict[str, Any]]) -> str:
+  """One table, models side by side, so a part that grows or vanishes between
+  the uncompressed and the merged steps (matmuls, merge) reads across a row."""
+  names = list(profiles)
+  lines = ['step profile, ms per step (jax.profiler; each HLO op attributed by the '
+           'code it came from, pyra_jax/profiling.py):',
+           f"  {'phase / part':28}" + ''.join(f'{m:>12}' for m in names)]
+  for ph in profiling.PHASES:
+    for part in profiling.PARTS:
+      vals = [p['ms'][ph].get(part, 0.0) for p in profiles.values()]
+      if any(vals):
+        lines.append(f'  {ph + " / " + part:28}' + ''.join(f'{v:12.1f}' for v in vals))
+  lines.append(f"  {'all ops':28}" + ''.join(f"{p['ops_ms']:12.1f}" for p in profiles.values()))
+  lines.append(f"  {'wall time (profiled)':28}" + ''.join(
+      f"{p['wall_ms']:12.1f}" for p in profiles.values()))
   return '\n'.join(lines)
 
 
@@ -1020,6 +1055,10 @@ def define_flags() -> dict[str, Any]:
       warmup_seconds=flags.DEFINE_float(
           'warmup_seconds', 0.0, 'After --warmup calls, untimed rounds until this '
           'much time has passed.'),
+      profile_calls=flags.DEFINE_integer(
+          'profile_calls', 0, 'train mode: after timing, profile this many calls of '
+          'each step and print ms by phase (forward, backward, optimizer) and part '
+          '(dense/attention matmuls, softmax, GELU, LayerNorm, RNG, merge, other).'),
       preset=flags.DEFINE_enum(
           'preset', '', ['', 'paper'],
           "paper: the authors' timing (batch 512, 10 s warm-up, then rounds "
@@ -1083,9 +1122,13 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
     kwargs['gemm_bound'] = fl['gemm_bound'].value
     kwargs['peft_modules'] = tuple(fl['peft'].value)
     kwargs['schedules_'] = tuple(fl['schedules'].value)
-  elif fl['peft'].value:
+  if train:
+    kwargs['profile_calls'] = fl['profile_calls'].value
+  elif fl['profile_calls'].value:
+    raise app.UsageError('--profile_calls profiles the training step: add --mode=train.')
+  if train and fl['peft'].value:
     raise app.UsageError('--peft is for the forward mode: drop it or --mode=train.')
-  elif fl['schedules'].value:
+  elif train and fl['schedules'].value:
     raise app.UsageError('--schedules is for the forward mode: use one config per '
                          'schedule with --mode=train.')
   try:

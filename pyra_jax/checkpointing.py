@@ -83,7 +83,7 @@ EVAL_PREFIXES = ('model.', 'trainable.', 'model_init_format',
 # so the resumed run continues the same run with new hyperparameters. The
 # change is recorded in metrics.jsonl and results.json.
 CHANGEABLE_ON_REQUEST = frozenset({
-    'lr', 'pyra_lr', 'min_lr', 'warmup_init_lr', 'warmup_epochs', 'num_epochs',
+    'lr', 'pyra_lr', 'diffrate_lr', 'min_lr', 'warmup_init_lr', 'warmup_epochs', 'num_epochs',
     'weight_decay', 'grad_clip_norm', 'b1', 'b2', 'eps',
 })
 
@@ -160,9 +160,19 @@ def stored_model_config(saved_model: dict) -> dict:
 _LEGACY_LORA_HEAD = r'(.*/lora/.*|^head.*)'
 
 
+# DiffRate searches stored before the rate logits had their own lr group ran
+# them at the base lr, which is what -1 in `diffrate_lr` means (today's default
+# is 0.1). Only searches have those logits: any other older run reads as
+# today's default, so adding the field changes nothing for it.
+_LEGACY_DIFFRATE_LR = -1.0
+
+
 def stored_config(saved: dict) -> dict:
   """A whole stored config in today's form (see `stored_model_config`)."""
   defaults = base_defaults()
+  if (isinstance(saved, dict) and 'diffrate_lr' not in saved
+      and isinstance(saved.get('model'), dict) and saved['model'].get('diffrate_search')):
+    saved = dict(saved, diffrate_lr=_LEGACY_DIFFRATE_LR)
   out = with_defaults(saved, defaults)
   if isinstance(out.get('model'), dict):
     out['model'] = stored_model_config(out['model'])

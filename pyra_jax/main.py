@@ -395,6 +395,8 @@ def main(argv: list[str]) -> None:
               f"(target {r['target_flops_ratio']:.2f})")
         print(f"rates file: {r['path']} (train with "
               f"--config.model.diffrate_rates={r['path']})")
+        if r['shortfall']:
+          print(r['shortfall'])
     elif mode == 'eval':
       if _EXPORT_DIR.value:
         r = export_lib.evaluate_export(_EXPORT_DIR.value, config)

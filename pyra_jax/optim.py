@@ -11,6 +11,10 @@ Groups:
   * 'pyra'   -> AdamW at `config.pyra_lr` (-1: the base lr, which is what the
                 authors' code effectively did), weight decay on its 2-D W_r/W_D
                 as in the authors' code;
+  * 'diffrate' -> AdamW at `config.diffrate_lr` (-1: the base lr): DiffRate's
+                rate logits move on a scale of their own (the method gives them
+                their own lr), and a search of a few dozen steps at LoRA's lr
+                leaves them where they started;
   * any other name -> AdamW at `config.lr`;
   * frozen   -> `optax.set_to_zero()`: no update and no optimiser state.
 
@@ -33,6 +37,9 @@ from pyra_jax.errors import ConfigError  # pylint: disable=unused-import
 PyTree = Any
 FROZEN = 'frozen'
 PYRA_GROUP = 'pyra'
+DIFFRATE_GROUP = 'diffrate'
+# Groups whose peak lr is a config field of its own (-1 in the field: config.lr).
+GROUP_LR_FIELDS = {PYRA_GROUP: 'pyra_lr', DIFFRATE_GROUP: 'diffrate_lr'}
 
 
 
@@ -124,15 +131,17 @@ def make_schedule(peak_lr: float, config: ml_collections.ConfigDict,
 
 def group_lrs(config: ml_collections.ConfigDict) -> dict[str, float]:
   """Peak learning rate of every group named in config.trainable."""
-  pyra_lr = config.lr if config.pyra_lr < 0 else config.pyra_lr
-  return {g: (pyra_lr if g == PYRA_GROUP else config.lr)
-          for g, _ in group_regexes(config.trainable)}
+  def peak(group: str) -> float:
+    field = GROUP_LR_FIELDS.get(group)
+    value = config.get(field, -1.0) if field else -1.0
+    return config.lr if value < 0 else value
+  return {g: peak(g) for g, _ in group_regexes(config.trainable)}
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
                    ) -> tuple[optax.GradientTransformation,
                               dict[str, Callable[[int], Any]]]:
-  """Returns (optimiser, {'lr': schedule, 'pyra_lr': schedule}).
+  """Returns (optimiser, {'lr': schedule, 'pyra_lr': schedule[, 'diffrate_lr' in a search]}).
 
   The optimiser works on any params tree (labels are computed from the paths
   at init/update time): the training loop passes only the trainable part, but
@@ -154,4 +163,6 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
   base = make_schedule(config.lr, config, steps_per_epoch)
   logged = {'lr': base,
             'pyra_lr': schedules.get(PYRA_GROUP, base)}
+  if config.get('model') is not None and config.model.get('diffrate_search', False):
+    logged['diffrate_lr'] = schedules.get(DIFFRATE_GROUP, base)  # the search's logits
   return tx, logged

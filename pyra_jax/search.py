@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from pyra_jax import optim
 from pyra_jax import schedules
 from pyra_jax.errors import UsageError
 from pyra_jax.methods import diffrate as diffrate_lib
@@ -57,6 +58,23 @@ def rates_from_params(trainable, *, depth: int, num_patches: int, num_protected:
                                   num_protected=num_protected, granularity=granularity)
 
 
+# A search that ends further than this below its target says so (the ceil of
+# the expected counts and the granularity leave a few per cent either way).
+TARGET_TOLERANCE = 0.03
+
+
+def shortfall_message(flops_ratio: float, target: float, config: ml_collections.ConfigDict
+                      ) -> str:
+  """'' if the searched FLOPs ratio reached the target, else what to do."""
+  if flops_ratio >= target * (1.0 - TARGET_TOLERANCE):
+    return ''
+  return (f'WARNING: the search ended at a FLOPs ratio of {flops_ratio:.2f}, short of '
+          f'its target {target:.2f}: the rate logits did not move far enough in '
+          f'{config.model.diffrate_search_epochs} epochs. Search again in a new workdir '
+          f'with a larger --config.diffrate_lr (now {optim.group_lrs(config)["diffrate"]:g}) or more '
+          f'--config.model.diffrate_search_epochs.')
+
+
 def run_search(config: ml_collections.ConfigDict, workdir: str, *,
                allow_config_change: Collection[str] = ()) -> dict:
   """Runs (or resumes) the search in `workdir`; writes and returns the rates."""
@@ -78,6 +96,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, *,
   flops = schedules.vit_flops(sched, num_tokens=n0, width=model.width, mlp_ratio=mlp_ratio)
   path = os.path.join(workdir, diffrate_lib.RATES_FILE)
   extra = {'flops_ratio': full / flops, 'target_flops_ratio': c.model.diffrate_flops_ratio,
+           'shortfall': shortfall_message(full / flops, c.model.diffrate_flops_ratio, c),
            'search_step': int(step),
            'search_final_accuracy': results['final_accuracy']}
   if jax.process_index() == 0:

@@ -238,6 +238,8 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
   need(config.lr > 0, 'lr', 'use a positive learning rate')
   need(config.pyra_lr >= 0 or config.pyra_lr == -1, 'pyra_lr',
        'use a learning rate >= 0, or -1 for the same as config.lr')
+  need(config.diffrate_lr >= 0 or config.diffrate_lr == -1, 'diffrate_lr',
+       'use a learning rate >= 0, or -1 for the same as config.lr')
   for field in ('min_lr', 'warmup_init_lr', 'weight_decay', 'grad_clip_norm'):
     need(config[field] >= 0, field, 'use a value >= 0')
 
@@ -822,6 +824,8 @@ def _train_loop(run: Run, ckpt: checkpointing.Checkpointer,
             'train_accuracy': window['correct'] / max(window['count'], 1),
             'lr': float(schedules['lr'](step - 1)),
             'pyra_lr': float(schedules['pyra_lr'](step - 1)),
+            **({'diffrate_lr': float(schedules['diffrate_lr'](step - 1))}
+               if 'diffrate_lr' in schedules else {}),
             'grad_norm': float(m['grad_norm']),
             'images_per_sec': window['steps'] * config.batch_size / max(dt, 1e-9),
             'epoch': step / steps_per_epoch}

@@ -180,6 +180,32 @@ def test_train_mode_refuses_an_export_in_one_sentence(tmp_path):
       'shapes (an export has LoRA folded in): drop --params.')
 
 
+def test_train_mode_prints_the_step_profile(tmp_path):
+  cfg = tmp_path / 'tiny_bench.py'
+  cfg.write_text(TINY_CONFIG)
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  run = lambda *a: subprocess.run(
+      [sys.executable, '-m', 'pyra_jax.benchmark', f'--config={cfg}', *a], cwd=ROOT,
+      env=env, capture_output=True, text=True, timeout=600)
+  out = tmp_path / 'b.json'
+  proc = run('--mode=train', '--methods=peft,pyra', '--num_iters=1', '--warmup=1',
+             '--matmul_size=64', '--profile_calls=1', f'--out={out}')
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  i = next(k for k, l in enumerate(lines) if l.startswith('step profile, ms per step'))
+  assert lines[i + 1].split()[-2:] == ['peft', 'pyra']
+  rows = {l[:30].strip(): l[30:].split() for l in lines[i + 2:] if l.startswith('  ')}
+  for row in ('forward / dense matmul', 'backward / dense matmul', 'all ops'):
+    assert all(float(v) > 0 for v in rows[row]), (row, rows)
+  # ToMe/PYRA's token reduction is its own part, absent from the uncompressed step.
+  assert float(rows['forward / merge'][0]) == 0 < float(rows['forward / merge'][1])
+  res = json.loads(out.read_text())
+  assert res['models']['pyra']['profile']['num_calls'] == 1
+  bad = run('--profile_calls=2')
+  assert bad.returncode != 0 and 'Traceback' not in bad.stderr
+  assert '--profile_calls profiles the training step: add --mode=train.' in bad.stderr
+
+
 def _load_config(tmp_path):
   import importlib.util  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'tiny_cfg.py'

@@ -351,7 +351,7 @@ def test_a_killed_search_is_continued_by_a_rerun_and_its_rates_train(tmp_path):
   require_offline_mnist()
   wd = tmp_path / 'search'
   args = ['--config=configs/tiny.py:method=diffrate', '--mode=search', f'--workdir={wd}',
-          '--config.model.diffrate_flops_ratio=1.1', '--config.model.diffrate_search_epochs=4',
+          '--config.model.diffrate_flops_ratio=1.15', '--config.model.diffrate_search_epochs=4',
           '--config.checkpoint_every_steps=5', '--config.eval_every_epochs=0']
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   first = subprocess.Popen([sys.executable, '-m', 'pyra_jax.main', *args], cwd=ROOT, env=env,
@@ -372,15 +372,36 @@ def test_a_killed_search_is_continued_by_a_rerun_and_its_rates_train(tmp_path):
   assert code == 0, err
   lines = [json.loads(l) for l in (wd / 'metrics.jsonl').read_text().splitlines()]
   steps = [l['step'] for l in lines if 'loss' in l]
+  # The rate logits' own lr group is logged beside the base lr, and is its own.
+  logged = [l for l in lines if 'loss' in l]
+  assert all('diffrate_lr' in l for l in logged)
+  assert max(l['diffrate_lr'] for l in logged) == pytest.approx(0.1, rel=0.05)
+  assert max(l['lr'] for l in logged) == pytest.approx(3e-2, rel=0.05)
   assert min(steps) <= done + 1 and max(steps) == 100  # 4 epochs of 25 steps
   assert f'Resuming from {ckpts} at step' in err or 'Resuming' in err
   rates = json.loads((wd / diffrate.RATES_FILE).read_text())
   assert rates['search_step'] == 100 and len(rates['prune_kept']) == 2
+  # The rate logits' own lr (config.diffrate_lr) carries the search to its
+  # target: zero logits (the start) give 1.08 here, the candidates allow 1.18.
+  assert rates['flops_ratio'] >= 0.97 * 1.15, rates
+  assert rates['shortfall'] == '' and 'WARNING' not in out
   code, out, err = cli('--config=configs/tiny.py:method=diffrate', f'--workdir={tmp_path / "t"}',
                        f'--config.model.diffrate_rates={wd / diffrate.RATES_FILE}',
                        '--config.num_epochs=1')
   assert code == 0, err
   assert 'final accuracy' in out
+
+
+def test_a_search_short_of_its_target_says_what_to_change():
+  from pyra_jax import search  # pylint: disable=g-import-not-at-top
+  from pyra_jax.configs import tiny  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.diffrate_lr = 0.02
+  assert search.shortfall_message(3.10, 3.17, c) == ''  # within 3 %
+  msg = search.shortfall_message(1.79, 3.17, c)
+  assert '1.79' in msg and '3.17' in msg
+  assert '--config.diffrate_lr (now 0.02)' in msg
+  assert '--config.model.diffrate_search_epochs' in msg
 
 
 def test_ltmp_training_reports_both_flops_figures(tmp_path):

@@ -116,6 +116,21 @@ def test_stored_configs_of_older_runs_read_back_in_todays_form():
   assert checkpointing.stored_config(legacy)['pyra_lr'] == -1.0
 
 
+def test_an_older_diffrate_search_reads_back_with_the_lr_it_ran_at():
+  # Before `diffrate_lr` existed the rate logits trained at the base lr (-1).
+  search = checkpointing.config_to_dict(vitb_high.get_config())
+  search['model']['diffrate_search'] = True
+  del search['diffrate_lr']
+  assert checkpointing.stored_config(search)['diffrate_lr'] == -1.0
+  # Any other older run never had the logits: it reads as today's default, so a
+  # resume or an eval is not refused over the new field.
+  other = checkpointing.config_to_dict(vitb_high.get_config())
+  del other['diffrate_lr']
+  assert checkpointing.stored_config(other)['diffrate_lr'] == vitb_high.get_config().diffrate_lr
+  meta = {'config': other, 'frozen_fingerprint': 'fp', 'step': 1}
+  assert checkpointing.check_compatible(meta, vitb_high.get_config(), 'fp', '/w') == {}
+
+
 def test_an_export_of_an_older_run_rebuilds_its_model(tmp_path):
   """Saved with -1 for the variant's values and without a newer field."""
   config = tiny.get_config()

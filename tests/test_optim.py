@@ -34,6 +34,7 @@ EXPECTED = {
     f'{BLOCK}/pyra/w_d': ('pyra', (1, 16)),
     f'{BLOCK}/pyra/norm/scale': ('pyra', (16,)),
     f'{BLOCK}/pyra/norm/bias': ('pyra', (16,)),
+    f'{BLOCK}/diffrate/prune_logits': ('diffrate', (16,)),
     'Transformer/encoder_norm/scale': ('frozen', (16,)),
     'head/kernel': ('lora_head', (16, 10)),
     'head/bias': ('lora_head', (10,)),
@@ -105,14 +106,23 @@ def test_frozen_params_have_no_state_and_do_not_move():
 def test_groups_use_their_own_learning_rate():
   # First AdamW step with warmup 0: update = -lr * g / (|g| + eps) (bias
   # corrections cancel), plus -lr * wd * p on matrices; use 1-D leaves.
-  c = _config(lr=1e-3, pyra_lr=1e-2, warmup_epochs=0, weight_decay=0.0)
+  c = _config(lr=1e-3, pyra_lr=1e-2, diffrate_lr=0.3, warmup_epochs=0, weight_decay=0.0)
   tx, _ = optim.make_optimizer(c, steps_per_epoch=5)
   p, g = _params(), _params(seed=1)
   new = _flat(optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))
-  for key, lr in (('head/bias', 1e-3), (f'{BLOCK}/pyra/norm/bias', 1e-2)):
+  for key, lr in (('head/bias', 1e-3), (f'{BLOCK}/pyra/norm/bias', 1e-2),
+                  (f'{BLOCK}/diffrate/prune_logits', 0.3)):
     gk = np.asarray(_flat(g)[key])
     expected = np.asarray(_flat(p)[key]) - lr * gk / (np.abs(gk) + 1e-8)
-    np.testing.assert_allclose(new[key], expected, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(new[key], expected, rtol=1e-6, atol=lr * 1e-5)  # float32 round-off of p - lr
+
+
+def test_group_lr_minus_one_means_the_base_lr():
+  c = _config(lr=2e-3, pyra_lr=-1.0, diffrate_lr=-1.0)
+  assert optim.group_lrs(c) == {'pyra': 2e-3, 'lora_head': 2e-3, 'ltmp': 2e-3,
+                                'diffrate': 2e-3}
+  c.diffrate_lr = 0.05
+  assert optim.group_lrs(c)['diffrate'] == 0.05 and optim.group_lrs(c)['pyra'] == 2e-3
 
 
 def test_pyra_lr_zero_freezes_pyra_but_not_lora():

@@ -1,7 +1,8 @@
 r"""Ours against the authors' PyTorch PYRA, in one process, rounds alternating.
 
   /work/torchenv/bin/python tools/against_authors.py --authors_repo=/path/to/PYRA \
-      [--rounds=5] [--batch_size=8] [--methods=peft,tome,pyra] [--out=res.json]
+      [--rounds=5] [--batch_size=8] [--methods=peft,tome,pyra] [--profile_calls=3] \
+      [--gemm_rounds=5] [--out=res.json]
 
 This repository's `pyra_jax` (the one beside this script) is imported. `--authors_repo` is a checkout of github.com/THU-MIG/PYRA;
 its `model/` package is imported from there at run time (nothing of it is
@@ -173,12 +174,17 @@ class Theirs:
       return self.model(self.x)
 
   def step(self):
+    # The named ranges cost nothing unless a profiler is on (`profile_theirs`).
+    rf = self.torch.profiler.record_function
     self.model.train()
-    loss = self.criterion(self.model(self.x), self.y)
-    value = loss.item()
-    self.opt.zero_grad()
-    loss.backward()
-    self.opt.step()
+    with rf('forward'):
+      loss = self.criterion(self.model(self.x), self.y)
+      value = loss.item()
+    with rf('backward'):
+      self.opt.zero_grad()
+      loss.backward()
+    with rf('optimizer'):
+      self.opt.step()
     return value
 
 
@@ -221,7 +227,8 @@ def _timed(fn, sync) -> float:
 
 
 def compare(authors_repo: str, *, methods=METHODS, batch_size: int = 8,
-            rounds: int = 5, warmup: int = 1, threads: int = 0) -> dict:
+            rounds: int = 5, warmup: int = 1, threads: int = 0,
+            profile_calls: int = 0, gemm_rounds: int = 0) -> dict:
   """Times both sides, alternating; returns per-method seconds and paired ratios."""
   tv = _torchvision_or_stand_in()
   import jax  # pylint: disable=g-import-not-at-top
@@ -280,7 +287,171 @@ def compare(authors_repo: str, *, methods=METHODS, batch_size: int = 8,
                    'ratio': float(np.median(t / o)),  # ours/theirs throughput, paired
                    'ratio_min_max': [float((t / o).min()), float((t / o).max())]}
     out['methods'][m] = rec
+  if gemm_rounds > 0:
+    g = out['gemm_ceiling'] = gemm_ceiling(gemm_rounds, batch_size)
+    if 'peft' in out['methods']:
+      step = out['methods']['peft']['train']
+      g['uncompressed_step'] = {
+          'ours_seconds': step['ours_seconds'], 'theirs_seconds': step['theirs_seconds'],
+          'ours_fraction_in_dense_gemms': g['ours']['seconds'] / step['ours_seconds'],
+          'theirs_fraction_in_dense_gemms': g['theirs']['seconds'] / step['theirs_seconds'],
+          'ceiling_ratio': step['theirs_seconds'] / g['ours']['seconds']}
+  if profile_calls > 0:  # after the timed rounds, so profiling cannot disturb them
+    out['profiles'] = {}
+    for m in methods:
+      out['profiles'][m] = {
+          'num_calls': profile_calls,
+          'ours': profile_ours(sides[m]['ours'], profile_calls),
+          'theirs': profile_theirs(sides[m]['theirs'].step, torch, profile_calls)}
   return out
+
+
+# --------------------------------------------------------------------------- #
+# Profiles: where each side's training step spends its time.
+# --------------------------------------------------------------------------- #
+
+# Their aten ops by part, named as pyra_jax.profiling names ours.
+_TORCH_PARTS = {
+    'dense matmul': ('aten::mm', 'aten::addmm', 'aten::convolution',
+                     'aten::mkldnn_convolution', 'aten::_convolution',
+                     'aten::convolution_backward'),
+    'attention matmul': ('aten::bmm', 'aten::baddbmm'),
+    'softmax': ('aten::_softmax', 'aten::_softmax_backward_data'),
+    'gelu': ('aten::gelu', 'aten::gelu_backward'),
+    'layernorm': ('aten::native_layer_norm', 'aten::native_layer_norm_backward'),
+    'rng': ('aten::bernoulli_', 'aten::uniform_', 'aten::rand', 'aten::native_dropout',
+            'aten::bernoulli'),
+    'merge': ('aten::sort', 'aten::argsort', 'aten::topk', 'aten::gather',
+              'aten::scatter_reduce', 'aten::scatter_reduce_', 'aten::scatter_add',
+              'aten::scatter_add_', 'aten::max'),
+}
+
+
+def profile_theirs(step, torch, num_calls: int) -> dict:
+  """ms per step of their step by phase (its named ranges) and part (aten ops'
+  self time), in the rows `pyra_jax.profiling` uses for ours.
+
+  The rows line up for the uncompressed step. In the merged ones aten names
+  cannot tell code apart the way our name scopes do: ToMe's similarity matmul
+  (`aten::bmm`) counts as attention matmul and PYRA's generator matmuls as
+  dense here, both as merge on our side; `native_dropout`'s time includes its
+  mask multiply, which ours counts as other.
+  """
+  from pyra_jax import profiling  # pylint: disable=g-import-not-at-top
+  part_of = {op: part for part, ops in _TORCH_PARTS.items() for op in ops}
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    t0 = time.perf_counter()
+    for _ in range(num_calls):
+      step()
+    wall = (time.perf_counter() - t0) / num_calls
+  table = {ph: {} for ph in profiling.PHASES}
+  ops_ms = 0.0
+  for ev in prof.events():
+    if ev.name in profiling.PHASES or ev.name.startswith('autograd::') \
+        or ev.name.startswith('ProfilerStep'):
+      continue
+    phase, parent = None, ev.cpu_parent
+    while parent is not None:
+      if parent.name in profiling.PHASES:
+        phase = parent.name
+      parent = parent.cpu_parent
+    if phase is None:
+      phase = 'backward' if 'Backward' in ev.name else 'optimizer'
+    ms = ev.self_cpu_time_total / 1e3 / num_calls
+    part = part_of.get(ev.name, 'other')
+    table[phase][part] = table[phase].get(part, 0.0) + ms
+    ops_ms += ms
+  return {'ms': table, 'ops_ms': ops_ms, 'wall_ms': wall * 1e3, 'num_calls': num_calls}
+
+
+# The dense matmuls of one uncompressed ViT-B/16 LoRA training step, per block
+# (rows = batch x 197 tokens): forward q, k, v, out, fc1, fc2, and the
+# backward's input gradients dy @ W^T of each (the frozen kernels get no weight
+# gradient; LoRA's rank-8 matmuls are left out). 12 blocks per step.
+def step_gemms(batch_size: int) -> list[tuple[int, int, int]]:
+  rows = batch_size * 197
+  return ([(rows, 768, 768)] * 4 + [(rows, 768, 3072), (rows, 3072, 768)]) * 2
+
+
+def gemm_ceiling(rounds: int = 5, batch_size: int = 8) -> dict:
+  """Times the step's dense GEMMs alone in each framework, rounds alternating.
+
+  No step can be faster than its own dense matmuls, so their time bounds how
+  far ahead of the authors' step ours can get on this machine:
+  ceiling = their step time / our GEMM time (read against the step times of
+  the same run).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  gemms = step_gemms(batch_size)
+  shapes = sorted(set(gemms))
+  dot = jax.jit(lambda a, b: a @ b)
+  ours, theirs = {}, {}
+  for m, k, n in shapes:
+    a = rng.normal(size=(m, k)).astype(np.float32)
+    b = rng.normal(size=(k, n)).astype(np.float32)
+    ja, jb = jax.device_put(a), jax.device_put(b)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    ours[(m, k, n)] = lambda ja=ja, jb=jb: dot(ja, jb)
+    theirs[(m, k, n)] = lambda ta=ta, tb=tb: torch.mm(ta, tb)
+  for s in shapes:  # compile and warm up
+    jax.block_until_ready(ours[s]()); theirs[s]()
+  times = {'ours': [], 'theirs': []}
+  for _ in range(rounds):
+    for side, calls, sync in (('ours', ours, jax.block_until_ready),
+                              ('theirs', theirs, lambda x: x)):
+      t = {}
+      for s in shapes:
+        t[s] = _timed(calls[s], sync)
+      times[side].append(12 * sum(t[s] for s in gemms))
+  flops = 12 * sum(2 * m * k * n for m, k, n in gemms)
+  out = {'step_gflops_dense': flops / 1e9, 'rounds': rounds}
+  for side in ('ours', 'theirs'):
+    sec = float(np.median(times[side]))
+    out[side] = {'seconds': sec, 'gflops_per_s': flops / sec / 1e9, 'round_seconds': times[side]}
+  return out
+
+
+def profile_ours(ours: 'Ours', num_calls: int) -> dict:
+  """Our step's profile; only the step is compiled again (jax's cache), not
+  the benchmark's helper programs, whose HLO the profile does not need."""
+  from pyra_jax import profiling  # pylint: disable=g-import-not-at-top
+  hlo = ours.calls.compiled_step().as_text()
+  return profiling.profile_compiled(ours.step, hlo, num_calls)
+
+
+def format_profiles(res: dict) -> str:
+  """The ceiling line and, per method, ours and theirs side by side by part,
+  with the difference: the column that says where our step loses."""
+  from pyra_jax import profiling  # pylint: disable=g-import-not-at-top
+  lines = []
+  if 'gemm_ceiling' in res:
+    g = res['gemm_ceiling']
+    lines += ['', f"dense GEMMs of one uncompressed training step alone ({g['step_gflops_dense']:.0f} "
+              f"GFLOP, {g['rounds']} alternating rounds): ours {g['ours']['seconds']:.2f} s "
+              f"({g['ours']['gflops_per_s']:.0f} GFLOP/s), theirs {g['theirs']['seconds']:.2f} s "
+              f"({g['theirs']['gflops_per_s']:.0f} GFLOP/s)"]
+    if 'uncompressed_step' in g:
+      u = g['uncompressed_step']
+      lines.append(f"  share of the step in them: ours {u['ours_fraction_in_dense_gemms']:.0%}, "
+                   f"theirs {u['theirs_fraction_in_dense_gemms']:.0%}; ceiling on the step "
+                   f"ratio ours/theirs (their step / our GEMMs): {u['ceiling_ratio']:.2f}x")
+  for m, prof in res.get('profiles', {}).items():
+    o, t = prof['ours'], prof['theirs']
+    lines += ['', f'{m}: training step profile, ms per step ({prof["num_calls"]} calls '
+              'each; ours: jax.profiler, theirs: torch.profiler self time)',
+              '| phase / part | ours | theirs | ours - theirs |', '|---|---|---|---|']
+    for ph in profiling.PHASES:
+      for part in profiling.PARTS:
+        a, b = o['ms'][ph].get(part, 0.0), t['ms'][ph].get(part, 0.0)
+        if a or b:
+          lines.append(f'| {ph} / {part} | {a:.1f} | {b:.1f} | {a - b:+.1f} |')
+    lines.append(f"| all ops | {o['ops_ms']:.1f} | {t['ops_ms']:.1f} | "
+                 f"{o['ops_ms'] - t['ops_ms']:+.1f} |")
+    lines.append(f"| wall time while profiled | {o['wall_ms']:.1f} | {t['wall_ms']:.1f} | "
+                 f"{o['wall_ms'] - t['wall_ms']:+.1f} |")
+  return '\n'.join(lines)
 
 
 def _cpu_model() -> str:
@@ -325,6 +496,12 @@ def main(argv=None) -> None:
   p.add_argument('--warmup', type=int, default=1)
   p.add_argument('--threads', type=int, default=0,
                  help='torch intra-op threads (0: torch default, one per core).')
+  p.add_argument('--profile_calls', type=int, default=0,
+                 help='After timing, profile this many training steps of each side '
+                      'and print ms per step by phase and part, side by side.')
+  p.add_argument('--gemm_rounds', type=int, default=0,
+                 help='After timing, time the uncompressed step\'s dense GEMMs alone in '
+                      'each framework for this many alternating rounds (the ceiling).')
   p.add_argument('--out', default='')
   a = p.parse_args(argv)
   if not os.path.isfile(os.path.join(a.authors_repo, 'model', 'tome.py')):
@@ -335,8 +512,12 @@ def main(argv=None) -> None:
     raise SystemExit(f'error: --methods: use some of {",".join(METHODS)}.')
   res = compare(os.path.abspath(a.authors_repo), methods=methods,
                 batch_size=a.batch_size, rounds=a.rounds, warmup=a.warmup,
-                threads=a.threads)
+                threads=a.threads, profile_calls=a.profile_calls,
+                gemm_rounds=a.gemm_rounds)
   print(format_table(res))
+  extra = format_profiles(res)
+  if extra:
+    print(extra)
   if a.out:
     with open(a.out, 'w') as f:
       json.dump(res, f, indent=2)

@@ -163,6 +163,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.warmup_epochs = 10     # linear warm-up from warmup_init_lr, then cosine
   config.lr = 1e-3              # LoRA + head
   config.pyra_lr = -1.0         # PYRA generators; -1: same as lr (the code's behaviour)
+  # DiffRate's rate logits during --mode=search (group 'diffrate'); -1: lr. The
+  # method's 0.01 is for ~3,750 ImageNet steps; a VTAB-1k search has 30-100, and
+  # Adam moves a logit at most ~lr per step (README "LTMP and DiffRate").
+  config.diffrate_lr = 0.1
   config.warmup_init_lr = 1e-6  # learning rate at step 0
   config.min_lr = 1e-5          # learning rate at the end of the cosine
   config.weight_decay = 1e-4    # kernels only (no biases, norms, 1-D params)
@@ -183,7 +187,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # own name) and the head (lr: lr). The name stays `lora_head` for old runs.
   config.trainable.lora_head = r'(.*/(lora|adapter|convpass|fact|snf)/.*|^head.*)'
   config.trainable.ltmp = r'.*/ltmp/.*'  # LTMP's thresholds (lr: lr)
-  config.trainable.diffrate = r'.*/diffrate/.*'  # DiffRate search logits (lr: lr)
+  config.trainable.diffrate = r'.*/diffrate/.*'  # DiffRate search logits (lr: diffrate_lr)
 
   # --- Distillation (PE-Dist, the paper's Table 15) ----------------------------
   # Train on CE + weight·T²·KL(softmax(teacher/T) || softmax(student/T)) towards a

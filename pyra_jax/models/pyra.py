@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from pyra_jax import merge as merge_lib
+from pyra_jax.models import activations
 
 MODULATIONS = ('pyra', 'low_rank', 'no_sigmoid', 'wr_only', 'sigmoid_wr_only',
                'wd_only', 'sigmoid_wd_only', 'full_matrix', 'mlp')
@@ -134,7 +135,7 @@ class PyraGenerator(nn.Module):
     if kind == 'mlp':
       fc1 = self.param('fc1', nn.initializers.lecun_normal(), (dim, self.hidden))
       fc2 = self.param('fc2', zeros, (self.hidden, dim))
-      delta = nn.gelu(m @ fc1.astype(dtype), approximate=False) @ fc2.astype(dtype)
+      delta = activations.gelu(m @ fc1.astype(dtype)) @ fc2.astype(dtype)
       return src + src * _gate(delta)
 
     if kind == 'low_rank':

@@ -31,6 +31,7 @@ import ml_collections
 
 from pyra_jax import merge as merge_lib
 from pyra_jax import schedules
+from pyra_jax.models import activations
 from pyra_jax.models.adapter import Adapter
 from pyra_jax.models.convpass import CONVPASS_INITS, Convpass
 from pyra_jax.models import fact as fact_lib
@@ -310,7 +311,7 @@ class MlpBlock(nn.Module):
                  name='Dense_0')(x)
     if fact_delta is not None:
       h = h + fact_delta(x, fact, 'fc1', train=train)
-    h = nn.gelu(h, approximate=False)
+    h = activations.gelu(h)
     y = nn.Dense(d, dtype=self.dtype, kernel_init=init, bias_init=bias_init,
                  name='Dense_1')(h)
     if fact_delta is not None:
@@ -468,72 +469,75 @@ class EncoderBlock(nn.Module):
       y = convpass.attn_branch(h, source, num_protected, train=train)
       x = x + DropPath(self.drop_path)(y, train=train)
 
-    if self.r > 0 and method == 'tofu':
-      x, size, plan = tofu_lib.tofu(x, size, metric, self.r, prune_layer=self.prune,
-                                    distill_token=self.distilled)
-      if source is not None and plan is not None:
-        # A pruned source's patches leave with it (its row contributes zeros
-        # to the max); a merged one's join its destination.
-        drop = (lambda src, dst: jnp.zeros_like(src)) if self.prune else None
-        source = merge_lib.merge(source, plan, distill_token=self.distilled,
-                                 reduce='max', modulate=drop)
-    elif self.r > 0 and method == 'evit':
-      keep = x.shape[1] - num_protected - 1 - self.r
-      x = evit_lib.evit_reorganize(x, extra[0], keep, num_protected=num_protected)
-    elif self.r > 0 and method == 'ats':
-      if size is None:
-        size = jnp.ones(x.shape[:2] + (1,), x.dtype)
-      x, size = ats_lib.ats_sample(x, size, extra[0], extra[1],
-                                   x.shape[1] - num_protected - self.r,
-                                   num_protected=num_protected)
-    elif method == 'ltmp':
-      merge_t, prune_t = LtmpThresholds(cfg['ltmp_merge_init'], cfg['ltmp_prune_init'],
-                                        name='ltmp')()
-      if size is None:
-        size = jnp.ones(x.shape[:2] + (1,), x.dtype)
-      if mask is None:
-        mask = jnp.ones(x.shape[:2], jnp.float32)
-      x, size, mask = ltmp_lib.merge_then_prune(
-          x, size, mask, metric, extra[0], merge_t, prune_t, tau=cfg['ltmp_tau'],
-          num_protected=num_protected)
-      aux = mask.mean()
-    elif search:
-      if size is None:
-        size = jnp.ones(x.shape[:2] + (1,), x.dtype)
-      if mask is None:
-        mask = jnp.ones(x.shape[:2], jnp.float32)
-      cands = diffrate_lib.candidates(x.shape[1] - num_protected, cfg['diffrate_granularity'])
-      if self.layer == 0:  # The method never compresses the first block.
-        n = jnp.asarray(float(x.shape[1]))
-        aux = (n, n)
-      else:
-        prune_logits, merge_logits = DiffRateLogits(len(cands), name='diffrate')()
-        x, size, mask, prune_kept, merge_kept = diffrate_lib.search_step(
-            x, size, mask, extra[0], prune_logits, merge_logits, cands,
-            num_protected=num_protected)
-        aux = (prune_kept, merge_kept)
-    elif method == 'diffrate':
-      prune_kept, merge_kept = self.kept
-      if prune_kept < x.shape[1] or merge_kept < prune_kept:
+    # The token reduction, named in the compiled program's op names (what the
+    # step profile, pyra_jax/profiling.py, attributes to 'merge').
+    with jax.named_scope('merge'):
+      if self.r > 0 and method == 'tofu':
+        x, size, plan = tofu_lib.tofu(x, size, metric, self.r, prune_layer=self.prune,
+                                      distill_token=self.distilled)
+        if source is not None and plan is not None:
+          # A pruned source's patches leave with it (its row contributes zeros
+          # to the max); a merged one's join its destination.
+          drop = (lambda src, dst: jnp.zeros_like(src)) if self.prune else None
+          source = merge_lib.merge(source, plan, distill_token=self.distilled,
+                                   reduce='max', modulate=drop)
+      elif self.r > 0 and method == 'evit':
+        keep = x.shape[1] - num_protected - 1 - self.r
+        x = evit_lib.evit_reorganize(x, extra[0], keep, num_protected=num_protected)
+      elif self.r > 0 and method == 'ats':
         if size is None:
           size = jnp.ones(x.shape[:2] + (1,), x.dtype)
-        x, size, source = diffrate_lib.compress(
-            x, size, source, extra[0], prune_kept=prune_kept, merge_kept=merge_kept,
+        x, size = ats_lib.ats_sample(x, size, extra[0], extra[1],
+                                     x.shape[1] - num_protected - self.r,
+                                     num_protected=num_protected)
+      elif method == 'ltmp':
+        merge_t, prune_t = LtmpThresholds(cfg['ltmp_merge_init'], cfg['ltmp_prune_init'],
+                                          name='ltmp')()
+        if size is None:
+          size = jnp.ones(x.shape[:2] + (1,), x.dtype)
+        if mask is None:
+          mask = jnp.ones(x.shape[:2], jnp.float32)
+        x, size, mask = ltmp_lib.merge_then_prune(
+            x, size, mask, metric, extra[0], merge_t, prune_t, tau=cfg['ltmp_tau'],
             num_protected=num_protected)
-    elif self.r > 0:
-      plan = merge_lib.bipartite_soft_matching(
-          metric, self.r, class_token=True, distill_token=self.distilled)
-      modulate = None
-      if self.modulation != 'none':
-        modulate = PyraGenerator(r=self.r, modulation=self.modulation,
-                                 rank=self.modulation_rank, wr_init=self.wr_init,
-                                 ln_eps=self.pyra_ln_eps, name='pyra')
-      if size is None:
-        size = jnp.ones(x.shape[:2] + (1,), x.dtype)
-      x, size = merge_lib.merge_wavg(x, size, plan, distill_token=self.distilled,
-                                     modulate=modulate)
-      if source is not None:
-        source = merge_lib.merge_source(source, plan, distill_token=self.distilled)
+        aux = mask.mean()
+      elif search:
+        if size is None:
+          size = jnp.ones(x.shape[:2] + (1,), x.dtype)
+        if mask is None:
+          mask = jnp.ones(x.shape[:2], jnp.float32)
+        cands = diffrate_lib.candidates(x.shape[1] - num_protected, cfg['diffrate_granularity'])
+        if self.layer == 0:  # The method never compresses the first block.
+          n = jnp.asarray(float(x.shape[1]))
+          aux = (n, n)
+        else:
+          prune_logits, merge_logits = DiffRateLogits(len(cands), name='diffrate')()
+          x, size, mask, prune_kept, merge_kept = diffrate_lib.search_step(
+              x, size, mask, extra[0], prune_logits, merge_logits, cands,
+              num_protected=num_protected)
+          aux = (prune_kept, merge_kept)
+      elif method == 'diffrate':
+        prune_kept, merge_kept = self.kept
+        if prune_kept < x.shape[1] or merge_kept < prune_kept:
+          if size is None:
+            size = jnp.ones(x.shape[:2] + (1,), x.dtype)
+          x, size, source = diffrate_lib.compress(
+              x, size, source, extra[0], prune_kept=prune_kept, merge_kept=merge_kept,
+              num_protected=num_protected)
+      elif self.r > 0:
+        plan = merge_lib.bipartite_soft_matching(
+            metric, self.r, class_token=True, distill_token=self.distilled)
+        modulate = None
+        if self.modulation != 'none':
+          modulate = PyraGenerator(r=self.r, modulation=self.modulation,
+                                   rank=self.modulation_rank, wr_init=self.wr_init,
+                                   ln_eps=self.pyra_ln_eps, name='pyra')
+        if size is None:
+          size = jnp.ones(x.shape[:2] + (1,), x.dtype)
+        x, size = merge_lib.merge_wavg(x, size, plan, distill_token=self.distilled,
+                                       modulate=modulate)
+        if source is not None:
+          source = merge_lib.merge_source(source, plan, distill_token=self.distilled)
 
     shortcut = x if snf is None else snf(x, 'mlp')
     h = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_1')(x)
