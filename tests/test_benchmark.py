@@ -188,17 +188,18 @@ def test_train_mode_prints_the_step_profile(tmp_path):
       [sys.executable, '-m', 'pyra_jax.benchmark', f'--config={cfg}', *a], cwd=ROOT,
       env=env, capture_output=True, text=True, timeout=600)
   out = tmp_path / 'b.json'
-  proc = run('--mode=train', '--methods=peft,pyra', '--num_iters=1', '--warmup=1',
+  # One model keeps this fast (the profile of an uncompressed step, with no merge
+  # part, is covered in tests/test_profiling.py).
+  proc = run('--mode=train', '--methods=pyra', '--num_iters=1', '--warmup=1',
              '--matmul_size=64', '--profile_calls=1', f'--out={out}')
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()
   i = next(k for k, l in enumerate(lines) if l.startswith('step profile, ms per step'))
-  assert lines[i + 1].split()[-2:] == ['peft', 'pyra']
+  assert lines[i + 1].split()[-1] == 'pyra'
   rows = {l[:30].strip(): l[30:].split() for l in lines[i + 2:] if l.startswith('  ')}
-  for row in ('forward / dense matmul', 'backward / dense matmul', 'all ops'):
-    assert all(float(v) > 0 for v in rows[row]), (row, rows)
-  # ToMe/PYRA's token reduction is its own part, absent from the uncompressed step.
-  assert float(rows['forward / merge'][0]) == 0 < float(rows['forward / merge'][1])
+  for row in ('forward / dense matmul', 'backward / dense matmul', 'forward / merge',
+              'backward / merge', 'all ops'):
+    assert float(rows[row][0]) > 0, (row, rows)
   res = json.loads(out.read_text())
   assert res['models']['pyra']['profile']['num_calls'] == 1
   bad = run('--profile_calls=2')

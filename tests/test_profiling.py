@@ -102,18 +102,18 @@ def test_a_fusion_holding_a_matmul_counts_as_that_matmul():
   assert md['exp.1'] == ('exponential', f'jit(s)/jvp(V)/{ATTN}/exp')
 
 
-def _profile(**model_overrides):
+def _profile(method, **model_overrides):
   config = tiny.get_config()
   for k, v in model_overrides.items():
     config.model[k] = v
-  run = benchmark.train_run(config, 'pyra', image_size=32, num_classes=10, dtype='float32')
+  run = benchmark.train_run(config, method, image_size=32, num_classes=10, dtype='float32')
   calls = benchmark.TrainStepCalls(run, benchmark.synthetic_batch(run, 8))
   calls.call_step()
   return profiling.profile_compiled(calls.call_step, calls.compiled_step().as_text(), 2)
 
 
 def test_profile_of_a_real_training_step():
-  prof = _profile(lora_dropout=0.1, drop_path=0.1)
+  prof = _profile('pyra', lora_dropout=0.1, drop_path=0.1)
   ms = prof['ms']
   for phase in ('forward', 'backward'):
     assert ms[phase].get('dense matmul', 0) > 0, (phase, ms)
@@ -125,6 +125,10 @@ def test_profile_of_a_real_training_step():
   total = sum(v for phase in ms.values() for v in phase.values())
   assert total == pytest.approx(prof['ops_ms'])
   assert prof['wall_ms'] > 0 and prof['num_calls'] == 2
-  # Dropout and stochastic depth off: no random bits are drawn in the model.
-  quiet = _profile(lora_dropout=0.0, drop_path=0.0)
-  assert 'rng' not in quiet['ms']['forward'] and 'rng' not in quiet['ms']['backward']
+  assert ms['forward'].get('merge', 0) > 0, ms  # PYRA's reduction, under its scope
+  # Uncompressed, dropout and stochastic depth off: no merge part, and no random
+  # bits drawn in the model.
+  quiet = _profile('peft', lora_dropout=0.0, drop_path=0.0)
+  for phase in ('forward', 'backward'):
+    assert 'rng' not in quiet['ms'][phase] and 'merge' not in quiet['ms'][phase], quiet['ms']
+  assert quiet['ms']['forward'].get('dense matmul', 0) > 0

@@ -2,7 +2,7 @@ r"""Ours against the authors' PyTorch PYRA, in one process, rounds alternating.
 
   /work/torchenv/bin/python tools/against_authors.py --authors_repo=/path/to/PYRA \
       [--rounds=5] [--batch_size=8] [--methods=peft,tome,pyra] [--profile_calls=3] \
-      [--gemm_rounds=5] [--out=res.json]
+      [--gemms] [--out=res.json]
 
 This repository's `pyra_jax` (the one beside this script) is imported. `--authors_repo` is a checkout of github.com/THU-MIG/PYRA;
 its `model/` package is imported from there at run time (nothing of it is
@@ -228,7 +228,7 @@ def _timed(fn, sync) -> float:
 
 def compare(authors_repo: str, *, methods=METHODS, batch_size: int = 8,
             rounds: int = 5, warmup: int = 1, threads: int = 0,
-            profile_calls: int = 0, gemm_rounds: int = 0) -> dict:
+            profile_calls: int = 0, gemms: bool = False) -> dict:
   """Times both sides, alternating; returns per-method seconds and paired ratios."""
   tv = _torchvision_or_stand_in()
   import jax  # pylint: disable=g-import-not-at-top
@@ -248,6 +248,11 @@ def compare(authors_repo: str, *, methods=METHODS, batch_size: int = 8,
     calls[f'{m}/forward/theirs'] = (t.forward, sync_torch)
     calls[f'{m}/train/ours'] = (o.step, sync_jax)
     calls[f'{m}/train/theirs'] = (t.step, sync_torch)
+  gemm_sets = gemm_calls(batch_size) if gemms else None
+  if gemm_sets:
+    for side in ('ours', 'theirs'):
+      for what in ('forward', 'step'):
+        calls[f'gemms/{what}/{side}'] = (gemm_sets[side][what], lambda out: out)
   t_compile = time.perf_counter()
   for name, (fn, sync) in calls.items():  # compile (ours) and warm up (both)
     for _ in range(1 + warmup):
@@ -287,15 +292,23 @@ def compare(authors_repo: str, *, methods=METHODS, batch_size: int = 8,
                    'ratio': float(np.median(t / o)),  # ours/theirs throughput, paired
                    'ratio_min_max': [float((t / o).min()), float((t / o).max())]}
     out['methods'][m] = rec
-  if gemm_rounds > 0:
-    g = out['gemm_ceiling'] = gemm_ceiling(gemm_rounds, batch_size)
-    if 'peft' in out['methods']:
-      step = out['methods']['peft']['train']
-      g['uncompressed_step'] = {
-          'ours_seconds': step['ours_seconds'], 'theirs_seconds': step['theirs_seconds'],
-          'ours_fraction_in_dense_gemms': g['ours']['seconds'] / step['ours_seconds'],
-          'theirs_fraction_in_dense_gemms': g['theirs']['seconds'] / step['theirs_seconds'],
-          'ceiling_ratio': step['theirs_seconds'] / g['ours']['seconds']}
+  if gemm_sets:
+    g = out['gemm_ceiling'] = {'gflops': gemm_sets['gflops']}
+    for what in ('forward', 'step'):
+      o = np.asarray(times[f'gemms/{what}/ours'])
+      t = np.asarray(times[f'gemms/{what}/theirs'])
+      g[what] = {'ours_seconds': float(np.median(o)), 'theirs_seconds': float(np.median(t)),
+                 'ours_gflops_per_s': gemm_sets['gflops'][what] / float(np.median(o)),
+                 'theirs_gflops_per_s': gemm_sets['gflops'][what] / float(np.median(t)),
+                 'ours_over_theirs_rate': float(np.median(t / o))}
+      if 'peft' in methods:
+        key = 'forward' if what == 'forward' else 'train'
+        model_t = np.asarray(times[f'peft/{key}/theirs'])
+        model_o = np.asarray(times[f'peft/{key}/ours'])
+        # Within each round: their uncompressed forward/step over our GEMMs.
+        g[what]['ceiling_ratio'] = float(np.median(model_t / o))
+        g[what]['ours_share_in_gemms'] = float(np.median(o / model_o))
+        g[what]['theirs_share_in_gemms'] = float(np.median(t / model_t))
   if profile_calls > 0:  # after the timed rounds, so profiling cannot disturb them
     out['profiles'] = {}
     for m in methods:
@@ -373,44 +386,46 @@ def step_gemms(batch_size: int) -> list[tuple[int, int, int]]:
   return ([(rows, 768, 768)] * 4 + [(rows, 768, 3072), (rows, 3072, 768)]) * 2
 
 
-def gemm_ceiling(rounds: int = 5, batch_size: int = 8) -> dict:
-  """Times the step's dense GEMMs alone in each framework, rounds alternating.
+def gemm_calls(batch_size: int) -> dict:
+  """The uncompressed step's dense GEMMs, one call per framework per set.
 
-  No step can be faster than its own dense matmuls, so their time bounds how
-  far ahead of the authors' step ours can get on this machine:
-  ceiling = their step time / our GEMM time (read against the step times of
-  the same run).
+  Returns {'ours'|'theirs': {'step'|'forward': fn}}, each fn running the set
+  once (12 blocks) with that framework's own GEMM and returning when done. They
+  are timed in the same rounds as the models (`compare(..., gemms=True)`), so
+  a ceiling is a within-round ratio like every other figure: no step can be
+  faster than its own dense matmuls, so their step time over our GEMM time
+  bounds how far ahead ours can get on this machine. 'forward' is the set's
+  forward half (q, k, v, out, fc1, fc2 once), the same matmuls as our deployed
+  forward (LoRA folded), and bounds the uncompressed forward the same way.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   gemms = step_gemms(batch_size)
-  shapes = sorted(set(gemms))
   dot = jax.jit(lambda a, b: a @ b)
   ours, theirs = {}, {}
-  for m, k, n in shapes:
+  for m, k, n in sorted(set(gemms)):
     a = rng.normal(size=(m, k)).astype(np.float32)
     b = rng.normal(size=(k, n)).astype(np.float32)
-    ja, jb = jax.device_put(a), jax.device_put(b)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    ours[(m, k, n)] = lambda ja=ja, jb=jb: dot(ja, jb)
-    theirs[(m, k, n)] = lambda ta=ta, tb=tb: torch.mm(ta, tb)
-  for s in shapes:  # compile and warm up
-    jax.block_until_ready(ours[s]()); theirs[s]()
-  times = {'ours': [], 'theirs': []}
-  for _ in range(rounds):
-    for side, calls, sync in (('ours', ours, jax.block_until_ready),
-                              ('theirs', theirs, lambda x: x)):
-      t = {}
+    ours[(m, k, n)] = (jax.device_put(a), jax.device_put(b))
+    theirs[(m, k, n)] = (torch.from_numpy(a), torch.from_numpy(b))
+
+  def run_ours(shapes):
+    for _ in range(12):
       for s in shapes:
-        t[s] = _timed(calls[s], sync)
-      times[side].append(12 * sum(t[s] for s in gemms))
-  flops = 12 * sum(2 * m * k * n for m, k, n in gemms)
-  out = {'step_gflops_dense': flops / 1e9, 'rounds': rounds}
-  for side in ('ours', 'theirs'):
-    sec = float(np.median(times[side]))
-    out[side] = {'seconds': sec, 'gflops_per_s': flops / sec / 1e9, 'round_seconds': times[side]}
-  return out
+        jax.block_until_ready(dot(*ours[s]))
+
+  def run_theirs(shapes):
+    for _ in range(12):
+      for s in shapes:
+        torch.mm(*theirs[s])
+
+  forward = gemms[:len(gemms) // 2]
+  return {'ours': {'step': lambda: run_ours(gemms), 'forward': lambda: run_ours(forward)},
+          'theirs': {'step': lambda: run_theirs(gemms),
+                     'forward': lambda: run_theirs(forward)},
+          'gflops': {'step': 12 * sum(2 * m * k * n for m, k, n in gemms) / 1e9,
+                     'forward': 12 * sum(2 * m * k * n for m, k, n in forward) / 1e9}}
 
 
 def profile_ours(ours: 'Ours', num_calls: int) -> dict:
@@ -428,15 +443,17 @@ def format_profiles(res: dict) -> str:
   lines = []
   if 'gemm_ceiling' in res:
     g = res['gemm_ceiling']
-    lines += ['', f"dense GEMMs of one uncompressed training step alone ({g['step_gflops_dense']:.0f} "
-              f"GFLOP, {g['rounds']} alternating rounds): ours {g['ours']['seconds']:.2f} s "
-              f"({g['ours']['gflops_per_s']:.0f} GFLOP/s), theirs {g['theirs']['seconds']:.2f} s "
-              f"({g['theirs']['gflops_per_s']:.0f} GFLOP/s)"]
-    if 'uncompressed_step' in g:
-      u = g['uncompressed_step']
-      lines.append(f"  share of the step in them: ours {u['ours_fraction_in_dense_gemms']:.0%}, "
-                   f"theirs {u['theirs_fraction_in_dense_gemms']:.0%}; ceiling on the step "
-                   f"ratio ours/theirs (their step / our GEMMs): {u['ceiling_ratio']:.2f}x")
+    for what in ('step', 'forward'):
+      r = g[what]
+      line = (f"dense GEMMs of the uncompressed {what} alone ({g['gflops'][what]:.0f} GFLOP, "
+              f"same rounds): ours {r['ours_seconds']:.2f} s ({r['ours_gflops_per_s']:.0f} "
+              f"GFLOP/s), theirs {r['theirs_seconds']:.2f} s ({r['theirs_gflops_per_s']:.0f} "
+              f"GFLOP/s), our rate / theirs {r['ours_over_theirs_rate']:.2f}")
+      if 'ceiling_ratio' in r:
+        line += (f"; share of the {what} in them: ours {r['ours_share_in_gemms']:.0%}, theirs "
+                 f"{r['theirs_share_in_gemms']:.0%}; ceiling on ours/theirs: "
+                 f"{r['ceiling_ratio']:.2f}x")
+      lines += ['', line] if what == 'step' else [line]
   for m, prof in res.get('profiles', {}).items():
     o, t = prof['ours'], prof['theirs']
     lines += ['', f'{m}: training step profile, ms per step ({prof["num_calls"]} calls '
@@ -499,9 +516,9 @@ def main(argv=None) -> None:
   p.add_argument('--profile_calls', type=int, default=0,
                  help='After timing, profile this many training steps of each side '
                       'and print ms per step by phase and part, side by side.')
-  p.add_argument('--gemm_rounds', type=int, default=0,
-                 help='After timing, time the uncompressed step\'s dense GEMMs alone in '
-                      'each framework for this many alternating rounds (the ceiling).')
+  p.add_argument('--gemms', action='store_true',
+                 help='Also time the uncompressed step\'s and forward\'s dense GEMMs alone, '
+                      'in each framework, in the same rounds (the ceiling).')
   p.add_argument('--out', default='')
   a = p.parse_args(argv)
   if not os.path.isfile(os.path.join(a.authors_repo, 'model', 'tome.py')):
@@ -513,7 +530,7 @@ def main(argv=None) -> None:
   res = compare(os.path.abspath(a.authors_repo), methods=methods,
                 batch_size=a.batch_size, rounds=a.rounds, warmup=a.warmup,
                 threads=a.threads, profile_calls=a.profile_calls,
-                gemm_rounds=a.gemm_rounds)
+                gemms=a.gemms)
   print(format_table(res))
   extra = format_profiles(res)
   if extra:
