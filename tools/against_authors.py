@@ -248,11 +248,15 @@ def compare(authors_repo: str, *, methods=METHODS, batch_size: int = 8,
     calls[f'{m}/forward/theirs'] = (t.forward, sync_torch)
     calls[f'{m}/train/ours'] = (o.step, sync_jax)
     calls[f'{m}/train/theirs'] = (t.step, sync_torch)
-  gemm_sets = gemm_calls(batch_size) if gemms else None
-  if gemm_sets:
-    for side in ('ours', 'theirs'):
-      for what in ('forward', 'step'):
-        calls[f'gemms/{what}/{side}'] = (gemm_sets[side][what], lambda out: out)
+  gemm_sets = {}
+  if gemms:
+    from pyra_jax import schedules  # pylint: disable=g-import-not-at-top
+    for m in methods:
+      tokens = schedules.token_counts(sides[m]['ours'].schedule, 197)
+      gemm_sets[m] = gemm_calls(batch_size, tokens)
+      for side in ('ours', 'theirs'):
+        for what in ('forward', 'step', 'attention'):
+          calls[f'gemms/{m}/{what}/{side}'] = (gemm_sets[m][side][what], lambda out: out)
   t_compile = time.perf_counter()
   for name, (fn, sync) in calls.items():  # compile (ours) and warm up (both)
     for _ in range(1 + warmup):
@@ -293,22 +297,34 @@ def compare(authors_repo: str, *, methods=METHODS, batch_size: int = 8,
                    'ratio_min_max': [float((t / o).min()), float((t / o).max())]}
     out['methods'][m] = rec
   if gemm_sets:
-    g = out['gemm_ceiling'] = {'gflops': gemm_sets['gflops']}
-    for what in ('forward', 'step'):
-      o = np.asarray(times[f'gemms/{what}/ours'])
-      t = np.asarray(times[f'gemms/{what}/theirs'])
-      g[what] = {'ours_seconds': float(np.median(o)), 'theirs_seconds': float(np.median(t)),
-                 'ours_gflops_per_s': gemm_sets['gflops'][what] / float(np.median(o)),
-                 'theirs_gflops_per_s': gemm_sets['gflops'][what] / float(np.median(t)),
-                 'ours_over_theirs_rate': float(np.median(t / o))}
-      if 'peft' in methods:
-        key = 'forward' if what == 'forward' else 'train'
-        model_t = np.asarray(times[f'peft/{key}/theirs'])
-        model_o = np.asarray(times[f'peft/{key}/ours'])
-        # Within each round: their uncompressed forward/step over our GEMMs.
-        g[what]['ceiling_ratio'] = float(np.median(model_t / o))
-        g[what]['ours_share_in_gemms'] = float(np.median(o / model_o))
-        g[what]['theirs_share_in_gemms'] = float(np.median(t / model_t))
+    out['gemm_ceiling'] = {}
+    for m, sets in gemm_sets.items():
+      g = out['gemm_ceiling'][m] = {'gflops': sets['gflops']}
+      for what, key in (('forward', 'forward'), ('step', 'train')):
+        o = np.asarray(times[f'gemms/{m}/{what}/ours'])
+        t = np.asarray(times[f'gemms/{m}/{what}/theirs'])
+        model_t = np.asarray(times[f'{m}/{key}/theirs'])
+        model_o = np.asarray(times[f'{m}/{key}/ours'])
+        g[what] = {'ours_seconds': float(np.median(o)), 'theirs_seconds': float(np.median(t)),
+                   'ours_gflops_per_s': sets['gflops'][what] / float(np.median(o)),
+                   'theirs_gflops_per_s': sets['gflops'][what] / float(np.median(t)),
+                   'ours_over_theirs_rate': float(np.median(t / o)),
+                   # Within each round: their forward/step over our GEMMs.
+                   'ceiling_ratio': float(np.median(model_t / o)),
+                   'ours_share_in_gemms': float(np.median(o / model_o)),
+                   'theirs_share_in_gemms': float(np.median(t / model_t))}
+      # The attention cores, each side's own; with the dense GEMMs, at the
+      # faster side's attention, a tighter bound on our step: their step over
+      # (our GEMMs + the faster attention), per round.
+      o = np.asarray(times[f'gemms/{m}/attention/ours'])
+      t = np.asarray(times[f'gemms/{m}/attention/theirs'])
+      bound = np.asarray(times[f'gemms/{m}/step/ours']) + np.minimum(o, t)
+      g['attention'] = {'ours_seconds': float(np.median(o)),
+                        'theirs_seconds': float(np.median(t)),
+                        'ours_over_theirs_rate': float(np.median(t / o)),
+                        'step_bound_seconds': float(np.median(bound)),
+                        'step_ceiling_ratio': float(np.median(
+                            np.asarray(times[f'{m}/train/theirs']) / bound))}
   if profile_calls > 0:  # after the timed rounds, so profiling cannot disturb them
     out['profiles'] = {}
     for m in methods:
@@ -377,31 +393,39 @@ def profile_theirs(step, torch, num_calls: int) -> dict:
   return {'ms': table, 'ops_ms': ops_ms, 'wall_ms': wall * 1e3, 'num_calls': num_calls}
 
 
-# The dense matmuls of one uncompressed ViT-B/16 LoRA training step, per block
-# (rows = batch x 197 tokens): forward q, k, v, out, fc1, fc2, and the
-# backward's input gradients dy @ W^T of each (the frozen kernels get no weight
-# gradient; LoRA's rank-8 matmuls are left out). 12 blocks per step.
-def step_gemms(batch_size: int) -> list[tuple[int, int, int]]:
-  rows = batch_size * 197
-  return ([(rows, 768, 768)] * 4 + [(rows, 768, 3072), (rows, 3072, 768)]) * 2
+# The dense matmuls of one ViT-B/16 LoRA training step, per block with n tokens
+# entering and n' after its merge (rows = batch x tokens): forward q, k, v, out
+# on n, fc1 and fc2 on n', and the backward's input gradients dy @ W^T of each
+# (the frozen kernels get no weight gradient; LoRA's rank-8 matmuls are left
+# out). `tokens` is the schedule's token counts (`schedules.token_counts`).
+def step_gemms(batch_size: int, tokens: list[int]) -> list[tuple[int, int, int]]:
+  """The forward's dense GEMMs (m, k, n), all blocks; the step runs them twice."""
+  out = []
+  for n_in, n_out in zip(tokens[:-1], tokens[1:]):
+    out += [(batch_size * n_in, 768, 768)] * 4
+    out += [(batch_size * n_out, 768, 3072), (batch_size * n_out, 3072, 768)]
+  return out
 
 
-def gemm_calls(batch_size: int) -> dict:
-  """The uncompressed step's dense GEMMs, one call per framework per set.
+def gemm_calls(batch_size: int, tokens: list[int]) -> dict:
+  """One method's dense GEMMs and attention cores, one call per framework per set.
 
-  Returns {'ours'|'theirs': {'step'|'forward': fn}}, each fn running the set
-  once (12 blocks) with that framework's own GEMM and returning when done. They
-  are timed in the same rounds as the models (`compare(..., gemms=True)`), so
-  a ceiling is a within-round ratio like every other figure: no step can be
-  faster than its own dense matmuls, so their step time over our GEMM time
-  bounds how far ahead ours can get on this machine. 'forward' is the set's
-  forward half (q, k, v, out, fc1, fc2 once), the same matmuls as our deployed
-  forward (LoRA folded), and bounds the uncompressed forward the same way.
+  Returns {'ours'|'theirs': {'step'|'forward'|'attention': fn}, 'gflops': ...},
+  each fn running the set once (all blocks) with that framework's own kernels
+  and returning when done. They are timed in the same rounds as the models
+  (`compare(..., gemms=True)`), so a ceiling is a within-round ratio like every
+  other figure: no step can be faster than its own dense matmuls, so their
+  step time over our GEMM time bounds how far ahead ours can get on this
+  machine. 'forward' is the set's forward half (q, k, v, out, fc1, fc2 once),
+  the same matmuls as our deployed forward (LoRA folded), and bounds the
+  forward the same way. 'attention' is the step's attention cores
+  (`attention_calls`).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  gemms = step_gemms(batch_size)
+  forward = step_gemms(batch_size, tokens)
+  gemms = forward * 2
   dot = jax.jit(lambda a, b: a @ b)
   ours, theirs = {}, {}
   for m, k, n in sorted(set(gemms)):
@@ -411,21 +435,61 @@ def gemm_calls(batch_size: int) -> dict:
     theirs[(m, k, n)] = (torch.from_numpy(a), torch.from_numpy(b))
 
   def run_ours(shapes):
-    for _ in range(12):
-      for s in shapes:
-        jax.block_until_ready(dot(*ours[s]))
+    for s in shapes:
+      jax.block_until_ready(dot(*ours[s]))
 
   def run_theirs(shapes):
-    for _ in range(12):
-      for s in shapes:
-        torch.mm(*theirs[s])
+    for s in shapes:
+      torch.mm(*theirs[s])
 
-  forward = gemms[:len(gemms) // 2]
-  return {'ours': {'step': lambda: run_ours(gemms), 'forward': lambda: run_ours(forward)},
+  attention_ours, attention_theirs = attention_calls(batch_size, tokens[:-1])
+  return {'ours': {'step': lambda: run_ours(gemms), 'forward': lambda: run_ours(forward),
+                   'attention': attention_ours},
           'theirs': {'step': lambda: run_theirs(gemms),
-                     'forward': lambda: run_theirs(forward)},
-          'gflops': {'step': 12 * sum(2 * m * k * n for m, k, n in gemms) / 1e9,
-                     'forward': 12 * sum(2 * m * k * n for m, k, n in forward) / 1e9}}
+                     'forward': lambda: run_theirs(forward), 'attention': attention_theirs},
+          'gflops': {'step': sum(2 * m * k * n for m, k, n in gemms) / 1e9,
+                     'forward': sum(2 * m * k * n for m, k, n in forward) / 1e9}}
+
+
+def attention_calls(batch_size: int, tokens: list[int]):
+  """(ours, theirs): the step's attention cores, forward and backward.
+
+  softmax(q k^T / sqrt(64)) v for 12 heads of n tokens, and its gradient with
+  respect to q, k and v, once per block (n = `tokens[i]`, the tokens entering
+  block i), as each side's model computes it: ours
+  `pyra_jax.models.vit._attention_einsum` under `jax.vjp`, theirs timm 0.5.4's
+  `Attention` core under autograd (both without the size bias of proportional
+  attention: a lower bound). Its two forward and four backward batched
+  matmuls are most of what a step does besides the dense GEMMs; the faster of
+  the two sides bounds that part of a step from below on this machine (the
+  tighter ceiling of `compare`).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  fn = jax.jit(lambda q, k, v, g: jax.vjp(
+      lambda *a: vit._attention_einsum(*a, None), q, k, v)[1](g))  # pylint: disable=protected-access
+  ours_args, theirs_args = [], []
+  for n in tokens:
+    q, k, v, g = (rng.normal(size=(batch_size, n, 12, 64)).astype(np.float32)
+                  for _ in range(4))
+    ours_args.append([jax.device_put(a) for a in (q, k, v, g)])
+    theirs_args.append([torch.from_numpy(a).permute(0, 2, 1, 3).contiguous()
+                        for a in (q, k, v, g)])
+    for t in theirs_args[-1][:3]:
+      t.requires_grad_()
+
+  def run_ours():
+    for args in ours_args:
+      jax.block_until_ready(fn(*args))
+
+  def run_theirs():
+    for tq, tk, tv, tg in theirs_args:
+      attn = ((tq @ tk.transpose(-2, -1)) * 64 ** -0.5).softmax(dim=-1)
+      torch.autograd.grad(attn @ tv, (tq, tk, tv), tg)
+
+  return run_ours, run_theirs
 
 
 def profile_ours(ours: 'Ours', num_calls: int) -> dict:
@@ -441,19 +505,24 @@ def format_profiles(res: dict) -> str:
   with the difference: the column that says where our step loses."""
   from pyra_jax import profiling  # pylint: disable=g-import-not-at-top
   lines = []
-  if 'gemm_ceiling' in res:
-    g = res['gemm_ceiling']
+  for m, g in res.get('gemm_ceiling', {}).items():
+    lines.append('')
     for what in ('step', 'forward'):
       r = g[what]
-      line = (f"dense GEMMs of the uncompressed {what} alone ({g['gflops'][what]:.0f} GFLOP, "
-              f"same rounds): ours {r['ours_seconds']:.2f} s ({r['ours_gflops_per_s']:.0f} "
-              f"GFLOP/s), theirs {r['theirs_seconds']:.2f} s ({r['theirs_gflops_per_s']:.0f} "
-              f"GFLOP/s), our rate / theirs {r['ours_over_theirs_rate']:.2f}")
-      if 'ceiling_ratio' in r:
-        line += (f"; share of the {what} in them: ours {r['ours_share_in_gemms']:.0%}, theirs "
-                 f"{r['theirs_share_in_gemms']:.0%}; ceiling on ours/theirs: "
-                 f"{r['ceiling_ratio']:.2f}x")
-      lines += ['', line] if what == 'step' else [line]
+      lines.append(
+          f"{m}: dense GEMMs of the {what} alone ({g['gflops'][what]:.0f} GFLOP, same "
+          f"rounds): ours {r['ours_seconds']:.2f} s ({r['ours_gflops_per_s']:.0f} GFLOP/s), "
+          f"theirs {r['theirs_seconds']:.2f} s ({r['theirs_gflops_per_s']:.0f} GFLOP/s), our "
+          f"rate / theirs {r['ours_over_theirs_rate']:.2f}; share of the {what} in them: ours "
+          f"{r['ours_share_in_gemms']:.0%}, theirs {r['theirs_share_in_gemms']:.0%}; ceiling "
+          f"on ours/theirs: {r['ceiling_ratio']:.2f}x")
+    a = g['attention']
+    lines.append(
+        f"{m}: attention cores of the step (forward + backward, all blocks, same rounds): "
+        f"ours {a['ours_seconds']:.2f} s, theirs {a['theirs_seconds']:.2f} s (our speed / "
+        f"theirs {a['ours_over_theirs_rate']:.2f}); our dense GEMMs + the faster attention: "
+        f"{a['step_bound_seconds']:.2f} s, ceiling on the step ours/theirs: "
+        f"{a['step_ceiling_ratio']:.2f}x")
   for m, prof in res.get('profiles', {}).items():
     o, t = prof['ours'], prof['theirs']
     lines += ['', f'{m}: training step profile, ms per step ({prof["num_calls"]} calls '
@@ -518,7 +587,8 @@ def main(argv=None) -> None:
                       'and print ms per step by phase and part, side by side.')
   p.add_argument('--gemms', action='store_true',
                  help='Also time the uncompressed step\'s and forward\'s dense GEMMs alone, '
-                      'in each framework, in the same rounds (the ceiling).')
+                      'and the step\'s attention cores, in each framework, in the same '
+                      'rounds (the ceilings).')
   p.add_argument('--out', default='')
   a = p.parse_args(argv)
   if not os.path.isfile(os.path.join(a.authors_repo, 'model', 'tome.py')):
