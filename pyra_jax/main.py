@@ -357,7 +357,7 @@ def main(argv: list[str]) -> None:
   mode = _MODE.value
   if _WORKDIR.value is None and not (mode == 'eval' and _EXPORT_DIR.value):
     _fail(f'--mode={mode} needs --workdir=DIR.', 2)
-  if _TWO_STAGE.value and (mode == 'train' or _EXPORT_DIR.value and mode == 'eval'):
+  if _TWO_STAGE.value and (mode in ('train', 'search') or _EXPORT_DIR.value and mode == 'eval'):
     _fail('--two_stage applies to --mode=eval or --mode=export of a training '
           'checkpoint in --workdir (an export keeps the merging it was written '
           'with: export with --two_stage instead).', 2)

@@ -68,11 +68,16 @@ def shortfall_message(flops_ratio: float, target: float, config: ml_collections.
   """'' if the searched FLOPs ratio reached the target, else what to do."""
   if flops_ratio >= target * (1.0 - TARGET_TOLERANCE):
     return ''
+  # config.diffrate_lr acts only on a trainable group named 'diffrate' (a
+  # renamed group trains the logits at the base lr): name what applies.
+  lr = optim.group_lrs(config).get('diffrate')
+  larger = (f'a larger --config.diffrate_lr (now {lr:g})' if lr is not None else
+            "a larger lr for the rate logits (config.trainable has no 'diffrate' group, "
+            'so --config.diffrate_lr does not apply to them)')
   return (f'WARNING: the search ended at a FLOPs ratio of {flops_ratio:.2f}, short of '
           f'its target {target:.2f}: the rate logits did not move far enough in '
           f'{config.model.diffrate_search_epochs} epochs. Search again in a new workdir '
-          f'with a larger --config.diffrate_lr (now {optim.group_lrs(config)["diffrate"]:g}) or more '
-          f'--config.model.diffrate_search_epochs.')
+          f'with {larger} or more --config.model.diffrate_search_epochs.')
 
 
 def run_search(config: ml_collections.ConfigDict, workdir: str, *,

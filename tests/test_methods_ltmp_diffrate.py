@@ -402,6 +402,10 @@ def test_a_search_short_of_its_target_says_what_to_change():
   assert '1.79' in msg and '3.17' in msg
   assert '--config.diffrate_lr (now 0.02)' in msg
   assert '--config.model.diffrate_search_epochs' in msg
+  # A renamed group: the message says diffrate_lr does not reach the logits.
+  c.trainable = {'lora_head': c.trainable.lora_head, 'rates': r'.*/diffrate/.*'}
+  msg = search.shortfall_message(1.79, 3.17, c)
+  assert "no 'diffrate' group" in msg and '(now' not in msg
 
 
 def test_ltmp_training_reports_both_flops_figures(tmp_path):

@@ -139,6 +139,9 @@ def test_two_stage_export_merges_and_names_the_trained_method(peft_workdir, tmp_
      'different config (model.lora_rank: 4 -> 8)'),
     ('configs/tiny.py:method=tome', ('--two_stage', '--export_dir=/tmp/x'),
      '--two_stage applies to --mode=eval or --mode=export'),
+    # A DiffRate search trains; it has no trained checkpoint to evaluate yet.
+    ('configs/tiny.py:method=diffrate', ('--two_stage', '--mode=search'),
+     '--two_stage applies to --mode=eval or --mode=export'),
 ])
 def test_changes_beyond_the_merging_are_refused_in_one_sentence(
     peft_workdir, capsys, monkeypatch, setting, extra, message):
