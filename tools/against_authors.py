@@ -199,6 +199,7 @@ class Ours:
     import jax  # pylint: disable=g-import-not-at-top
     from pyra_jax import benchmark  # pylint: disable=g-import-not-at-top
     from pyra_jax.configs import vitb_high  # pylint: disable=g-import-not-at-top
+    from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
     self.jax = jax
     config = vitb_high.get_config()
     mc = benchmark.method_config(config.model, method, image_size=224,
@@ -214,6 +215,7 @@ class Ours:
     self.step = self.calls.call_step
     self.trainable = sum(int(np.size(v)) for v in jax.tree.leaves(run.trainable))
     self.schedule = list(run.model.schedule)
+    self.tokens = vit.num_tokens(run.model, 224)  # entering each block, then after the last
 
 
 # --------------------------------------------------------------------------- #
@@ -250,10 +252,8 @@ def compare(authors_repo: str, *, methods=METHODS, batch_size: int = 8,
     calls[f'{m}/train/theirs'] = (t.step, sync_torch)
   gemm_sets = {}
   if gemms:
-    from pyra_jax import schedules  # pylint: disable=g-import-not-at-top
     for m in methods:
-      tokens = schedules.token_counts(sides[m]['ours'].schedule, 197)
-      gemm_sets[m] = gemm_calls(batch_size, tokens)
+      gemm_sets[m] = gemm_calls(batch_size, sides[m]['ours'].tokens)
       for side in ('ours', 'theirs'):
         for what in ('forward', 'step', 'attention'):
           calls[f'gemms/{m}/{what}/{side}'] = (gemm_sets[m][side][what], lambda out: out)
@@ -397,7 +397,7 @@ def profile_theirs(step, torch, num_calls: int) -> dict:
 # entering and n' after its merge (rows = batch x tokens): forward q, k, v, out
 # on n, fc1 and fc2 on n', and the backward's input gradients dy @ W^T of each
 # (the frozen kernels get no weight gradient; LoRA's rank-8 matmuls are left
-# out). `tokens` is the schedule's token counts (`schedules.token_counts`).
+# out). `tokens` is the model's token counts (`vit.num_tokens`).
 def step_gemms(batch_size: int, tokens: list[int]) -> list[tuple[int, int, int]]:
   """The forward's dense GEMMs (m, k, n), all blocks; the step runs them twice."""
   out = []
@@ -586,8 +586,8 @@ def main(argv=None) -> None:
                  help='After timing, profile this many training steps of each side '
                       'and print ms per step by phase and part, side by side.')
   p.add_argument('--gemms', action='store_true',
-                 help='Also time the uncompressed step\'s and forward\'s dense GEMMs alone, '
-                      'and the step\'s attention cores, in each framework, in the same '
+                 help='Also time each method\'s step and forward dense GEMMs alone, '
+                      'and its step\'s attention cores, in each framework, in the same '
                       'rounds (the ceilings).')
   p.add_argument('--out', default='')
   a = p.parse_args(argv)
