@@ -136,7 +136,7 @@ def resolve_model_config(config: ml_collections.ConfigDict,
 
 
 def check_model_init(config: ml_collections.ConfigDict) -> None:
-  """Refuses an empty `model_init`, naming the weights to fetch.
+  """Refuses an empty `model_init` (naming the weights to fetch) or a malformed Hub name.
 
   A random frozen backbone trains without error, so a forgotten `init=` would
   silently give a meaningless run: it must be asked for by name
@@ -145,6 +145,9 @@ def check_model_init(config: ml_collections.ConfigDict) -> None:
   if not config.model_init:
     from pyra_jax import checkpoints  # pylint: disable=g-import-not-at-top
     raise ConfigError(checkpoints.missing_weights_message(config.model))
+  from pyra_jax.checkpoints import hub  # pylint: disable=g-import-not-at-top
+  if hub.is_hub_spec(config.model_init):
+    hub.parse(config.model_init)  # A malformed Hub name, before the data.
 
 
 def check_model_config(config: ml_collections.ConfigDict) -> None:
