@@ -110,6 +110,21 @@ def test_authors_adapter_init_is_their_model_as_built():
     np.testing.assert_array_equal(b, 0.0)
 
 
+def test_lora_trunc_normal_is_the_authors_as_built():
+  """lora_init='trunc_normal' (the code's LoRA): their ViT's init pass gives both
+  LoRA linears (LoRA_a, LoRA_b) timm's trunc_normal_(std=.02), as the Adapter's."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  d, h = 128, 32
+  _, params = init(tiny('peft', lora_rank=h, lora_init='trunc_normal', width=d,
+                        mlp_dim=2 * d))
+  ours = np.concatenate([np.asarray(params['Transformer'][f'encoderblock_{i}'][
+      'MultiHeadDotProductAttention_0']['lora'][n]).ravel()
+                         for i in range(3) for n in ('down', 'up')])
+  theirs = ref_peft.timm_trunc_normal(np.random.default_rng(1), ours.size, 0.02)
+  assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
+  assert abs(ours.std() / 0.02 - 1) < 0.02
+
+
 def test_the_settings_use_the_authors_adapter_init():
   """peft=adapter in a setting (Tables 18-19) is the authors' model as built; the
   base config keeps the Adapter class's own Xavier init (runs stored before the

@@ -52,7 +52,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.lora_rank = 8           # 0 disables LoRA
   model.lora_dropout = 0.1      # dropout on LoRA's input, training only
   model.lora_init = 'zeros'     # 'zeros': B = 0 (LoRA starts as identity);
-                                # 'trunc_normal': A, B ~ TN(0.02), the authors' code
+                                # 'trunc_normal': A, B ~ N(0, 0.02²) cut at ±2
+                                # (timm's trunc_normal_), the authors' code as built
 
   # The trainable module (docs/algorithm.md §13-15; README "PEFT modules"):
   # 'lora' (above) | 'adapter' (the authors' bottleneck Adapter after the MLP,
