@@ -534,3 +534,16 @@ def test_ltmp_training_reports_both_flops_figures(tmp_path):
   # the first layer's count (highest).
   lo = ltmp.flops_ratio([1.0 / 17] * 2, num_tokens=17, width=32, mlp_ratio=2.0)
   assert float(lo) <= r['effective_flops_fraction'] <= 1.0
+
+
+@pytest.mark.parametrize('args,message', [
+    ([], 'Error: give at least one of --ltmp=PATH'),
+    (['--evit=/nonexistent/evit'], 'Error: --evit=/nonexistent/evit is not a directory'),
+])
+def test_the_originals_comparison_tool_refuses_bad_paths_in_one_sentence(args, message):
+  """tools/originals_methods.py (run with torch beside the originals) checks its
+  paths before importing anything heavy."""
+  proc = subprocess.run([sys.executable, 'tools/originals_methods.py', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
