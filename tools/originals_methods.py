@@ -40,8 +40,8 @@ under too, and EViT imports torchprofile. One venv with both frameworks:
   VENV/bin/pip install --no-deps timm==0.9.5 torchprofile==0.0.4
 
 torchvision is replaced by an inert stand-in when it cannot be imported
-(tools/against_authors.py). Two adaptations to the newer timm, neither touching
-a method: DiffRate's block (written for timm 0.4.5) calls `self.drop_path`,
+(tools/against_authors.py). Three more stand-ins, none touching a method's
+computation: DiffRate's block (written for timm 0.4.5) calls `self.drop_path`,
 which timm 0.9.5's block names drop_path1/drop_path2; the tool sets it to the
 identity, which all three are here (no stochastic depth). ATS's model module
 imports its training framework's registry (fvcore) only to register the class:
