@@ -245,20 +245,38 @@ def evit_default_layers(depth: int) -> tuple[int, ...]:
   return tuple(sorted({l * depth // 12 for l in EVIT_LAYERS_12}))
 
 
-def evit_schedule(keep_rate: float, layers: Sequence[int], *, depth: int,
-                  num_tokens: int, num_protected: int) -> tuple[int, ...]:
-  """Per-layer r of EViT keeping ceil(keep_rate * M) of M unprotected tokens.
+def evit_keeps(keep_rate: float, layers: Sequence[int], *, depth: int,
+               num_tokens: int, num_protected: int) -> tuple[int, ...]:
+  """Per layer, the tokens EViT keeps (0: the layer does not reorganise).
 
-  A layer where that would remove nothing (keep >= M - 1: fusing one token
-  into one) is left alone (r = 0).
+  At an EViT layer, keep = ceil(keep_rate * M) of its M unprotected tokens.
+  A layer where that keeps all M is left alone (EViT's code returns the
+  tokens unchanged); at keep = M - 1 EViT still reorders the tokens and fuses
+  the least attended one, so that layer reorganises without removing a token.
   """
   out, n = [], num_tokens
   for l in range(depth):
-    r = 0
+    keep = 0
     if l in layers:
       m = n - num_protected
       keep = max(int(math.ceil(keep_rate * m - 1e-9)), 1)
-      r = max(m - keep - 1, 0)
+      if keep >= m:
+        keep = 0
+    out.append(keep)
+    if keep:
+      n = num_protected + keep + 1
+  return tuple(out)
+
+
+def evit_schedule(keep_rate: float, layers: Sequence[int], *, depth: int,
+                  num_tokens: int, num_protected: int) -> tuple[int, ...]:
+  """Per-layer r of EViT keeping ceil(keep_rate * M) of M unprotected tokens:
+  r = M - keep - 1 at a reorganising layer (0 at keep = M - 1), else 0."""
+  keeps = evit_keeps(keep_rate, layers, depth=depth, num_tokens=num_tokens,
+                     num_protected=num_protected)
+  out, n = [], num_tokens
+  for keep in keeps:
+    r = n - num_protected - keep - 1 if keep else 0
     out.append(r)
     n -= r
   return tuple(out)

@@ -21,6 +21,8 @@ from pyra_jax.methods import evit as evit_lib
 from pyra_jax.methods import tofu as tofu_lib
 from pyra_jax.models import vit
 from tests import reference_merge as ref
+from tests import reference_methods as ref_methods
+from tests.test_methods_ltmp_diffrate import jit_features, random_params
 from tests.test_train_cli import reset_flags, run_main
 
 
@@ -83,6 +85,30 @@ def test_evit_token_counts_follow_its_keep_rate():
   assert want[4:] == [140] * 3 + [100] * 3 + [72] * 3
   kw = vit.model_kwargs(paper.evit_own_config('vitl').model, num_classes=10)
   assert [l for l, r in enumerate(kw['schedule']) if r] == [6, 12, 18]
+
+
+def test_evit_at_keep_one_less_than_all_still_reorganises():
+  """Keep rate 0.87 on 16 image tokens: layer 0 keeps 14 (+ the fused token:
+  one fewer token), layers 1 and 2 keep 14 of 15, i.e. all but one: EViT's
+  code still sorts them and fuses the least attended one (weighted by its
+  attention) there. The class feature equals the numpy model of that code."""
+  cfg = tiny.get_config('method=evit')
+  m = cfg.model
+  m.depth, m.evit_layers, m.evit_keep_rate, m.evit_match_flops = 3, '0,1,2', 0.87, False
+  model = vit.build_model(m, num_classes=10)
+  assert model.schedule == (1, 0, 0)
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 32, 32, 3)), jnp.float32)
+  params = random_params(model, x, 3)
+  got, _ = jit_features(model, params, x)
+  want = ref_methods.vit_forward(params, np.asarray(x, np.float64),
+                                 method='evit', num_heads=m.num_heads, depth=3,
+                                 evit_keep_rate=0.87, evit_layers=(0, 1, 2))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+  # Layers 1-2 matter: with them left alone (keep = all) the feature differs.
+  alone = ref_methods.vit_forward(params, np.asarray(x, np.float64),
+                                  method='evit', num_heads=m.num_heads, depth=3,
+                                  evit_keep_rate=0.87, evit_layers=(0,))
+  assert np.abs(alone - want).max() > 1e-3
 
 
 @pytest.mark.parametrize('level', ['low', 'high'])
@@ -210,6 +236,34 @@ def test_ats_matches_its_definition(num_protected, k):
     live = [s for s in range(num_protected, num_protected + k) if got_mask[i, s, 0] > 0]
     assert len(live) == len(want[i])
     np.testing.assert_array_equal(got_x[i, live], x[i, want[i]])
+
+
+def test_ats_layers_sample_all_tokens_where_the_schedule_removes_none():
+  """`model.ats_layers` (ATS's own setting): a layer that removes nothing by
+  the schedule still samples, with K = all its image tokens; the live slots
+  are the distinct picks of the definition, from that layer's class attention
+  and value norms."""
+  cfg = tiny.get_config('method=ats')
+  m = cfg.model
+  m.schedule, m.ats_layers = 'none', '1'
+  model = vit.build_model(m, num_classes=10)
+  assert model.schedule == (0, 0)
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(3, 32, 32, 3)), jnp.float32)
+  params = random_params(model, x, 4)
+  state = jax.jit(lambda p, x: model.apply(
+      {'params': p}, x, mutable=['intermediates'],
+      capture_intermediates=lambda mdl, _: mdl.name == 'MultiHeadDotProductAttention_0')[1])(
+          params, x)
+  inter = state['intermediates']['Transformer']
+  assert 'size_0' not in inter  # layer 0 does not sample
+  live = np.asarray(inter['size_1'][0])[..., 0]
+  assert live.shape == (3, 17)
+  _, _, cls_attn, vnorm = inter['encoderblock_1']['MultiHeadDotProductAttention_0'][
+      '__call__'][0]
+  want = ats_reference(np.zeros((3, 17, 1)), np.ones((3, 17, 1)), np.asarray(cls_attn),
+                       np.asarray(vnorm), 16, 1)
+  assert [int(v) for v in live[:, 1:].sum(axis=1)] == [len(w) for w in want]
+  assert any(len(w) < 16 for w in want)  # repeated picks were masked
 
 
 def test_class_attention_is_the_first_row_of_attention():

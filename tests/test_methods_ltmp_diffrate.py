@@ -1,12 +1,14 @@
 """LTMP and DiffRate (Table 14; docs/algorithm.md §17) against numpy transcriptions.
 
 The references (tests/reference_methods.py) are loops written from the methods'
-definitions. Also: the class token is never dropped or merged, one compilation
+original code (LTMP's [A, B] token order, DiffRate's unclamped sizes at fixed
+rates). Also: the class token is never dropped or merged, one compilation
 per method, the FLOPs regulariser, bad settings through the command line, and a
 killed DiffRate search that a rerun continues.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -148,6 +150,43 @@ def test_ltmp_class_token_stays_and_the_regulariser_reaches_the_thresholds():
   assert any(v != 0.0 for v in gt) and all(np.isfinite(gt))
 
 
+def random_params(model, images, seed, **fixed):
+  """Random parameters of `model` without compiling its init (shapes only):
+  N(0, 0.1^2) everywhere, LayerNorm scales 1 + N(0, 0.1^2), and `fixed`
+  ({leaf name: value}) for the method's own parameters."""
+  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, images))['params']
+  rng = _rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name in fixed:
+      return np.full(leaf.shape, fixed[name], np.float32)
+    v = 0.1 * rng.normal(size=leaf.shape)
+    return (v + 1.0 if name == 'scale' else v).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def jit_features(model, params, images):
+  """The class feature and the intermediates, through one compiled forward."""
+  return jax.jit(lambda p, x: model.apply({'params': p}, x, features=True,
+                                          mutable=['intermediates']))(params, images)
+
+
+def test_ltmp_model_follows_the_original_token_order():
+  """Three blocks, thresholds that merge and prune: the class feature equals
+  the numpy model in which every block returns its A tokens, then its B
+  tokens (so the next split is drawn on that order), as LTMP's code."""
+  c, model = _tiny_model('ltmp', depth=3)
+  x = jnp.asarray(_rng(11).normal(size=(2, 32, 32, 3)), jnp.float32)
+  params = random_params(model, x, 1, merge_threshold=0.2, prune_threshold=0.05)
+  got, state = jit_features(model, params, x)
+  masks = [np.asarray(state['intermediates']['Transformer'][f'mask_{i}'][0]) for i in range(3)]
+  assert 0 < masks[-1].sum() < masks[-1].size / 2  # merging and pruning happened
+  want = ref.vit_forward(params, np.asarray(x, np.float64), method='ltmp',
+                         num_heads=c.model.num_heads, depth=3)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
 def test_threshold_projection_clamps_only_ltmp_thresholds():
   tree = {'Transformer': {'encoderblock_0': {
       'ltmp': {'merge_threshold': jnp.asarray([1.3]), 'prune_threshold': jnp.asarray([-0.2])},
@@ -211,6 +250,72 @@ def test_diffrate_block_matches_the_numpy_transcription(prune_kept, merge_kept, 
   np.testing.assert_array_equal(np.asarray(got_x)[:, :num_protected], x[:, :num_protected])
 
 
+def test_diffrate_model_at_fixed_rates_scales_sizes_unclamped():
+  """Fixed rates (the deployed forward): sources add size * similarity to their
+  destination, with no clamp at 1, as DiffRate's eval path; the class feature
+  equals the numpy model of that path after three compressing blocks."""
+  c, model = _tiny_model('diffrate', depth=3, diffrate_rates='15,12,8;13,9,5')
+  x = jnp.asarray(_rng(12).normal(size=(2, 32, 32, 3)), jnp.float32)
+  params = random_params(model, x, 2)
+  got, state = jit_features(model, params, x)
+  sizes = np.asarray(state['intermediates']['Transformer']['size_0'][0])
+  # Clamped, every merged source would add 1 (similarity < 1): whole sizes.
+  assert (sizes != np.round(sizes)).any()
+  want = ref.vit_forward(params, np.asarray(x, np.float64), method='diffrate',
+                         num_heads=c.model.num_heads, depth=3,
+                         diffrate_kept=model.diffrate_kept)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_diffrate_sizes_that_would_be_non_positive_are_floored():
+  """A source pointing away from its only possible destination (cosine -1)
+  takes its size from it: 1 + 1 * (-1) = 0, whose log the method's code leaves
+  undefined; ours floors it at the smallest normal float (a key of no weight)."""
+  x = jnp.asarray([[[1.0, 0.0], [2.0, 0.0], [-3.0, 0.0]]], jnp.float32)
+  size = jnp.ones((1, 3, 1), jnp.float32)
+  cls_attn = jnp.asarray([[[0.2, 0.5, 0.3]]], jnp.float32)
+  _, s, _ = diffrate.compress(x, size, None, cls_attn, prune_kept=3, merge_kept=2,
+                              num_protected=1)
+  assert float(s[0, 1, 0]) == np.finfo(np.float32).tiny
+  assert np.isfinite(np.log(np.asarray(s))).all()
+
+
+def test_diffrate_flops_loss_in_the_authors_form():
+  """`diffrate_flops_loss='authors'`: 5 * (GMACs - target GMACs)^2, GMACs as
+  DiffRate's code counts them (blocks 4NC^2 + 2N^2C + 8N'C^2, patch embedding,
+  classifier), at zero rate logits (every layer at the mean candidate) and
+  the target at the configured ratio."""
+  c, model = _tiny_model('diffrate', diffrate_search=True, diffrate_flops_ratio=1.2,
+                         diffrate_flops_loss='authors', mlp_dim=128)
+  x = jnp.asarray(_rng(13).normal(size=(2, 32, 32, 3)), jnp.float32)
+  params = random_params(model, x, 3, prune_logits=0.0, merge_logits=0.0)
+  penalty = lambda m, p: jax.jit(lambda p: m.apply({'params': p}, x, mutable=['losses'])[1])(
+      p)['losses']['Transformer']['flops_penalty']
+  got = float(penalty(model, params))
+  n0, dim, classes = 17, 32, 10
+  cands = [16, 12, 8, 4]  # granularity 4 of 16 patches; uniform p: mean 10
+  kept = math.ceil(sum(cands) / len(cands)) + 1
+
+  def macs(counts):  # their calculate_flop_training, blocks then embedding, head
+    n, total = n0, 0.0
+    for k in counts:
+      total += 4 * n * dim ** 2 + 2 * n * n * dim
+      n = min(n, k)
+      total += 8 * n * dim ** 2
+    return total + n0 * dim * (8 * 8 * 3) + dim * classes
+
+  full_blocks = macs([n0, n0]) - macs([])
+  target = (macs([]) + full_blocks / 1.2) / 1e9
+  want = 5.0 * (macs([n0, kept]) / 1e9 - target) ** 2
+  assert got == pytest.approx(want, rel=1e-4)
+  # The same gap in the 'ratio' form is weighted 100 on the fraction instead.
+  _, ratio_model = _tiny_model('diffrate', diffrate_search=True, diffrate_flops_ratio=1.2,
+                               mlp_dim=128)
+  frac = (macs([n0, kept]) - macs([])) / full_blocks
+  assert float(penalty(ratio_model, params)) == pytest.approx(
+      100.0 * (frac - 1 / 1.2) ** 2, rel=1e-4)
+
+
 def test_diffrate_search_mask_is_hard_forward_with_the_keep_probability_gradient():
   cands = diffrate.candidates(8, 2)          # 8, 6, 4, 2 patches
   np.testing.assert_array_equal(cands, [8, 6, 4, 2])
@@ -251,8 +356,9 @@ def test_diffrate_search_step_hard_forward_equals_fixed_rate_compression():
   assert (pk, mk) == (13, 9)
   np.testing.assert_array_equal(np.asarray(mask), np.broadcast_to(
       np.arange(n) < mk, (b, n)).astype(np.float32))
+  # The search is the original's training path: sizes clamped at >= 1.
   want_x, want_s = ref.diffrate_block(np.asarray(x), np.asarray(size), np.asarray(cls_attn),
-                                      pk, mk, 1)
+                                      pk, mk, 1, clamp=True)
   np.testing.assert_allclose(np.asarray(xs)[:, :mk], want_x, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(ss)[:, :mk], want_s, rtol=1e-5)
 
@@ -328,6 +434,9 @@ def one_sentence(code, err):
      'model.ltmp_flops_target = 0.01: the FLOPs fraction to keep must lie between'),
     (['--config=configs/tiny.py:method=ltmp', '--config.model.ltmp_tau=0'],
      'model.ltmp_tau = 0'),
+    (['--config=configs/tiny.py:method=diffrate', '--mode=search',
+      '--config.model.diffrate_flops_loss=gflops'],
+     "model.diffrate_flops_loss = 'gflops': use 'ratio'"),
     (['--config=configs/tiny.py:method=diffrate', '--mode=search',
       '--config.model.diffrate_flops_ratio=50'],
      'model.diffrate_flops_ratio = 50.0: the search can reach FLOPs ratios from 1 to'),
@@ -425,3 +534,16 @@ def test_ltmp_training_reports_both_flops_figures(tmp_path):
   # the first layer's count (highest).
   lo = ltmp.flops_ratio([1.0 / 17] * 2, num_tokens=17, width=32, mlp_ratio=2.0)
   assert float(lo) <= r['effective_flops_fraction'] <= 1.0
+
+
+@pytest.mark.parametrize('args,message', [
+    ([], 'Error: give at least one of --ltmp=PATH'),
+    (['--evit=/nonexistent/evit'], 'Error: --evit=/nonexistent/evit is not a directory'),
+])
+def test_the_originals_comparison_tool_refuses_bad_paths_in_one_sentence(args, message):
+  """tools/originals_methods.py (run with torch beside the originals) checks its
+  paths before importing anything heavy."""
+  proc = subprocess.run([sys.executable, 'tools/originals_methods.py', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr

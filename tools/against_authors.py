@@ -127,6 +127,10 @@ def _torchvision_or_stand_in() -> str:
     return 'inert stand-in (the PyPI wheel cannot load against this torch)'
 
 
+# Public for the other comparison tools (tools/originals_methods.py).
+torchvision_or_stand_in = _torchvision_or_stand_in
+
+
 def their_model(method: str, authors_repo: str):
   """Their ViT-B/16 (LoRA 8) for `method`, built as their train.py builds it."""
   if authors_repo not in sys.path:

@@ -126,10 +126,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.evit_match_flops = False  # True: ignore evit_keep_rate and solve the keep
                                   # rate whose FLOPs match model.schedule's
   model.tofu_prune_layers = 3   # ToFu: the first N layers prune, later ones MLERP-merge
+  # ATS: layers (0-based, '3,4,5') that also sample where model.schedule removes
+  # nothing, with K = all their tokens (ATS's own setting: blocks 3-11 of 12,
+  # schedule 'none'); '': sample only where the schedule removes tokens
+  model.ats_layers = ''
   # LTMP (method='ltmp'): learned merge/prune thresholds per layer, straight-through
   # masks (hard forward, sigmoid((score - threshold) / tau) gradient); masked tokens
   # stay in the arrays (static shapes), so what runs costs full FLOPs.
-  model.ltmp_tau = 0.1          # sigmoid temperature of the masks (the method's)
+  model.ltmp_tau = 0.5          # sigmoid temperature of the masks' gradient (0.5: the
+                                # default of the method's training script; its model
+                                # class defaults to 0.1)
   model.ltmp_merge_init = 0.9   # initial merge threshold (cosine similarity)
   model.ltmp_prune_init = 0.0   # initial prune threshold (mean attention received)
   model.ltmp_flops_target = 0.75  # FLOPs fraction (of uncompressed) the masks aim at
@@ -142,6 +148,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.diffrate_search = False  # True: the search forward (set by --mode=search)
   model.diffrate_flops_ratio = 2.0  # search target: uncompressed / searched FLOPs
   model.diffrate_flops_weight = 100.0  # weight of (FLOPs fraction - 1/ratio)^2
+  model.diffrate_flops_loss = 'ratio'  # the search's FLOPs term: 'ratio' = the line
+                                # above; 'authors' = the method's code, 5 * (GFLOPs -
+                                # target GFLOPs)^2, target at the ratio (~15x stronger
+                                # on ViT-B/16; diffrate_flops_weight unused)
   model.diffrate_granularity = 4  # tokens between candidate kept counts (the method's)
   model.diffrate_search_epochs = 3  # epochs of --mode=search (the method's 3)
 

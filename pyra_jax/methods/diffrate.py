@@ -10,7 +10,8 @@ docs/algorithm.md §17.2. Every block, between attention and the MLP:
          cosine-similar kept token (similarity of the tokens themselves), the
          destination becomes the plain mean of itself and its sources; sizes
          (for proportional attention) add, a source's size scaled by its
-         similarity and every size clamped at >= 1 first.
+         similarity (unclamped at fixed rates; the search clamps every size
+         at >= 1 first, as the method's two code paths do).
 
 Deployed and trained with fixed rates, both counts are static Python ints per
 layer: real token reduction, one compilation.
@@ -25,7 +26,8 @@ P-2g, ... (P patches, granularity g). With p = softmax(alpha):
 Inactive tokens stay in the arrays (static shapes); attention ignores them
 as keys except for each token's own key. The FLOPs of the kept counts
 (straight-through min over prune and merge) are pulled toward the target
-with weight * (FLOPs / full - 1 / ratio)^2. Block 0 is never compressed.
+with weight * (FLOPs / full - 1 / ratio)^2 (or the method's own form,
+`flops_penalty`). Block 0 is never compressed.
 """
 
 from __future__ import annotations
@@ -90,11 +92,18 @@ def merge_mean(x: Array, node_idx: Array, kept: int) -> Array:
 
 
 def merge_size(size: Array, node_max: Array, node_idx: Array, kept: int) -> Array:
-  """Sizes: sources scaled by their similarity, all clamped >= 1, then summed."""
-  scaled = jnp.concatenate([size[:, :kept], size[:, kept:] * node_max[..., None]], axis=1)
-  scaled = jnp.maximum(scaled, 1.0)
+  """Sizes at fixed rates: sources scaled by their similarity, then summed.
+
+  Unclamped, as the method's deployed forward (only its search clamps, see
+  `search_step`). A destination whose sources point away from it (negative
+  cosine) can end at size <= 0, where log(size) is undefined (the method's
+  code gives -inf or NaN there); such a size is floored at the smallest
+  normal float, so its key gets no weight instead of a NaN.
+  """
+  scaled = size[:, kept:] * node_max[..., None]
   add = jax.vmap(lambda d, i, s: d.at[i].add(s))
-  return add(scaled[:, :kept], node_idx, scaled[:, kept:])
+  merged = add(size[:, :kept], node_idx, scaled)
+  return jnp.maximum(merged, jnp.finfo(merged.dtype).tiny)
 
 
 def compress(x: Array, size: Array, source: Optional[Array], cls_attn: Array, *,
@@ -310,6 +319,32 @@ def search_flops(kept: Sequence[tuple[Array, Array]], *, num_tokens: int,
     n = ste_min(n, prune, merge)
     total = total + 2 * (2 * mlp_ratio * n * d * d)
   return total
+
+
+# `model.diffrate_flops_loss`: how the search's FLOPs term is formed.
+FLOPS_LOSSES = ('ratio', 'authors')
+# The method's code: loss += 5 * (GFLOPs - target GFLOPs)^2, GFLOPs counted as
+# multiply-accumulates / 1e9 (blocks, patch embedding and classifier).
+AUTHORS_FLOPS_WEIGHT = 5.0
+
+
+def flops_penalty(fraction: Array, *, ratio: float, full_flops: float, form: str,
+                  weight: float) -> Array:
+  """The search's FLOPs term, pulling the searched FLOPs toward full / ratio.
+
+  fraction = blocks' FLOPs (2 x MACs, `search_flops`) / the uncompressed
+  blocks' `full_flops`. form 'ratio': weight * (fraction - 1/ratio)^2.
+  form 'authors': the method's 5 * (G - G_target)^2 with G in GMACs, the
+  target G_target being the model's GMACs at the target ratio; the patch
+  embedding and classifier terms are the same in G and G_target, so
+  G - G_target = (fraction - 1/ratio) * full_flops / 2e9 (`weight` unused).
+  """
+  gap = fraction - 1.0 / ratio
+  if form == 'ratio':
+    return weight * jnp.square(gap)
+  if form == 'authors':
+    return AUTHORS_FLOPS_WEIGHT * jnp.square(gap * (full_flops / 2e9))
+  raise ValueError(f'diffrate flops loss {form!r} is not one of {FLOPS_LOSSES}.')
 
 
 def max_flops_ratio(*, depth: int, num_patches: int, num_protected: int,

@@ -18,11 +18,14 @@ Masks are straight-through: the forward value is the hard 0/1 decision, the
 gradient is that of sigmoid((score - theta) / tau). Training and inference
 therefore run the same forward; only the thresholds' gradients are "soft".
 
-Static shapes: inactive tokens stay in the arrays (their position is kept, no
-reordering) and attention ignores them as keys (`masked_attention`), so the
-token count that runs is the full one in every layer; the mask only changes
-which tokens influence the class token. The FLOPs LTMP *would* cost with
-tokens actually removed is `flops_ratio` of the mean masks.
+Token order, as the method's code: a block returns the A tokens, then the B
+tokens (with DeiT's distillation token, B[0], moved to position 1 so the
+protected prefix stays first), so the next block's even/odd split is drawn
+on this new order. Static shapes: inactive tokens stay in the arrays and
+attention ignores them as keys (`masked_attention`), so the token count that
+runs is the full one in every layer; the mask only changes which tokens
+influence the class token. The FLOPs LTMP *would* cost with tokens actually
+removed is `flops_ratio` of the mean masks.
 """
 
 from __future__ import annotations
@@ -75,15 +78,14 @@ def merge_then_prune(x: Array, size: Array, mask: Array, metric: Array,
   (B, N) the active tokens entering; metric (B, N, C) the head-mean keys;
   importance (B, N) the mean attention each token received; thresholds
   scalars. `num_protected` = 1 (class token) or 2 (class + distillation).
-  Returns the new tokens, sizes and mask, same shapes.
+  Returns the new tokens, sizes and mask, same shapes, in the order
+  [A, B] (even input positions, then odd ones; see the module docstring).
   """
-  b, n, d = x.shape
   hard_active = jax.lax.stop_gradient(mask) > 0
   metric = jax.lax.stop_gradient(metric)
   metric = metric / jnp.linalg.norm(metric, axis=-1, keepdims=True)
   metric = metric * hard_active[..., None].astype(metric.dtype)
   a, bb = metric[:, ::2], metric[:, 1::2]
-  na, nb = a.shape[1], bb.shape[1]
   scores = jnp.einsum('bic,bjc->bij', a, bb).astype(jnp.float32)
   scores = scores.at[:, 0, :].set(-jnp.inf)          # class token: not a source
   if num_protected > 1:
@@ -106,16 +108,17 @@ def merge_then_prune(x: Array, size: Array, mask: Array, metric: Array,
   src_imp = src_imp.at[:, 0].set(0.0)
   dst_imp = jax.vmap(lambda d_, i, s_: d_.at[i].max(s_))(importance[:, 1::2], node_idx, src_imp)
 
-  # Back to the original positions: A at even, B at odd indices.
-  def interleave(ev, od):
-    out = jnp.zeros((b, n) + ev.shape[2:], ev.dtype)
-    return out.at[:, ::2].set(ev).at[:, 1::2].set(od)
-  xs = interleave(src_x, dst_x)
-  size = interleave(src_s, dst_s)
-  new_mask = interleave(a_mask.astype(mask.dtype), mask[:, 1::2])
-  imp = interleave(importance[:, ::2], dst_imp)
+  # The method's order: the A set, then the B set. A distillation token (B[0])
+  # is moved next to the class token (A[0]), so the prefix stays in front.
+  def a_then_b(ev, od):
+    if num_protected > 1:
+      return jnp.concatenate([ev[:, :1], od[:, :1], ev[:, 1:], od[:, 1:]], axis=1)
+    return jnp.concatenate([ev, od], axis=1)
+  xs = a_then_b(src_x, dst_x)
+  size = a_then_b(src_s, dst_s)
+  new_mask = a_then_b(a_mask.astype(mask.dtype), mask[:, 1::2])
+  imp = a_then_b(importance[:, ::2], dst_imp)
   imp = imp.at[:, :num_protected].set(jnp.inf)
-  del na, nb
 
   p = threshold_mask(imp, prune_threshold, tau)
   p = jnp.where(jnp.isfinite(imp), p, 1.0)

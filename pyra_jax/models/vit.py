@@ -377,7 +377,8 @@ class EncoderBlock(nn.Module):
   slots and masks repeated picks (the mask travels in `size`, see
   methods/ats.py); LTMP and DiffRate reduce by their own rules, reading
   `settings` (sorted (name, value) pairs of the `model.<method>_*` config
-  fields) and, for DiffRate with fixed rates, `kept` = (prune_kept,
+  fields; for EViT its reorganising layers `evit_active_layers`, for ATS its
+  `ats_layers`) and, for DiffRate with fixed rates, `kept` = (prune_kept,
   merge_kept) of this layer. `mask` (B, N) carries the active tokens of the
   mask-based forms (LTMP, the DiffRate search); it is None otherwise. Returns
   (x, size, source, mask, aux): aux is what the FLOPs regulariser needs from
@@ -443,7 +444,12 @@ class EncoderBlock(nn.Module):
            if self.peft == 'snf' else None)
     shortcut = x if snf is None else snf(x, 'attn')  # SNF: a flow on the shortcut
     h = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm_0')(x)
-    needs_cls = self.r > 0 and method in CLS_ATTN_METHODS
+    # EViT reorganises at its active layers (also at keep = M - 1, which removes
+    # no token); ATS samples where r > 0 and at model.ats_layers (K = all).
+    evit_here = method == 'evit' and (
+        self.r > 0 or self.layer in cfg.get('evit_active_layers', ()))
+    ats_here = method == 'ats' and (self.r > 0 or self.layer in cfg.get('ats_layers', ()))
+    needs_cls = evit_here or ats_here
     # ATS's `size` is its 0/1 mask, which attention must respect whatever
     # prop_attn says; evit has no sizes (None).
     attn_size = size if (self.prop_attn or method == 'ats') else None
@@ -482,10 +488,10 @@ class EncoderBlock(nn.Module):
           drop = (lambda src, dst: jnp.zeros_like(src)) if self.prune else None
           source = merge_lib.merge(source, plan, distill_token=self.distilled,
                                    reduce='max', modulate=drop)
-      elif self.r > 0 and method == 'evit':
+      elif evit_here:
         keep = x.shape[1] - num_protected - 1 - self.r
         x = evit_lib.evit_reorganize(x, extra[0], keep, num_protected=num_protected)
-      elif self.r > 0 and method == 'ats':
+      elif ats_here:
         if size is None:
           size = jnp.ones(x.shape[:2] + (1,), x.dtype)
         x, size = ats_lib.ats_sample(x, size, extra[0], extra[1],
@@ -757,8 +763,9 @@ def _flops_regulariser(method: str, cfg: dict, aux: list, num_tokens: int,
                              mlp_ratio=mlp_ratio)
   fraction = diffrate_lib.search_flops(aux, num_tokens=num_tokens, width=width,
                                        mlp_ratio=mlp_ratio) / full
-  return fraction, cfg['diffrate_flops_weight'] * jnp.square(
-      fraction - 1.0 / cfg['diffrate_flops_ratio'])
+  return fraction, diffrate_lib.flops_penalty(
+      fraction, ratio=cfg['diffrate_flops_ratio'], full_flops=full,
+      form=cfg['diffrate_flops_loss'], weight=cfg['diffrate_flops_weight'])
 
 
 class AddPositionEmbs(nn.Module):
@@ -812,33 +819,48 @@ def _positive_or_unset(name: str, value: Any, unset_means: str) -> Optional[int]
 
 def evit_layers(model_config: ml_collections.ConfigDict, depth: int) -> tuple[int, ...]:
   """`model.evit_layers` as 0-based ints ('' = EViT's own 3, 6, 9 of 12, scaled)."""
-  spec = _field(model_config, 'evit_layers')
+  layers = _layer_list(model_config, 'evit_layers', depth)
+  return schedules.evit_default_layers(depth) if layers is None else layers
+
+
+def ats_layers(model_config: ml_collections.ConfigDict, depth: int) -> tuple[int, ...]:
+  """`model.ats_layers` as 0-based ints: layers that sample even where the
+  schedule removes nothing (K = all tokens, ATS's own setting); '' = none."""
+  layers = _layer_list(model_config, 'ats_layers', depth)
+  return () if layers is None else layers
+
+
+def _layer_list(model_config: ml_collections.ConfigDict, name: str,
+                depth: int) -> Optional[tuple[int, ...]]:
+  """A comma-separated list of 0-based layers (sorted), None for ''."""
+  spec = _field(model_config, name)
   if isinstance(spec, (list, tuple)):
     parts = list(spec)
   else:
     spec = str(spec).strip()
     if not spec:
-      return schedules.evit_default_layers(depth)
+      return None
     parts = [p for p in spec.replace('(', '').replace(')', '').split(',') if p.strip()]
   try:
     layers = tuple(int(p) for p in parts)
   except (TypeError, ValueError):
-    raise ConfigError(f'model.evit_layers = {spec!r}: give 0-based layer numbers '
+    raise ConfigError(f'model.{name} = {spec!r}: give 0-based layer numbers '
                       "separated by commas, e.g. '3,6,9'.") from None
   for l in layers:
     if not 0 <= l < depth:
-      raise ConfigError(f'model.evit_layers has layer {l}, but the model has {depth} '
+      raise ConfigError(f'model.{name} has layer {l}, but the model has {depth} '
                         f'layers (0-based: 0 to {depth - 1}): remove it or lower it.')
   if len(set(layers)) != len(layers):
-    raise ConfigError(f'model.evit_layers = {spec!r} names a layer twice.')
+    raise ConfigError(f'model.{name} = {spec!r} names a layer twice.')
   return tuple(sorted(layers))
 
 
 def _evit_schedule(c: ml_collections.ConfigDict, target: Optional[tuple[int, ...]], *,
                    depth: int, num_patches: int, num_protected: int, width: int,
-                   mlp: int) -> tuple[int, ...]:
-  """EViT's per-layer r: from its keep rate, or (target given) the keep rate
-  whose FLOPs match the target schedule's (docs/algorithm.md §16.1)."""
+                   mlp: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """EViT's (per-layer r, per-layer kept count, 0 = no reorganisation): from
+  its keep rate, or (target given) the keep rate whose FLOPs match the target
+  schedule's (docs/algorithm.md §16.1)."""
   layers = evit_layers(c, depth)
   keep_rate = _field(c, 'evit_keep_rate')
   if (isinstance(keep_rate, bool) or not isinstance(keep_rate, numbers.Real)
@@ -851,8 +873,9 @@ def _evit_schedule(c: ml_collections.ConfigDict, target: Optional[tuple[int, ...
     keep_rate = schedules.evit_keep_rate_for_flops(
         flops, layers, depth=depth, num_tokens=n0, num_protected=num_protected,
         width=width, mlp_ratio=mlp / width)
-  return schedules.evit_schedule(keep_rate, layers, depth=depth, num_tokens=n0,
-                                 num_protected=num_protected)
+  kw = dict(depth=depth, num_tokens=n0, num_protected=num_protected)
+  return (schedules.evit_schedule(keep_rate, layers, **kw),
+          schedules.evit_keeps(keep_rate, layers, **kw))
 
 
 def model_kwargs(model_config: ml_collections.ConfigDict, *,
@@ -906,7 +929,7 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
   num_patches = (image_size // patch) ** 2
   # EViT's fields are read (and so must exist) whatever the method, like every
   # other model field; _evit_schedule interprets them when method == 'evit'.
-  for name in ('evit_layers', 'evit_keep_rate', 'evit_match_flops'):
+  for name in ('evit_layers', 'evit_keep_rate', 'evit_match_flops', 'ats_layers'):
     _field(c, name)
   tofu_prune_layers = _field(c, 'tofu_prune_layers')
   if method == 'tofu' and (isinstance(tofu_prune_layers, bool) or
@@ -922,8 +945,8 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
   elif method == 'diffrate':
     schedule = diffrate_lib.rates_to_schedule(diffrate_kept, num_patches + num_protected)
   elif method == 'evit' and not _field(c, 'evit_match_flops'):
-    schedule = _evit_schedule(c, None, depth=depth, num_patches=num_patches,
-                              num_protected=num_protected, width=width, mlp=mlp)
+    schedule, evit_keeps = _evit_schedule(c, None, depth=depth, num_patches=num_patches,
+                                          num_protected=num_protected, width=width, mlp=mlp)
   else:
     spec = _field(c, 'schedule')
     if isinstance(spec, (list, tuple)):
@@ -932,8 +955,14 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
         spec, depth=depth, num_patches=num_patches, num_protected=num_protected,
         width=width, mlp_ratio=mlp / width)
     if method == 'evit':  # the schedule is only the FLOPs target
-      schedule = _evit_schedule(c, schedule, depth=depth, num_patches=num_patches,
-                                num_protected=num_protected, width=width, mlp=mlp)
+      schedule, evit_keeps = _evit_schedule(c, schedule, depth=depth,
+                                            num_patches=num_patches,
+                                            num_protected=num_protected, width=width,
+                                            mlp=mlp)
+  if method == 'evit':  # the layers that reorganise, also those at r = 0 (keep = M - 1)
+    settings = (('evit_active_layers', tuple(l for l, k in enumerate(evit_keeps) if k)),)
+  elif method == 'ats':  # the block samples where r > 0 and at model.ats_layers
+    settings = (('ats_layers', ats_layers(c, depth)),)
   if dtype is None:
     dtype = jnp.float32
   kwargs = dict(
@@ -995,7 +1024,7 @@ METHOD_FIELDS = {
     'ltmp': ('ltmp_tau', 'ltmp_merge_init', 'ltmp_prune_init', 'ltmp_flops_target',
              'ltmp_flops_weight'),
     'diffrate': ('diffrate_search', 'diffrate_granularity', 'diffrate_flops_ratio',
-                 'diffrate_flops_weight'),
+                 'diffrate_flops_weight', 'diffrate_flops_loss'),
 }
 
 
@@ -1016,7 +1045,7 @@ def _method_settings(c: ml_collections.ConfigDict, method: str, *, depth: int,
   if method == 'ltmp':
     if not cfg['ltmp_tau'] > 0:
       raise ConfigError(f'model.ltmp_tau = {cfg["ltmp_tau"]}: the sigmoid temperature '
-                        'must be positive (the method uses 0.1).')
+                        'must be positive (the method trains with 0.5).')
     for name in ('ltmp_merge_init', 'ltmp_prune_init'):
       if not 0.0 <= cfg[name] <= 1.0:
         raise ConfigError(f'model.{name} = {cfg[name]}: thresholds live in [0, 1] '
@@ -1037,6 +1066,10 @@ def _method_settings(c: ml_collections.ConfigDict, method: str, *, depth: int,
     raise ConfigError(f'model.diffrate_granularity = {g!r}: use an int from 1 to '
                       f'{num_patches - 1} (tokens between candidate rates; the method uses 4).')
   if cfg['diffrate_search']:
+    if cfg['diffrate_flops_loss'] not in diffrate_lib.FLOPS_LOSSES:
+      raise ConfigError(f'model.diffrate_flops_loss = {cfg["diffrate_flops_loss"]!r}: use '
+                        "'ratio' (weight * (FLOPs fraction - 1/ratio)^2) or 'authors' "
+                        "(the method's 5 * (GFLOPs - target)^2).")
     ratio = cfg['diffrate_flops_ratio']
     reach = diffrate_lib.max_flops_ratio(depth=depth, num_patches=num_patches,
                                          num_protected=num_protected, granularity=g,
