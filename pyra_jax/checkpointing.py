@@ -24,7 +24,13 @@ What else keeps a user's work (README "Reliability"):
   * a checkpoint that cannot be read (a truncated array file, an empty meta
     file) is set aside to `<workdir>/checkpoints_unreadable/<step>` and the
     newest one that restores is used, with a warning naming both steps;
-  * `WorkdirLock`: one training run per workdir at a time;
+  * a checkpoint this user may not read (its permissions) is not damage: the
+    file is named and nothing moves or falls back (`first_unreadable`);
+  * eval and export reading a workdir while its training saves and deletes
+    checkpoints underneath them retry on the newest one instead of calling a
+    vanished step damaged (`WorkdirLock.running_holder` names the run);
+  * `WorkdirLock`: one training run per workdir at a time; `ResultsLock`: the
+    read-modify-write of results.json by training and concurrent evaluations;
   * `check_compatible(..., allow=...)`: fields the user explicitly allows to
     change on resume (lr, clipping, epochs, ...; `--allow_config_change`).
 """
@@ -39,7 +45,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 from typing import Any, Callable, Collection
 
@@ -245,12 +253,14 @@ class Checkpointer:
 
   def save(self, step: int, params: PyTree, opt_state: PyTree,
            meta: dict) -> None:
-    self._mgr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
-    self._mgr.wait_until_finished()
-    self._prune()
+    """Writes `step` and prunes; a Ctrl-C meanwhile takes effect once it is done."""
+    with interrupts_deferred():
+      self._mgr.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params),
+          opt_state=ocp.args.StandardSave(opt_state),
+          meta=ocp.args.JsonSave(meta)), force=True)
+      self._mgr.wait_until_finished()
+      self._prune()
 
   def _prune(self) -> None:
     if self.keep is None:
@@ -289,8 +299,36 @@ class Checkpointer:
     self._verified.discard(step)
     return dest
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  @contextlib.contextmanager
+  def _reading(self, step: int):
+    """Turns whatever reading a step's files raises into CheckpointDamaged,
+    except a permission problem, which stops with the file named.
+
+    Truncated tensorstore chunks, an empty JSON file or a missing item surface
+    as many different exception types from deep inside Orbax; they all mean the
+    same thing to a user, so they become one type that the fallback catches.
+    A file this user may not read is not damaged: setting it aside or falling
+    back to an older step would lose work over a `chmod`, so it ends the
+    command (`CheckpointUnreadableError`, which no fallback catches).
+    """
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      denied = permission_denied(e) or first_unreadable(self.step_dir(step))
+      if denied:
+        raise CheckpointUnreadableError(
+            f'{denied} cannot be read (permission denied), so checkpoint step '
+            f'{step} in {self.directory} cannot be restored; it is not damaged and '
+            'nothing was moved or changed: give this user read access (e.g. '
+            f'chmod -R u+rwX {self.step_dir(step)}) and rerun the same command.'
+        ) from None
+      raise CheckpointDamaged(_short(e)) from e
+
   def restore_meta(self, step: int) -> dict:
-    with _damage_of(step):
+    with self._reading(step):
       meta = self._mgr.restore(
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
       if not isinstance(meta, dict) or 'step' not in meta:
@@ -299,14 +337,26 @@ class Checkpointer:
 
   def restore_params(self, step: int, abstract: PyTree) -> PyTree:
     """Restores the trainable params onto the shardings given in `abstract`."""
-    with _damage_of(step):
+    with self._reading(step):
       return self._mgr.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract))).params
 
   def restore_opt_state(self, step: int, abstract: PyTree) -> PyTree:
-    with _damage_of(step):
+    with self._reading(step):
       return self._mgr.restore(step, args=ocp.args.Composite(
           opt_state=ocp.args.StandardRestore(abstract))).opt_state
+
+  def training_elsewhere(self) -> dict | None:
+    """The lock record of a training run live in this workdir, if another
+    process holds it (a reader's view: eval, export, a teacher)."""
+    if not self.read_only:
+      return None  # We are the training run.
+    return WorkdirLock(os.path.dirname(self.directory)).running_holder()
+
+  def _vanished(self, step: int) -> bool:
+    """Whether `step` is gone since it was listed (deleted by the run training here)."""
+    self._mgr.reload()
+    return step not in self.all_steps()
 
   def restore_newest_readable(
       self, read: Callable[[int], Any], step: int | None = None
@@ -318,28 +368,71 @@ class Checkpointer:
     be read. Without an explicit `step`, a damaged step is skipped with a
     warning naming it and the step used instead (and, unless read-only, set
     aside to `checkpoints_unreadable/`). Any other error (a config mismatch,
-    missing pretrained weights) is the user's to fix and goes through.
+    missing pretrained weights, a file without read permission) is the user's
+    to fix and goes through.
+
+    A reader (eval, export) may run while training goes on in the same
+    workdir, which saves new steps and deletes old ones (keep_checkpoints)
+    underneath it. A step that vanished while being read, or fails while that
+    run is live, is not damage: the newest step is listed again and read
+    (`_CONCURRENT_RETRIES` times at most, then one sentence naming the run),
+    and a note says which step of the running training was used.
     """
+    live = self.training_elsewhere()
     steps = self.all_steps()
     if not steps:
+      if live:
+        raise CheckpointUnreadableError(
+            f'{_describe_training(self.directory, live)} and has not saved a '
+            'checkpoint yet: rerun when it has (every config.checkpoint_every_steps '
+            'steps, and at the end).')
       raise CheckpointUnreadableError(
           f'No finished checkpoint in {self.directory}: train first.')
     if step is not None:
       if step not in steps:
         raise CheckpointUnreadableError(
-            f'No checkpoint for step {step} in {self.directory}; available: {steps}.')
+            f'No checkpoint for step {step} in {self.directory}; available: {steps}'
+            + (f' ({_describe_training(self.directory, live)})' if live else '') + '.')
       try:
         return step, read(step)
       except CheckpointDamaged as e:
+        if self._vanished(step):
+          live = self.training_elsewhere() or live
+          raise CheckpointUnreadableError(
+              f'Checkpoint step {step} in {self.directory} was deleted while it '
+              'was being read' + (f' ({_describe_training(self.directory, live)}, '
+                                  'keeping only its newest checkpoints)' if live else '')
+              + f'; available now: {self.all_steps() or "none"}.') from None
         raise CheckpointUnreadableError(
             f'Checkpoint step {step} in {self.directory} cannot be read '
             f'({_short(e)}): its files are damaged. Other steps: '
             f'{[s for s in steps if s != step] or "none"}.') from None
-    failed = []
-    for candidate in reversed(steps):
+    failed: list[tuple[int, str]] = []
+    attempts: dict[int, int] = {}
+    concurrent = 0
+    while True:
+      candidates = [s for s in reversed(self.all_steps())
+                    if s not in {f for f, _ in failed}]
+      if not candidates:
+        break
+      candidate = candidates[0]
       try:
         value = read(candidate)
       except CheckpointDamaged as e:
+        live = self.training_elsewhere() or live
+        attempts[candidate] = attempts.get(candidate, 0) + 1
+        if self._vanished(candidate) or (live and attempts[candidate] < 3):
+          # Replaced by the running training (or being deleted by it): read
+          # the newest one again, after a moment.
+          concurrent += 1
+          if concurrent > _CONCURRENT_RETRIES:
+            raise CheckpointUnreadableError(
+                f'{_describe_training(self.directory, live)}, and it replaced '
+                f'each checkpoint in {self.directory} while it was being read '
+                f'({concurrent} tries): rerun when it has finished, or give '
+                '--checkpoint_step of a checkpoint it keeps.') from None
+          time.sleep(0.2)
+          continue
         failed.append((candidate, _short(e)))
         where = ''
         if not self.read_only:
@@ -356,7 +449,16 @@ class Checkpointer:
                   f'{self.directory}_unreadable/.' if not self.read_only else '.'))
         print(msg, flush=True)
         logging.warning('%s', msg)
+      live = self.training_elsewhere() or live
+      if live:
+        print(f'Note: {_describe_training(self.directory, live)}: using its newest '
+              f'checkpoint, step {candidate}.', flush=True)
       return candidate, value
+    if not failed:  # Every step vanished underneath us and nothing is left.
+      raise CheckpointUnreadableError(
+          f'The checkpoints in {self.directory} were deleted while being read'
+          + (f' ({_describe_training(self.directory, live)})' if live else '')
+          + ': rerun the same command.')
     raise CheckpointUnreadableError(
         f'No checkpoint in {self.directory} can be read (steps '
         f'{[f for f, _ in failed]}: {failed[0][1]})'
@@ -367,22 +469,85 @@ class Checkpointer:
     self._mgr.close()
 
 
+# How often a reader re-lists and retries when the training running in the
+# same workdir deletes the checkpoint it is reading (0.2 s apart).
+_CONCURRENT_RETRIES = 50
+
+
+def _describe_training(directory: str, holder: dict) -> str:
+  """'training is in progress in W (pid P on H, running since T)'."""
+  return (f'Training is in progress in {os.path.dirname(directory)} '
+          f'({WorkdirLock.describe(holder)})')
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+  """Holds back SIGINT (Ctrl-C) until the block is done, then delivers it.
+
+  A KeyboardInterrupt in the middle of a save would leave Orbax's writer
+  threads running against an event loop that is being torn down (tracebacks
+  at exit) and the step half written; a save takes a second or two, so the
+  interrupt waits for it and the run stops on a complete checkpoint. Any
+  Orbax save of ours (an export too) can be wrapped in it.
+  Only the main thread can own signal handlers; elsewhere nothing changes.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+  if received and callable(previous):
+    previous(signal.SIGINT, None)
+
+
 class CheckpointDamaged(Exception):
   """Orbax could not read a step's files; `str()` says what it hit."""
 
 
-@contextlib.contextmanager
-def _damage_of(step: int):
-  """Turns whatever reading a step's files raises into CheckpointDamaged.
+_DENIED = (errno.EACCES, errno.EPERM)
 
-  Truncated tensorstore chunks, an empty JSON file or a missing item surface
-  as many different exception types from deep inside Orbax; they all mean the
-  same thing to a user, so they become one type that the fallback catches.
+
+def permission_denied(e: BaseException) -> str | None:
+  """The path of a PermissionError in `e`'s chain of causes, if there is one."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _DENIED:
+      return str(e.filename) if e.filename else None
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def first_unreadable(path: str) -> str | None:
+  """The first file or folder under `path` this process may not read, if any.
+
+  Tried by reading, not with `os.access`: a root process may be denied by an
+  ACL or a missing capability that `os.access` does not see, and a file
+  system mounted without permissions says so only when read.
   """
   try:
-    yield
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointDamaged(_short(e)) from e
+    names = sorted(os.listdir(path))
+  except OSError as e:
+    return path if e.errno in _DENIED else None
+  for name in names:
+    child = os.path.join(path, name)
+    try:
+      is_dir = os.path.isdir(child)
+      if is_dir:
+        found = first_unreadable(child)
+        if found:
+          return found
+      else:
+        with open(child, 'rb') as f:
+          f.read(1)
+    except OSError as e:
+      if e.errno in _DENIED:
+        return child
+  return None
 
 
 def _short(e: BaseException) -> str:
@@ -478,6 +643,43 @@ class WorkdirLock:
     except (OSError, ValueError):
       return {}
 
+  @staticmethod
+  def describe(holder: dict) -> str:
+    """'pid P on H, running since T' from a lock record."""
+    if not holder:
+      return 'another process'
+    return (f'pid {holder.get("pid")} on {holder.get("host")}, running since '
+            f'{holder.get("started")}')
+
+  def running_holder(self) -> dict | None:
+    """The holder's record if another live process holds the lock now, else None.
+
+    Read without taking the lock: even a moment's shared lock taken by a
+    reader (eval, export) could make a training run starting at that moment
+    refuse the workdir. On Linux the kernel's table of locks (/proc/locks)
+    says whether anyone holds this file's flock; elsewhere the recorded pid
+    is checked for being alive on this host.
+    """
+    try:
+      st = os.stat(self.path)
+    except OSError:
+      return None
+    holder = self.holder()
+    pids = _flock_holders(st)
+    if pids is None:
+      pid = holder.get('pid')
+      if not isinstance(pid, int) or holder.get('host') != socket.gethostname():
+        return None
+      try:
+        os.kill(pid, 0)
+      except ProcessLookupError:
+        return None
+      except OSError:
+        pass  # Alive, someone else's.
+      pids = {pid}
+    pids.discard(os.getpid())
+    return (holder or {'pid': min(pids)}) if pids else None
+
   def acquire(self) -> None:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -487,11 +689,9 @@ class WorkdirLock:
       os.close(fd)
       if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
         raise
-      h = self.holder()
-      who = (f'pid {h.get("pid")} on {h.get("host")}, running since '
-             f'{h.get("started")}' if h else 'another process')
       raise WorkdirInUseError(
-          f'{os.path.dirname(self.path)} is in use by another run ({who}): two '
+          f'{os.path.dirname(self.path)} is in use by another run '
+          f'({self.describe(self.holder())}): two '
           'runs in one workdir would overwrite each other\'s checkpoints and '
           'results. Wait for it to finish (or stop it), or use another --workdir.'
       ) from None
@@ -518,3 +718,77 @@ class WorkdirLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+def _flock_holders(st: os.stat_result) -> set[int] | None:
+  """Pids holding a flock on the file of `st` (Linux's /proc/locks), or None
+  where that table does not exist."""
+  try:
+    with open('/proc/locks') as f:
+      lines = f.readlines()
+  except OSError:
+    return None
+  dev = f'{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}'
+  pids = set()
+  for line in lines:
+    # '1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF'; waiters have '->'.
+    fields = line.split()
+    if len(fields) >= 6 and fields[1] == 'FLOCK' and fields[5] == dev:
+      try:
+        pids.add(int(fields[4]))
+      except ValueError:
+        pass
+  return pids
+
+
+class ResultsLock:
+  """An exclusive flock on `<workdir>/.results.lock` for one update of results.json.
+
+  results.json is read, changed and written back by the training run (its
+  final write) and by every `--mode=eval --two_stage` (its entry): without a
+  lock, two of them at once each write what they read plus their own part,
+  and one part is lost. This lock is separate from `WorkdirLock` on purpose:
+  that one is held by a training run for its whole length and refuses a
+  second holder, while this one is held for the milliseconds of one
+  read-modify-write and waits, so evaluations neither wait for a training
+  run nor disturb its lock. A holder that does not let go within `timeout`
+  seconds (a stopped process) ends the wait in one sentence.
+  """
+
+  FILENAME = '.results.lock'
+
+  def __init__(self, workdir: str, timeout: float = 120.0):
+    self.path = os.path.join(os.path.abspath(workdir), self.FILENAME)
+    self.timeout = timeout
+    self._fd: int | None = None
+
+  def __enter__(self) -> 'ResultsLock':
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline, told = time.time() + self.timeout, False
+    while True:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+          os.close(fd)
+          raise
+      if not told:
+        print(f'waiting for another process to finish updating '
+              f'{os.path.dirname(self.path)}/results.json ...', flush=True)
+        told = True
+      if time.time() > deadline:
+        os.close(fd)
+        raise WorkdirInUseError(
+            f'Another process has held {self.path} for over {self.timeout:.0f} s '
+            'while updating results.json (stopped?): let it finish or end it, '
+            'then rerun the same command.')
+      time.sleep(0.05)
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None

@@ -18,18 +18,23 @@ modulation, pyra_lr, lr, source, data_dir, init, teacher, teacher_export). Any
 config field can then be overridden with --config.<field>=<value>; `--helpfull`
 lists every field.
 
-Training resumes from the latest checkpoint in --workdir when there is one.
+Training resumes from the latest checkpoint in --workdir when there is one;
+on a finished run it prints the recorded results and changes nothing.
 Problems a user can fix (a bad config, missing data or weights, a workdir of
 another run, a diverging loss) end the program with one clear message and a
-non-zero exit status, without a traceback.
+non-zero exit status, without a traceback; so do the machine's (a full disk,
+permissions, a read-only file system, a name too long: `environment_error`)
+and Ctrl-C (exit status 130).
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
 import sys
+import threading
 import tokenize
 import traceback
 
@@ -94,6 +99,11 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, '--multihost: this process\'s index, 0 .. '
     'num_processes - 1 (0 holds the workdir lock and writes metrics and results).')
+
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout', 300, 'Multi-process runs: seconds to wait for all '
+    'processes to join at the coordinator before ending with a message '
+    '(a missing process, a wrong --coordinator_address).')
 
 _HELP_FLAGS = ('--help', '-help', '--helpfull', '-helpfull', '--helpshort',
                '-h', '-?', '--helpxml')
@@ -304,35 +314,132 @@ def distributed_args() -> dict | None:
 
 
 def _maybe_init_distributed() -> None:
+  """jax.distributed.initialize, waiting at most --distributed_timeout seconds.
+
+  JAX's own timeout ends the process with a C++ abort (SIGABRT, a stack
+  dump) after 5 minutes of silence. Here the wait is announced, and a
+  watchdog ends it after the stated time with one sentence; JAX's timeout is
+  set past the watchdog's, so the watchdog always speaks first.
+  """
   args = distributed_args()
   if args is None:
     return
+  timeout = _DISTRIBUTED_TIMEOUT.value
+  if timeout < 1:
+    raise UsageError(f'--distributed_timeout={timeout}: give the seconds to wait '
+                     'for the other processes (>= 1).')
   import jax  # pylint: disable=g-import-not-at-top
   # Cross-process collectives on CPU hosts (the gradient all-reduce) go
   # through Gloo over TCP; GPUs and TPUs use their own (NCCL, ICI) and ignore
   # this. It must be set before the first JAX computation creates the backend.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(**args)
+  n = args.get('num_processes', 'all')
+  where = args.get('coordinator_address', 'the detected coordinator')
+  print(f'waiting for {n} processes at {where} (up to {timeout} s, '
+        '--distributed_timeout) ...', flush=True)
+
+  def give_up() -> None:
+    print(f'Error: not all {n} processes joined at {where} within {timeout} s '
+          '(--distributed_timeout): start every process with the same '
+          '--coordinator_address and --num_processes (process 0 listens there), '
+          'or wait longer with a larger --distributed_timeout.',
+          file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access
+  watchdog = threading.Timer(timeout, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(**args, initialization_timeout=timeout + 60)
+  finally:
+    watchdog.cancel()
   logging.info('Process %d of %d (%d local of %d devices).', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 class _QuietOrbax:
-  """Drops Orbax's INFO chatter (a dozen lines per save); keeps its warnings."""
+  """Drops Orbax's INFO chatter (a dozen lines per save); keeps its warnings.
+
+  Also drops the traceback Orbax logs from its writer thread when a save
+  fails for a reason of the machine (a full disk): the same error reaches
+  `main`, which says it once in a sentence.
+  """
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.exc_info and environment_error(record.exc_info[1]):
+      return False
+    return record.levelno >= 30
+
+
+# errno values that are the machine's state, not a bug: each gets a sentence.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_FULL_TEXT = ('No space left on device', 'Disk quota exceeded', 'File too large')
+_DENIED = (errno.EACCES, errno.EPERM)
+
+
+def _os_error_in(e: BaseException | None) -> OSError | None:
+  """The first OSError in `e`'s chain of causes (Orbax and tensorstore wrap them)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno is not None:
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def environment_error(e: BaseException | None) -> str | None:
+  """One sentence for an error of the machine (disk full, permissions, a
+  read-only file system, a name too long), or None for anything else.
+
+  These reach `main` as raw OSErrors from deep inside a write (Orbax,
+  tensorstore, TensorBoard, json); they are never bugs, and the user's fix
+  is outside the program, so each says what happened to which file and
+  what to do. What was saved before stays: checkpoints are written to a
+  temporary folder and renamed when complete, results.json atomically.
+  """
+  os_error = _os_error_in(e)
+  text = str(e) if e is not None else ''
+  if os_error is None:
+    if not any(t in text for t in _DISK_FULL_TEXT):
+      return None
+    code, what, path = errno.ENOSPC, text.strip().splitlines()[0][:200], None
+  else:
+    code, what, path = os_error.errno, os_error.strerror, os_error.filename
+  where = f' {path}' if path else ''
+  if code in _DISK_FULL or any(t in text for t in _DISK_FULL_TEXT):
+    return (f'disk full: cannot write{where} ({what}); free some space (or raise '
+            'the file-size limit) and rerun the same command: a run resumes from '
+            'its last complete checkpoint, which this did not touch.')
+  if code in _DENIED:
+    return (f'permission denied:{where} cannot be read or written by this user '
+            f'({what}); change its permissions or choose another path '
+            '(--workdir, --export_dir).')
+  if code == errno.EROFS:
+    return (f'read-only file system:{where} cannot be written ({what}); give a '
+            '--workdir on a writable disk.')
+  if code == errno.ENAMETOOLONG:
+    shown = f' {path[:60]}...' if path and len(path) > 60 else where
+    return (f'file name too long:{shown} ({what}); each folder name may have at '
+            'most 255 characters: give a shorter --workdir.')
+  return None
 
 
 def _report_speedup(config, workdir: str) -> None:
   """Times the trained method against the uncompressed model (deployed, LoRA folded).
 
   Random weights of the same shapes: throughput does not depend on their values.
-  Stored in <workdir>/speedup.json.
+  Stored in <workdir>/speedup.json, once: the shapes and so the speeds are
+  those of the run, so a rerun of the command does not measure again.
   """
   from pyra_jax import benchmark  # pylint: disable=g-import-not-at-top
   method = config.model.method
   if method == 'peft':
+    return
+  path = os.path.join(workdir, 'speedup.json')
+  if os.path.isfile(path):  # A rerun of a finished run: measured already.
+    print(f'throughput: measured earlier, see {path}')
     return
   print(f'measuring inference throughput: uncompressed vs {method} '
         f'(batch {config.eval_batch_size}, deployed models) ...', flush=True)
@@ -357,6 +464,12 @@ def main(argv: list[str]) -> None:
   mode = _MODE.value
   if _WORKDIR.value is None and not (mode == 'eval' and _EXPORT_DIR.value):
     _fail(f'--mode={mode} needs --workdir=DIR.', 2)
+  if _WORKDIR.value is not None and not _WORKDIR.value.strip():
+    # os.path.join('', 'checkpoints') is the current directory: fail before
+    # anything is written there.
+    _fail('--workdir is empty: give a folder, e.g. --workdir=runs/mine.', 2)
+  if _EXPORT_DIR.value is not None and not _EXPORT_DIR.value.strip():
+    _fail('--export_dir is empty: give a folder, or leave the flag out.', 2)
   if _TWO_STAGE.value and (mode in ('train', 'search') or _EXPORT_DIR.value and mode == 'eval'):
     _fail('--two_stage applies to --mode=eval or --mode=export of a training '
           'checkpoint in --workdir (an export keeps the merging it was written '
@@ -420,15 +533,35 @@ def main(argv: list[str]) -> None:
       given = os.path.abspath(_EXPORT_DIR.value or out)
       print(f'exported (LoRA folded): {out}' +
             (f' (the folder the link {given} points to)' if given != out else ''))
+  except KeyboardInterrupt:
+    _interrupted(mode)
   except Exception as e:  # pylint: disable=broad-except
     if not _is_user_error(e):
-      raise
+      message = environment_error(e)
+      if message is None:
+        raise
+      logging.debug('%s', traceback.format_exc())
+      _fail(message, 1)
     logging.debug('%s', traceback.format_exc())
     _fail(str(e), 1)
 
 
+def _interrupted(mode: str | None) -> None:
+  """Ctrl-C: one line and exit status 130 (128 + SIGINT), as shells expect."""
+  if mode in ('train', 'search'):
+    what = ('interrupted, resume with the same command (it continues from the '
+            'last checkpoint).')
+  else:
+    what = 'interrupted, nothing was changed: rerun the same command.'
+  print(f'\n{what}', file=sys.stderr, flush=True)
+  sys.exit(130)
+
+
 def run() -> None:
-  app.run(main, flags_parser=parse_flags)
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except KeyboardInterrupt:  # While parsing flags or importing, before main.
+    _interrupted(None)
 
 
 if __name__ == '__main__':

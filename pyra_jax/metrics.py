@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import threading
 from typing import Any
 
 from absl import logging
@@ -19,20 +20,61 @@ import tqdm
 import tqdm.auto
 
 
+# OSErrors (a full disk) raised in tensorboardX's writer thread, which would
+# otherwise print a traceback from that thread and leave the run going with
+# its TensorBoard log silently cut; `MetricWriter` raises them in the main
+# thread at its next call instead. One writer logs at a time in a process,
+# so a new writer starts with an empty list.
+_THREAD_ERRORS: list[OSError] = []
+_previous_excepthook = threading.excepthook
+
+
+def _thread_hook(args) -> None:
+  if (isinstance(args.exc_value, OSError)
+      and type(args.thread).__module__.startswith('tensorboardX')):
+    _THREAD_ERRORS.append(args.exc_value)
+    return
+  _previous_excepthook(args)
+
+
+def _install_thread_hook() -> None:
+  """Puts `_thread_hook` in front of whatever hook is current (a test runner
+  may have replaced ours since the last writer)."""
+  global _previous_excepthook
+  if threading.excepthook is not _thread_hook:
+    _previous_excepthook = threading.excepthook
+    threading.excepthook = _thread_hook
+
+
 class MetricWriter:
-  """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard."""
+  """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard.
+
+  A write that fails (a full disk) raises in the caller's thread, also when
+  it failed in TensorBoard's background writer: the run stops at its next
+  logged step with the OSError, its last checkpoint intact.
+  """
 
   def __init__(self, workdir: str, *, enabled: bool = True,
                tensorboard: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb_dir = os.path.join(workdir, 'tensorboard')
     self._tb = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
     if tensorboard:
       import tensorboardX  # Heavy import: only when a run really logs.
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      _install_thread_hook()
+      _THREAD_ERRORS.clear()
+      # A queue that cannot fill: if the writer thread died, a bounded one
+      # would block the training loop forever on the next scalar.
+      self._tb = tensorboardX.SummaryWriter(self._tb_dir, max_queue=1 << 20)
+
+  def _raise_thread_error(self) -> None:
+    if _THREAD_ERRORS:
+      e = _THREAD_ERRORS[0]
+      raise OSError(e.errno, e.strerror, e.filename or self._tb_dir) from e
 
   def truncate_after(self, step: int) -> None:
     """Drops records logged after `step`: a resumed run recomputes them.
@@ -63,18 +105,23 @@ class MetricWriter:
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     if self._tb is not None:
+      self._raise_thread_error()
       for k, v in scalars.items():
         if not isinstance(v, str):
           self._tb.add_scalar(k, float(v), int(step))
 
   def flush(self) -> None:
     if self._tb is not None:
+      self._raise_thread_error()
       self._tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+      tb, self._tb = self._tb, None
+      tb.close()
+      if _THREAD_ERRORS:
+        e = _THREAD_ERRORS[0]
+        raise OSError(e.errno, e.strerror, e.filename or self._tb_dir) from e
 
 
 def read_metrics(workdir: str) -> list[dict]:

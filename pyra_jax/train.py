@@ -578,6 +578,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   and metrics with this one's. `allow_config_change` names the fields
   (`checkpointing.CHANGEABLE_ON_REQUEST`) that may differ from the
   checkpoint's config on resume; every such change is recorded.
+
+  What is on disk is never lost to a rerun: a finished run is reported
+  from its results.json, not rewritten (`_finished_results`); a continued
+  run rewrites results.json keeping the entries other commands added
+  (`_keep_recorded`, under `checkpointing.ResultsLock`); a total shorter than
+  the step already trained is refused (`_check_not_past_the_end`); and a
+  workdir with a run's records but no readable checkpoint is refused rather
+  than started again from step 0 (`_restore_or_start`).
   """
   check_workdir(workdir)
   check_config(config)
@@ -678,7 +686,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                     keep=config.keep_checkpoints)
   writer = None
   try:
-    progress = _restore_or_start(run, ckpt, steps_per_epoch, allow_config_change)
+    progress = _restore_or_start(run, ckpt, steps_per_epoch, allow_config_change,
+                                 workdir)
+    total_steps = int(config.num_epochs * steps_per_epoch)
+    _check_not_past_the_end(progress, total_steps, steps_per_epoch, ckpt.directory)
+    recorded = _finished_results(workdir, progress, total_steps)
+    if recorded is not None:
+      return recorded
     writer = _open_metrics(workdir, progress)
     speed = _train_loop(run, ckpt, writer, progress, train_data, eval_data,
                         steps_per_epoch, t_start)
@@ -691,9 +705,61 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     writer.write(results['steps'], final_accuracy=results['final_accuracy'],
                  max_accuracy_paper_protocol=results['max_accuracy_paper_protocol'])
-    write_json(os.path.join(workdir, 'results.json'), results)
+    update_results(workdir, lambda old: _keep_recorded(old, results))
   writer.close()
   return results
+
+
+def _finished_results(workdir: str, progress: 'Progress',
+                      total_steps: int) -> dict | None:
+  """The recorded results of a run that already finished, else None.
+
+  Rerunning the training command on a finished workdir reports the run, it
+  does not redo its end: nothing is trained, evaluated or written
+  (results.json keeps its timings and the 'two_stage' entries added since,
+  metrics.jsonl gets no second final line). Finished means the restored
+  checkpoint is the last step and results.json records that many steps; a
+  run killed between its last checkpoint and results.json is finished now,
+  as before.
+  """
+  if progress.step != total_steps:
+    return None
+  recorded = read_results(workdir)
+  if recorded is None or recorded.get('steps') != total_steps:
+    return None
+  if jax.process_index() == 0:
+    print(f'{workdir} holds a finished run ({total_steps} steps): reporting its '
+          f'results.json as recorded; nothing was trained or rewritten.', flush=True)
+  return recorded
+
+
+def _keep_recorded(old: dict | None, results: dict) -> dict:
+  """The new results.json: `results`, plus what earlier commands recorded
+  there that the training run does not compute (the 'two_stage' entries of
+  `--mode=eval --two_stage`, kept when a run is continued or its end redone)."""
+  out = dict(results)
+  if old and old.get('two_stage'):
+    out['two_stage'] = old['two_stage']
+  return out
+
+
+def _check_not_past_the_end(progress: 'Progress', total_steps: int,
+                            steps_per_epoch: int, directory: str) -> None:
+  """Refuses a config whose run ends before the step already trained.
+
+  With `--allow_config_change=num_epochs` the total may change, but a run
+  cannot be shortened below what it has trained: its last checkpoint's
+  parameters would be labelled with the smaller step count.
+  """
+  if progress.step <= total_steps:
+    return
+  need = math.ceil(progress.step / steps_per_epoch)
+  raise checkpointing.CheckpointMismatchError(
+      f'{directory} holds a checkpoint at step {progress.step}, past the '
+      f'{total_steps} steps of config.num_epochs = '
+      f'{total_steps / steps_per_epoch:g} ({steps_per_epoch} steps per epoch): '
+      f'a run cannot be shortened below what it has trained; give '
+      f'--config.num_epochs={need} or more, or a new --workdir.')
 
 
 def _load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any, int]:
@@ -733,16 +799,50 @@ def _check_same_teacher(meta: dict, run: Run, directory: str) -> None:
         'give the same teacher to resume, or use a new --workdir.')
 
 
+def _records_without_checkpoint(workdir: str, config: ml_collections.ConfigDict,
+                                steps_per_epoch: int) -> list[str]:
+  """What in `workdir` shows a run that got past its first checkpoint.
+
+  results.json, checkpoints set aside as unreadable, or metrics logged after
+  the step of the first checkpoint: records of a run whose checkpoints are
+  gone. A run killed before its first checkpoint has none of these (its
+  metrics end at or before that step) and simply starts again.
+  """
+  found = []
+  if os.path.exists(os.path.join(workdir, 'results.json')):
+    found.append('results.json')
+  unreadable = f'{checkpoint_dir(workdir)}_unreadable'
+  if os.path.isdir(unreadable) and os.listdir(unreadable):
+    found.append(f'{os.path.basename(unreadable)}/')
+  first = min(config.checkpoint_every_steps,
+              int(config.num_epochs * steps_per_epoch))
+  logged = [r.get('step', 0) for r in metrics_lib.read_metrics(workdir)]
+  if logged and max(logged) > first:
+    found.append(f'metrics.jsonl (up to step {max(logged)})')
+  return found
+
+
 def _restore_or_start(run: Run, ckpt: checkpointing.Checkpointer,
                       steps_per_epoch: int,
-                      allow_config_change: Collection[str]) -> Progress:
+                      allow_config_change: Collection[str],
+                      workdir: str) -> Progress:
   """The newest readable checkpoint's progress, or step 0 with a fresh optimiser.
 
-  Parameters and optimiser state come back replicated on the mesh.
+  Parameters and optimiser state come back replicated on the mesh. Step 0
+  only for a workdir without the records of a run: one whose checkpoints
+  are gone (deleted, set aside as unreadable) is refused, since starting
+  again would overwrite its metrics.jsonl and results.json.
   """
   tx_init = make_optimizer(run, steps_per_epoch)[2]
   fresh = Progress(0, run.trainable, jax.device_get(tx_init(run.trainable)))
   if ckpt.latest_step() is None:
+    records = _records_without_checkpoint(workdir, run.config, steps_per_epoch)
+    if records:
+      raise checkpointing.CheckpointUnreadableError(
+          f'{workdir} holds the records of a run ({", ".join(records)}) but no '
+          f'checkpoint in {ckpt.directory} to resume from, and starting again '
+          'from step 0 would overwrite them: put the checkpoints back (from a '
+          'backup), or train in a new --workdir.')
     progress = fresh
   else:
     def read(step):
@@ -1018,6 +1118,12 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
   check_workdir(workdir)
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
+    live = checkpointing.WorkdirLock(workdir).running_holder()
+    if live:
+      raise checkpointing.CheckpointUnreadableError(
+          f'Training is in progress in {workdir} '
+          f'({checkpointing.WorkdirLock.describe(live)}) and has not saved a '
+          'checkpoint yet: rerun when it has.')
     raise checkpointing.CheckpointMismatchError(
         f'No checkpoints in {directory}: train first with --mode=train '
         f'--workdir={workdir}.')
@@ -1026,6 +1132,8 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
 
   def read(s: int):
     meta = ckpt.restore_meta(s)
+    _RESTORED_MODELS.clear()
+    _RESTORED_MODELS[(os.path.abspath(directory), s)] = meta['config']['model']
     num_classes = meta['model_config']['num_classes']
     if num_classes not in runs:
       runs[num_classes] = setup(config, num_classes)
@@ -1060,8 +1168,18 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
   return run, trainable, step
 
 
+# The `model` section of the checkpoint `restore_run` restored last, by
+# (checkpoint folder, step): `checkpoint_model` right after a restore must not
+# read the step again, since a training run live in the same workdir may have
+# deleted it in between (keep_checkpoints).
+_RESTORED_MODELS: dict[tuple[str, int], dict] = {}
+
+
 def checkpoint_model(workdir: str, step: int) -> dict:
   """The `model` config section a checkpoint was trained with."""
+  known = _RESTORED_MODELS.get((os.path.abspath(checkpoint_dir(workdir)), step))
+  if known is not None:
+    return known
   ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir), read_only=True)
   try:
     return ckpt.restore_meta(step)['config']['model']
@@ -1069,21 +1187,57 @@ def checkpoint_model(workdir: str, step: int) -> dict:
     ckpt.close()
 
 
+def read_results(workdir: str) -> dict | None:
+  """<workdir>/results.json, or None when there is none (or it is not a JSON object)."""
+  try:
+    with open(os.path.join(workdir, 'results.json')) as f:
+      results = json.load(f)
+  except FileNotFoundError:
+    return None
+  except ValueError:
+    return None
+  return results if isinstance(results, dict) else None
+
+
+def update_results(workdir: str, update: Callable[[dict | None], dict]) -> str:
+  """Writes `update(current results.json or None)` as results.json; returns its path.
+
+  The read, the change and the write happen under `checkpointing.ResultsLock`,
+  so concurrent writers (two-stage evaluations, the training run's final
+  write) each see the others' parts and none is lost; the write itself is
+  atomic (`write_json`). A results.json that exists but cannot be parsed is
+  kept beside the new one as results.json.unreadable, never dropped.
+  """
+  path = os.path.join(workdir, 'results.json')
+  with checkpointing.ResultsLock(workdir):
+    current = read_results(workdir)
+    if current is None and os.path.exists(path):
+      os.replace(path, f'{path}.unreadable')
+      logging.warning('%s could not be parsed: kept as %s.unreadable.', path, path)
+    write_json(path, update(current))
+  return path
+
+
 def record_two_stage(workdir: str, entry: dict) -> str:
   """Adds `entry` to the 'two_stage' list of <workdir>/results.json.
 
   The training run's own fields stay as they are; an entry for the same
-  checkpoint step, evaluated model and split replaces the earlier one. Written
-  to a temporary file and renamed, so a crash never leaves a half file.
+  checkpoint step, evaluated model and split replaces the earlier one. Runs
+  under the results lock (`update_results`), so several evaluations at once
+  each keep their entry.
   """
-  path = os.path.join(workdir, 'results.json')
-  with open(path) as f:
-    results = json.load(f)
   same = lambda e: all(e[k] == entry[k] for k in ('step', 'evaluated', 'split'))
-  results['two_stage'] = [e for e in results.get('two_stage', []) if not same(e)]
-  results['two_stage'].append(entry)
-  write_json(path, results)
-  return path
+
+  def add(results: dict | None) -> dict:
+    if results is None:
+      raise checkpointing.CheckpointMismatchError(
+          f'{os.path.join(workdir, "results.json")} is missing or unreadable: a '
+          'two-stage evaluation is recorded next to the finished training run, so '
+          'finish training first (rerun --mode=train with the training config).')
+    results['two_stage'] = [e for e in results.get('two_stage', []) if not same(e)]
+    results['two_stage'].append(entry)
+    return results
+  return update_results(workdir, add)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
