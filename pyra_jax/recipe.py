@@ -12,6 +12,7 @@ for people who want the paper's numbers the way the authors obtained them:
   model.distilled_eval  'avg'           ... evaluation averages both heads
   eval_epochs           'authors'       evaluations after epochs 1, 11, 21, ..., 100
   headline              'max'           the best of those evaluations is reported
+  distill.loss          'authors_hard'  PE-Dist: ½ CE(labels) + ½ CE(teacher's argmax)
 
 (a field this version's config lacks is skipped). `recipe='paper'`, the
 default, changes nothing.
@@ -50,6 +51,7 @@ AUTHORS_CODE: tuple[tuple[str, Any], ...] = (
     ('model.distilled_eval', 'avg'),
     ('eval_epochs', 'authors'),
     ('headline', 'max'),
+    ('distill.loss', 'authors_hard'),
 )
 
 

@@ -23,7 +23,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # 'paper': the method as the paper defines it (every default below) |
   # 'authors_code': every choice where the authors' code differs from the paper
   # set to the code's (docs/algorithm.md §8: lr_schedule, model.lora_init,
-  # model.adapter_init, model.distilled_train/_eval, eval_epochs, headline),
+  # model.adapter_init, model.distilled_train/_eval, eval_epochs, headline,
+  # distill.loss),
   # applied when a run starts (pyra_jax/recipe.py); a --config.<field> override
   # of one of those fields is refused: set the fields one by one instead.
   config.recipe = 'paper'

@@ -34,7 +34,7 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
                    defines it) | authors_code (every choice where the authors'
                    code differs from the paper set to the code's: lr schedule,
                    LoRA/Adapter init, DeiT heads, evaluation epochs, headline
-                   = max over evaluations; docs/algorithm.md §8)
+                   = max over evaluations, PE-Dist's loss; docs/algorithm.md §8)
 
 Everything else: `--config.<field>=<value>` (see configs/common.py).
 """
