@@ -14,13 +14,20 @@ name mapping, head splitting or ONNX parsing on every run. Position embeddings
 stay at the checkpoint's grid; `load_pretrained` resamples them to the model's.
 
 The conversion is as strict as `load_pretrained`: tensors no rule maps are an
-error, tensors dropped on purpose (pre-training heads, decoders) are listed.
+error, tensors dropped on purpose (pre-training heads, decoders) are listed,
+and weights holding NaN or inf are refused, naming the first such tensor.
+
+The output is written under a temporary name and renamed when complete; an
+error, Ctrl-C or SIGTERM removes the temporary file, so nothing is left
+behind (only a SIGKILL can leave `<out>.partial`, which the next conversion
+to the same --out overwrites).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import warnings
@@ -118,19 +125,34 @@ def _check_out(out: str, overwrite: bool) -> None:
 
 
 def _write_atomically(out: str, params: dict, meta: dict) -> None:
-  """Writes `out` via a temporary file in the same folder, then renames it."""
+  """Writes `out` via a temporary file in the same folder, then renames it.
+
+  Whatever stops the write (a full disk, Ctrl-C, SIGTERM via `main`, a bug)
+  removes the temporary file before the exception goes on.
+  """
   folder = os.path.dirname(os.path.abspath(out))
   partial = out + '.partial'
   try:
     os.makedirs(folder, exist_ok=True)
     npz.save_pyra_jax(partial, params, meta)
     os.replace(partial, out)
-  except OSError as e:
+  except BaseException as e:
     if os.path.exists(partial):
       os.remove(partial)
-    raise common.CheckpointError(
-        f'Could not write {out} ({e.strerror or e}); nothing was written: free '
-        'space or choose another --out.') from e
+    if isinstance(e, OSError):
+      raise common.CheckpointError(
+          f'Could not write {out} ({e.strerror or e}); nothing was written: '
+          'free space or choose another --out.') from e
+    raise
+
+
+class _Terminated(KeyboardInterrupt):
+  """SIGTERM, raised where the program is, so that clean-ups run."""
+
+
+def _raise_terminated(signum, frame) -> None:
+  del signum, frame
+  raise _Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,11 +172,23 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   t0 = time.time()
   try:
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+  except ValueError:  # Not the main thread (main() called from a thread).
+    previous = None
+  try:
     meta = convert(args.src, args.out, args.format, args.num_heads or None,
                    args.overwrite)
   except errors.PyraError as e:  # CheckpointError, ConfigError, ...: one sentence
     print(f'error: {e}', file=sys.stderr)
     return 1
+  except KeyboardInterrupt as e:
+    how = 'terminated (SIGTERM)' if isinstance(e, _Terminated) else 'interrupted'
+    print(f'error: {how}: {args.out} was not written and nothing was left '
+          'behind; run the same command again to convert.', file=sys.stderr)
+    return 143 if isinstance(e, _Terminated) else 130
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   print(f'wrote {args.out} in {time.time() - t0:.1f}s: ' + ', '.join(
       f'{k}={v}' for k, v in meta.items() if k != 'ignored'))
   if meta['ignored']:

@@ -427,7 +427,9 @@ def main(argv: list[str]) -> None:
     else:
       out = export_lib.export(config, _WORKDIR.value, _EXPORT_DIR.value,
                               _CHECKPOINT_STEP.value, two_stage=_TWO_STAGE.value)
-      print(f'exported (LoRA folded): {out}')
+      given = os.path.abspath(_EXPORT_DIR.value or out)
+      print(f'exported (LoRA folded): {out}' +
+            (f' (the folder the link {given} points to)' if given != out else ''))
   except Exception as e:  # pylint: disable=broad-except
     if not _is_user_error(e):
       raise

@@ -52,6 +52,7 @@ class Teacher:
   fingerprint: str           # sha256 of its parameters (resume refuses a change)
   temperature: float         # config.distill.temperature
   weight: float              # config.distill.weight
+  loss: str                  # config.distill.loss (methods.pedist.DISTILL_LOSSES)
   recorded_accuracy: Optional[float] = None  # its run's results.json, if any
 
   def memo_key(self) -> str:
@@ -65,6 +66,7 @@ class Teacher:
             'variant': self.model_config.get('variant'),
             'depth': int(self.model.depth), 'width': int(self.model.width),
             'method': self.model_config.get('method'),
+            'loss': self.loss,
             'recorded_accuracy': self.recorded_accuracy}
 
 
@@ -107,6 +109,18 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   if not d.weight >= 0:
     raise ConfigError(f'config.distill.weight = {d.weight!r}: use a weight >= 0 '
                       '(0 trains on the cross-entropy alone).')
+  from pyra_jax.methods import pedist  # pylint: disable=g-import-not-at-top
+  loss = d.loss
+  if loss not in pedist.DISTILL_LOSSES:
+    raise ConfigError(f'config.distill.loss = {loss!r}: use one of '
+                      f'{", ".join(pedist.DISTILL_LOSSES)}.')
+  if loss == 'authors_hard':
+    for name in ('temperature', 'weight'):
+      if d[name] != 1.0:
+        raise ConfigError(
+            f"config.distill.{name} = {d[name]!r} has no effect with "
+            "config.distill.loss='authors_hard' (a fixed ½·CE(labels) + ½·CE(the "
+            f"teacher's top class)): leave it at 1, or use loss='kl'.")
 
 
 def _from_workdir(path: str) -> tuple[Any, PyTree, ml_collections.ConfigDict,
@@ -230,6 +244,7 @@ def load_teacher(config: ml_collections.ConfigDict,
       path=path, step=None if step is None else int(step),
       fingerprint=checkpointing.fingerprint(params),
       temperature=float(d.temperature), weight=float(d.weight),
+      loss=d.loss,
       recorded_accuracy=(_recorded_accuracy(path, step) if source == 'workdir'
                          else None))
   logging.info('Teacher: %s', teacher.record())
@@ -242,7 +257,9 @@ def describe(teacher: Teacher) -> str:
   acc = (f', its recorded test accuracy {100 * teacher.recorded_accuracy:.2f}%'
          if teacher.recorded_accuracy is not None else '')
   step = f' step {teacher.step}' if teacher.step is not None else ''
+  how = (f'with T = {teacher.temperature:g}, weight {teacher.weight:g}'
+         if teacher.loss == 'kl' else
+         "with the authors' loss ½·CE(labels) + ½·CE(the teacher's top class)")
   return (f'Distilling from the teacher {teacher.path} ({teacher.source}{step}: '
           f'{mc.variant}, depth {teacher.model.depth}, '
-          f'method {mc.method}{acc}) with T = {teacher.temperature:g}, '
-          f'weight {teacher.weight:g}.')
+          f'method {mc.method}{acc}) {how}.')

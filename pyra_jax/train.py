@@ -141,7 +141,7 @@ def resolve_model_config(config: ml_collections.ConfigDict,
 
 
 def check_model_init(config: ml_collections.ConfigDict) -> None:
-  """Refuses an empty `model_init`, naming the weights to fetch.
+  """Refuses an empty `model_init` (naming the weights to fetch) or a malformed Hub name.
 
   A random frozen backbone trains without error, so a forgotten `init=` would
   silently give a meaningless run: it must be asked for by name
@@ -150,6 +150,9 @@ def check_model_init(config: ml_collections.ConfigDict) -> None:
   if not config.model_init:
     from pyra_jax import checkpoints  # pylint: disable=g-import-not-at-top
     raise ConfigError(checkpoints.missing_weights_message(config.model))
+  from pyra_jax.checkpoints import hub  # pylint: disable=g-import-not-at-top
+  if hub.is_hub_spec(config.model_init):
+    hub.parse(config.model_init)  # A malformed Hub name, before the data.
 
 
 def check_model_config(config: ml_collections.ConfigDict) -> None:
@@ -359,9 +362,11 @@ def training_loss(model, trainable: PyTree, frozen: PyTree, batch: dict,
 
   With a `teacher` (PE-Dist, `pyra_jax.teacher.Teacher`) each unmasked row
   adds `w·T²·KL(softmax(t/T) || softmax(s/T))` (`methods.pedist`), averaged
-  like the cross-entropy; the teacher runs in eval mode on `teacher_params`,
-  which get no gradient (they are not an argument of the differentiation,
-  and its logits are behind a stop_gradient).
+  like the cross-entropy; with `teacher.loss == 'authors_hard'` the loss is
+  instead ½·CE(labels) + ½·CE(the teacher's argmax), both averaged over the
+  unmasked rows (the PYRA authors' code). The teacher runs in eval mode on
+  `teacher_params`, which get no gradient (they are not an argument of the
+  differentiation, and its logits are behind a stop_gradient).
   """
   variables = {'params': optim.merge_params(trainable, frozen)}
   if _has_flops_regulariser(model):
@@ -371,19 +376,22 @@ def training_loss(model, trainable: PyTree, frozen: PyTree, batch: dict,
     logits, state = model.apply(variables, batch['image'], train=True,
                                 rngs={'dropout': rng}), {}
   loss, correct, count = _masked_xent(logits, batch['label'], batch['mask'], total)
+  if teacher is not None:
+    from pyra_jax.methods import pedist  # pylint: disable=g-import-not-at-top
+    teacher_logits = jax.lax.stop_gradient(teacher.model.apply(
+        {'params': teacher_params}, batch['image'], train=False))
+    w = batch['mask'].astype(jnp.float32)
+    denom = jnp.maximum(w.sum(), 1.0) if total is None else total
+    if teacher.loss == 'authors_hard':
+      hard = pedist.hard_label_term(logits, teacher_logits)
+      loss = 0.5 * loss + 0.5 * (hard * w).sum() / denom
+    else:
+      kd = pedist.distillation_term(logits, teacher_logits, teacher.temperature,
+                                    teacher.weight)
+      loss = loss + (kd * w).sum() / denom
   for penalty in jax.tree.leaves(state.get('losses', {})):
     # A micro-batch of an accumulated step adds its share (count / total).
     loss = loss + (penalty if total is None else penalty * count / total)
-  if teacher is not None:
-    from pyra_jax.methods import pedist  # pylint: disable=g-import-not-at-top
-    teacher_logits = teacher.model.apply({'params': teacher_params},
-                                         batch['image'], train=False)
-    w = batch['mask'].astype(jnp.float32)
-    if total is None:
-      total = jnp.maximum(w.sum(), 1.0)
-    kd = pedist.distillation_term(logits, teacher_logits, teacher.temperature,
-                                  teacher.weight)
-    loss = loss + (kd * w).sum() / total
   return loss, (correct, count)
 
 

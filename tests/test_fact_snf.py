@@ -1,7 +1,8 @@
 """FacT and SNF as the trainable module (model.peft), under every merging method.
 
 Forward passes are checked against tests/reference_peft.py, a numpy transcription
-of the modules' definitions (docs/algorithm.md §14-15), with random module
+of the modules' definitions (docs/algorithm.md §14-15) and, for FacT-TK's MLP
+slices, of the FacT code's own layout (its fact_tk.py), with random module
 parameters; FacT's folding against the unfolded model; parameter counts against
 formulas written from the definitions and the papers' printed counts.
 """
@@ -39,28 +40,41 @@ def apply(model, params, x):
                     np.float64)
 
 
-@pytest.mark.parametrize('variant,method', [
-    ('tt', 'peft'), ('tt', 'pyra'), ('tk', 'tome'), ('tk', 'pyra')])
-def test_fact_forward_equals_numpy_reference(variant, method):
+@pytest.mark.parametrize('variant,method,layout', [
+    ('tt', 'peft', 'paper'), ('tt', 'pyra', 'paper'), ('tk', 'tome', 'paper'),
+    ('tk', 'tome', 'authors'), ('tk', 'pyra', 'authors')])
+def test_fact_forward_equals_numpy_reference(variant, method, layout):
   # rank 3, scale 0.7, mlp_dim = 2 * width: two slices each for fc1 and fc2.
-  cfg = tiny(method, peft='fact', fact_variant=variant, fact_rank=3, fact_scale=0.7)
+  cfg = tiny(method, peft='fact', fact_variant=variant, fact_rank=3, fact_scale=0.7,
+             fact_tk_layout=layout)
   model, params = init(cfg)
   params = randomize(params, r'/fact/|pyra/w_d|pyra/norm')
   x = images(2)
   want = ref.vit_forward(to_np(params), np.asarray(x, np.float64), model.schedule,
                          num_heads=2, peft='fact', fact_variant=variant, fact_scale=0.7,
-                         pyra=(method == 'pyra'))
+                         pyra=(method == 'pyra'), fact_tk_layout=layout)
   np.testing.assert_allclose(apply(model, params, x), want, rtol=2e-4, atol=2e-5)
+  if variant == 'tk':  # The two layouts are different models on the same parameters.
+    other = 'paper' if layout == 'authors' else 'authors'
+    alt = ref.vit_forward(to_np(params), np.asarray(x, np.float64), model.schedule,
+                          num_heads=2, peft='fact', fact_variant=variant, fact_scale=0.7,
+                          pyra=(method == 'pyra'), fact_tk_layout=other)
+    assert np.abs(alt - want).max() > 1e-2 * np.abs(want).max()
 
 
-@pytest.mark.parametrize('flow_length,method', [(0, 'pyra'), (3, 'peft'), (3, 'tome')])
-def test_snf_forward_equals_numpy_reference(flow_length, method):
-  cfg = tiny(method, peft='snf', snf_flow_length=flow_length)
+@pytest.mark.parametrize('flow_length,method,blocks', [
+    (0, 'pyra', None), (3, 'peft', None), (3, 'tome', 2)])
+def test_snf_forward_equals_numpy_reference(flow_length, method, blocks):
+  cfg = tiny(method, peft='snf', snf_flow_length=flow_length, snf_blocks=blocks)
   model, params = init(cfg)
+  # SNF's original code adapts the first 12 blocks only (model.snf_blocks): the
+  # later blocks have no flows at all.
+  adapted = {i for i in range(3) if 'snf' in params['Transformer'][f'encoderblock_{i}']}
+  assert adapted == set(range(3 if blocks is None else blocks))
   params = randomize(params, r'/snf/|pyra/w_d|pyra/norm')
   x = images(2)
   want = ref.vit_forward(to_np(params), np.asarray(x, np.float64), model.schedule,
-                         num_heads=2, peft='snf', pyra=(method == 'pyra'))
+                         num_heads=2, peft='snf', pyra=(method == 'pyra'), snf_blocks=blocks)
   np.testing.assert_allclose(apply(model, params, x), want, rtol=2e-4, atol=2e-5)
 
 
@@ -85,10 +99,12 @@ def test_modules_start_as_the_frozen_backbone(kw):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('variant', ['tt', 'tk'])
-@pytest.mark.parametrize('method', ['peft', 'pyra'])
-def test_folded_fact_gives_the_same_logits_and_a_plain_tree(variant, method):
-  cfg = tiny(method, peft='fact', fact_variant=variant, fact_rank=3, fact_scale=2.0)
+@pytest.mark.parametrize('variant,method,layout', [
+    ('tt', 'peft', 'paper'), ('tt', 'pyra', 'paper'), ('tk', 'peft', 'paper'),
+    ('tk', 'pyra', 'authors')])
+def test_folded_fact_gives_the_same_logits_and_a_plain_tree(variant, method, layout):
+  cfg = tiny(method, peft='fact', fact_variant=variant, fact_rank=3, fact_scale=2.0,
+             fact_tk_layout=layout)
   model, params = init(cfg)
   params = randomize(params, r'/fact/|pyra/w_d')
   folded = fold_peft(params, cfg)
@@ -177,6 +193,13 @@ def test_table20_configs():
     assert (c.model.peft, c.model.method, c.model.schedule) == (peft, 'pyra', schedule)
     tome = get('method=tome,task=dtd')
     assert (tome.model.peft, tome.model.method, tome.data.task) == (peft, 'tome', 'dtd')
+  # FacT-TK in the settings is the FacT code's layout (its published numbers);
+  # the base config keeps the paper's formula (what runs stored before used).
+  assert vitb_high_fact.get_config().model.fact_tk_layout == 'authors'
+  assert tiny_config.get_config('peft=fact').model.fact_tk_layout == 'authors'
+  assert tiny_config.get_config().model.fact_tk_layout == 'paper'
+  # SNF in every block (ViT-B has 12: the same as the original code's first 12).
+  assert vitb_high_snf.get_config().model.snf_blocks is None
 
 
 @pytest.mark.parametrize('peft', ['fact', 'snf'])
@@ -208,6 +231,8 @@ def test_export_restore_round_trip(peft, tmp_path):
     ('peft=lokr', "peft='lokr': use one of lora, adapter, convpass, fact, snf."),
     ('peft=fact --config.model.fact_variant=cp',
      "model.fact_variant must be one of ('tt', 'tk'), got 'cp'."),
+    ('peft=fact --config.model.fact_tk_layout=tucker',
+     "model.fact_tk_layout must be one of ('authors', 'paper'), got 'tucker'."),
 ])
 def test_bad_module_settings_fail_with_one_sentence(arg, message, tmp_path):
   setting, *extra = arg.split(' ')

@@ -1,13 +1,16 @@
 """PE-Dist (Table 15): distillation loss, frozen teacher, resume, bad input.
 
 The loss is checked against a numpy loop written from its definition
-(CE + w·T²·KL(softmax(t/T) || softmax(s/T)), docs/algorithm.md §10), on random
-logits and on the tiny models' real logits, where the teacher's logits come from
+(CE + w·T²·KL(softmax(t/T) || softmax(s/T)), docs/algorithm.md §10), and the
+authors' hard-label form against a numpy transcription of the PYRA authors'
+engine.py, on random logits and on the tiny models' real logits, where the
+teacher's logits come from
 the teacher's own evaluation path (`train.restore_run` + eval-mode apply), not
 from `pyra_jax.teacher`. The teacher is a tiny PEFT run trained here through the
 command line; the students are one-block tiny PEFT models.
 """
 
+import dataclasses
 import json
 import math
 
@@ -80,6 +83,39 @@ def test_distillation_term_matches_the_definition(temperature, weight):
   # Equal distributions: no KL; a student that matches the teacher pays nothing.
   same = pedist.distillation_term(jnp.asarray(t), jnp.asarray(t), temperature, weight)
   np.testing.assert_allclose(np.asarray(same), 0.0, atol=1e-6)
+
+
+def np_cross_entropy_mean(logits, labels):
+  """torch's CrossEntropyLoss (mean reduction), one row at a time."""
+  return sum(-np_log_softmax(z)[y] for z, y in zip(logits, labels)) / len(labels)
+
+
+def np_authors_engine_loss(outputs, targets, teach_output):
+  """The PYRA authors' engine.py, train_one_epoch with a teacher model:
+
+    teach_output = teacher_model(samples)            (under no_grad)
+    _, teacher_label = teach_output.topk(1, 1, True, True)
+    loss = 1/2 * criterion(outputs, targets) + 1/2 * teach_loss(outputs, teacher_label.squeeze())
+
+  criterion and teach_loss are cross-entropies averaged over the batch (their
+  VTAB runs pass --smoothing=0, so LabelSmoothingCrossEntropy is plain CE).
+  topk(1) is the largest logit (ties: the first, as for these random logits
+  none occur).
+  """
+  teacher_label = [int(max(range(len(t)), key=lambda c: t[c])) for t in teach_output]
+  return (0.5 * np_cross_entropy_mean(outputs, targets)
+          + 0.5 * np_cross_entropy_mean(outputs, teacher_label))
+
+
+def test_hard_label_term_matches_the_authors_engine():
+  rng = np.random.default_rng(1)
+  s, t = rng.normal(size=(5, 9)) * 2, rng.normal(size=(5, 9)) * 2
+  y = rng.integers(0, 9, 5)
+  hard = np.asarray(pedist.hard_label_term(jnp.asarray(s, jnp.float32),
+                                           jnp.asarray(t, jnp.float32)))
+  ce = np.array([-np_log_softmax(z)[c] for z, c in zip(s, y)])
+  np.testing.assert_allclose(0.5 * ce.mean() + 0.5 * hard.mean(),
+                             np_authors_engine_loss(s, y, t), rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -207,6 +243,35 @@ def test_training_loss_is_ce_plus_the_kl_to_the_teacher(teacher_wd):
   assert float(loss) > float(ce) + 1e-4
 
 
+def test_training_loss_authors_hard_is_their_engine_loss(teacher_wd):
+  """distill.loss='authors_hard': their ½·CE(labels) + ½·CE(teacher's top class)
+  on the unmasked rows (their batches have no padding: the masked rows are left
+  out of the transcription's batch), the teacher as its own eval runs it."""
+  config, run = student_with_teacher(teacher_workdir=str(teacher_wd), loss='authors_hard')
+  assert 'authors' in teacher_lib.describe(run.teacher)
+  batch = eval_batches(config)[0]
+  batch['mask'] = batch['mask'].copy()
+  batch['mask'][::4] = False
+  rng = jax.random.PRNGKey(5)
+  loss, (_, count) = train.training_loss(
+      run.model, run.trainable, run.frozen, batch, rng,
+      teacher=run.teacher, teacher_params=run.teacher.params)
+  student = np.asarray(run.model.apply(
+      {'params': optim.merge_params(run.trainable, run.frozen)}, batch['image'],
+      train=True, rngs={'dropout': rng}), np.float64)
+  teacher = own_eval_logits(teacher_wd, batch['image'])
+  keep = np.asarray(batch['mask'], bool)
+  want = np_authors_engine_loss(student[keep], batch['label'][keep], teacher[keep])
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  assert int(count) == int(keep.sum())
+  # Not the KL form, and the teacher's labels are not simply the true ones.
+  assert (teacher[keep].argmax(-1) != batch['label'][keep]).any()
+  kl, _ = train.training_loss(run.model, run.trainable, run.frozen, batch, rng,
+                              teacher=dataclasses.replace(run.teacher, loss='kl'),
+                              teacher_params=run.teacher.params)
+  assert abs(float(kl) - float(loss)) > 1e-3
+
+
 def test_the_step_trains_lora_and_head_only_and_compiles_once(teacher_wd, monkeypatch):
   config, run = student_with_teacher(teacher_workdir=str(teacher_wd), weight=0.9)
   teacher_before = jax.tree.map(np.array, jax.device_get(run.teacher.params))
@@ -315,6 +380,12 @@ def one_sentence(code, err):
     (lambda t, tmp: ['--config=configs/tiny.py:method=peft,teacher=' + str(t),
                      '--config.distill.temperature=0.0'],
      'use a temperature > 0'),
+    (lambda t, tmp: ['--config=configs/tiny.py:method=peft,teacher=' + str(t),
+                     '--config.distill.loss=soft'],
+     "config.distill.loss = 'soft': use one of kl, authors_hard."),
+    (lambda t, tmp: ['--config=configs/tiny.py:method=peft,teacher=' + str(t),
+                     '--config.distill.loss=authors_hard', '--config.distill.weight=0.5'],
+     "config.distill.weight = 0.5 has no effect with config.distill.loss='authors_hard'"),
     (lambda t, tmp: ['--config=configs/tiny.py:method=peft',
                      '--config.distill.teacher_workdir=' + str(t)],
      'config.distill.enabled is False'),

@@ -3,10 +3,12 @@
 Ground truth: tests/reference_merge.py, a numpy forward of our tree with merging,
 extended with the Adapter (the authors' y + up(QuickGELU(down(y))) after the MLP)
 and Convpass (3x3 conv loops on the patch grid, positions filled from the source
-matrix) written from their definitions; and tests/reference_vit.py reading the
-authors' PyTorch names for the Adapter checkpoint.
+matrix) written from their definitions; tests/reference_vit.py reading the
+authors' PyTorch names for the Adapter checkpoint; and tests/reference_peft.py's
+transcription of how the authors' model initialises its Adapter.
 """
 
+import math
 import re
 import warnings
 
@@ -25,6 +27,7 @@ from pyra_jax.models import build_model
 from pyra_jax.models.convpass import conv_tokens
 from pyra_jax.models.vit import deployed_config
 from tests import reference_merge as ref
+from tests import reference_peft as ref_peft
 from tests import reference_vit as ref_vit
 from tests.test_model import images, init, randomize, tiny, to_np
 from tests.test_train_cli import cli, reset_flags, run_main
@@ -78,8 +81,66 @@ def test_conv_on_merged_tokens_against_loops():
                              rtol=1e-5, atol=1e-5)
 
 
+def test_authors_adapter_init_is_their_model_as_built():
+  """adapter_init='trunc_normal' draws what the PYRA authors' ViT holds once
+  built (reference_peft.authors_adapter_as_built: their class's Xavier init,
+  overwritten by the model's timm trunc_normal_(std=.02) with its cut-off at ±2
+  in the weights' units, biases zero): same distribution (two-sample KS test
+  against their procedure), std 0.02, 4.55 % beyond ±2 std (a cut at ±2 std,
+  flax's truncated_normal, has none there), biases exactly 0."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  d, k = 128, 64
+  _, params = init(tiny('peft', peft='adapter', peft_dim=k, adapter_init='trunc_normal',
+                        width=d, mlp_dim=2 * d))
+  ours, biases = [], []
+  for i in range(3):
+    a = params['Transformer'][f'encoderblock_{i}']['adapter']
+    ours += [np.asarray(a['down']['kernel']).ravel(), np.asarray(a['up']['kernel']).ravel()]
+    biases += [np.asarray(a['down']['bias']), np.asarray(a['up']['bias'])]
+  ours = np.concatenate(ours)
+  rng = np.random.default_rng(0)
+  theirs = np.concatenate([np.concatenate([w.ravel() for w in ref_peft.authors_adapter_as_built(
+      rng, d, k)[0::2]]) for _ in range(3)])
+  assert ours.size == theirs.size == 3 * 2 * d * k
+  assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
+  assert abs(ours.std() / 0.02 - 1) < 0.02 and abs(ours.mean()) < 5e-4
+  beyond = (np.abs(ours) > 0.04).mean()
+  assert abs(beyond - (1 - math.erf(2 / math.sqrt(2)))) < 0.006
+  for b in biases:
+    np.testing.assert_array_equal(b, 0.0)
+
+
+def test_lora_trunc_normal_is_the_authors_as_built():
+  """lora_init='trunc_normal' (the code's LoRA): their ViT's init pass gives both
+  LoRA linears (LoRA_a, LoRA_b) timm's trunc_normal_(std=.02), as the Adapter's."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  d, h = 128, 32
+  _, params = init(tiny('peft', lora_rank=h, lora_init='trunc_normal', width=d,
+                        mlp_dim=2 * d))
+  ours = np.concatenate([np.asarray(params['Transformer'][f'encoderblock_{i}'][
+      'MultiHeadDotProductAttention_0']['lora'][n]).ravel()
+                         for i in range(3) for n in ('down', 'up')])
+  theirs = ref_peft.timm_trunc_normal(np.random.default_rng(1), ours.size, 0.02)
+  assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
+  assert abs(ours.std() / 0.02 - 1) < 0.02
+
+
+def test_the_settings_use_the_authors_adapter_init():
+  """peft=adapter in a setting (Tables 18-19) is the authors' model as built; the
+  base config keeps the Adapter class's own Xavier init (runs stored before the
+  field existed used it)."""
+  from pyra_jax.configs import vitb_high_adapter, vitl_high_adapter, vits_peft_adapter  # pylint: disable=g-import-not-at-top
+  for get in (vitb_high_adapter.get_config, vitl_high_adapter.get_config,
+              vits_peft_adapter.get_config):
+    assert get().model.adapter_init == 'trunc_normal'
+  assert vitb_high.get_config('peft=adapter').model.adapter_init == 'trunc_normal'
+  assert get_base_config().model.adapter_init == 'xavier'
+
+
 def test_initialisation_follows_the_authors():
-  _, params = init(tiny('pyra', peft='adapter', peft_dim=3))
+  # adapter_init='xavier': the authors' Adapter class on its own (their model
+  # then overwrites it, see the test above).
+  _, params = init(tiny('pyra', peft='adapter', peft_dim=3, adapter_init='xavier'))
   a = params['Transformer']['encoderblock_0']['adapter']
   d, k = 32, 3
   bound = np.sqrt(6.0 / (d + k))  # Xavier-uniform
@@ -314,6 +375,8 @@ def test_bad_peft_argument_fails_with_one_sentence():
      "model.peft_dim must be a positive integer for model.peft='adapter', got 0."),
     ('--config.model.convpass_init=ones',
      "model.convpass_init must be one of ('identity', 'xavier'), got 'ones'."),
+    ('--config.model.adapter_init=kaiming',
+     "model.adapter_init must be one of ('trunc_normal', 'xavier'), got 'kaiming'."),
 ])
 def test_bad_peft_fields_fail_with_one_sentence(tmp_path, capsys, monkeypatch, override,
                                                 message):

@@ -10,6 +10,15 @@ complete. Each failure is one sentence naming the file, what is wrong and what
 to do. Reading whole tensors is left to the format modules; errors they still
 raise (a zip damaged inside, say) are turned into the same kind of sentence by
 `reading`.
+
+A file this user may not read is a permission problem, reported as such (a
+chmod fixes it, not a new download). A folder is not a weight file: the message
+says what the folder is. An export of ours (`--mode=export`) is a fine-tuned
+model with LoRA folded in, not a pretrained backbone, so it is refused as
+model_init with the ways an export is used (evaluated with
+`--mode=eval --export_dir`, benchmarked, or a distillation teacher via
+config.distill.teacher_export); starting a new fine-tuning from one would stack
+new adapters on a task-tuned backbone, which is rarely what was meant.
 """
 
 from __future__ import annotations
@@ -60,17 +69,18 @@ def check_file(path: str, fmt: str) -> None:
     fmt: one of common.FORMATS or 'auto' (then the extension decides).
   """
   if os.path.isdir(path):
-    raise common.CheckpointError(
-        f'{path} is a directory, not a weight file: point model_init (or '
-        '`--src`) at the checkpoint file inside it.')
+    raise common.CheckpointError(directory_message(path))
   size = os.path.getsize(path)
   if size == 0:
     raise common.CheckpointError(
         f'{path} is empty (0 bytes), so the download or copy did not finish: '
         f'{_REFETCH}.')
   container = container_of(path, fmt)
-  with open(path, 'rb') as f:
-    head = f.read(64)
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(64)
+  except PermissionError:
+    raise common.CheckpointError(unreadable_message(path)) from None
   if container == NPZ:
     _check_npz(path, head)
   elif container == SAFETENSORS:
@@ -83,6 +93,53 @@ def check_file(path: str, fmt: str) -> None:
   elif container == ONNX:
     if not head.startswith(_ONNX_FIRST_BYTE):
       raise common.CheckpointError(_not_a(path, 'ONNX model', head))
+
+
+def unreadable_message(path: str) -> str:
+  """The sentence for a weight file (or its folder) this user may not read."""
+  return (f'{path} is not readable by this user (uid {os.geteuid()}): '
+          f'permission denied; make it readable (e.g. chmod a+r {path}) or copy '
+          'it somewhere this user can read.')
+
+
+# Weight files by extension, to name the ones a folder holds.
+_WEIGHT_EXTS = ('.npz', '.safetensors', '.onnx') + TORCH_EXTS
+
+
+def directory_message(path: str) -> str:
+  """Why a folder given as model_init (or `--src`) is not weights, and what to give.
+
+  Tells apart the folders of ours a user may mistake for weights (an export,
+  a training workdir or one of its checkpoints) from a download folder, whose
+  weight files are named.
+  """
+  try:
+    entries = set(os.listdir(path))
+  except PermissionError:
+    return unreadable_message(path)
+  if {'params', 'config'} <= entries:
+    return (f'{path} is a pyra_jax export (a fine-tuned model with LoRA folded '
+            'in), not pretrained weights: evaluate it with --mode=eval '
+            f'--export_dir={path}, benchmark it with python -m '
+            f'pyra_jax.benchmark, or use it as a distillation teacher with '
+            f'config.distill.teacher_export={path}; model_init takes the '
+            'pretrained backbone (README, "Pretrained weights").')
+  if {'params', 'meta'} <= entries or 'checkpoints' in entries:
+    return (f'{path} is a pyra_jax training workdir or checkpoint, not '
+            'pretrained weights: evaluate it with --mode=eval --workdir=..., '
+            'export it with --mode=export, or use it as a distillation teacher '
+            'with config.distill.teacher_workdir; model_init takes the '
+            'pretrained backbone (README, "Pretrained weights").')
+  weights = sorted(e for e in entries
+                   if os.path.splitext(e)[1].lower() in _WEIGHT_EXTS)
+  if weights:
+    return (f'{path} is a directory, not a weight file: point model_init (or '
+            f'`--src`) at the weight file inside it '
+            f'({", ".join(os.path.join(path, w) for w in weights[:3])}'
+            f'{", ..." if len(weights) > 3 else ""}).')
+  return (f'{path} is a directory that holds no weight file '
+          f'({", ".join(_WEIGHT_EXTS)}): point model_init (or `--src`) at the '
+          'pretrained weights file (README, "Pretrained weights").')
 
 
 def _check_npz(path: str, head: bytes) -> None:
@@ -216,6 +273,8 @@ def _file_errors() -> tuple[type[BaseException], ...]:
 
 
 def _damaged(path: str, what: str, e: BaseException) -> str:
+  if isinstance(e, PermissionError):
+    return unreadable_message(path)
   reason = ' '.join(str(e).split())[:160] or type(e).__name__
   return (f'{path} could not be read as {what} ({reason}); the file is damaged '
           f'or not {what}: {_REFETCH}, or set the format ({FORMAT_SETTING}).')

@@ -16,6 +16,12 @@ timm names, which 'auto' detects as 'timm').
 
 huggingface_hub is imported here only, when a spec is resolved: local files
 need no extra package, and a missing package is a one-sentence error.
+
+A spec is checked by `parse` before anything is downloaded (and, in training,
+before the data is prepared): owner and repository names as the Hub allows
+them, and a file path inside the repository that cannot climb out of it
+(no '.' or '..' parts, not absolute), so a mistyped or hostile name is one
+sentence saying which part is wrong.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 
 from pyra_jax.checkpoints import common
 
@@ -50,6 +57,29 @@ def is_hub_spec(spec: str) -> bool:
   return isinstance(spec, str) and spec.startswith(PREFIX)
 
 
+# An owner or repository name as the Hub allows it: letters, digits, '-',
+# '_', '.', at most 96, not starting or ending with '-' or '.', no '--' or '..'.
+_HUB_NAME = re.compile(r'[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?')
+
+
+def _name_problem(parts: list[str], revision: str | None) -> str:
+  """What is wrong with the parts of a spec, as a clause; '' if nothing."""
+  if len(parts) < 2 or not all(p.strip() for p in parts):
+    return 'it needs <owner>/<repo> and no empty part'
+  for what, name in (('owner', parts[0]), ('repository', parts[1])):
+    if (not _HUB_NAME.fullmatch(name) or '--' in name or '..' in name
+        or name.endswith('.git')):
+      return (f'the {what} {name!r} may hold only letters, digits, -, _ and '
+              '. (no -- or .., and - or . neither first nor last)')
+  if any(p in ('.', '..') or '\\' in p for p in parts[2:]):
+    return (f'the file {"/".join(parts[2:])!r} may not have . or .. parts or '
+            'backslashes, which would leave the repository')
+  if revision is not None and (not revision or any(c.isspace() for c in revision)
+                               or '..' in revision.split('/')):
+    return f'the revision {revision!r} is not a branch, tag or commit hash'
+  return ''
+
+
 def parse(spec: str) -> HubSpec:
   """'hf-hub:owner/repo[/file][@revision]' -> HubSpec; a bad spec says the form.
 
@@ -59,11 +89,12 @@ def parse(spec: str) -> HubSpec:
   """
   body, at, revision = spec[len(PREFIX):].partition('@')
   parts = body.split('/')
-  if len(parts) < 2 or not all(p.strip() for p in parts) or (at and not revision):
+  problem = _name_problem(parts, revision if at else None)
+  if problem:
     raise common.CheckpointError(
         f'{spec!r} is not a Hub name: write hf-hub:<owner>/<repo>[/<file in '
-        f'the repo>][@<revision>], e.g. {_EXAMPLE} (README, "Pretrained '
-        'weights", lists the paper\'s).')
+        f'the repo>][@<revision>] ({problem}), e.g. {_EXAMPLE} (README, '
+        '"Pretrained weights", lists the paper\'s).')
   return HubSpec(repo_id='/'.join(parts[:2]),
                  filename='/'.join(parts[2:]) or DEFAULT_FILE,
                  revision=revision or None)
@@ -123,10 +154,10 @@ def resolve(spec: str) -> str:
         f'files after the repository, e.g. hf-hub:{hub.repo_id}/'
         'pytorch_model.bin (listed on https://huggingface.co/'
         f'{hub.repo_id}/tree/main).') from None
-  except errors.HFValidationError as e:
+  except (errors.HFValidationError, ValueError) as e:
     raise common.CheckpointError(
-        f'{spec}: {hub.repo_id!r} is not a valid Hub repository name '
-        f'({_one_line(e)}); write it as on the Hub, e.g. {_EXAMPLE}.') from None
+        f'{spec} is not a valid Hub name ({_one_line(e)}): write it as on the '
+        f'Hub, e.g. {_EXAMPLE}.') from None
   except (errors.HfHubHTTPError, OSError) as e:
     raise common.CheckpointError(
         f'{spec} could not be downloaded ({_one_line(e)}): check the network '

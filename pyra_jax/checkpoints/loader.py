@@ -147,7 +147,11 @@ def read_checkpoint(path: str, fmt: str = 'auto',
     path = onnx_dinov2.onnx_vit_s14_path()
   elif hub.is_hub_spec(path):
     path = hub.resolve(path)
-  if not os.path.exists(path):
+  try:
+    os.stat(path)
+  except PermissionError:  # A folder on its path one may not enter.
+    raise CheckpointError(filecheck.unreadable_message(path)) from None
+  except OSError:
     raise CheckpointError(
         f'Checkpoint {path!r} does not exist. Download the weights (README, '
         '"Pretrained weights"), e.g. `gsutil cp gs://vit_models/imagenet21k/'
@@ -159,7 +163,29 @@ def read_checkpoint(path: str, fmt: str = 'auto',
     fmt = detect_format(path)
   conv = _read_format(path, fmt, num_heads)
   _require_backbone(conv, path)
+  _require_finite(conv, path)
   return conv
+
+
+def _require_finite(conv: common.Converted, path: str) -> None:
+  """Refuses weights holding NaN or inf, naming the first such tensor.
+
+  A frozen backbone with one NaN makes every loss NaN from the first step,
+  which would then be blamed on the learning rate; said here instead, with
+  the tensor that holds it.
+  """
+  bad = [k for k, v in conv.params.items()
+         if np.issubdtype(np.asarray(v).dtype, np.inexact)
+         and not np.isfinite(v).all()]
+  if bad:
+    value = np.asarray(conv.params[bad[0]])
+    nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+    others = f' (and {len(bad) - 1} more tensor(s))' if len(bad) > 1 else ''
+    raise CheckpointError(
+        f'{path} ({conv.fmt}): tensor {bad[0]} holds {nan} NaN and {inf} '
+        f'infinite value(s) of {value.size}{others}, so the weights are damaged '
+        '(or come from a diverged training): download or copy them again, or '
+        'use another checkpoint.')
 
 
 # What `fit_to_model` and `convert.describe` read before anything else.

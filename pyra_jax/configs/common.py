@@ -63,7 +63,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.lora_rank = 8           # 0 disables LoRA
   model.lora_dropout = 0.1      # dropout on LoRA's input, training only
   model.lora_init = 'zeros'     # 'zeros': B = 0 (LoRA starts as identity);
-                                # 'trunc_normal': A, B ~ TN(0.02), the authors' code
+                                # 'trunc_normal': A, B ~ N(0, 0.02²) cut at ±2
+                                # (timm's trunc_normal_), the authors' code as built
 
   # The trainable module (docs/algorithm.md §13-15; README "PEFT modules"):
   # 'lora' (above) | 'adapter' (the authors' bottleneck Adapter after the MLP,
@@ -79,6 +80,12 @@ def get_base_config() -> ml_collections.ConfigDict:
                                 # 8 ViT-B, 4 ViT-S, 12 ViT-L; Convpass's paper: 8)
   model.peft_dropout = 0.1      # dropout inside adapter / convpass, training only
                                 # (0.1: both authors' code defaults)
+  model.adapter_init = 'xavier'  # 'trunc_normal': kernels N(0, 0.02²) cut at ±2
+                                 # absolute (timm), biases 0: the authors' model as
+                                 # built (their init_weights overwrites the Adapter
+                                 # class's init); the paper settings with
+                                 # peft=adapter (Tables 18-19) use it | 'xavier':
+                                 # Xavier kernels, biases N(0, 1e-6) (the class's own)
   model.convpass_scale = 1.0    # s, the bypasses' output scale (Convpass's per-task
                                 # configs pick it from {0.01, 0.1, 1, 10, 100})
   model.convpass_init = 'identity'  # conv kernel: 'identity' on the centre tap (their
@@ -92,10 +99,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.fact_rank = 8           # r (the FacT code's VTAB ranks: tt 8-16, tk 32)
   model.fact_scale = 1.0        # s (the FacT code tunes it per task: tt ~1-10, tk 0.1-1)
   model.fact_dropout = 0.1      # dropout on (x U) Σ_i, training only
+  model.fact_tk_layout = 'paper'  # tk only, which core feeds which MLP slice:
+                                  # 'paper': slice i gets Σ_c C[:,:,c]·P[i,c];
+                                  # 'authors': the FacT code's reshape, each fc1/fc2
+                                  # slice mixing all four cores (their published
+                                  # numbers; the paper settings with peft=fact use it)
   # SNF (Wang et al., CVPR 2023): each shortcut x -> f(x), f = element-wise
   # affine then K planar flow steps; not foldable, stays in the deployed model.
   model.snf_flow_length = 0     # K; 0 is the paper's 0.036M parameters at ViT-B
                                 # (the authors' code defaults to 16: 0.63M)
+  model.snf_blocks = placeholder(int)  # SNF in the first N blocks only; unset: every
+                                       # block (the authors' code: the first 12)
 
   # Token merging.
   model.method = 'pyra'         # 'peft' (no merging) | 'tome' | 'pyra' |
@@ -218,6 +232,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   distill.teacher_export = ''   # or an export (--mode=export, LoRA folded)
   distill.temperature = 1.0     # T; the paper gives none, T = 1 is its "CE + KL"
   distill.weight = 1.0          # w, the KL term's weight (0: cross-entropy only)
+  distill.loss = 'kl'           # 'kl': CE + w·T²·KL above | 'authors_hard': the PYRA
+                                # authors' code, ½·CE(labels) + ½·CE(the teacher's
+                                # argmax), temperature and weight unused
 
   # --- Loop -------------------------------------------------------------------
   config.log_every_steps = 10   # metrics.jsonl / TensorBoard cadence

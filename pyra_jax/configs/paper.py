@@ -18,7 +18,10 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
   peft=P           model.peft, the trainable module: lora (default) | adapter |
                    convpass | fact | snf (Tables 18-20; any but lora turns LoRA
                    off; README "PEFT modules"); the adapter/convpass bottleneck
-                   is the backbone's peft_dim below
+                   is the backbone's peft_dim below. The module is set up as its
+                   authors' code runs it (`AUTHORS_MODULE_SETTINGS`): adapter gets
+                   adapter_init='trunc_normal', fact gets fact_tk_layout='authors'
+                   (a later --config.model.<field> still wins)
   modulation=F     model.modulation, the ablations of Tables 6-8 (pyra only)
   pyra_lr=X        learning rate of the PYRA generators (the paper tunes it
                    per task in {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3})
@@ -73,6 +76,15 @@ LEVELS = ('low', 'high')
 ARG_KEYS = ('task', 'method', 'peft', 'modulation', 'pyra_lr', 'lr', 'source',
             'data_dir', 'init', 'teacher', 'teacher_export', 'recipe')
 PEFT_MODULES = ('lora', 'adapter', 'convpass', 'fact', 'snf')  # = vit.PEFT_MODULES
+# What `peft=` sets besides model.peft: the module as the code behind the
+# published numbers builds it (docs/algorithm.md §13-14). The base config keeps
+# the other choice, which is what runs stored before these fields existed used.
+AUTHORS_MODULE_SETTINGS = {
+    # The PYRA authors' model as built (Tables 18-19): trunc-normal kernels.
+    'adapter': {'adapter_init': 'trunc_normal'},
+    # The FacT code's FacT-TK layout (its published numbers; Table 20).
+    'fact': {'fact_tk_layout': 'authors'},
+}
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -105,6 +117,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None
     if kv['peft'] not in PEFT_MODULES:
       raise ValueError(f"peft={kv['peft']!r}: use one of {', '.join(PEFT_MODULES)}.")
     config.model.peft = kv['peft']
+    config.model.update(AUTHORS_MODULE_SETTINGS.get(kv['peft'], {}))
   if 'modulation' in kv:
     config.model.modulation = kv['modulation']
   for key in ('pyra_lr', 'lr'):

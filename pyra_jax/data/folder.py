@@ -32,12 +32,19 @@ an hour in (a bad test image would otherwise surface only after training):
     CIFAR-10 test split (10,000 JPEGs) the checks take about a second (README).
 An image that passes these checks and still fails to decode (damaged inside)
 is found and named when the pipeline hits it (`locate_unreadable`).
+
+Split files and classes.txt are UTF-8 text; a byte-order mark at the start
+(Windows editors write one) is accepted, and bytes that are not UTF-8 are
+reported with their line. A file the user running training may not read (an
+image, a split file) is reported as a permission problem, not as missing or
+damaged: the fix is a `chmod`, not a new download.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -80,24 +87,90 @@ class Listed:
 CLASSES_FILE = 'classes.txt'
 
 
+_BOM = b'\xef\xbb\xbf'
+_UTF16_BOMS = (b'\xff\xfe', b'\xfe\xff')
+
+
+def unreadable_message(path: str | os.PathLike, what: str) -> str:
+  """The sentence for a file this user may not read (a chmod fixes it)."""
+  return (f'{what} {path} is not readable by this user (uid {os.geteuid()}): '
+          f'permission denied; make it readable (e.g. chmod a+r {path}) or run '
+          "as the file's owner.")
+
+
+def _text_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+  """(line number, text) of each line of a UTF-8 text file (BOM accepted).
+
+  Read as bytes and decoded line by line, so that bytes that are not UTF-8
+  are reported with their line instead of as a UnicodeDecodeError.
+  """
+  try:
+    data = path.read_bytes()
+  except PermissionError:
+    raise DataError(unreadable_message(path, what)) from None
+  except OSError as e:
+    raise DataError(f'{what} {path} cannot be read ({e.strerror or e}).'
+                    ) from None
+  if data.startswith(_UTF16_BOMS):
+    raise DataError(f'{what} {path} is UTF-16 text: save it as UTF-8.')
+  if data.startswith(_BOM):
+    data = data[len(_BOM):]
+  for line_no, raw in enumerate(data.splitlines(), start=1):
+    try:
+      yield line_no, raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise DataError(
+          f'{path}:{line_no}: byte 0x{raw[e.start]:02x} at column '
+          f'{e.start + 1} is not UTF-8: save {path.name} as UTF-8 text (e.g. '
+          f'iconv -f latin1 -t utf-8), or fix the line.') from None
+
+
 def _split_lines(split_file: Path) -> Iterator[tuple[str, str, int]]:
   """(where, image path as written, label) of each non-empty line."""
-  with open(split_file, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, start=1):
-      line = line.strip()
-      if not line:
-        continue
-      parts = line.rsplit(maxsplit=1)  # Paths may contain spaces; labels not.
-      where = f'{split_file}:{line_no}'
-      if len(parts) != 2:
-        raise DataError(f'{where}: expected "<image path> <label>", '
-                        f'got {line!r}.')
-      try:
-        label = int(parts[1])
-      except ValueError:
-        raise DataError(f'{where}: label {parts[1]!r} is not an integer.'
-                        ) from None
-      yield where, parts[0], label
+  for line_no, line in _text_lines(split_file, 'Split file'):
+    line = line.strip()
+    if not line:
+      continue
+    parts = line.rsplit(maxsplit=1)  # Paths may contain spaces; labels not.
+    where = f'{split_file}:{line_no}'
+    if len(parts) != 2:
+      raise DataError(f'{where}: expected "<image path> <label>", '
+                      f'got {line!r}.')
+    try:
+      label = int(parts[1])
+    except ValueError:
+      raise DataError(f'{where}: label {parts[1]!r} is not an integer.'
+                      ) from None
+    yield where, parts[0], label
+
+
+# Permission problems, reported apart from damage: a chmod fixes them.
+_DENIED = 'cannot be read: permission denied'
+_DENIED_FOLDER = 'cannot be reached: permission denied on a folder of its path'
+# What a split line may name instead of an image file, by `stat` file type.
+_NOT_FILES = ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a named pipe (FIFO)'),
+              (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
+              (stat.S_ISBLK, 'a block device'))
+
+
+def _not_an_image_file(path: Path) -> str | None:
+  """Why `path` is not a regular file one can read, or None if it is one.
+
+  `Path.is_file` answers "does not exist" for a directory, a FIFO or a path
+  behind a folder one may not enter; each gets its own words here.
+  """
+  try:
+    mode = os.stat(path).st_mode
+  except PermissionError:
+    return _DENIED_FOLDER
+  except (FileNotFoundError, NotADirectoryError):
+    return 'does not exist'
+  except OSError as e:
+    return f'cannot be opened ({e.strerror or e})'
+  for is_kind, kind in _NOT_FILES:
+    if is_kind(mode):
+      return f'is {kind}, not an image file'
+  return None
 
 
 def list_split(task_dir: Path, split: str, num_classes: int,
@@ -114,7 +187,7 @@ def list_split(task_dir: Path, split: str, num_classes: int,
         f'Split file {split_file} does not exist: create it, or choose among '
         f'the splits of {task_dir} ({", ".join(present) or "none yet"}) with '
         'config.data.train_split / eval_split.')
-  listed, unreadable = [], []
+  listed, unreadable, denied = [], [], []
   for where, relative, label in _split_lines(split_file):
     if not 0 <= label < num_classes:
       raise DataError(f'{where}: label {label} is outside [0, {num_classes})'
@@ -125,10 +198,19 @@ def list_split(task_dir: Path, split: str, num_classes: int,
           f'{task_dir}; split files list paths relative to it (like '
           f'images/{split}/000000.jpg): fix the line.')
     path = task_dir / relative
-    problem = 'does not exist' if not path.is_file() else image_problem(path)
-    if problem:
+    problem = _not_an_image_file(path) or image_problem(path)
+    if problem in (_DENIED, _DENIED_FOLDER):
+      denied.append(f'{where}: image {path} {problem}')
+    elif problem:
       unreadable.append(f'{where}: image {path} {problem}')
     listed.append(Listed(str(path), label, where))
+  if denied:  # One cause (a copy without read permission): one fix for all.
+    many = (f'{len(denied)} images listed in {split_file} cannot be read, e.g. '
+            if len(denied) > 1 else '')
+    raise DataError(
+        f'{many}{"; ".join(denied[:3])} (for this user, uid {os.geteuid()}): '
+        f'make the images readable (e.g. chmod -R a+rX {task_dir}) or run as '
+        'their owner.')
   if len(unreadable) == 1:
     raise DataError(f'{unreadable[0]}: replace the file or remove the line.')
   if unreadable:  # All of them at once, so that one pass fixes the folder.
@@ -174,6 +256,8 @@ def image_problem(path: Path) -> str | None:
         image_format = image.format
   except Image.DecompressionBombError:
     return None  # Huge but well-formed; its pixels are not our concern here.
+  except PermissionError:
+    return _DENIED
   except UnidentifiedImageError:
     doubt = 'is not an image file (its first bytes match no image format)'
   except (OSError, SyntaxError, ValueError) as e:
@@ -202,8 +286,11 @@ def locate_unreadable(listed: list[Listed]) -> str | None:
   for item in listed:
     try:
       _load_image(tf.constant(item.path))
+    except tf.errors.PermissionDeniedError:
+      return f'{item.where}: ' + unreadable_message(item.path, 'image')
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
-            tf.errors.UnimplementedError) as e:
+            tf.errors.UnimplementedError, tf.errors.FailedPreconditionError
+            ) as e:
       reason = ' '.join(e.message.split())[:200]
       return (f'{item.where}: image {item.path} cannot be decoded ({reason}): '
               'replace the file or remove the line.')
@@ -244,8 +331,7 @@ def custom_task(root: str | os.PathLike, name: str) -> Task:
   task_dir = find_task_dir(root, task)
   classes_file = task_dir / CLASSES_FILE
   if classes_file.is_file():
-    names = [line.strip() for line in
-             classes_file.read_text(encoding='utf-8').splitlines()
+    names = [line.strip() for _, line in _text_lines(classes_file, 'Class list')
              if line.strip()]
     if not names:
       raise DataError(

@@ -91,8 +91,10 @@ class Data:
         batch = next(it)
       except StopIteration:
         return
-      except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
-        # Undecodable or vanished images and the label range check.
+      except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+              tf.errors.PermissionDeniedError,
+              tf.errors.FailedPreconditionError) as e:
+        # Undecodable, vanished or unreadable images and the label range check.
         located = self.locate_failure() if self.locate_failure else None
         raise DataError(located or f'Reading task {self.task!r} split '
                         f'{self.split!r} failed: {e.message.strip()}') from e
@@ -146,8 +148,12 @@ def get_data(data_config: Any, split: str, batch_size: int, *,
         "config.data.data_dir is not set: with data.source='folder' it is the "
         'VTAB-1k root that holds <task>/train800.txt, <task>/test.txt, ... '
         '(e.g. source=folder,data_dir=/data/vtab-1k).')
-  task = (get_task(task_name) if custom_name is None
-          else folder.custom_task(data_dir, custom_name))
+  try:
+    task = (get_task(task_name) if custom_name is None
+            else folder.custom_task(data_dir, custom_name))
+  except PermissionError as e:  # A folder on the way one may not enter.
+    raise DataError(folder.unreadable_message(e.filename, 'The folder or file')
+                    ) from None
   if batch_size <= 0 or image_size <= 0:
     raise DataError(f'batch_size ({batch_size}) and image_size ({image_size}) '
                     'must be positive.')
@@ -158,7 +164,11 @@ def get_data(data_config: Any, split: str, batch_size: int, *,
   if source == 'tfds':
     ds, num_examples, to_example = _tfds_examples(task, split, data_dir or None)
   elif source == 'folder':
-    ds, num_examples, listed = folder.make_dataset(data_dir, task, split, npc)
+    try:
+      ds, num_examples, listed = folder.make_dataset(data_dir, task, split, npc)
+    except PermissionError as e:  # A folder on the way one may not enter.
+      raise DataError(folder.unreadable_message(e.filename, 'The folder or file')
+                      ) from None
     locate_failure = lambda: folder.locate_unreadable(listed)
   elif source == 'mnist':
     if task.name != 'mnist':

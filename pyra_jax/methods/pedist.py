@@ -14,8 +14,17 @@ w = 1 (our defaults, `config.distill`):
 
 with s, t the student's and teacher's logits. The T² keeps the KL gradient's
 scale independent of T (its gradient w.r.t. s shrinks as 1/T²), so w means
-the same at any temperature. Everything here is a pure function of arrays;
-the teacher's forward pass and the training step are in `pyra_jax.train`.
+the same at any temperature.
+
+The PYRA authors' code distils differently (`engine.py`, `train_one_epoch`):
+the teacher's logits under no_grad, its top-1 class as a hard label, and
+
+  loss = ½ · CE(y, s) + ½ · CE(argmax t, s)
+
+each CE a batch mean (their `--smoothing` is 0 in their VTAB runs). That form
+is `config.distill.loss = 'authors_hard'` (`hard_label_term`); it has no
+temperature and no weight. Everything here is a pure function of arrays; the
+teacher's forward pass and the training step are in `pyra_jax.train`.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+# config.distill.loss: CE + w·T²·KL (ours) | the authors' code's hard-label form.
+DISTILL_LOSSES = ('kl', 'authors_hard')
 
 
 def kl_to_teacher(student_logits: Array, teacher_logits: Array,
@@ -51,3 +62,15 @@ def distillation_term(student_logits: Array, teacher_logits: Array,
   kl = kl_to_teacher(student_logits, jax.lax.stop_gradient(teacher_logits),
                      temperature)
   return weight * temperature ** 2 * kl
+
+
+def hard_label_term(student_logits: Array, teacher_logits: Array) -> Array:
+  """CE(argmax t, s) per example, (B, C) -> (B,), float32.
+
+  The teacher's top-1 class is the label (their `teach_output.topk(1)`; a tie
+  goes to the lower class index, as argmax breaks it). Nothing flows back to
+  the teacher: the label is an integer.
+  """
+  label = jnp.argmax(teacher_logits, axis=-1)
+  log_p_s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(log_p_s, label[:, None], axis=-1)[:, 0]

@@ -12,6 +12,14 @@ per slice:
                      learned row P_i (r) of the third factor P (12L, r):
                      Σ_i = Σ_c C[:, :, c] P_i[c].
 
+For tk, which core feeds which MLP slice is `model.fact_tk_layout`
+(`FACT_TK_LAYOUTS`, `tk_mlp_cores`): 'paper' gives slice i the core Σ_i
+above; 'authors' is the FacT code's (`FacT/fact_tk.py`), where the m fc1
+cores, stacked as an (r, r, m) tensor, are read back as one (r, m·r) matrix
+whose m column blocks feed the m slices, so each slice's core interleaves
+entries of all m cores (likewise fc2, read through the transpose). The
+published FacT-TK numbers come from that layout.
+
 So ΔW_i = s · U Σ_i V with a fixed scale s; the module computes it as
 s · ((x U) Σ_i) V, with dropout on (x U) Σ_i in training. V starts at zero, so
 FacT starts as the identity (docs/algorithm.md §14). Every increment is linear
@@ -37,6 +45,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 FACT_VARIANTS = ('tt', 'tk')
+FACT_TK_LAYOUTS = ('authors', 'paper')
 # Per layer, in the order of the rows of the tk factor P: 4 attention slices,
 # then `mlp_slices` slices of fc1 and as many of fc2.
 ATTENTION_SLICES = ('query', 'key', 'value', 'out')
@@ -97,14 +106,51 @@ class FactLayerCores(nn.Module):
     return cores
 
 
-def layer_cores(stacked: Array, layer: int, mlp_slices: int) -> dict[str, Array]:
-  """Layer `layer`'s cores, from the tk (12L, r, r) stack, in the tt layout."""
+def tk_mlp_cores(fc1: Array, fc2: Array) -> tuple[Array, Array]:
+  """The FacT code's use of a layer's tk MLP cores, as per-slice cores.
+
+  `fc1`, `fc2`: (m, r, r), the cores Σ_c C[:, :, c] P[i, c] of the layer's m
+  fc1 rows of P, then its m fc2 rows (the paper's per-slice cores). The FacT
+  code (`fact_forward_mlp` in FacT/fact_tk.py) keeps them as one (r, r, m)
+  tensor G, G[a, b, j] = core j's [a, b], and reshapes it row-major:
+
+    fc1: M = G.reshape(r, m·r); the (B, N, m·r) product (x U) M is read as
+         (B, N, m, r), so slice p uses M's columns [p·r, (p+1)·r):
+         K_p[a, q] = M[a, p·r + q].
+    fc2: M = G.reshape(r, m·r); the fc2 input's m slices, each times U, are
+         concatenated to (B, N, m·r) and multiplied by Mᵀ:
+         K_p[q, a] = M[a, p·r + q].
+
+  Returns (fc1, fc2) as (m, r, r) cores in our layout: slice p computes
+  (x_p U) K_p. Each K_p mixes entries of all m cores, unlike the paper's
+  K_p = core p.
+  """
+  m, r, _ = fc1.shape
+  g1 = fc1.transpose(1, 2, 0).reshape(r, m * r)  # M[a, b·m + j] = core_j[a, b]
+  g2 = fc2.transpose(1, 2, 0).reshape(r, m * r)
+  k1 = g1.reshape(r, m, r).transpose(1, 0, 2)    # [p, a, q] = M[a, p·r + q]
+  k2 = g2.reshape(r, m, r).transpose(1, 2, 0)    # [p, q, a] = M[a, p·r + q]
+  return k1, k2
+
+
+def layer_cores(stacked: Array, layer: int, mlp_slices: int,
+                tk_layout: str) -> dict[str, Array]:
+  """Layer `layer`'s cores, from the tk (12L, r, r) stack, in the tt layout.
+
+  `tk_layout` (FACT_TK_LAYOUTS): 'paper' gives MLP slice i its own core;
+  'authors' the FacT code's interleaving (`tk_mlp_cores`).
+  """
+  if tk_layout not in FACT_TK_LAYOUTS:
+    raise ValueError(f'model.fact_tk_layout must be one of {FACT_TK_LAYOUTS}, '
+                     f'got {tk_layout!r}.')
   n = slices_per_layer(mlp_slices)
   c = stacked[layer * n:(layer + 1) * n]
   cores = {name: c[i] for i, name in enumerate(ATTENTION_SLICES)}
   a = len(ATTENTION_SLICES)
   cores['fc1'] = c[a:a + mlp_slices]
   cores['fc2'] = c[a + mlp_slices:]
+  if tk_layout == 'authors':
+    cores['fc1'], cores['fc2'] = tk_mlp_cores(cores['fc1'], cores['fc2'])
   return cores
 
 
@@ -150,8 +196,12 @@ def _increments(u: Array, v: Array, cores: Mapping[str, Array], scale: float
   return out
 
 
-def fold_fact(params: Mapping[str, Any], scale: float) -> dict[str, Any]:
+def fold_fact(params: Mapping[str, Any], scale: float, *,
+              tk_layout: str) -> dict[str, Any]:
   """Adds s · U Σ_i V to every frozen kernel FacT adapts and removes FacT.
+
+  `tk_layout` is the model's `fact_tk_layout` (a tk tree only; see
+  `layer_cores`).
 
   The result is the parameter tree of the same model with `peft='lora'` and
   `lora_rank=0` (see `pyra_jax.models.vit.deployed_config`): a plain ViT with
@@ -173,7 +223,7 @@ def fold_fact(params: Mapping[str, Any], scale: float) -> dict[str, Any]:
       cores = {k: jnp.asarray(c) for k, c in block.pop('fact').items()}
     else:
       mlp_slices = (stacked.shape[0] // len(blocks) - len(ATTENTION_SLICES)) // 2
-      cores = layer_cores(stacked, layer, mlp_slices)
+      cores = layer_cores(stacked, layer, mlp_slices, tk_layout)
     inc = _increments(u, v, cores, scale)
     attn = dict(block['MultiHeadDotProductAttention_0'])
     for proj in ('query', 'key', 'value', 'out'):

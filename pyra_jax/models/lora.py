@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pyra_jax.models.adapter import timm_trunc_normal
+
 LORA_INITS = ('zeros', 'trunc_normal')
 
 
@@ -23,9 +25,11 @@ class LoRA(nn.Module):
   Attributes:
     rank: h, the bottleneck width.
     dropout: rate of the dropout on LoRA's input during training.
-    init_scheme: 'zeros' sets B = 0 so LoRA starts as the identity (the paper);
-      'trunc_normal' draws A and B from a truncated normal with std 0.02, which is
-      what the authors' code ends up with after its later init pass.
+    init_scheme: 'zeros' sets B = 0 so LoRA starts as the identity (the paper),
+      A from flax's truncated normal (std 0.02 before its cut at ±2 std);
+      'trunc_normal' draws A and B as the authors' code ends up with after its
+      later init pass: timm's trunc_normal_(std=0.02), whose cut at ±2 is in the
+      weights' units, so in effect N(0, 0.02²) (`adapter.timm_trunc_normal`).
   """
   rank: int
   dropout: float
@@ -37,9 +41,11 @@ class LoRA(nn.Module):
     if self.init_scheme not in LORA_INITS:
       raise ValueError(f'model.lora_init must be one of {LORA_INITS}, got {self.init_scheme!r}.')
     dim = x.shape[-1]
-    tn = nn.initializers.truncated_normal(stddev=0.02)
-    down = self.param('down', tn, (dim, self.rank))
-    up_init = nn.initializers.zeros if self.init_scheme == 'zeros' else tn
+    if self.init_scheme == 'zeros':
+      down_init, up_init = nn.initializers.truncated_normal(stddev=0.02), nn.initializers.zeros
+    else:
+      down_init = up_init = timm_trunc_normal(0.02)
+    down = self.param('down', down_init, (dim, self.rank))
     up = self.param('up', up_init, (self.rank, 3 * dim))
     x = nn.Dropout(rate=self.dropout, deterministic=not train)(x)
     return (x @ down.astype(self.dtype)) @ up.astype(self.dtype)

@@ -32,7 +32,7 @@ import ml_collections
 from pyra_jax import merge as merge_lib
 from pyra_jax import schedules
 from pyra_jax.models import activations
-from pyra_jax.models.adapter import Adapter
+from pyra_jax.models.adapter import ADAPTER_INITS, Adapter
 from pyra_jax.models.convpass import CONVPASS_INITS, Convpass
 from pyra_jax.models import fact as fact_lib
 from pyra_jax.errors import ConfigError
@@ -431,6 +431,7 @@ class EncoderBlock(nn.Module):
   peft: str  # a PEFT_MODULES entry
   peft_dim: int
   peft_dropout: float
+  adapter_init: str
   convpass_scale: float
   convpass_init: str
   fact_variant: str
@@ -571,7 +572,8 @@ class EncoderBlock(nn.Module):
       y = LayerScale(name='LayerScale_1')(y)
     y = DropPath(self.drop_path)(y, train=train)
     if self.peft == 'adapter':  # on the (dropped-path) MLP output, as the authors'
-      y = y + Adapter(dim=self.peft_dim, dropout=self.peft_dropout, dtype=self.dtype,
+      y = y + Adapter(dim=self.peft_dim, dropout=self.peft_dropout,
+                      init_scheme=self.adapter_init, dtype=self.dtype,
                       name='adapter')(y, train=train)
     x = shortcut + y
     if convpass is not None:  # beside the MLP, on the merged tokens
@@ -626,13 +628,16 @@ class VisionTransformer(nn.Module):
   peft: str
   peft_dim: int
   peft_dropout: float
+  adapter_init: str
   convpass_scale: float
   convpass_init: str
   fact_variant: str
   fact_rank: int
   fact_scale: float
   fact_dropout: float
+  fact_tk_layout: str
   snf_flow_length: int
+  snf_blocks: Optional[int]  # None: every block
   dtype: Any
   method: str
   tofu_prune_layers: int
@@ -664,10 +669,12 @@ class VisionTransformer(nn.Module):
         lora_rank=self.lora_rank, lora_dropout=self.lora_dropout,
         lora_init=self.lora_init, attention=self.attention, dtype=self.dtype,
         peft=self.peft, peft_dim=self.peft_dim, peft_dropout=self.peft_dropout,
+        adapter_init=self.adapter_init,
         convpass_scale=self.convpass_scale, convpass_init=self.convpass_init,
         fact_variant=self.fact_variant, fact_rank=self.fact_rank,
         fact_scale=self.fact_scale, fact_dropout=self.fact_dropout,
-        snf_flow_length=self.snf_flow_length,
+        fact_tk_layout=self.fact_tk_layout,
+        snf_flow_length=self.snf_flow_length, snf_blocks=self.snf_blocks,
         method=self.method, tofu_prune_layers=self.tofu_prune_layers)
     x = Encoder(schedule=self.schedule, drop_path=self.drop_path,
                 trace_source=self.trace_source, block=tuple(sorted(block.items())),
@@ -712,6 +719,8 @@ class Encoder(nn.Module):
   def __call__(self, x: Array, *, train: bool) -> Array:
     block = dict(self.block)
     tofu_prune_layers = block.pop('tofu_prune_layers')
+    fact_tk_layout = block.pop('fact_tk_layout')
+    snf_blocks = block.pop('snf_blocks')
     depth = len(self.schedule)
     x = AddPositionEmbs(name='posembed_input')(x)
     size = None
@@ -733,11 +742,17 @@ class Encoder(nn.Module):
       rate = self.drop_path * i / max(depth - 1, 1)  # linear 0 -> drop_path
       layer_fact = fact
       if fact is not None and 'cores' in fact:  # tk: this layer's rows of the tensor
-        layer_fact = dict(fact, cores=fact_lib.layer_cores(fact['cores'], i, mlp_slices))
+        layer_fact = dict(fact, cores=fact_lib.layer_cores(fact['cores'], i, mlp_slices,
+                                                           fact_tk_layout))
       kept = self.diffrate_kept[i] if self.diffrate_kept else (0, 0)
+      layer_block = block
+      if block['peft'] == 'snf' and snf_blocks is not None and i >= snf_blocks:
+        # SNF adapts the first snf_blocks blocks only: this one is a plain
+        # block (LoRA is already off: lora_rank is 0 for any module but LoRA).
+        layer_block = dict(block, peft='lora')
       x, size, source, mask, a = EncoderBlock(
           r=self.schedule[i], drop_path=rate, prune=i < tofu_prune_layers, layer=i,
-          settings=self.settings, kept=kept, name=f'encoderblock_{i}', **block)(
+          settings=self.settings, kept=kept, name=f'encoderblock_{i}', **layer_block)(
               x, size, source, mask, train=train, fact=layer_fact)
       aux.append(a)
       if size is not None:
@@ -964,8 +979,12 @@ def _peft_kwargs(c: ml_collections.ConfigDict, *, width: int, mlp: int) -> dict[
   if peft not in PEFT_MODULES:
     raise ValueError(f'model.peft must be one of {PEFT_MODULES}, got {peft!r}.')
   out = dict(peft=peft, peft_dim=_field(c, 'peft_dim'),
+             adapter_init=_field(c, 'adapter_init'),
              convpass_init=_field(c, 'convpass_init'), fact_rank=_field(c, 'fact_rank'),
-             snf_flow_length=_field(c, 'snf_flow_length'))
+             fact_tk_layout=_field(c, 'fact_tk_layout'),
+             snf_flow_length=_field(c, 'snf_flow_length'),
+             snf_blocks=_positive_or_unset('snf_blocks', _field(c, 'snf_blocks'),
+                                           'every block'))
   if peft != 'lora':  # another module replaces LoRA: lora_rank is ignored
     out['lora_rank'] = 0
   peft_dim = out['peft_dim']
@@ -973,6 +992,9 @@ def _peft_kwargs(c: ml_collections.ConfigDict, *, width: int, mlp: int) -> dict[
       peft_dim, numbers.Integral) or peft_dim <= 0):
     raise ValueError(f'model.peft_dim must be a positive integer for model.peft={peft!r}, '
                      f'got {peft_dim!r}.')
+  if peft == 'adapter' and out['adapter_init'] not in ADAPTER_INITS:
+    raise ValueError(f'model.adapter_init must be one of {ADAPTER_INITS}, '
+                     f'got {out["adapter_init"]!r}.')
   if peft == 'convpass' and out['convpass_init'] not in CONVPASS_INITS:
     raise ValueError(f'model.convpass_init must be one of {CONVPASS_INITS}, '
                      f'got {out["convpass_init"]!r}.')
@@ -980,6 +1002,9 @@ def _peft_kwargs(c: ml_collections.ConfigDict, *, width: int, mlp: int) -> dict[
     if _field(c, 'fact_variant') not in fact_lib.FACT_VARIANTS:
       raise ValueError(f'model.fact_variant must be one of {fact_lib.FACT_VARIANTS}, '
                        f'got {c.fact_variant!r}.')
+    if out['fact_tk_layout'] not in fact_lib.FACT_TK_LAYOUTS:
+      raise ValueError(f'model.fact_tk_layout must be one of {fact_lib.FACT_TK_LAYOUTS}, '
+                       f'got {out["fact_tk_layout"]!r}.')
     rank = out['fact_rank']
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
       raise ValueError(f'model.fact_rank must be a positive integer, got {rank!r}.')
@@ -1093,7 +1118,8 @@ def fold_peft(params: Any, model_config: ml_collections.ConfigDict) -> Any:
   """
   from pyra_jax.models import lora  # pylint: disable=g-import-not-at-top
   if model_config.get('peft', 'lora') == 'fact' or fact_lib.has_fact(params):
-    params = fact_lib.fold_fact(params, model_config.fact_scale)
+    params = fact_lib.fold_fact(params, model_config.fact_scale,
+                                tk_layout=model_config.fact_tk_layout)
   if model_config.get('peft', 'lora') == 'lora' and model_config.lora_rank > 0:
     params = lora.fold_lora(params)
   return params
