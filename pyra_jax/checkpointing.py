@@ -66,7 +66,8 @@ PyTree = Any
 # changing what is computed: logging, checkpoint cadence, eval batching and
 # where the data lives.
 RESUMABLE_FIELDS = frozenset({
-    'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
+    'log_every_steps', 'eval_every_epochs', 'eval_epochs', 'headline',
+    'checkpoint_every_steps',
     'keep_checkpoints', 'eval_batch_size', 'data.data_dir',
     'data.num_parallel_calls', 'model_init', 'benchmark_after_training',
     # How the same step is computed (same parameters, same update up to

@@ -19,7 +19,19 @@ Groups:
   * frozen   -> `optax.set_to_zero()`: no update and no optimiser state.
 
 Weight decay (decoupled, AdamW) applies only to leaves with ndim >= 2 (kernels,
-LoRA matrices, W_r, W_D), never to biases, norms or other 1-D parameters.
+LoRA matrices, W_r, W_D), never to biases, norms or other 1-D parameters, and
+not to a DeiT distillation head the training loss does not read
+(`model.distilled_train`): PyTorch's AdamW skips a parameter without a
+gradient, so the authors' untrained head stays exactly at its initial values,
+and so does ours (zero gradient, zero Adam step, no decay).
+
+Learning-rate schedules (`config.lr_schedule`, docs/algorithm.md §4 and §8):
+  * 'per_step' -> linear warm-up, then a half cosine, evaluated at every step
+                (`make_schedule`); a group's curve is the base curve scaled to
+                its peak;
+  * 'authors'  -> timm 0.5.4's `CosineLRScheduler(t_initial=num_epochs,
+                warmup_t=warmup_epochs)` as the PYRA authors' train.py steps it
+                (`authors_schedule`): once per epoch, after the epoch.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import re
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import traverse_util
@@ -103,15 +116,55 @@ def decay_mask(params: PyTree) -> PyTree:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def unused_heads(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Top-level scopes the training loss does not read: ('head_dist',) for a
+  distilled (DeiT) model trained on its class-token head, else ()."""
+  model = config.get('model')
+  if model is None or not model.get('distilled', False):
+    return ()
+  from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
+  return ('head_dist',) if vit.distilled_train_head(model) == 'cls' else ()
+
+
+def make_decay_mask(config: ml_collections.ConfigDict) -> Callable[[PyTree], PyTree]:
+  """`decay_mask`, minus the leaves of `unused_heads(config)`.
+
+  Their gradient is zero, so Adam's step is exactly zero; without decay
+  they keep their initial values, as PyTorch's AdamW leaves a parameter
+  that got no gradient.
+  """
+  unused = unused_heads(config)
+  if not unused:
+    return decay_mask
+
+  def mask(params: PyTree) -> PyTree:
+    out = decay_mask(params)
+    if isinstance(out, Mapping):
+      out = {k: (jax.tree.map(lambda _: False, v) if k in unused else v)
+             for k, v in out.items()}
+    return out
+  return mask
+
+
+LR_SCHEDULES = ('per_step', 'authors')
+
+
 def make_schedule(peak_lr: float, config: ml_collections.ConfigDict,
                   steps_per_epoch: int) -> optax.Schedule:
-  """Per-step linear warm-up then cosine decay, peaking at `peak_lr`.
+  """The learning rate of a group peaking at `peak_lr`, per `config.lr_schedule`.
 
-  Warm-up goes linearly from `warmup_init_lr` to `lr` over `warmup_epochs`, then
-  a half cosine from `lr` to `min_lr` at the last step. A group whose peak
-  differs from `config.lr` (the PYRA group) follows the same curve scaled by
-  peak / lr, so `pyra_lr = 0` really freezes it.
+  'per_step': warm-up goes linearly from `warmup_init_lr` to `lr` over
+  `warmup_epochs`, then a half cosine from `lr` to `min_lr` at the last step,
+  both evaluated at every step. A group whose peak differs from `config.lr`
+  (the PYRA group) follows the same curve scaled by peak / lr, so
+  `pyra_lr = 0` really freezes it.
+
+  'authors': `authors_schedule` (the PYRA authors' code).
   """
+  kind = config.get('lr_schedule', 'per_step')
+  if kind not in LR_SCHEDULES:
+    raise ConfigError(f'config.lr_schedule = {kind!r}: use one of '
+                      f'{", ".join(repr(k) for k in LR_SCHEDULES)}.')
   total = int(config.num_epochs * steps_per_epoch)
   warmup = int(config.warmup_epochs * steps_per_epoch)
   if total <= 0:
@@ -120,6 +173,8 @@ def make_schedule(peak_lr: float, config: ml_collections.ConfigDict,
   if warmup > total:
     raise ConfigError(f'warmup_epochs={config.warmup_epochs} exceeds '
                       f'num_epochs={config.num_epochs}.')
+  if kind == 'authors':
+    return authors_schedule(peak_lr, config, steps_per_epoch)
   scale = peak_lr / config.lr if config.lr else 1.0
   init, end = config.warmup_init_lr * scale, config.min_lr * scale
   if warmup == total:  # Warm-up only: optax needs a non-empty decay phase.
@@ -127,6 +182,46 @@ def make_schedule(peak_lr: float, config: ml_collections.ConfigDict,
   return optax.warmup_cosine_decay_schedule(
       init_value=init, peak_value=peak_lr, warmup_steps=warmup,
       decay_steps=total, end_value=end)
+
+
+def authors_schedule(peak_lr: float, config: ml_collections.ConfigDict,
+                     steps_per_epoch: int) -> optax.Schedule:
+  """timm 0.5.4's cosine schedule as the PYRA authors' train.py steps it.
+
+  Their train.py builds `CosineLRScheduler(t_initial=epochs, lr_min=min_lr,
+  warmup_t=warmup_epochs, warmup_lr_init=warmup_lr)` (timm's
+  `create_scheduler`: cycle_mul 1, cycle_limit 1, k_decay 1, no noise,
+  warmup_prefix False, t_in_epochs True) and calls `step(epoch)` *after*
+  training epoch `epoch`. So, with the epoch e = step // steps_per_epoch:
+
+    lr(e) = f(max(e - 1, 0))             constant within an epoch, one epoch late
+    f(t)  = warmup_init_lr + t (peak - warmup_init_lr) / warmup_epochs
+                                         if t < warmup_epochs (the warm-up ...)
+          = min_lr + (peak - min_lr) (1 + cos(pi t / num_epochs)) / 2
+                                         if t < num_epochs (... lies inside the
+                                         cosine's span, whose t counts from 0)
+          = min_lr                       after the cycle
+
+  Epoch 0 runs at what the constructor set: warmup_init_lr (or the peak
+  without warm-up), which is f(0); epoch 1 at f(0) as well. The peak is never
+  reached when there is a warm-up: the cosine is already past its top at
+  t = warmup_epochs. `warmup_init_lr` and `min_lr` are absolute, the same for
+  every group; only the peak is the group's own (timm keeps each param
+  group's initial lr as its base value).
+  """
+  epochs = float(config.num_epochs)
+  warmup_t = float(config.warmup_epochs)
+  init, lr_min, peak = (float(config.warmup_init_lr), float(config.min_lr),
+                        float(peak_lr))
+  slope = (peak - init) / warmup_t if warmup_t > 0 else 0.0
+
+  def schedule(count):
+    epoch = jnp.asarray(count) // steps_per_epoch
+    t = jnp.maximum(epoch - 1, 0).astype(jnp.float32)
+    cosine = lr_min + 0.5 * (peak - lr_min) * (1.0 + jnp.cos(jnp.pi * t / epochs))
+    lr = jnp.where(t < epochs, cosine, lr_min)
+    return jnp.where(t < warmup_t, init + t * slope, lr)
+  return schedule
 
 
 def group_lrs(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -153,7 +248,7 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
   transforms = {
       g: optax.adamw(learning_rate=schedules[g], b1=config.b1, b2=config.b2,
                      eps=config.eps, weight_decay=config.weight_decay,
-                     mask=decay_mask)
+                     mask=make_decay_mask(config))
       for g in peaks}
   transforms[FROZEN] = optax.set_to_zero()
   tx = optax.partition(transforms,

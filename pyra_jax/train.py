@@ -42,6 +42,7 @@ from pyra_jax import checkpointing
 from pyra_jax import metrics as metrics_lib
 from pyra_jax import optim
 from pyra_jax import param_counts
+from pyra_jax import recipe as recipe_lib
 from pyra_jax.errors import TrainingError  # pylint: disable=unused-import
 
 PyTree = Any
@@ -67,7 +68,11 @@ _NOT_IN_STEP = ('seed', 'model_init', 'model_init_format',
                 'model_init_first_blocks', 'data',
                 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
                 'keep_checkpoints', 'eval_batch_size', 'benchmark_after_training',
-                'vtab')
+                'vtab', 'recipe', 'eval_epochs', 'headline')
+# config.headline: which accuracy a run reports first; config.eval_epochs: which
+# epochs the periodic evaluations follow (configs/common.py).
+HEADLINES = ('final', 'max')
+EVAL_EPOCHS = ('ours', 'authors')
 
 
 def _json(obj: Any) -> str:
@@ -214,6 +219,8 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
       raise ConfigError(f'config.{field} = {config.get(field, None)!r}: {what}.')
 
   need(config.eval_batch_size >= 1, 'eval_batch_size', 'use a positive batch size')
+  need(config.get('headline', 'final') in HEADLINES, 'headline',
+       "use 'final' (the last evaluation) or 'max' (the best one)")
   dtype = config.get('dtype', 'float32')
   if dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"config.dtype = {dtype!r}: use 'float32' or 'bfloat16' "
@@ -245,6 +252,10 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
        'use a learning rate >= 0, or -1 for the same as config.lr')
   for field in ('min_lr', 'warmup_init_lr', 'weight_decay', 'grad_clip_norm'):
     need(config[field] >= 0, field, 'use a value >= 0')
+  need(config.get('lr_schedule', 'per_step') in optim.LR_SCHEDULES, 'lr_schedule',
+       f'use one of {", ".join(repr(k) for k in optim.LR_SCHEDULES)}')
+  need(config.get('eval_epochs', 'ours') in EVAL_EPOCHS, 'eval_epochs',
+       "use 'ours' (after epochs 1, N, 2N, ...) or 'authors' (after 1, N+1, 2N+1, ...)")
 
 
 def check_workdir(workdir: str) -> None:
@@ -561,12 +572,19 @@ def _is_eval_epoch(epoch: int, config) -> bool:
   """After the first epoch, every eval_every_epochs, and after the last.
 
   With 100 epochs and every 10 that is the paper's 11 evaluations; with
-  eval_every_epochs <= 0, only after the last epoch.
+  eval_every_epochs <= 0, only after the last epoch. `epoch` counts from 1.
+  `config.eval_epochs = 'authors'` shifts the periodic ones by one, as the
+  authors' train.py tests `epoch % val_interval == 0` on epochs counted
+  from 0: after epochs 1, N + 1, 2N + 1, ... (11 of them as well).
   """
   every = config.eval_every_epochs
   if epoch == config.num_epochs:
     return True
-  return every > 0 and (epoch == 1 or epoch % every == 0)
+  if every <= 0:
+    return False
+  if config.get('eval_epochs', 'ours') == 'authors':
+    return (epoch - 1) % every == 0
+  return epoch == 1 or epoch % every == 0
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -588,6 +606,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   than started again from step 0 (`_restore_or_start`).
   """
   check_workdir(workdir)
+  recipe_lib.apply(config)  # Idempotent: main (or a stored config) may have done it.
   check_config(config)
   from pyra_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
   teacher_lib.check_settings(config)
@@ -669,6 +688,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         allow_config_change: Collection[str]) -> dict:
   """The run, in its steps: data, model, restore, train, final evaluation."""
   t_start = time.time()
+  line = recipe_lib.describe(config)
+  if line and jax.process_index() == 0:
+    print(line, flush=True)
   check_model_init(config)  # Before minutes of data preparation.
   check_model_config(config)  # Likewise.
   train_data, eval_data, steps_per_epoch = _load_data(config)
@@ -1022,10 +1044,14 @@ def _final_results(run: Run, progress: Progress, eval_data,
   extra = {}
   if getattr(run.model, 'method', None) == 'ltmp':
     extra['ltmp'] = ltmp_token_report(run, progress.trainable, eval_data)
+  headline = config.get('headline', 'final')
+  best = max(e['accuracy'] for e in evals)
   return {
       **extra,
+      'headline': headline,
+      'headline_accuracy': best if headline == 'max' else evals[-1]['accuracy'],
       'final_accuracy': evals[-1]['accuracy'],
-      'max_accuracy_paper_protocol': max(e['accuracy'] for e in evals),
+      'max_accuracy_paper_protocol': best,
       'evals': evals,
       'num_test_images': int(eval_data.num_examples),
       'eval_split': config.data.eval_split,

@@ -187,3 +187,113 @@ def test_bad_settings_are_reported():
   c.trainable = {'x': '(unclosed'}
   with pytest.raises(optim.ConfigError, match='not a valid regex'):
     optim.param_labels(_params(), c.trainable)
+
+
+# --- The authors' schedule (config.lr_schedule = 'authors') -------------------
+#
+# The reference below is written from timm 0.5.4's scheduler/scheduler.py and
+# scheduler/cosine_lr.py and the PYRA authors' train.py, not from our code: it
+# runs their loop literally, per parameter group, in numpy (float64).
+
+def _timm_cosine_lrs(base_lrs, *, epochs, warmup, warmup_lr, min_lr,
+                     steps_per_epoch):
+  """(steps, groups) learning rates of every training step of the authors' loop.
+
+  timm's `create_scheduler(args, optimizer)` with sched='cosine' builds
+  `CosineLRScheduler(t_initial=args.epochs, lr_min=args.min_lr,
+  warmup_lr_init=args.warmup_lr, warmup_t=args.warmup_epochs, k_decay=1,
+  cycle_mul=1, cycle_decay=0.1, cycle_limit=1, noise off)`; t_in_epochs and
+  warmup_prefix keep their defaults (True, False).
+  """
+  base = np.asarray(base_lrs, np.float64)  # each group's initial lr: its base value
+  # Scheduler.__init__ sets every group to its base value; with warm-up,
+  # CosineLRScheduler.__init__ then sets every group to warmup_lr_init.
+  if warmup:
+    warmup_steps = (base - warmup_lr) / warmup
+    group_lr = np.full_like(base, warmup_lr)
+  else:
+    warmup_steps = np.ones_like(base)
+    group_lr = base.copy()
+
+  def get_lr(t):  # CosineLRScheduler._get_lr
+    if t < warmup:
+      return warmup_lr + t * warmup_steps
+    i = t // epochs                      # cycle_mul == 1
+    t_i, t_curr = epochs, t - epochs * i
+    lr_max = base * 0.1 ** i             # cycle_decay ** i
+    if i < 1:                            # cycle_limit
+      return min_lr + 0.5 * (lr_max - min_lr) * (1 + np.cos(np.pi * t_curr ** 1.0 / t_i ** 1.0))
+    return np.full_like(base, min_lr)
+
+  out = []
+  for epoch in range(epochs):            # train.py: for epoch in range(start_epoch, epochs)
+    out += [group_lr.copy()] * steps_per_epoch  # train_one_epoch: every step at the current lr
+    group_lr = get_lr(epoch)             # train.py:484 lr_scheduler.step(epoch), after the epoch
+  return np.stack(out)
+
+
+def _authors_config(**kw):
+  c = _config(lr=1e-3, pyra_lr=3e-4, diffrate_lr=2e-2, warmup_init_lr=1e-6,
+              min_lr=1e-5, lr_schedule='authors', **kw)
+  c.model.diffrate_search = True  # so make_optimizer also returns the diffrate group's
+  return c
+
+
+@pytest.mark.parametrize('epochs,warmup,spe', [(10, 2, 3), (6, 0, 2), (12, 5, 1), (100, 10, 1)])
+def test_authors_schedule_is_timm_cosine_stepped_per_epoch_one_epoch_late(epochs, warmup, spe):
+  c = _authors_config(num_epochs=epochs, warmup_epochs=warmup)
+  _, sched = optim.make_optimizer(c, steps_per_epoch=spe)
+  want = _timm_cosine_lrs([1e-3, 3e-4, 2e-2], epochs=epochs, warmup=warmup,
+                          warmup_lr=1e-6, min_lr=1e-5, steps_per_epoch=spe)
+  steps = np.arange(epochs * spe)
+  for g, name in enumerate(('lr', 'pyra_lr', 'diffrate_lr')):
+    got = np.array([float(sched[name](s)) for s in steps])
+    np.testing.assert_allclose(got, want[:, g], rtol=1e-5, err_msg=name)  # float32 cosine
+    # Constant within an epoch; epochs 0 and 1 at the same value (the late step).
+    per_epoch = got.reshape(epochs, spe)
+    assert (per_epoch == per_epoch[:, :1]).all()
+    assert per_epoch[0, 0] == per_epoch[1, 0]
+  if warmup:  # warmup_init_lr is absolute: every group starts there (min_lr too,
+    # which the reference's last epochs check: the groups' ends differ by far less
+    # than their peaks' ratios).
+    assert float(sched['pyra_lr'](0)) == pytest.approx(1e-6) == float(sched['diffrate_lr'](0))
+
+
+def test_authors_schedule_at_the_papers_recipe():
+  """100 epochs, 10 of warm-up: the lr never reaches 1e-3 (the warm-up lies
+  inside the cosine's span): 9.758e-4 at its top, in epoch 11 (from 0)."""
+  c = _authors_config(num_epochs=100, warmup_epochs=10)
+  _, sched = optim.make_optimizer(c, steps_per_epoch=1)
+  lrs = np.array([float(sched['lr'](e)) for e in range(100)])
+  top = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 10 / 100))  # t = 10
+  assert lrs.argmax() == 11 and lrs.max() == pytest.approx(top, rel=1e-6) and top < 9.76e-4
+  assert lrs[0] == lrs[1] == pytest.approx(1e-6)
+  assert lrs[2] == pytest.approx(1e-6 + (1e-3 - 1e-6) / 10, rel=1e-6)
+  last = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 98 / 100))  # t = 98
+  assert lrs[-1] == pytest.approx(last, rel=1e-5) and 1.09e-5 < last < 1.10e-5
+
+
+def test_authors_schedule_is_what_adamw_applies_per_group():
+  """With a constant gradient Adam's step is lr * g / (|g| + eps) at every step
+  (the bias corrections cancel), so each step's update on a 1-D leaf reveals
+  the lr the optimiser used, per group."""
+  epochs, warmup, spe = 6, 2, 2
+  c = _authors_config(num_epochs=epochs, warmup_epochs=warmup, weight_decay=0.0)
+  tx, _ = optim.make_optimizer(c, steps_per_epoch=spe)
+  want = _timm_cosine_lrs([1e-3, 3e-4, 2e-2], epochs=epochs, warmup=warmup,
+                          warmup_lr=1e-6, min_lr=1e-5, steps_per_epoch=spe)
+  p, g = _params(), _params(seed=1)
+  state = tx.init(p)
+  update = jax.jit(tx.update)
+  leaves = ('head/bias', f'{BLOCK}/pyra/norm/bias', f'{BLOCK}/diffrate/prune_logits')
+  for step in range(epochs * spe):
+    updates, state = update(g, state, p)
+    for col, key in enumerate(leaves):
+      gk = np.asarray(_flat(g)[key], np.float64)
+      lr = -np.asarray(_flat(updates)[key], np.float64) / (gk / (np.abs(gk) + 1e-8))
+      np.testing.assert_allclose(lr, want[step, col], rtol=1e-4, err_msg=f'{key} step {step}')
+
+
+def test_unknown_lr_schedule_is_refused():
+  with pytest.raises(optim.ConfigError, match="lr_schedule = 'per_epoch'"):
+    optim.make_optimizer(_config(lr_schedule='per_epoch'), steps_per_epoch=5)

@@ -93,11 +93,14 @@ class _Inert(metaclass=_InertType):
     return _Inert
 
 
-class _InertFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-  """Serves `torchvision` and all its submodules as inert modules."""
+class InertFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  """Serves the packages `roots` and all their submodules as inert modules."""
+
+  def __init__(self, roots: tuple[str, ...] = ('torchvision',)):
+    self.roots = tuple(roots)
 
   def find_spec(self, name, path, target=None):
-    if name == 'torchvision' or name.startswith('torchvision.'):
+    if any(name == r or name.startswith(r + '.') for r in self.roots):
       return importlib.machinery.ModuleSpec(name, self, is_package=True)
     return None
 
@@ -116,15 +119,21 @@ class _InertFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     pass
 
 
-def _torchvision_or_stand_in() -> str:
+def real_or_stand_in(root: str, why: str = 'it does not import here') -> str:
+  """Imports package `root`; if that fails, serves it (and its submodules) as
+  inert stand-ins from then on. Returns which one the process now has."""
   try:
-    import torchvision  # pylint: disable=g-import-not-at-top,unused-import
+    importlib.import_module(root)
     return 'real'
   except Exception:  # pylint: disable=broad-except
-    for name in [n for n in sys.modules if n == 'torchvision' or n.startswith('torchvision.')]:
+    for name in [n for n in sys.modules if n == root or n.startswith(root + '.')]:
       del sys.modules[name]
-    sys.meta_path.insert(0, _InertFinder())
-    return 'inert stand-in (the PyPI wheel cannot load against this torch)'
+    sys.meta_path.insert(0, InertFinder((root,)))
+    return f'inert stand-in ({why})'
+
+
+def _torchvision_or_stand_in() -> str:
+  return real_or_stand_in('torchvision', 'the PyPI wheel cannot load against this torch')
 
 
 # Public for the other comparison tools (tools/originals_methods.py).

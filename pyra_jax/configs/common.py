@@ -20,6 +20,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   """Returns the ViT-B/16 + LoRA + PYRA (high) setting on VTAB-1k cifar100."""
   config = ml_collections.ConfigDict()
   config.seed = 0               # params init, data order, dropout: same seed, same run
+  # 'paper': the method as the paper defines it (every default below) |
+  # 'authors_code': every choice where the authors' code differs from the paper
+  # set to the code's (docs/algorithm.md §8: lr_schedule, model.lora_init,
+  # model.adapter_init, model.distilled_train/_eval, eval_epochs, headline,
+  # distill.loss),
+  # applied when a run starts (pyra_jax/recipe.py); a --config.<field> override
+  # of one of those fields is refused: set the fields one by one instead.
+  config.recipe = 'paper'
 
   # --- Model ---------------------------------------------------------------
   # Read by `pyra_jax.models.build_model`, and only here do the model's defaults
@@ -41,6 +49,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.ln_eps = 1e-6           # the backbone's LayerNorm epsilon
   model.distilled = False       # DeiT: a distillation token at index 1 + a second head
   model.distilled_eval = 'cls'  # DeiT eval: 'cls' head only, or 'avg' of both heads
+  model.distilled_train = 'as_eval'  # DeiT training logits: 'as_eval' (distilled_eval's)
+                                     # | 'cls' | 'avg'; the authors' code trains 'cls'
+                                     # and evaluates 'avg' (recipe=authors_code)
   model.drop_path = 0.1         # stochastic depth, linear 0 -> this over depth
   model.head_init_std = 0.02    # truncated normal std of the re-initialised head
   # How attention is computed (same parameters, same result up to round-off):
@@ -193,6 +204,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.diffrate_lr = 0.1
   config.warmup_init_lr = 1e-6  # learning rate at step 0
   config.min_lr = 1e-5          # learning rate at the end of the cosine
+  # 'per_step': linear warm-up, then cosine, updated at every step (docs/algorithm.md
+  # §4) | 'authors': timm's cosine as the authors' train.py steps it: once per
+  # epoch, one epoch late, the warm-up inside the cosine's span, warmup_init_lr and
+  # min_lr the same for every group (docs/algorithm.md §8)
+  config.lr_schedule = 'per_step'
   config.weight_decay = 1e-4    # kernels only (no biases, norms, 1-D params)
   config.b1 = 0.9               # AdamW beta1
   config.b2 = 0.999             # AdamW beta2
@@ -234,6 +250,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 10   # metrics.jsonl / TensorBoard cadence
   config.eval_every_epochs = 10  # periodic test evals: after epoch 1, every N, and at
                                  # the end (paper: 11 of them); <= 0: only at the end
+  config.eval_epochs = 'ours'   # which: 'ours' (after epochs 1, N, 2N, ..., the last) |
+                                # 'authors' (after epochs 1, N+1, 2N+1, ..., the last:
+                                # their code's 0-based `epoch % N == 0`)
+  config.headline = 'final'     # the accuracy reported first (the output, results.json,
+                                # the vtab tables): 'final' (after the last epoch) |
+                                # 'max' (the best periodic eval, what the authors' code reports)
   config.checkpoint_every_steps = 200  # Orbax checkpoint cadence (and one at the end)
   config.keep_checkpoints = 2   # how many recent good checkpoints stay (>= 1; the newest
                                 # always stays; README "Reliability")

@@ -33,6 +33,11 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
   teacher=WORKDIR  distil from this training run (PE-Dist): sets
                    distill.enabled and distill.teacher_workdir
   teacher_export=DIR  the same from an export of the teacher
+  recipe=R         config.recipe: paper (default, the method as the paper
+                   defines it) | authors_code (every choice where the authors'
+                   code differs from the paper set to the code's: lr schedule,
+                   LoRA/Adapter init, DeiT heads, evaluation epochs, headline
+                   = max over evaluations, PE-Dist's loss; docs/algorithm.md §8)
 
 Everything else: `--config.<field>=<value>` (see configs/common.py).
 """
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from pyra_jax import recipe as recipe_lib
 from pyra_jax.configs import common
 
 # backbone -> settings that differ from common.get_base_config() (Tables 10-12).
@@ -68,7 +74,7 @@ BACKBONES = {
 }
 LEVELS = ('low', 'high')
 ARG_KEYS = ('task', 'method', 'peft', 'modulation', 'pyra_lr', 'lr', 'source',
-            'data_dir', 'init', 'teacher', 'teacher_export')
+            'data_dir', 'init', 'teacher', 'teacher_export', 'recipe')
 PEFT_MODULES = ('lora', 'adapter', 'convpass', 'fact', 'snf')  # = vit.PEFT_MODULES
 # What `peft=` sets besides model.peft: the module as the code behind the
 # published numbers builds it (docs/algorithm.md §13-14). The base config keeps
@@ -126,6 +132,10 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None
     config.data.data_dir = kv['data_dir']
   if 'init' in kv:
     config.model_init = kv['init']
+  if 'recipe' in kv:
+    if kv['recipe'] not in recipe_lib.RECIPES:
+      raise ValueError(f"recipe={kv['recipe']!r}: use one of {', '.join(recipe_lib.RECIPES)}.")
+    config.recipe = kv['recipe']  # Resolved when the run starts (pyra_jax/recipe.py).
   for key, field in (('teacher', 'teacher_workdir'),
                      ('teacher_export', 'teacher_export')):
     if key in kv:

@@ -49,6 +49,7 @@ import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import ml_collections
+from pyra_jax import recipe as recipe_lib
 from pyra_jax.errors import StudyError  # pylint: disable=unused-import
 
 MERGE_METHODS = ('tome', 'pyra')
@@ -227,6 +228,8 @@ def cell_config(config: ml_collections.ConfigDict, cell: Cell
   merges = apply_variant(c, study, cell.variant)
   c.model.schedule = study.schedules[cell.schedule] if merges else 'none'
   c.seed = cell.seed
+  # Resolved as a run resolves it, so a finished run's stored config compares equal.
+  recipe_lib.apply(c)
   return c
 
 

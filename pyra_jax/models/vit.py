@@ -68,6 +68,30 @@ CLS_ATTN_METHODS = ('evit', 'ats')
 PEFT_MODULES = ('lora', 'adapter', 'convpass', 'fact', 'snf')
 # How Attention computes softmax(q k^T / sqrt(hd) + log size) v (config.model.attention).
 ATTENTION_IMPLEMENTATIONS = ('einsum', 'dot_product_attention')
+# A distilled (DeiT) model's logits: 'cls' (the class token's head) or 'avg'
+# (the mean of it and the distillation token's head_dist), in evaluation
+# (model.distilled_eval) and in training (model.distilled_train; 'as_eval':
+# the evaluation's, the behaviour before the two could differ).
+DISTILLED_HEADS = ('cls', 'avg')
+DISTILLED_TRAIN = ('as_eval',) + DISTILLED_HEADS
+
+
+def distilled_train_head(model_config: ml_collections.ConfigDict) -> str:
+  """The heads a distilled model's training logits read: 'cls' or 'avg'.
+
+  'as_eval' (the default) is `distilled_eval`'s; the authors' code trains the
+  class-token head and averages both heads at evaluation (`distilled_train =
+  'cls'`, `distilled_eval = 'avg'`, docs/algorithm.md §8).
+  """
+  train = _field(model_config, 'distilled_train')
+  if train not in DISTILLED_TRAIN:
+    raise ConfigError(f'model.distilled_train must be one of {DISTILLED_TRAIN}, '
+                      f'got {train!r}.')
+  evaluation = _field(model_config, 'distilled_eval')
+  if evaluation not in DISTILLED_HEADS:
+    raise ConfigError(f'model.distilled_eval must be one of {DISTILLED_HEADS}, '
+                      f'got {evaluation!r}.')
+  return evaluation if train == 'as_eval' else train
 
 
 class ParamsOnly(nn.Module):
@@ -600,6 +624,7 @@ class VisionTransformer(nn.Module):
   ln_eps: float
   distilled: bool
   distilled_eval: str
+  distilled_train: str  # 'cls' | 'avg' (resolved: `distilled_train_head`)
   drop_path: float
   head_init_std: float
   lora_rank: int
@@ -672,7 +697,7 @@ class VisionTransformer(nn.Module):
     if self.distilled:
       logits_dist = nn.Dense(self.num_classes, kernel_init=head_init, name='head_dist',
                              dtype=jnp.float32)(x[:, 1].astype(jnp.float32))
-      if self.distilled_eval == 'avg':
+      if (self.distilled_train if train else self.distilled_eval) == 'avg':
         logits = 0.5 * (logits + logits_dist)
     return logits
 
@@ -925,6 +950,7 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
         f"matrix, which model.method={method!r} does not keep: use it with "
         f"{', '.join(MERGING_METHODS)}, or another module (model.peft).")
   distilled = _field(c, 'distilled')
+  distilled_train = distilled_train_head(c)  # Also checks distilled_eval.
   num_protected = 1 + int(distilled)
   num_patches = (image_size // patch) ** 2
   # EViT's fields are read (and so must exist) whatever the method, like every
@@ -967,7 +993,8 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
     dtype = jnp.float32
   kwargs = dict(
       num_classes=n_classes, schedule=schedule, modulation=modulation,
-      distilled=distilled, dtype=jnp.dtype(dtype), method=method,
+      distilled=distilled, distilled_train=distilled_train, dtype=jnp.dtype(dtype),
+      method=method,
       tofu_prune_layers=tofu_prune_layers, settings=settings,
       diffrate_kept=diffrate_kept, **arch,
       **{name: _field(c, name) for name in _AS_IS})
