@@ -147,7 +147,8 @@ def _split_lines(split_file: Path) -> Iterator[tuple[str, str, int]]:
 # Permission problems, reported apart from damage: a chmod fixes them.
 _DENIED = 'cannot be read: permission denied'
 _DENIED_FOLDER = 'cannot be reached: permission denied on a folder of its path'
-PERMISSION_PROBLEMS = (_DENIED, _DENIED_FOLDER)  # What `file_problem`/`image_problem` say.
+# The permission problems `file_problem` and `image_problem` report.
+PERMISSION_PROBLEMS = (_DENIED, _DENIED_FOLDER)
 # What a split line may name instead of an image file, by `stat` file type.
 _NOT_FILES = ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a named pipe (FIFO)'),
               (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),

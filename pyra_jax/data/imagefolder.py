@@ -133,24 +133,27 @@ def _entries(directory: Path) -> tuple[list[str], list[str]]:
   for entry in entries:
     if entry.name.startswith('.'):
       continue
-    _check_name(Path(entry.path))
     try:
       is_dir = entry.is_dir()
     except OSError:
       is_dir = False
     if is_dir:
+      _check_name(Path(entry.path))
       folders.append(entry.name)
     elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+      _check_name(Path(entry.path))
       images.append(entry.name)
   return sorted(folders), sorted(images)
 
 
 def _refuse_loose_images(directory: Path, images: list[str]) -> None:
   if images:
+    more = (f' (and {len(images) - 1} more in that folder)'
+            if len(images) > 1 else '')
     raise DataError(
         f'Image {_shown(directory / images[0])} lies outside any class folder'
-        f'{f" (and {len(images) - 1} more in that folder)" if len(images) > 1 else ""}: '
-        f'move it into the folder of its class ({_shown(directory)}/<class>/).')
+        f'{more}: move it into the folder of its class '
+        f'({_shown(directory)}/<class>/).')
 
 
 def find_root(data_dir: str, task: str) -> Path:
@@ -332,11 +335,17 @@ def list_split(tree: Tree, split: str, *, train: bool,
         f'Class folder {_shown(directory)} holds no image ({_EXTENSIONS})'
         f'{more}: add its images or remove the folder.')
   if undecodable:
-    many = f'{len(undecodable)} images, e.g. ' if len(undecodable) > 1 else 'Image '
+    formats = ' '.join(UNDECODABLE_EXTENSIONS)
+    if len(undecodable) == 1:
+      raise DataError(
+          f'Image {_shown(undecodable[0])} is in a format TensorFlow does not '
+          f'decode ({formats}): convert it to PNG (e.g. mogrify -format png) '
+          'or remove it.')
     raise DataError(
-        f'{many}{_shown(undecodable[0])}, under {_shown(where)} are in a format '
-        f'TensorFlow does not decode ({" ".join(UNDECODABLE_EXTENSIONS)}): '
-        'convert them to PNG (e.g. mogrify -format png) or remove them.')
+        f'{len(undecodable)} images under {_shown(where)} are in a format '
+        f'TensorFlow does not decode ({formats}), e.g. '
+        f'{_shown(undecodable[0])}: convert them to PNG (e.g. mogrify -format '
+        'png) or remove them.')
   listed = [folder.Listed(str(path), label, f'Class {tree.class_names[label]!r}')
             for label, paths in per_class for path in paths]
   if not listed and tree.splits is None:
@@ -371,7 +380,7 @@ def _checked(where: Path, listed: list[folder.Listed]) -> list[folder.Listed]:
         f'{len(unreadable)} images under {_shown(where)} cannot be read, e.g. '
         f'{"; ".join(unreadable[:3])}: replace the files or remove them.')
   if not listed:
-    raise DataError(f'{_shown(where)} holds no image ({_EXTENSIONS}).')
+    raise DataError(_no_classes(where, '<split>/<class>/<image>'))
   return listed
 
 

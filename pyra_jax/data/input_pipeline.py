@@ -491,20 +491,20 @@ def _tfds_name_examples(task_name: str, split: str, data_dir: str | None,
   if (not isinstance(image, tfds.features.Image) or len(image.shape) != 3
       or channels not in (1, 3, 4) or image.np_dtype != np.uint8):
     if image is None:
-      what = f'has no feature {image_key!r}'
+      what = f' has no feature {image_key!r}'
     elif isinstance(image, tfds.features.Image):
-      what = (f'feature {image_key!r} is not an 8-bit (H, W, 1|3|4) image '
+      what = (f': feature {image_key!r} is not an 8-bit (H, W, 1|3|4) image '
               f'(shape {image.shape}, {np.dtype(image.np_dtype).name})')
     else:
-      what = f'feature {image_key!r} is not an image'
-    raise DataError(f'TFDS {spec} {what}: set data.image_key to its image '
+      what = f': feature {image_key!r} is not an image'
+    raise DataError(f'TFDS {spec}{what}: set data.image_key to its image '
                     f'feature (its features: {keys}).')
   label = _feature(builder, label_key)
   if not isinstance(label, tfds.features.ClassLabel):
-    what = (f'has no feature {label_key!r}' if label is None
-            else f'feature {label_key!r} is not a ClassLabel')
+    what = (f' has no feature {label_key!r}' if label is None
+            else f': feature {label_key!r} is not a ClassLabel')
     raise DataError(
-        f'TFDS {spec} {what}, so its classes are not known: set '
+        f'TFDS {spec}{what}, so its classes are not known: set '
         f'data.label_key to a ClassLabel feature (its features: {keys}).')
   task = Task(name=task_name, num_classes=label.num_classes, tfds_name=name,
               tfds_versions=(version,) if version else (),
