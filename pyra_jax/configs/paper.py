@@ -9,7 +9,9 @@ The argument (after ':' in --config) is a comma-separated list of key=value
 pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
 
   task=NAME        data.task, a VTAB-1k task (default cifar100), or
-                   folder:NAME for a dataset of one's own (source=folder)
+                   folder:NAME for a dataset of one's own (source=folder), or
+                   tfds:NAME for any TFDS dataset, or imagefolder:NAME
+                   (source=imagefolder; configs/common.py, data)
   method=M         model.method: peft (no merging) | tome | pyra (default) |
                    evit | tofu | ats (Table 14's competitors: at a level, EViT's
                    keep rate is solved to match the level's FLOPs; tofu and ats
@@ -26,8 +28,9 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
   pyra_lr=X        learning rate of the PYRA generators (the paper tunes it
                    per task in {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3})
   lr=X             learning rate of LoRA + head
-  source=S         data.source: tfds | folder | mnist
-  data_dir=DIR     data.data_dir (TFDS data_dir or the VTAB-1k folder root)
+  source=S         data.source: tfds | folder | imagefolder | mnist
+  data_dir=DIR     data.data_dir (TFDS data_dir, the VTAB-1k folder root or
+                   the image tree)
   init=PATH        model_init, the pretrained weights (format auto-detected),
                    a file or a Hub name, e.g. hf-hub:timm/vit_base_patch16_224.orig_in21k
   teacher=WORKDIR  distil from this training run (PE-Dist): sets

@@ -147,13 +147,15 @@ def _split_lines(split_file: Path) -> Iterator[tuple[str, str, int]]:
 # Permission problems, reported apart from damage: a chmod fixes them.
 _DENIED = 'cannot be read: permission denied'
 _DENIED_FOLDER = 'cannot be reached: permission denied on a folder of its path'
+# The permission problems `file_problem` and `image_problem` report.
+PERMISSION_PROBLEMS = (_DENIED, _DENIED_FOLDER)
 # What a split line may name instead of an image file, by `stat` file type.
 _NOT_FILES = ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a named pipe (FIFO)'),
               (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
               (stat.S_ISBLK, 'a block device'))
 
 
-def _not_an_image_file(path: Path) -> str | None:
+def file_problem(path: Path) -> str | None:
   """Why `path` is not a regular file one can read, or None if it is one.
 
   `Path.is_file` answers "does not exist" for a directory, a FIFO or a path
@@ -198,8 +200,8 @@ def list_split(task_dir: Path, split: str, num_classes: int,
           f'{task_dir}; split files list paths relative to it (like '
           f'images/{split}/000000.jpg): fix the line.')
     path = task_dir / relative
-    problem = _not_an_image_file(path) or image_problem(path)
-    if problem in (_DENIED, _DENIED_FOLDER):
+    problem = file_problem(path) or image_problem(path)
+    if problem in PERMISSION_PROBLEMS:
       denied.append(f'{where}: image {path} {problem}')
     elif problem:
       unreadable.append(f'{where}: image {path} {problem}')
@@ -271,21 +273,25 @@ def image_problem(path: Path) -> str | None:
     else:
       return None
   try:
-    _load_image(tf.constant(str(path)))
+    load_image(tf.constant(str(path)))
   except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
     return doubt
   return None
 
 
-def locate_unreadable(listed: list[Listed]) -> str | None:
+def locate_unreadable(listed: list[Listed],
+                      fix: str = 'replace the file or remove the line'
+                      ) -> str | None:
   """The first listed image the pipeline cannot decode, as a sentence.
 
   Called after the pipeline failed: its error says what went wrong, not in
   which file, so we decode each image again, one by one, until one fails.
+  `fix` is what the sentence tells the user to do (sources without split
+  files have no line to remove).
   """
   for item in listed:
     try:
-      _load_image(tf.constant(item.path))
+      load_image(tf.constant(item.path))
     except tf.errors.PermissionDeniedError:
       return f'{item.where}: ' + unreadable_message(item.path, 'image')
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
@@ -293,11 +299,11 @@ def locate_unreadable(listed: list[Listed]) -> str | None:
             ) as e:
       reason = ' '.join(e.message.split())[:200]
       return (f'{item.where}: image {item.path} cannot be decoded ({reason}): '
-              'replace the file or remove the line.')
+              f'{fix}.')
   return None
 
 
-def _load_image(path: tf.Tensor) -> tf.Tensor:
+def load_image(path: tf.Tensor) -> tf.Tensor:
   """uint8 (H, W, 3); channels=3 turns grey into RGB.
 
   JPEGs use the accurate integer IDCT, which reproduces PIL's decoding (that
@@ -329,14 +335,8 @@ def custom_task(root: str | os.PathLike, name: str) -> Task:
         'config.data.data_dir to the directory that holds it, or create it '
         'with one "<image path> <label>" line per image in <split>.txt.')
   task_dir = find_task_dir(root, task)
-  classes_file = task_dir / CLASSES_FILE
-  if classes_file.is_file():
-    names = [line.strip() for _, line in _text_lines(classes_file, 'Class list')
-             if line.strip()]
-    if not names:
-      raise DataError(
-          f'{classes_file} lists no classes: write one class name per line, '
-          'or delete it to count the classes from the labels.')
+  names = _class_list(task_dir)
+  if names is not None:
     return dataclasses.replace(task, num_classes=len(names))
   split_files = sorted(p for p in task_dir.glob('*.txt')
                        if p.name != CLASSES_FILE)
@@ -358,9 +358,35 @@ def custom_task(root: str | os.PathLike, name: str) -> Task:
         f'No image listed in {task_dir}/*.txt has label {unused[0]}, yet '
         f'labels go up to {num_classes - 1}: labels are class indices '
         f'counted from 0, so renumber them, or list all {num_classes} class '
-        f'names (one per line) in {classes_file} to keep a class without '
-        'images.')
+        f'names (one per line) in {task_dir / CLASSES_FILE} to keep a class '
+        'without images.')
   return dataclasses.replace(task, num_classes=num_classes)
+
+
+def _class_list(task_dir: Path) -> list[str] | None:
+  """The names of `<task_dir>/classes.txt` (blank lines skipped), None without it."""
+  classes_file = task_dir / CLASSES_FILE
+  if not classes_file.is_file():
+    return None
+  names = [line.strip() for _, line in _text_lines(classes_file, 'Class list')
+           if line.strip()]
+  if not names:
+    raise DataError(
+        f'{classes_file} lists no classes: write one class name per line, '
+        'or delete it to count the classes from the labels.')
+  return names
+
+
+def class_names(root: str | os.PathLike, task: Task) -> tuple[str, ...] | None:
+  """The class names of a folder task when its classes.txt defines them.
+
+  Only a dataset of one's own (`folder:NAME`) takes its classes from
+  classes.txt; a VTAB-1k task's folder has none, its classes are the task's.
+  """
+  if custom_folder_name(task.name) is None:
+    return None
+  names = _class_list(find_task_dir(root, task))
+  return None if names is None else tuple(names)
 
 
 def make_dataset(root: str | os.PathLike, task: Task, split: str,
@@ -380,6 +406,6 @@ def make_dataset(root: str | os.PathLike, task: Task, split: str,
   paths = [item.path for item in listed]
   labels = np.asarray([item.label for item in listed], np.int32)
   ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-  ds = ds.map(lambda p, y: {'image': _load_image(p), 'label': y},
+  ds = ds.map(lambda p, y: {'image': load_image(p), 'label': y},
               num_parallel_calls=num_parallel_calls)
   return ds, len(paths), listed

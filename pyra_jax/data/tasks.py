@@ -17,7 +17,9 @@ Beyond the 19 VTAB tasks, `EXTRA_TASKS` holds:
 A dataset of one's own is the task `folder:NAME`: the folder `<data_dir>/NAME`
 in the same layout, with any split names, its class count read from the folder
 (`pyra_jax/data/folder.py`, `custom_task`). It is not in the registry, since
-its classes are only known once the folder is read.
+its classes are only known once the folder is read. Nor are `tfds:<name>`
+(any TFDS dataset, its classes from the builder's info) and
+`imagefolder:NAME` (a class-per-folder tree, `pyra_jax/data/imagefolder.py`).
 
 Label and image functions take the TFDS example dict (tf tensors) and return a
 tensor; they are plain tf code, so they run inside `tf.data.Dataset.map`.
@@ -214,6 +216,43 @@ def check_custom_split(task: str, split: str) -> None:
         'lists the classes, not images).')
 
 
+# Any TFDS dataset: data.task = 'tfds:<name>[:<version>]' (source=tfds).
+TFDS_PREFIX = 'tfds:'
+# A TFDS builder name, optionally with its config ('eurosat/rgb'), and a
+# version or version pattern ('2.1.1', '3.*.*').
+_TFDS_NAME = re.compile(r'[a-z0-9][a-z0-9_]*(/[\w.-]+)?')
+_TFDS_VERSION = re.compile(r'(\d+|\*)\.(\d+|\*)\.(\d+|\*)')
+# A class-per-folder tree: data.task = 'imagefolder:NAME' (source=imagefolder).
+IMAGEFOLDER_PREFIX = 'imagefolder:'
+
+
+def tfds_task_spec(task: str) -> tuple[str, str | None] | None:
+  """(name, version or None) of the task 'tfds:<name>[:<version>]', else None."""
+  if not isinstance(task, str) or not task.startswith(TFDS_PREFIX):
+    return None
+  name, _, version = task[len(TFDS_PREFIX):].partition(':')
+  if not _TFDS_NAME.fullmatch(name) or (
+      version and not _TFDS_VERSION.fullmatch(version)):
+    raise DataError(
+        f'Task {task!r}: after {TFDS_PREFIX!r} give a TFDS dataset name, '
+        'optionally with its config and version, e.g. tfds:oxford_flowers102, '
+        'tfds:eurosat/rgb or tfds:oxford_flowers102:2.1.1.')
+  return name, version or None
+
+
+def imagefolder_name(task: str) -> str | None:
+  """NAME for the task 'imagefolder:NAME', None for any other task name."""
+  if not isinstance(task, str) or not task.startswith(IMAGEFOLDER_PREFIX):
+    return None
+  name = task[len(IMAGEFOLDER_PREFIX):]
+  if not _PLAIN_NAME.fullmatch(name):
+    raise DataError(
+        f'Task {task!r}: after {IMAGEFOLDER_PREFIX!r} give the name of your '
+        "image tree's folder inside data.data_dir (letters, digits, _ . -), "
+        'e.g. imagefolder:pets.')
+  return name
+
+
 def _vtab(name: str, tfds_name: str, version: str | tuple[str, ...],
           num_classes: int, **kwargs) -> Task:
   versions = (version,) if isinstance(version, str) else version
@@ -285,6 +324,11 @@ def get_task(name: str) -> Task:
         f'Task {name!r} is a dataset of your own: its classes are counted in '
         "its folder when its data are loaded (data.source='folder'); where no "
         'data are loaded, set --config.model.num_classes.')
+  if isinstance(name, str) and name.startswith((TFDS_PREFIX, IMAGEFOLDER_PREFIX)):
+    raise DataError(
+        f'Task {name!r} is read from its data: its classes are counted when '
+        'its data are loaded; where no data are loaded, set '
+        '--config.model.num_classes.')
   if name in TASKS:
     return TASKS[name]
   if name in EXTRA_TASKS:
