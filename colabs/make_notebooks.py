@@ -1,17 +1,22 @@
-r"""Writes colabs/quickstart.ipynb, colabs/inspect.ipynb (no outputs), README's Colab line.
+r"""Writes the notebooks of colabs/ (no outputs) and README's Colab line.
 
-  python colabs/make_notebooks.py           # (re)write both notebooks, README's Colab line
+  python colabs/make_notebooks.py           # (re)write the notebooks, README's Colab line
   python colabs/make_notebooks.py --check   # exit 1 if they differ from this file
 
 The notebooks are generated so that they are reviewed as Python: edit the cell
 sources here, never the .ipynb files (tests/test_notebooks.py checks that the
-committed notebooks are exactly what this script writes, then executes them).
+committed notebooks are exactly what this script writes, then executes
+quickstart and inspect; tests/test_own_vit_example.py runs own_vit's code).
+
+  quickstart.ipynb  train, evaluate, export and time the paper's setting
+  inspect.ipynb     what a trained model merges, and its learned modulation
+  own_vit.ipynb     ToMe and PYRA added to a small Flax ViT written from scratch
 
 It also writes the README's "Open in Colab" line. Both take the repository's
 URL from pyproject.toml `[project.urls] Repository`, the only place that names
 it: the notebooks install pyra_jax from `git+<that URL>` by default.
 
-Both notebooks run in two modes, decided in their first ("parameters") cell:
+quickstart and inspect run in two modes, decided in their first ("parameters") cell:
   * on Colab (GPU/TPU runtime): the paper's setting, ViT-B/16 ImageNet-21k
     (weights by Hub name) + LoRA + PYRA (high) on a VTAB-1k task prepared with
     TFDS, with pyra_jax pip-installed around Colab's own jax, numpy, ipykernel
@@ -708,6 +713,447 @@ else:
 
 
 # --------------------------------------------------------------------------- #
+# own_vit.ipynb
+# --------------------------------------------------------------------------- #
+
+_OWN_VIT_PARAMS = '''
+# Off Colab the clone's own pyra_jax is used; on Colab pip installs it from here.
+import sys
+OFFLINE = 'google.colab' not in sys.modules
+PYRA_JAX_SOURCE = {source}
+
+# The example ViT (a ViT-Ti-like width at 64 px: 8 x 8 patches + the class token
+# = 65 tokens) and its merging schedule. These run in under a minute on a 2-core
+# CPU; on a GPU try IMAGE_SIZE = 224, PATCH_SIZE = 16, DEPTH = 12 (and a longer SCHEDULE).
+IMAGE_SIZE, PATCH_SIZE = 64, 8
+WIDTH, DEPTH, NUM_HEADS, MLP_DIM = 192, 6, 3, 768
+SCHEDULE = (16, 12, 8, 0, 0, 0)  # tokens merged in each block: static Python ints
+BATCH = 32                     # images per forward pass and per training step
+TRAIN_STEPS = 10               # steps of training the head and the generators
+TIME_ROUNDS = 10               # round-robin rounds of the speed comparison
+'''
+OWN_VIT_PARAMS = _OWN_VIT_PARAMS.replace('{source}', repr(install_source(repository_url())))
+
+OWN_VIT = [
+    ('md', '''
+# Add ToMe / PYRA token merging to your own Flax ViT
+
+pyra_jax's merging is a handful of pure functions (`pyra_jax.merge`) and one
+Flax module (`PyraGenerator`); nothing else of the library is needed. This
+notebook writes a small ViT the way one writes one's own Flax ViT (patch
+embedding, class token, position embeddings, pre-LayerNorm blocks with
+`nn.MultiHeadDotProductAttention`), then adds to it:
+
+1. **ToMe**: in each block, after attention and its residual, match tokens on
+   the keys averaged over heads (`merge.bipartite_soft_matching`), merge them
+   size-weighted (`merge.merge_wavg`), and let attention see the sizes
+   (`merge.log_size_bias`, proportional attention);
+2. **PYRA**: a `PyraGenerator` per merging block, passed to the merge as
+   `modulate=`.
+
+It checks what should hold (the merging model with nothing merged *is* the
+original; PYRA at initialisation *is* ToMe, bit for bit; one compilation per
+model with a static `r`), trains only the head and the generators for a few
+steps on synthetic data, and measures the forward speed of the three models.
+Everything runs on a 2-core CPU in under a minute.
+'''),
+    ('params', OWN_VIT_PARAMS),
+    ('md', '''
+## Setup
+
+On Colab this installs pyra_jax from `PYRA_JAX_SOURCE` around the runtime's own
+jax, numpy and tensorflow (the quickstart notebook explains how); offline it
+uses your clone, from the repository root or from `colabs/`.
+'''),
+    ('code', SETUP),
+    ('md', '''
+## Your ViT
+
+Nothing here knows about merging: a plain linen ViT in the layout of
+google-research/vision_transformer (its parameter names included), with the
+exact (erf) GELU of PyTorch and timm. Its parameters stand for your trained
+weights.
+'''),
+    ('code', '''
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_CLASSES = 3
+assert len(SCHEDULE) == DEPTH, 'SCHEDULE needs one r per block'
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.gelu(nn.Dense(self.mlp_dim)(x), approximate=False)
+    return nn.Dense(x.shape[-1])(y)
+
+
+class Encoder1DBlock(nn.Module):
+  """A pre-LayerNorm transformer block."""
+  mlp_dim: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm()(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(y, y)
+    return x + MlpBlock(self.mlp_dim)(nn.LayerNorm()(x))
+
+
+class AddPositionEmbs(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    shape = (1,) + x.shape[1:]
+    return x + self.param('pos_embedding', nn.initializers.normal(stddev=0.02), shape)
+
+
+class Encoder(nn.Module):
+  depth: int
+  mlp_dim: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = AddPositionEmbs(name='posembed_input')(x)
+    for i in range(self.depth):
+      x = Encoder1DBlock(self.mlp_dim, self.num_heads, name=f'encoderblock_{i}')(x)
+    return nn.LayerNorm(name='encoder_norm')(x)
+
+
+class ViT(nn.Module):
+  num_classes: int
+  patch_size: int
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', name='embedding')(images)
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)
+    cls = self.param('cls', nn.initializers.zeros, (1, 1, d))
+    x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), x], axis=1)
+    x = Encoder(self.depth, self.mlp_dim, self.num_heads, name='Transformer')(x)
+    return nn.Dense(self.num_classes, name='head')(x[:, 0])
+
+
+images = jax.random.normal(jax.random.PRNGKey(1), (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3))
+vit = ViT(NUM_CLASSES, PATCH_SIZE, WIDTH, DEPTH, MLP_DIM, NUM_HEADS)
+params = jax.jit(vit.init)(jax.random.PRNGKey(0), images[:1])  # Your trained weights.
+logits = jax.jit(vit.apply)(params, images)
+print(f'ViT: {IMAGE_SIZE} px, {(IMAGE_SIZE // PATCH_SIZE) ** 2} patches + the class token, '
+      f'width {WIDTH}, depth {DEPTH}; logits {logits.shape}')
+'''),
+    ('md', '''
+## Add ToMe, then PYRA
+
+Four changes, marked `# merging:` below (ToMe's own patch for timm makes the
+same ones):
+
+* **attention** returns its keys and adds `log(size)` of each key to the
+  logits (proportional attention: a token that holds *s* patches weighs as
+  *s* copies of itself). `nn.MultiHeadDotProductAttention` does neither, so it
+  is written out with the same parameters (`query`, `key`, `value`, `out`):
+  your weights load unchanged;
+* **the block** merges `r` tokens after attention and its residual, before the
+  MLP: matching on the keys averaged over heads, the class token protected;
+  with `pyra=True` a `PyraGenerator` modulates the merge;
+* **the encoder** starts every token at size one and carries the sizes from
+  block to block;
+* **the model** takes a schedule, one static `r` per block, in place of the
+  depth.
+'''),
+    ('code', '''
+import functools
+
+from pyra_jax import merge
+from pyra_jax.models.pyra import PyraGenerator
+
+
+class Attention(nn.Module):
+  """nn.MultiHeadDotProductAttention's parameters and result, plus what merging
+  needs: the keys, and the sizes as a logit bias (proportional attention)."""
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x, size):
+    d = x.shape[-1]
+    dense = functools.partial(nn.DenseGeneral, features=(self.num_heads, d // self.num_heads))
+    q, k, v = dense(name='query')(x), dense(name='key')(x), dense(name='value')(x)
+    # merging: + log(size) on the logits; q, k, v are (B, N, H, D/H).
+    y = jax.nn.dot_product_attention(q, k, v, bias=merge.log_size_bias(size))
+    return nn.DenseGeneral(d, axis=(-2, -1), name='out')(y), k  # merging: the keys too
+
+
+class MergingBlock(nn.Module):
+  """Encoder1DBlock, merging `r` tokens between attention and MLP."""
+  mlp_dim: int
+  num_heads: int
+  r: int      # merging: tokens merged here, a static Python int (it sets the shapes)
+  pyra: bool  # merging: modulate the merge with a PYRA generator
+
+  @nn.compact
+  def __call__(self, x, size):
+    y = nn.LayerNorm(name='LayerNorm_0')(x)
+    y, k = Attention(self.num_heads, name='MultiHeadDotProductAttention_0')(y, size)
+    x = x + y
+    # merging: match on the keys averaged over heads; token 0 (class) is never merged.
+    plan = merge.bipartite_soft_matching(k.mean(axis=2), self.r, class_token=True)
+    if plan is not None:  # None when r is 0
+      generator = None
+      if self.pyra:  # r of W_r (r, 1): the r this plan merges
+        generator = PyraGenerator(r=plan.src_idx.shape[1], modulation='pyra', rank=1,
+                                  wr_init='uniform', ln_eps=1e-5, name='pyra')
+      x, size = merge.merge_wavg(x, size, plan, modulate=generator)
+    y = nn.LayerNorm(name='LayerNorm_1')(x)
+    return x + MlpBlock(self.mlp_dim, name='MlpBlock_0')(y), size
+
+
+class MergingEncoder(nn.Module):
+  schedule: Sequence[int]
+  mlp_dim: int
+  num_heads: int
+  pyra: bool
+
+  @nn.compact
+  def __call__(self, x):
+    x = AddPositionEmbs(name='posembed_input')(x)
+    size = jnp.ones(x.shape[:2] + (1,), x.dtype)  # merging: every token holds one patch
+    for i, r in enumerate(self.schedule):
+      x, size = MergingBlock(self.mlp_dim, self.num_heads, r, self.pyra,
+                             name=f'encoderblock_{i}')(x, size)
+    return nn.LayerNorm(name='encoder_norm')(x)
+
+
+class MergingViT(nn.Module):
+  """ViT with a merging schedule (one r per block) in place of the depth."""
+  num_classes: int
+  patch_size: int
+  width: int
+  schedule: Sequence[int]
+  mlp_dim: int
+  num_heads: int
+  pyra: bool = False
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', name='embedding')(images)
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)
+    cls = self.param('cls', nn.initializers.zeros, (1, 1, d))
+    x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), x], axis=1)
+    x = MergingEncoder(tuple(self.schedule), self.mlp_dim, self.num_heads, self.pyra,
+                       name='Transformer')(x)
+    return nn.Dense(self.num_classes, name='head')(x[:, 0])
+
+
+def merging_vit(schedule, pyra=False):
+  return MergingViT(NUM_CLASSES, PATCH_SIZE, WIDTH, tuple(schedule), MLP_DIM, NUM_HEADS, pyra)
+
+
+unmerged = merging_vit((0,) * DEPTH)
+tome = merging_vit(SCHEDULE)
+pyra = merging_vit(SCHEDULE, pyra=True)
+'''),
+    ('md', '''
+## With nothing merged, it is your ViT
+
+The same parameters give the same logits (to float32 round-off: the attention
+is computed by another function).
+'''),
+    ('code', '''
+forward = {name: jax.jit(model.apply)
+           for name, model in (('unmerged', unmerged), ('tome', tome), ('pyra', pyra))}
+unmerged_logits = forward['unmerged'](params, images)
+print('largest |difference| from your ViT:', float(jnp.abs(unmerged_logits - logits).max()))
+assert jnp.allclose(unmerged_logits, logits, atol=1e-5, rtol=1e-5)
+'''),
+    ('md', '''
+## Tokens per block
+
+`r` is a Python int, so every shape is fixed when the model is traced; the
+token counts can be read off `jax.eval_shape` without computing anything.
+Each merging block removes `r` tokens (at most half of the tokens other than
+the class token).
+'''),
+    ('code', '''
+def tokens_per_block(model, params, images):
+  """Tokens each block outputs, from the traced shapes alone."""
+  def run(p):
+    return model.apply(p, images, capture_intermediates=lambda m, _: isinstance(m, MergingBlock),
+                       mutable=['intermediates'])[1]['intermediates']['Transformer']
+  shapes = jax.eval_shape(run, params)
+  return [shapes[f'encoderblock_{i}']['__call__'][0][0].shape[1]
+          for i in range(len(model.schedule))]
+
+
+tokens = tokens_per_block(tome, params, images)
+print('input tokens:', (IMAGE_SIZE // PATCH_SIZE) ** 2 + 1)
+print('merged per block:', list(SCHEDULE))
+print('tokens per block:', tokens)
+'''),
+    ('md', '''
+## PYRA at initialisation is ToMe, exactly
+
+Adding generators to trained weights adds only their parameters
+(`encoderblock_i/pyra/{w_r, w_d, norm}`); everything else is your weights.
+`W_D` starts at zero, so every generator returns its input unchanged and PYRA
+gives ToMe's logits bit for bit until it is trained.
+'''),
+    ('code', '''
+from flax import traverse_util
+
+flat = traverse_util.flatten_dict(
+    jax.jit(pyra.init)(jax.random.PRNGKey(2), images[:1])['params'])
+yours = traverse_util.flatten_dict(params['params'])
+added = {k: v for k, v in flat.items() if k not in yours}
+pyra_params = {'params': traverse_util.unflatten_dict({**yours, **added})}
+for k, v in added.items():
+  print('  added', '/'.join(k), v.shape)
+
+tome_logits = forward['tome'](params, images)
+pyra_logits = forward['pyra'](pyra_params, images)
+print('PYRA at init == ToMe, bit for bit:', bool(jnp.array_equal(pyra_logits, tome_logits)))
+assert jnp.array_equal(pyra_logits, tome_logits)
+print('ToMe vs unmerged, largest |difference| of the logits:',
+      float(jnp.abs(tome_logits - unmerged_logits).max()))
+'''),
+    ('md', '''
+## Train the head and the generators
+
+The backbone stays frozen (add LoRA or any other adapter the same way you
+would without merging). The task is synthetic: noise images with a bright
+square in the red, green or blue channel, the label being the channel. The
+training step is traced, hence compiled, once: `r` is part of the model, not
+an argument.
+'''),
+    ('code', '''
+import optax
+
+
+def synthetic_batch(key, n):
+  """Noise with a bright square in one channel (the label), at a random place."""
+  k_label, k_noise, k_pos = jax.random.split(key, 3)
+  labels = jax.random.randint(k_label, (n,), 0, NUM_CLASSES)
+  side = IMAGE_SIZE // 4
+  corner = jax.random.randint(k_pos, (n, 2), 0, IMAGE_SIZE - side + 1)
+  yy, xx = jnp.arange(IMAGE_SIZE)[:, None], jnp.arange(IMAGE_SIZE)[None, :]
+  inside = ((yy[None] >= corner[:, :1, None]) & (yy[None] < corner[:, :1, None] + side) &
+            (xx[None] >= corner[:, 1:, None]) & (xx[None] < corner[:, 1:, None] + side))
+  channel = jax.nn.one_hot(labels, 3)[:, None, None, :]
+  images = jax.random.normal(k_noise, (n, IMAGE_SIZE, IMAGE_SIZE, 3))
+  return images + 3.0 * inside[..., None] * channel, labels
+
+
+def is_trained(path):
+  return path[0] == 'head' or 'pyra' in path
+
+
+flat = traverse_util.flatten_dict(pyra_params['params'])
+trainable = {k: v for k, v in flat.items() if is_trained(k)}
+frozen = {k: v for k, v in flat.items() if not is_trained(k)}
+
+
+def join(trainable, frozen):
+  return {'params': traverse_util.unflatten_dict({**trainable, **frozen})}
+
+
+optimizer = optax.adam(1e-2)
+traces = []
+
+
+@jax.jit
+def train_step(trainable, opt_state, frozen, images, labels):
+  traces.append(1)  # Python runs this line only while jax traces the step.
+
+  def loss_fn(t):
+    logits = pyra.apply(join(t, frozen), images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  loss, grads = jax.value_and_grad(loss_fn)(trainable)
+  updates, opt_state = optimizer.update(grads, opt_state, trainable)
+  return optax.apply_updates(trainable, updates), opt_state, loss
+
+
+opt_state = optimizer.init(trainable)
+losses = []
+for step in range(TRAIN_STEPS):
+  batch, labels = synthetic_batch(jax.random.PRNGKey(100 + step), BATCH)
+  trainable, opt_state, loss = train_step(trainable, opt_state, frozen, batch, labels)
+  losses.append(float(loss))
+print(f'{sum(v.size for v in trainable.values()):,} trained parameters (head + generators)')
+print('loss:', ' '.join(f'{l:.3f}' for l in losses))
+print(f'train step traced {len(traces)} time(s) for {TRAIN_STEPS} steps')
+assert len(traces) == 1
+
+trained = join(trainable, frozen)
+for i, r in enumerate(SCHEDULE):
+  if r:
+    w_d = trained['params']['Transformer'][f'encoderblock_{i}']['pyra']['w_d']
+    print(f'block {i}: r={r}, |w_d| = {float(jnp.linalg.norm(w_d)):.4f} (0 at init)')
+test_images, test_labels = synthetic_batch(jax.random.PRNGKey(7), BATCH)
+accuracy = float((forward['pyra'](trained, test_images).argmax(-1) == test_labels).mean())
+print(f'accuracy on {BATCH} new images: {100 * accuracy:.0f}% (chance: {100 / NUM_CLASSES:.0f}%)')
+'''),
+    ('md', '''
+## Speed
+
+The three models' forward passes on one batch, each compiled once, timed in
+turns (round-robin, so a change in the machine's load hits all three alike).
+The FLOPs are XLA's count for each program. Speed follows them only
+roughly: the matching, gathers and scatters of a merge cost time the count
+hardly sees, a small model on a CPU is partly bound by memory and overheads,
+and a shared machine makes single rounds noisy, so the spread of the speed-up
+over the rounds is printed with its median.
+'''),
+    ('code', '''
+import time
+
+runs = {'unmerged': params, 'tome': params, 'pyra': trained}
+flops = {name: forward[name].lower(p, images).cost_analysis()['flops'] for name, p in runs.items()}
+for name, p in runs.items():
+  forward[name](p, images).block_until_ready()  # Compiled already; one warm-up call.
+seconds = {name: [] for name in runs}
+for _ in range(TIME_ROUNDS):
+  for name, p in runs.items():
+    t0 = time.perf_counter()
+    forward[name](p, images).block_until_ready()
+    seconds[name].append(time.perf_counter() - t0)
+seconds = {name: np.array(s) for name, s in seconds.items()}
+print(f'forward, batch {BATCH}, {TIME_ROUNDS} rounds, on {jax.devices()[0].device_kind}:')
+for name in runs:
+  speedup = seconds['unmerged'] / seconds[name]  # Per round: both timed in that round.
+  print(f'  {name:9s} {BATCH / np.median(seconds[name]):7.1f} images/s   '
+        f'speed-up {np.median(speedup):.2f}x (rounds: {speedup.min():.2f}-{speedup.max():.2f})   '
+        f'{flops[name] / 1e9:.2f} GFLOPs ({flops[name] / flops["unmerged"]:.2f}x)')
+'''),
+    ('md', '''
+## Next
+
+* Another schedule is another model: `merging_vit((16, 8, 4, 0, 0, 0))`, one
+  compilation each.
+* A DeiT distillation token at index 1: pass `distill_token=True` to
+  `bipartite_soft_matching` and `merge_wavg`.
+* Which patches each token holds: `merge.merge_source` (start from the
+  identity, apply each block's plan).
+* The repository's `docs/own_model.md` says the same in one page;
+  `pyra_jax.models.vit` is this pattern with LoRA and the paper's schedules.
+'''),
+]
+
+
+# --------------------------------------------------------------------------- #
 # Assembly.
 # --------------------------------------------------------------------------- #
 
@@ -728,7 +1174,7 @@ def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
   return nb
 
 
-NOTEBOOKS = {'quickstart': QUICKSTART, 'inspect': INSPECT}
+NOTEBOOKS = {'quickstart': QUICKSTART, 'inspect': INSPECT, 'own_vit': OWN_VIT}
 
 
 def render(name: str) -> str:

@@ -6,6 +6,18 @@ order of operations follows docs/algorithm.md §1 (ToMe's `bipartite_soft_matchi
 and `merge_wavg`, with PYRA's modulation inserted between the gather and the
 scatter of the source tokens, as in the authors' code).
 
+These functions are the public way to add ToMe or PYRA to your own ViT
+(docs/own_model.md, colabs/own_vit.ipynb). In each merging block, between the
+attention's residual add and the MLP:
+
+  size = jnp.ones((B, N, 1))                   # once, before the first block
+  ...attention with logits + log_size_bias(size), returning the keys k (B, N, H, hd)
+  x = x + attention_output
+  plan = bipartite_soft_matching(k.mean(axis=2), r)    # r: a static Python int
+  if plan is not None:                                 # None: nothing to merge
+    x, size = merge_wavg(x, size, plan, modulate=None) # or a PyraGenerator: PYRA
+  x = x + mlp(layer_norm(x))                   # (B, N - r, D) from here on
+
 Token layout: index 0 is the class token; with a DeiT distillation token it sits
 at index 1. Tokens are split alternately into set A (even indices) and set B (odd
 indices); the class token is A[0] and the distillation token is B[0].
@@ -19,7 +31,10 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-# (src (B, r, D), dst (B, r, D)) -> modulated src (B, r, D); both size-weighted.
+# The `modulate=` contract of merge / merge_wavg: (src (B, r, D), dst (B, r, D))
+# -> modulated src (B, r, D), all size-weighted (x * size). src are the r tokens
+# about to be merged (most similar first), dst their destinations before the
+# merge. A PyraGenerator (pyra_jax/models/pyra.py) is one; the identity is ToMe.
 Modulator = Callable[[Array, Array], Array]
 
 
@@ -44,8 +59,20 @@ def bipartite_soft_matching(metric: Array, r: int, *, class_token: bool = True,
                             distill_token: bool = False) -> Optional[MergePlan]:
   """ToMe's bipartite soft matching on a (B, N, C) metric (e.g. mean keys).
 
-  Returns None when nothing is merged (r <= 0 after the cap). No gradient flows
-  through the matching (the indices are discrete; the metric is stopped).
+  Args:
+    metric: (B, N, C) per-token features whose cosine similarity decides the
+      pairs; ToMe and PYRA use the attention's keys averaged over heads,
+      k.mean(axis=2) of (B, N, H, hd) keys.
+    r: tokens to merge, a static Python int (it sets output shapes); capped at
+      merge_cap(N, class_token, distill_token).
+    class_token: token 0 is a class token: never merged, kept first.
+    distill_token: token 1 is a DeiT distillation token: never a destination
+      of a merge, kept second (pass the same flag to merge_wavg).
+
+  Returns a MergePlan for `merge_wavg` / `merge` / `merge_source` (which
+  then return N - r tokens), or None when nothing is merged (r <= 0 after
+  the cap). No gradient flows through the matching (the indices are
+  discrete; the metric is stopped).
   """
   num_tokens = metric.shape[1]
   r = min(int(r), merge_cap(num_tokens, class_token, distill_token))
@@ -69,6 +96,20 @@ def bipartite_soft_matching(metric: Array, r: int, *, class_token: bool = True,
     unm_idx = jnp.sort(unm_idx, axis=-1)  # keeps the class token at position 0
   dst_idx = jnp.take_along_axis(node_idx, src_idx, axis=-1)
   return MergePlan(src_idx=src_idx, dst_idx=dst_idx, unm_idx=unm_idx)
+
+
+def log_size_bias(size: Optional[Array]) -> Optional[Array]:
+  """Proportional attention's logit bias: (B, N, 1) sizes -> (B, 1, 1, N) log(size).
+
+  Added to the (B, H, N_queries, N_keys) attention logits (it broadcasts over
+  heads and queries; `jax.nn.dot_product_attention(q, k, v, bias=...)` takes it
+  as is), it gives a key that stands for s merged tokens the softmax weight of
+  s copies of itself. Sizes of ones give a bias of exactly zero. None -> None
+  (no proportional attention).
+  """
+  if size is None:
+    return None
+  return jnp.log(size)[:, None, None, :, 0]
 
 
 def _gather(x: Array, idx: Array) -> Array:
@@ -133,8 +174,14 @@ def merge_wavg(x: Array, size: Array, plan: MergePlan, *,
                modulate: Optional[Modulator] = None) -> tuple[Array, Array]:
   """Size-weighted average merge (ToMe's merge_wavg), optionally PYRA-modulated.
 
-  The modulation sees and changes the *size-weighted* tokens x * size (the
-  authors' code); sizes are merged without modulation.
+  x (B, N, D) tokens and size (B, N, 1) how many input patches each stands for
+  (start from ones before the first block; carry the returned sizes to the
+  next block's proportional attention and merge) -> (x (B, N - r, D), size
+  (B, N - r, 1)). A merged token is the size-weighted mean of the tokens it
+  holds. `modulate` (see Modulator) sees and changes the *size-weighted*
+  sources x * size before they are added into their destinations (the
+  authors' code); sizes are merged without modulation. With modulate=None
+  this is ToMe.
   """
   y = merge(x * size, plan, distill_token=distill_token, modulate=modulate)
   size = merge(size, plan, distill_token=distill_token)
@@ -143,7 +190,12 @@ def merge_wavg(x: Array, size: Array, plan: MergePlan, *,
 
 def merge_source(source: Array, plan: MergePlan, *,
                  distill_token: bool = False) -> Array:
-  """Tracks which input patches each token holds: (B, N, N0) 0/1, merged by max."""
+  """Tracks which input patches each token holds: (B, N, N0) 0/1, merged by max.
+
+  Start from the identity, jnp.broadcast_to(jnp.eye(N0), (B, N0, N0)), before
+  the first block and apply each block's plan: row i of the result marks the
+  input tokens (class token included) that output token i holds.
+  """
   return merge(source, plan, distill_token=distill_token, reduce='max')
 
 

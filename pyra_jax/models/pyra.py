@@ -92,6 +92,24 @@ class NormParams(nn.Module):
 class PyraGenerator(nn.Module):
   """Modulates (B, r, D) size-weighted sources given their (B, r, D) destinations.
 
+  In your own Flax ViT: one generator per merging block, created inside that
+  block's compact `__call__` and passed to the merge, which calls it between
+  gathering the sources and adding them into their destinations:
+
+    plan = merge.bipartite_soft_matching(keys.mean(axis=2), r)
+    if plan is not None:
+      gen = PyraGenerator(r=plan.src_idx.shape[1], modulation='pyra', rank=1,
+                          wr_init='uniform', ln_eps=1e-5, name='pyra')
+      x, size = merge.merge_wavg(x, size, plan, modulate=gen)
+
+  `r` must be the r the plan merges (plan.src_idx.shape[1], which is the r
+  asked for unless merge.merge_cap lowered it): it sizes W_r. The values above
+  are the paper's (the configs' defaults). At initialisation every variant
+  returns `src` exactly, so a model with generators gives ToMe's output bit for
+  bit until they are trained; adding generators to trained weights adds only
+  the `pyra` parameters. A generator in the last block gets no gradient
+  through the class token (nothing after that merge reaches it).
+
   Attributes:
     r: tokens merged in this layer (static; sizes W_r and full_matrix's W).
     modulation: one of MODULATIONS.
