@@ -23,6 +23,7 @@ error, not a silent cap, because a user who wrote it expects it to happen.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence, Union
 from pyra_jax.errors import ScheduleError  # pylint: disable=unused-import
 
@@ -167,9 +168,13 @@ def _parse(spec: ScheduleSpec, depth: int, num_patches: int, num_protected: int,
       try:
         ratio = float(s.split(':', 1)[1])
       except ValueError:
+        ratio = math.nan
+      # NaN and inf compare false with every bound below, so they would pass
+      # the search as the first candidate (no merging at all): refuse them here.
+      if not math.isfinite(ratio):
         raise ScheduleError(
             f"config.model.schedule = {spec!r}: 'flops:' takes the FLOPs ratio "
-            "to reach, a number such as 'flops:3.5'.") from None
+            "to reach, a finite number >= 1 such as 'flops:3.5'.")
       return schedule_for_flops_ratio(
           ratio, depth=depth, num_patches=num_patches,
           num_protected=num_protected, width=width, mlp_ratio=mlp_ratio), False
@@ -178,16 +183,33 @@ def _parse(spec: ScheduleSpec, depth: int, num_patches: int, num_protected: int,
       if len(parts) == 1:
         return tome_constant(int(parts[0]), depth), True
       if len(parts) == 2 and '.' in parts[1] and depth != 2:
-        return tome_inflection(int(parts[0]), float(parts[1]), depth), True
+        return tome_inflection(int(parts[0]), _inflection(spec, parts[1]), depth), True
       return [int(p) for p in parts], False
+    except ScheduleError:
+      raise
     except ValueError:
       raise ScheduleError(
           f'Cannot read config.model.schedule = {spec!r}. Use a name ({", ".join(NAMED_SCHEDULES)}), '
           "an int, 'r,inflection', 'flops:<ratio>' or one int per layer.") from None
   spec = tuple(spec)
   if (len(spec) == 2 and isinstance(spec[1], float) and depth != 2):
-    return tome_inflection(int(spec[0]), float(spec[1]), depth), True
+    return tome_inflection(int(spec[0]), _inflection(spec, spec[1]), depth), True
+  whole = lambda v: (isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                     or isinstance(v, float) and v.is_integer())
+  if not all(whole(v) for v in spec):
+    raise ScheduleError(f'Schedule {spec!r}: give one whole number of tokens per layer.')
   return [int(v) for v in spec], False
+
+
+def _inflection(spec: ScheduleSpec, value) -> float:
+  """The inflection of ToMe's 'r,inflection' form, refusing NaN and inf
+  (int(r * (1 - inf)) would end in an OverflowError, NaN in a ValueError)."""
+  inflection = float(value)
+  if not math.isfinite(inflection):
+    raise ScheduleError(
+        f"config.model.schedule = {spec!r}: the inflection of 'r,inflection' must be "
+        'a finite number (ToMe uses -0.5 to 0.5, e.g. 16,-0.5).')
+  return inflection
 
 
 def resolve_schedule(spec: ScheduleSpec, *, depth: int, num_patches: int,

@@ -20,6 +20,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   """Returns the ViT-B/16 + LoRA + PYRA (high) setting on VTAB-1k cifar100."""
   config = ml_collections.ConfigDict()
   config.seed = 0               # params init, data order, dropout: same seed, same run
+                                # (a 64-bit signed integer, what jax.random takes)
   # 'paper': the method as the paper defines it (every default below) |
   # 'authors_code': every choice where the authors' code differs from the paper
   # set to the code's (docs/algorithm.md §8: lr_schedule, model.lora_init,
@@ -34,7 +35,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # live (the modules have none). A field left unset (None) is taken from the
   # variant's table in pyra_jax/models/vit.py (width, depth, heads, mlp; the
   # patch size from the name) or from the task (num_classes); any field set
-  # explicitly, e.g. --config.model.width=384, wins.
+  # explicitly, e.g. --config.model.width=384, wins. Rates and probabilities
+  # outside their range and counts with the wrong sign are refused by name
+  # before anything is read (vit.MODEL_FIELDS; the loop's: train.TRAIN_FIELDS).
   model = config.model = ml_collections.ConfigDict()
   model.variant = 'B/16'        # 'Ti/16', 'S/16', 'B/16', 'L/16', 'S/14', ...
   model.image_size = 224        # input resolution (square)
@@ -217,6 +220,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- Optimisation -----------------------------------------------------------
   config.batch_size = 64        # global training batch (divided over devices)
   config.eval_batch_size = 64   # global eval batch; the last batch is padded and masked
+                                # (larger than the eval split: the split in one batch)
   config.num_epochs = 100       # passes over the training split
   config.warmup_epochs = 10     # linear warm-up from warmup_init_lr, then cosine
   config.lr = 1e-3              # LoRA + head

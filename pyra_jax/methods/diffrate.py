@@ -33,6 +33,7 @@ with weight * (FLOPs / full - 1 / ratio)^2 (or the method's own form,
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import Optional, Sequence
 
@@ -198,6 +199,11 @@ def read_rates(spec: str, *, depth: int, num_tokens: int,
         f'{where} gives {len(prune)} prune and {len(merge)} merge counts but the '
         f'model has {depth} layers: give one of each per layer.')
   for layer, v in enumerate(list(prune) + list(merge)):
+    # A rates file is JSON, which may hold NaN or fractions: every count must
+    # be a whole number (NaN would pass the range test below).
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+      raise ConfigError(f'{where}: kept count {v!r} (layer {layer % depth}) is not a '
+                        'whole number of tokens: give the file written by --mode=search.')
     if v <= num_protected or v > num_tokens:
       raise ConfigError(
           f'{where}: kept count {v} (layer {layer % depth}) is outside '

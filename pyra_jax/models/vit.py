@@ -41,9 +41,10 @@ from pyra_jax.methods import diffrate as diffrate_lib
 from pyra_jax.methods import evit as evit_lib
 from pyra_jax.methods import ltmp as ltmp_lib
 from pyra_jax.methods import tofu as tofu_lib
-from pyra_jax.models.lora import LoRA
+from pyra_jax.field_ranges import Choices, Range, check_fields
+from pyra_jax.models.lora import LORA_INITS, LoRA
 from pyra_jax.models.snf import SNF
-from pyra_jax.models.pyra import MODULATIONS, PyraGenerator
+from pyra_jax.models.pyra import MODULATIONS, WR_INITS, PyraGenerator
 
 Array = jax.Array
 
@@ -821,6 +822,53 @@ _AS_IS = ('modulation_rank', 'wr_init', 'pyra_ln_eps', 'prop_attn', 'qkv_bias',
           'convpass_scale', 'fact_variant', 'fact_scale', 'fact_dropout')
 
 
+# The allowed values of the model section's numeric and enumerated fields
+# (configs/common.py documents each), checked by `model_kwargs` whatever the
+# method or module, so a value that would train without effect is refused up
+# front. Bounds that depend on the model (a layer count, the FLOPs a method
+# can reach) are checked where they are known, below.
+_PROBABILITY = 'a dropout probability; 1 or more would drop every input, so nothing behind it trains'
+MODEL_FIELDS: dict[str, Range | Choices] = {
+    'image_size': Range(1, integer=True, why='the input resolution in pixels'),
+    'ln_eps': Range(0, low_open=True, why="the backbone's LayerNorm epsilon"),
+    'drop_path': Range(0, 1, high_open=True, why=(
+        'the stochastic depth rate, the probability of dropping a residual branch')),
+    'head_init_std': Range(0, why="the standard deviation of the new head's init"),
+    'lora_rank': Range(0, integer=True, why='0 disables LoRA'),
+    'lora_dropout': Range(0, 1, high_open=True, why=_PROBABILITY),
+    'lora_init': Choices(LORA_INITS),
+    'peft_dim': Range(1, integer=True, why='the bottleneck width of adapter / convpass'),
+    'peft_dropout': Range(0, 1, high_open=True, why=_PROBABILITY),
+    'convpass_scale': Range(0, low_open=True, why=(
+        "the bypasses' output scale; at 0 they would never train")),
+    'adapter_init': Choices(ADAPTER_INITS),
+    'convpass_init': Choices(CONVPASS_INITS),
+    'fact_variant': Choices(fact_lib.FACT_VARIANTS),
+    'fact_tk_layout': Choices(fact_lib.FACT_TK_LAYOUTS),
+    'fact_rank': Range(1, integer=True, why="FacT's rank r"),
+    'fact_scale': Range(0, low_open=True, why="FacT's scale s; at 0 FacT would never train"),
+    'fact_dropout': Range(0, 1, high_open=True, why=_PROBABILITY),
+    'snf_flow_length': Range(0, integer=True, why="SNF's number of planar flow steps"),
+    'modulation_rank': Range(1, integer=True, why="the rank s of modulation='low_rank'"),
+    'wr_init': Choices(WR_INITS),
+    'pyra_ln_eps': Range(0, low_open=True, why="the generators' LayerNorm epsilon"),
+    'evit_keep_rate': Range(0, 1, low_open=True, high_open=True, why=(
+        'the fraction of tokens kept at each EViT layer, e.g. 0.7')),
+    'tofu_prune_layers': Range(0, integer=True, why='how many leading layers prune'),
+    'ltmp_tau': Range(0, low_open=True, why=(
+        "the sigmoid temperature of the masks' gradient (the method's training script uses 0.5)")),
+    'ltmp_merge_init': Range(0, 1, why='thresholds live in [0, 1] (cosine similarity)'),
+    'ltmp_prune_init': Range(0, 1, why='thresholds live in [0, 1] (mean attention)'),
+    'ltmp_flops_target': Range(0, 1, low_open=True, why='the FLOPs fraction to keep'),
+    'ltmp_flops_weight': Range(0, why='0 trains without the FLOPs target'),
+    'diffrate_flops_ratio': Range(1, why='uncompressed / searched FLOPs'),
+    'diffrate_flops_weight': Range(0, why='0 searches without the FLOPs target'),
+    'diffrate_flops_loss': Choices(diffrate_lib.FLOPS_LOSSES),
+    'diffrate_granularity': Range(1, integer=True, why='tokens between candidate rates; the method uses 4'),
+    'diffrate_search_epochs': Range(1, integer=True, why='epochs of --mode=search'),
+}
+
+
 def _field(model_config: ml_collections.ConfigDict, name: str) -> Any:
   """`model_config.<name>`, refusing a config that lacks the field.
 
@@ -925,6 +973,7 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
   if width % heads:
     raise ValueError(f'model.width {width} is not divisible by model.num_heads {heads}.')
   image_size = _field(c, 'image_size')
+  check_fields(c, {'image_size': MODEL_FIELDS['image_size']}, 'model.')  # Used next.
   if image_size % patch:
     raise ValueError(f'model.image_size {image_size} is not a multiple of the patch size {patch}.')
   n_classes = _positive_or_unset('num_classes', _field(c, 'num_classes'),
@@ -989,6 +1038,10 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
     settings = (('evit_active_layers', tuple(l for l, k in enumerate(evit_keeps) if k)),)
   elif method == 'ats':  # the block samples where r > 0 and at model.ats_layers
     settings = (('ats_layers', ats_layers(c, depth)),)
+  # Last, so the checks above that know the model (its depth, the FLOPs a
+  # method can reach) speak first; nothing above misbehaves on a value the
+  # table refuses.
+  check_fields(c, MODEL_FIELDS, 'model.')
   if dtype is None:
     dtype = jnp.float32
   kwargs = dict(
@@ -1034,16 +1087,10 @@ def _peft_kwargs(c: ml_collections.ConfigDict, *, width: int, mlp: int) -> dict[
     if out['fact_tk_layout'] not in fact_lib.FACT_TK_LAYOUTS:
       raise ValueError(f'model.fact_tk_layout must be one of {fact_lib.FACT_TK_LAYOUTS}, '
                        f'got {out["fact_tk_layout"]!r}.')
-    rank = out['fact_rank']
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
-      raise ValueError(f'model.fact_rank must be a positive integer, got {rank!r}.')
     if mlp % width:
       raise ValueError(f'FacT cuts the MLP kernels into (D, D) slices, so model.mlp_dim '
                        f'({mlp}) must be a multiple of model.width ({width}).')
-  k = out['snf_flow_length']
-  if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
-    raise ValueError(f'model.snf_flow_length must be an integer >= 0, got {k!r}.')
-  return out
+  return out  # fact_rank, snf_flow_length, ...: MODEL_FIELDS
 
 
 # The model.<method>_* fields each method reads (configs/common.py documents them).
@@ -1069,17 +1116,9 @@ def _method_settings(c: ml_collections.ConfigDict, method: str, *, depth: int,
     return (), ()
   cfg = {name: _field(c, name) for name in METHOD_FIELDS[method]}
   num_tokens = num_patches + num_protected
+  # The fields' own ranges (tau > 0, thresholds in [0, 1], weights >= 0) are
+  # MODEL_FIELDS'; here the bounds that depend on the model.
   if method == 'ltmp':
-    if not cfg['ltmp_tau'] > 0:
-      raise ConfigError(f'model.ltmp_tau = {cfg["ltmp_tau"]}: the sigmoid temperature '
-                        'must be positive (the method trains with 0.5).')
-    for name in ('ltmp_merge_init', 'ltmp_prune_init'):
-      if not 0.0 <= cfg[name] <= 1.0:
-        raise ConfigError(f'model.{name} = {cfg[name]}: thresholds live in [0, 1] '
-                          '(cosine similarity, mean attention).')
-    if cfg['ltmp_flops_weight'] < 0:
-      raise ConfigError(f'model.ltmp_flops_weight = {cfg["ltmp_flops_weight"]}: use a '
-                        'weight >= 0 (0 trains without the FLOPs target).')
     target = cfg['ltmp_flops_target']
     least = float(ltmp_lib.flops_ratio([1.0 / num_tokens] * depth, num_tokens=num_tokens,
                                        width=width, mlp_ratio=mlp_ratio))
@@ -1106,9 +1145,6 @@ def _method_settings(c: ml_collections.ConfigDict, method: str, *, depth: int,
           f'model.diffrate_flops_ratio = {ratio}: the search can reach FLOPs ratios from '
           f'1 to {reach:.2f} on this model (the first block is never compressed); '
           'choose a target in that range.')
-    if cfg['diffrate_flops_weight'] < 0:
-      raise ConfigError(f'model.diffrate_flops_weight = {cfg["diffrate_flops_weight"]}: '
-                        'use a weight >= 0.')
     return tuple(sorted(cfg.items())), ()
   kept = diffrate_lib.read_rates(_field(c, 'diffrate_rates'), depth=depth,
                                  num_tokens=num_tokens, num_protected=num_protected)
