@@ -52,6 +52,10 @@ class TrainingError(PyraError):
   """A run that cannot continue (e.g. a non-finite loss); the message says why."""
 
 
+class DivergedError(TrainingError):
+  """The loss or the parameters became non-finite; the message names the lr to lower."""
+
+
 class ExportError(PyraError):
   """An export that cannot be written or read."""
 

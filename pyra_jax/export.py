@@ -389,9 +389,10 @@ def evaluate_export(export_dir: str,
   run = train_lib.Run(cfg, cfg.model, model, mesh, params, None, '')
   run.frozen = {}
   train_lib._check_divisible('eval_batch_size', data_cfg.eval_batch_size)  # pylint: disable=protected-access
-  eval_data = train_lib.get_data(
-      data_cfg.data, data_cfg.data.eval_split, data_cfg.eval_batch_size,
-      image_size=cfg.model.image_size, train=False, seed=data_cfg.seed)
+  eval_data = train_lib.get_eval_data(data_cfg, image_size=cfg.model.image_size)
+  train_lib.check_num_classes(model.num_classes, eval_data)
+  train_lib.check_batch_memory(model, data_cfg, 'eval_batch_size', eval_data.batch_size,
+                               training=False, image_size=cfg.model.image_size)
   result = train_lib.evaluate(run, train_lib.make_eval_step(run),
                               run.replicate(params), eval_data)
   result.update(split=data_cfg.data.eval_split, export_dir=export_dir)

@@ -39,11 +39,12 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pyra_jax import checkpointing
+from pyra_jax.field_ranges import Choices, Range, check_fields
 from pyra_jax import metrics as metrics_lib
 from pyra_jax import optim
 from pyra_jax import param_counts
 from pyra_jax import recipe as recipe_lib
-from pyra_jax.errors import TrainingError  # pylint: disable=unused-import
+from pyra_jax.errors import DivergedError, TrainingError  # pylint: disable=unused-import
 
 PyTree = Any
 
@@ -206,21 +207,64 @@ def _check_divisible(name: str, value: int) -> None:
                       f'devices: use a multiple of {n}.')
 
 
+# The loop's numeric fields and the values that work (configs/common.py
+# documents each), one table per use: what evaluation reads too, then what only
+# training reads. Checked by `check_config` before anything is compiled.
+EVAL_FIELDS: dict[str, Range | Choices] = {
+    # jax.random keys and the tf.data shuffle take a signed 64-bit seed.
+    'seed': Range(-2 ** 63, 2 ** 63 - 1, integer=True,
+                  why='what jax.random and tf.data accept as a seed'),
+    'eval_batch_size': Range(1, integer=True, why='images per evaluation batch'),
+    'data.num_parallel_calls': Range(1, integer=True, also=(-1,),
+                                     why='-1: tf.data.AUTOTUNE'),
+    'headline': Choices(HEADLINES, why="the last evaluation's accuracy, or the best one's"),
+}
+TRAIN_FIELDS: dict[str, Range | Choices] = {
+    'batch_size': Range(1, integer=True, why='images per update'),
+    'grad_accum_steps': Range(1, integer=True, why=(
+        'micro-batches per update; 1: no accumulation')),
+    'num_epochs': Range(0, low_open=True, why='train for at least one epoch'),
+    'warmup_epochs': Range(0, why='0 for no warm-up'),
+    'log_every_steps': Range(1, integer=True, why='log every N >= 1 steps'),
+    'checkpoint_every_steps': Range(1, integer=True, why=(
+        'save every N >= 1 steps; a very large N saves only at the end')),
+    'keep_checkpoints': Range(1, integer=True, why=(
+        'at least the latest checkpoint is kept, or the run would delete its own result')),
+    # Optimiser settings: a non-finite one makes the first update NaN, which
+    # would then be reported as a divergence of the learning rate.
+    'lr': Range(0, low_open=True, why='the peak learning rate'),
+    'pyra_lr': Range(0, also=(-1,), why='-1: the same as config.lr'),
+    'diffrate_lr': Range(0, also=(-1,), why='-1: the same as config.lr'),
+    'min_lr': Range(0, why='the learning rate at the end of the cosine'),
+    'warmup_init_lr': Range(0, why='the learning rate at step 0'),
+    'weight_decay': Range(0, why='0: no weight decay'),
+    'b1': Range(0, 1, high_open=True, why="Adam's first-moment decay"),
+    'b2': Range(0, 1, high_open=True, why="Adam's second-moment decay"),
+    'eps': Range(0, low_open=True, why=(
+        "Adam's epsilon; at 0 a parameter with zero gradients gets 0/0 = NaN")),
+    'grad_clip_norm': Range(0, why='0: no clipping'),
+    'lr_schedule': Choices(optim.LR_SCHEDULES, why=(
+        "per-step warm-up and cosine, or timm's per-epoch cosine as the authors step it")),
+    'eval_epochs': Choices(EVAL_EPOCHS, why=(
+        "'ours': after epochs 1, N, 2N, ...; 'authors': after 1, N+1, 2N+1, ...")),
+    'distill.temperature': Range(0, low_open=True, why=(
+        'the distillation temperature T; 1 leaves the logits as they are')),
+    'distill.weight': Range(0, why='0 trains on the cross-entropy alone'),
+    'data.shuffle_buffer': Range(1, integer=True, why=(
+        'the tf.data shuffle buffer; 1 does not shuffle')),
+}
+
+
 def check_config(config: ml_collections.ConfigDict, *, training: bool = True) -> None:
   """Refuses loop settings that cannot work, before anything is compiled.
 
   Each would otherwise fail deep inside a step (a modulo by zero after
-  compilation), be reported under another field's name, or run silently with
-  a meaning nobody asked for (a negative warm-up, float16 on a model that is
-  only tested in float32 and bfloat16).
+  compilation, an OverflowError from a seed), be reported under another
+  field's name (an infinite weight decay as a divergence of the lr), or run
+  silently with a meaning nobody asked for (a negative warm-up, float16 on a
+  model that is only tested in float32 and bfloat16).
   """
-  def need(ok: bool, field: str, what: str) -> None:
-    if not ok:
-      raise ConfigError(f'config.{field} = {config.get(field, None)!r}: {what}.')
-
-  need(config.eval_batch_size >= 1, 'eval_batch_size', 'use a positive batch size')
-  need(config.get('headline', 'final') in HEADLINES, 'headline',
-       "use 'final' (the last evaluation) or 'max' (the best one)")
+  check_fields(config, EVAL_FIELDS, 'config.')
   dtype = config.get('dtype', 'float32')
   if dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"config.dtype = {dtype!r}: use 'float32' or 'bfloat16' "
@@ -228,34 +272,14 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
                       'scaling, which pyra_jax does not implement).')
   if not training:
     return
-  need(config.batch_size >= 1, 'batch_size', 'use a positive batch size')
+  check_fields(config, TRAIN_FIELDS, 'config.')
   accum = config.grad_accum_steps
-  need(isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1,
-       'grad_accum_steps', 'use 1 (no accumulation) or more micro-batches per update')
   if config.batch_size % accum:
     raise ConfigError(
         f'config.batch_size = {config.batch_size} is not divisible by '
         f'config.grad_accum_steps = {accum}: batch_size is the global batch of one '
         'update, split into grad_accum_steps equal micro-batches; use a batch size '
         'that is a multiple of it.')
-  need(config.num_epochs > 0, 'num_epochs', 'train for at least one epoch')
-  need(config.warmup_epochs >= 0, 'warmup_epochs', 'use 0 for no warm-up')
-  need(config.log_every_steps >= 1, 'log_every_steps', 'log every N >= 1 steps')
-  need(config.checkpoint_every_steps >= 1, 'checkpoint_every_steps',
-       'save every N >= 1 steps (a very large N saves only at the end)')
-  need(config.keep_checkpoints >= 1, 'keep_checkpoints',
-       'at least the latest checkpoint is kept, or the run would delete its own result')
-  need(config.lr > 0, 'lr', 'use a positive learning rate')
-  need(config.pyra_lr >= 0 or config.pyra_lr == -1, 'pyra_lr',
-       'use a learning rate >= 0, or -1 for the same as config.lr')
-  need(config.diffrate_lr >= 0 or config.diffrate_lr == -1, 'diffrate_lr',
-       'use a learning rate >= 0, or -1 for the same as config.lr')
-  for field in ('min_lr', 'warmup_init_lr', 'weight_decay', 'grad_clip_norm'):
-    need(config[field] >= 0, field, 'use a value >= 0')
-  need(config.get('lr_schedule', 'per_step') in optim.LR_SCHEDULES, 'lr_schedule',
-       f'use one of {", ".join(repr(k) for k in optim.LR_SCHEDULES)}')
-  need(config.get('eval_epochs', 'ours') in EVAL_EPOCHS, 'eval_epochs',
-       "use 'ours' (after epochs 1, N, 2N, ...) or 'authors' (after 1, N+1, 2N+1, ...)")
 
 
 def check_workdir(workdir: str) -> None:
@@ -641,8 +665,25 @@ def _restore_opt_state(ckpt: checkpointing.Checkpointer, step: int, meta: dict,
   return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
+def lr_to_lower(run: Run) -> tuple[str, float]:
+  """(config field, its value) of the highest peak learning rate that trains
+  something in `run`: the field a divergence's advice should lower.
+
+  A group with its own lr field (pyra_lr, diffrate_lr) counts only when it
+  holds parameters and the field is not -1 (which means config.lr).
+  """
+  config = run.config
+  labels = set(jax.tree.leaves(optim.param_labels(run.trainable, config.trainable)))
+  best = ('lr', float(config.lr))
+  for group, field in optim.GROUP_LR_FIELDS.items():
+    value = config.get(field, -1.0)
+    if group in labels and value >= 0 and value > best[1]:
+      best = (field, float(value))
+  return best
+
+
 def _diverged(ckpt: checkpointing.Checkpointer, step: int, what: str,
-              lr: float, config_lr: float, suspect: int | None) -> TrainingError:
+              lr: float, lower: tuple[str, float], suspect: int | None) -> DivergedError:
   """The error for a non-finite loss or parameters at `step`.
 
   The checkpoint of step `suspect` (the one whose parameters produced a
@@ -661,11 +702,12 @@ def _diverged(ckpt: checkpointing.Checkpointer, step: int, what: str,
            f'{last} in {ckpt.directory}{moved}; rerunning the same command resumes '
            'from it.' if last is not None else
            'No checkpoint was saved before it, so a rerun starts from the beginning.')
-  return TrainingError(
+  field, value = lower
+  return DivergedError(
       f'{what} at step {step} (lr {lr:.3g}): training stopped without saving '
       f'this state. {where} To continue with a lower learning rate or gradient '
-      f'clipping, add e.g. --config.lr={config_lr / 10:.2g} --config.grad_clip_norm=1.0 '
-      '--allow_config_change=lr,grad_clip_norm.')
+      f'clipping, add e.g. --config.{field}={value / 10:.2g} --config.grad_clip_norm=1.0 '
+      f'--allow_config_change={field},grad_clip_norm.')
 
 
 def _all_finite(tree: PyTree) -> bool:
@@ -785,7 +827,8 @@ def _check_not_past_the_end(progress: 'Progress', total_steps: int,
 
 
 def _load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any, int]:
-  """(train data, eval data, steps per epoch), with the batch sizes checked."""
+  """(train data, eval data, steps per epoch), with the batch sizes checked
+  against the splits, the task's labels and the memory there is."""
   _check_divisible('batch_size', config.batch_size)
   _check_divisible('eval_batch_size', config.eval_batch_size)
   train_data = get_data(config.data, config.data.train_split,
@@ -796,11 +839,180 @@ def _load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any, int]:
     raise ConfigError(
         f'The train split has {train_data.num_examples} images, fewer than '
         f'config.batch_size = {config.batch_size}: lower the batch size.')
-  eval_data = get_data(config.data, config.data.eval_split,
-                       config.eval_batch_size,
-                       image_size=config.model.image_size, train=False,
-                       seed=config.seed)
+  check_num_classes(config.model.get('num_classes'), train_data)
+  eval_data = get_eval_data(config)
+  model = build_model(resolve_model_config(config, train_data.num_classes),
+                      config.get('dtype', 'float32'))
+  check_batch_memory(model, config, 'batch_size',
+                     config.batch_size // config.grad_accum_steps, training=True)
+  check_batch_memory(model, config, 'eval_batch_size', eval_data.batch_size,
+                     training=False)
   return train_data, eval_data, steps_per_epoch
+
+
+# ----------------------------------------------------------------------------
+# Batches that fit: the split, the task's labels, the memory.
+# ----------------------------------------------------------------------------
+
+def check_num_classes(num_classes: int | None, data) -> None:
+  """Refuses a head with fewer outputs than the task has classes.
+
+  A label >= num_classes has no logit: the cross-entropy is NaN from the first
+  step, which would otherwise be reported as a divergence of the lr. A larger
+  head is fine (unused outputs), and an unset one is the task's count.
+  """
+  if num_classes is not None and num_classes < data.num_classes:
+    raise ConfigError(
+        f'config.model.num_classes = {num_classes}, but task {data.task!r} has '
+        f'{data.num_classes} classes (labels 0 to {data.num_classes - 1}): the '
+        'labels beyond the head have no logit; leave model.num_classes unset '
+        f"(the task's count) or set it to at least {data.num_classes}.")
+
+
+def get_eval_data(config: ml_collections.ConfigDict, image_size: int | None = None):
+  """The eval split in batches of config.eval_batch_size, clamped to the split.
+
+  A batch larger than the split would only add padding (zero images, masked
+  out), so a larger eval_batch_size evaluates the whole split in one batch,
+  rounded up to a multiple of the device count: the accuracy is the same, and
+  eval_batch_size=1000000 no longer allocates a million images. `image_size`:
+  the model's, when it is not config.model's (an export's).
+  """
+  size = config.model.image_size if image_size is None else image_size
+  data = get_data(config.data, config.data.eval_split, config.eval_batch_size,
+                  image_size=size, train=False, seed=config.seed)
+  n = jax.device_count()
+  whole = -(-int(data.num_examples) // n) * n
+  if data.batch_size > whole:
+    logging.info('config.eval_batch_size = %d exceeds the %d images of split %r: '
+                 'evaluating in batches of %d.', data.batch_size, data.num_examples,
+                 config.data.eval_split, whole)
+    data = get_data(config.data, config.data.eval_split, whole,
+                    image_size=size, train=False, seed=config.seed)
+  return data
+
+
+def batch_memory_bytes(model, image_size: int, batch: int, *, training: bool) -> int:
+  """A lower bound on the bytes one batch of `batch` images needs in `model`.
+
+  Counts only tensors that must exist: the float32 images; for evaluation the
+  largest of one block's attention weights (B, H, N, N) float32 (unless JAX's
+  attention kernel is asked for, which may never form them) and its MLP
+  hidden layer (B, N', mlp) in the compute dtype; for training, those of every
+  block at once, which the backward pass reads (nothing is rematerialised).
+  Parameters, gradients and XLA's temporaries come on top, so a batch over
+  this bound cannot run, and one under it may still not.
+  """
+  from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
+  counts = vit.num_tokens(model, image_size)
+  act = np.dtype(model.dtype).itemsize
+  weights = (model.attention != 'dot_product_attention'
+             or model.method in ('ltmp', 'diffrate'))  # Masked attention forms them.
+  per_block = []
+  for l in range(model.depth):
+    attn = model.num_heads * counts[l] ** 2 * 4 if weights else 0
+    mlp = counts[l + 1] * model.mlp_dim * act
+    per_block.append((attn, mlp))
+  if training:
+    per_image = sum(a + m for a, m in per_block)
+  else:
+    per_image = max(max(a, m) for a, m in per_block)
+  return int(batch) * (image_size * image_size * 3 * 4 + per_image)
+
+
+def _meminfo_available() -> int | None:
+  """MemAvailable of /proc/meminfo, lowered to what a cgroup limit leaves."""
+  out = None
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          out = int(line.split()[1]) * 1024
+  except (OSError, ValueError):
+    return None
+  for limit_file, usage_file in (
+      ('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory.current'),
+      ('/sys/fs/cgroup/memory/memory.limit_in_bytes',
+       '/sys/fs/cgroup/memory/memory.usage_in_bytes')):
+    try:
+      with open(limit_file) as f:
+        limit = f.read().strip()
+      with open(usage_file) as f:
+        usage = int(f.read().strip())
+    except (OSError, ValueError):
+      continue
+    if limit.isdigit() and int(limit) < 2 ** 60:
+      left = max(int(limit) - usage, 0)
+      out = left if out is None else min(out, left)
+  return out
+
+
+def available_memory_bytes() -> int | None:
+  """Bytes the activations of one process's share of a batch can still take.
+
+  CPU: the host's available memory (all local devices share it). An
+  accelerator: the free memory of its fullest local device, times the local
+  device count (the batch is split evenly over them). None when unknown.
+  """
+  devices = jax.local_devices()
+  if devices[0].platform == 'cpu':
+    return _meminfo_available()
+  try:
+    stats = [d.memory_stats() or {} for d in devices]
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if not all('bytes_limit' in st for st in stats):
+    return None
+  return min(st['bytes_limit'] - st.get('bytes_in_use', 0) for st in stats) * len(devices)
+
+
+def check_batch_memory(model, config: ml_collections.ConfigDict, field: str,
+                       batch: int, *, training: bool, image_size: int | None = None) -> None:
+  """Refuses a batch whose activations alone exceed the memory there is.
+
+  Such a batch would allocate until the kernel kills the process (or the
+  accelerator runs out), after minutes of data preparation and compilation;
+  the message names the field and the largest batch the bound allows.
+  `image_size`: the model's, when it is not config.model's (an export's).
+  """
+  available = available_memory_bytes()
+  if available is None:
+    return
+  share = jax.local_device_count() / jax.device_count()
+  size = config.model.image_size if image_size is None else image_size
+  need = batch_memory_bytes(model, size, batch * share, training=training)
+  if need <= available:
+    return
+  n = jax.device_count()
+  per_image = batch_memory_bytes(model, size, 1, training=training) * share
+  fit = int(available // per_image) // n * n
+  what = 'training step' if training else 'evaluation batch'
+  if field == 'batch_size' and config.grad_accum_steps > 1:
+    shown = (f'config.batch_size = {config.batch_size} (micro-batches of {batch} '
+             f'with grad_accum_steps = {config.grad_accum_steps})')
+  else:
+    shown = f'config.{field} = {config[field]}'
+  if fit < n:
+    advice = ('not even one image per device fits, so use a smaller '
+              'model.image_size or model')
+  elif field == 'batch_size':
+    advice = ('raise config.grad_accum_steps (the same update in more micro-batches) '
+              f'or lower config.batch_size, so that a micro-batch holds at most {fit} '
+              'images')
+  else:
+    advice = f'use config.eval_batch_size = {fit} or less'
+  raise ConfigError(
+      f'{shown}: one {what} needs at least {_size(need)} for its activations '
+      f'(images, attention weights, MLP layers), more than the {_size(available)} '
+      f'of memory available: {advice}.')
+
+
+def _size(num_bytes: float) -> str:
+  """'15.4 GB', '883.8 KB': a memory size a reader compares at a glance."""
+  for unit, scale in (('GB', 2 ** 30), ('MB', 2 ** 20)):
+    if num_bytes >= scale:
+      return f'{num_bytes / scale:.1f} {unit}'
+  return f'{num_bytes / 2 ** 10:.1f} KB'
 
 
 def _check_same_teacher(meta: dict, run: Run, directory: str) -> None:
@@ -935,7 +1147,7 @@ def _train_loop(run: Run, ckpt: checkpointing.Checkpointer,
       loss = float(m['loss'])  # Also the sync point that makes timings real.
       if not math.isfinite(loss):
         raise _diverged(ckpt, step, f'The loss became {loss}',
-                        float(schedules['lr'](step - 1)), config.lr,
+                        float(schedules['lr'](step - 1)), lr_to_lower(run),
                         suspect=step - 1)
       ckpt.mark_verified(step - 1)  # Its parameters just gave a finite loss.
       if step > first:  # The first step includes compilation.
@@ -980,7 +1192,7 @@ def _train_loop(run: Run, ckpt: checkpointing.Checkpointer,
       if step % config.checkpoint_every_steps == 0 or step == total_steps:
         if not _all_finite(progress.trainable):
           raise _diverged(ckpt, step, 'The parameters became non-finite',
-                          float(schedules['lr'](step - 1)), config.lr,
+                          float(schedules['lr'](step - 1)), lr_to_lower(run),
                           suspect=None)
         ckpt.save(step, progress.trainable, progress.opt_state,
                   _meta(run, step, progress.evals,
@@ -1284,10 +1496,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
         'next to the finished training run, so finish training first '
         '(rerun --mode=train with the training config).')
   run, trainable, step = restore_run(config, workdir, step, two_stage=two_stage)
-  eval_data = get_data(config.data, config.data.eval_split,
-                       config.eval_batch_size,
-                       image_size=config.model.image_size, train=False,
-                       seed=config.seed)
+  eval_data = get_eval_data(config)
+  check_num_classes(run.model_config.num_classes, eval_data)
+  check_batch_memory(run.model, config, 'eval_batch_size', eval_data.batch_size,
+                     training=False)
   result = evaluate(run, make_eval_step(run), trainable, eval_data)
   result.update(step=step, split=config.data.eval_split)
   if two_stage:

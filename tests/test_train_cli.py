@@ -105,7 +105,8 @@ def run_main(capsys, monkeypatch, *args):
 @pytest.mark.parametrize('override,message', [
     ('--config.grad_accum_steps=3', 'config.batch_size = 40 is not divisible by '
      'config.grad_accum_steps = 3'),
-    ('--config.grad_accum_steps=0', 'use 1 (no accumulation) or more'),
+    ('--config.grad_accum_steps=0', 'config.grad_accum_steps = 0: use an integer >= 1 '
+     '(micro-batches per update; 1: no accumulation)'),
     ('--config.model.attention=flash', "model.attention must be one of ('einsum', "
      "'dot_product_attention'), got 'flash'"),
 ])
