@@ -92,6 +92,7 @@ import numpy as np
 from flax import traverse_util
 
 from pyra_jax import errors
+from pyra_jax import field_ranges
 from pyra_jax import merge as merge_lib
 from pyra_jax import profiling
 from pyra_jax import schedules
@@ -1079,6 +1080,28 @@ PRESETS = {
 PRESET_FLAGS = ('batch_size', 'warmup_seconds', 'min_seconds', 'num_iters')
 
 
+# The numeric flags and the values that work; a negative batch or round count
+# would otherwise fail inside JAX with a traceback.
+FLAG_RANGES: dict[str, field_ranges.Range] = {
+    'batch_size': field_ranges.Range(0, integer=True, why='images per call; 0: 8 on CPU, 64 otherwise'),
+    'image_size': field_ranges.Range(0, integer=True, why="0: the config's model.image_size"),
+    'num_iters': field_ranges.Range(0, integer=True, why='timed rounds; 0: the default'),
+    'min_seconds': field_ranges.Range(0, why='seconds of timed rounds at least'),
+    'warmup': field_ranges.Range(0, integer=True, why='untimed calls per model'),
+    'warmup_seconds': field_ranges.Range(0, why='seconds of untimed rounds'),
+    'matmul_size': field_ranges.Range(1, integer=True, why='n of the reference matmul'),
+    'num_classes': field_ranges.Range(1, integer=True, why='the head size'),
+    'profile_calls': field_ranges.Range(0, integer=True, why='profiled calls per step'),
+}
+
+
+def check_flags(values: dict[str, Any]) -> None:
+  """Refuses a numeric flag outside FLAG_RANGES, in one sentence naming it."""
+  for name, spec in FLAG_RANGES.items():
+    if name in values and not spec.admits(values[name]):
+      raise BenchmarkError(field_ranges.message(f'--{name}', values[name], spec))
+
+
 def settings_from_flags(preset: str, given: dict[str, Any],
                         defaults: dict[str, Any]) -> dict[str, Any]:
   """The timing settings: `given` (flags on the command line) over the preset
@@ -1104,6 +1127,10 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
   bad = [m for m in methods if m not in METHODS]
   if bad or not methods:
     raise app.UsageError(f'--methods: use some of {vit.METHODS}, got {methods}.')
+  try:
+    check_flags({k: fl[k].value for k in FLAG_RANGES})
+  except BenchmarkError as e:
+    raise SystemExit(f'error: {e}') from None
   train = fl['mode'].value == 'train'
   defaults = {'batch_size': 8 if jax.devices()[0].platform == 'cpu' else 64,
               'num_iters': 5 if train else 10, 'min_seconds': 0.0,

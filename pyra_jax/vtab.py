@@ -242,13 +242,82 @@ def run_config(config: ml_collections.ConfigDict, task: str, stage: str,
 # Reading the workdirs.
 # ----------------------------------------------------------------------------
 
-def read_results(workdir: str) -> dict | None:
-  """results.json of a finished run, or None."""
-  path = os.path.join(workdir, 'results.json')
+def _read_json(path: str, what: str, needs: Sequence[str] = ()) -> dict | None:
+  """A JSON record the protocol wrote, None if absent; a damaged one is one
+  sentence naming the file (a traceback would say nothing about what to do)."""
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      data = json.load(f)
+    if not isinstance(data, dict) or any(k not in data for k in needs):
+      raise ValueError(f'not {what}')
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+    raise errors.PyraError(
+        f'{path} cannot be read ({reason}): delete it and rerun the same command; the '
+        'run is then resumed from its checkpoints, which write it again.') from None
+  return data
+
+
+def read_results(workdir: str) -> dict | None:
+  """results.json of a finished run, or None."""
+  return _read_json(os.path.join(workdir, 'results.json'), 'the results of a run',
+                    ('final_accuracy', 'config'))
+
+
+# A selection run whose loss diverged (a pyra_lr too large for the task) is
+# recorded as failed in this file of its workdir, left out of the choice, and
+# not retrained by a rerun.
+DIVERGED_FILE = 'diverged.json'
+
+
+def read_diverged(workdir: str) -> dict | None:
+  """The record of a selection run that diverged, or None."""
+  return _read_json(os.path.join(workdir, DIVERGED_FILE), 'a divergence record',
+                    ('config', 'error'))
+
+
+# A training workdir may resume with another model_init path because the
+# frozen weights' fingerprint is checked on restore; a finished run is read
+# without loading them, so here the path itself must match.
+_WEIGHTS = frozenset({'model_init'})
+
+
+def check_same_config(spec: RunSpec, cfg: ml_collections.ConfigDict, record: dict,
+                      *, ignore: Sequence[str] = ()) -> None:
+  """Refuses a finished (or diverged) run whose stored config differs from `cfg`.
+
+  Its results would otherwise be read and reported as this command's, e.g.
+  after a rerun with another lr, seed or method on the same --workdir. The
+  fields a training workdir may change on resume (`RESUMABLE_FIELDS`: eval
+  batch size, logging, the data folder, ...) but model_init, and `ignore`,
+  may differ.
+  """
+  from pyra_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  changed = checkpointing.changed_fields(
+      checkpointing.stored_config(record['config']), checkpointing.config_to_dict(cfg),
+      ignore=(checkpointing.RESUMABLE_FIELDS - _WEIGHTS) | set(ignore))
+  if changed:
+    shown = '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in list(changed.items())[:8])
+    more = '; ...' if len(changed) > 8 else ''
+    raise errors.CheckpointMismatchError(
+        f'{spec.workdir} holds a finished run ({spec.name}) of a different config '
+        f'({shown}{more}), whose results would be reported as this command\'s: use a '
+        'new --workdir for these settings, or rerun with the config of that run.')
+
+
+def check_finished_runs(config: ml_collections.ConfigDict, sel: Sequence[RunSpec],
+                        fin: Sequence[RunSpec], select: str) -> None:
+  """`check_same_config` for every finished run of the plan, every worker's,
+  before anything trains. A final run's pyra_lr comes from the selection, so it
+  is compared when the choice is made (`train_one`)."""
+  chosen = ['pyra_lr'] if selects(config, select) else []
+  for spec in list(sel) + list(fin):
+    record = read_results(spec.workdir) or read_diverged(spec.workdir)
+    if record is not None:
+      cfg = run_config(config, spec.task, spec.stage, spec.pyra_lr)
+      check_same_config(spec, cfg, record, ignore=chosen if spec.stage == 'final' else ())
 
 
 def headline_of(res: dict) -> str:
@@ -270,16 +339,26 @@ def choose(accuracies: dict[float, float]) -> float:
 
 
 def selection(task_runs: Sequence[RunSpec]) -> dict | None:
-  """The choice from a task's finished selection runs, or None if any is missing."""
-  acc = {}
+  """The choice from a task's finished selection runs, or None if any is missing.
+
+  A run that diverged counts as finished and failed: it is listed under
+  'diverged' and left out of the choice. When every run diverged there is
+  nothing to choose: 'chosen_pyra_lr' is None.
+  """
+  acc, diverged = {}, []
   for r in task_runs:
     res = read_results(r.workdir)
     if res is None:
-      return None
+      if read_diverged(r.workdir) is None:
+        return None
+      diverged.append(r.pyra_lr)
+      continue
     acc[r.pyra_lr] = headline_accuracy(res)
-  chosen = choose(acc)
+  chosen = choose(acc) if acc else None
   return {'grid': [{'pyra_lr': v, 'val200_accuracy': a} for v, a in acc.items()],
-          'chosen_pyra_lr': chosen, 'chosen_val200_accuracy': acc[chosen],
+          'diverged': diverged,
+          'chosen_pyra_lr': chosen,
+          'chosen_val200_accuracy': acc[chosen] if acc else None,
           'rule': SELECT_TIE_RULE}
 
 
@@ -318,9 +397,20 @@ def train_one(spec: RunSpec, cfg: ml_collections.ConfigDict) -> dict | None:
   """Trains (or resumes, or reads) one run; returns its results.json.
 
   None when another live process trains in that workdir (its lock, e.g. a
-  worker started twice): the run is being made elsewhere.
+  worker started twice): the run is being made elsewhere. A finished run is
+  read only if its stored config is `cfg` (`check_same_config`). A selection
+  run that diverges is recorded in its DIVERGED_FILE and returns that record
+  (with 'diverged': True), so the choice goes to the other grid values.
   """
   done = read_results(spec.workdir)
+  diverged = read_diverged(spec.workdir) if done is None else None
+  for record in (done, diverged):
+    if record is not None:
+      check_same_config(spec, cfg, record)
+  if diverged is not None:
+    print(f'[vtab] {spec.name}: diverged earlier ({spec.workdir}/{DIVERGED_FILE}), '
+          'left out of the choice', flush=True)
+    return diverged
   if done is not None:
     print(f'[vtab] {spec.name}: finished earlier, read {spec.workdir}/results.json',
           flush=True)
@@ -335,12 +425,35 @@ def train_one(spec: RunSpec, cfg: ml_collections.ConfigDict) -> dict | None:
     except errors.WorkdirInUseError as e:
       print(f'[vtab] {spec.name}: left to the process that holds it: {e}', flush=True)
       return None
+    except errors.DivergedError as e:
+      if spec.stage != 'select':
+        raise
+      return _record_divergence(spec, cfg, e)
   what = 'max accuracy' if headline_of(done) == 'max' else 'accuracy'
   print(f'[vtab] {spec.name}: {done["eval_split"]} {what} '
         f'{100 * headline_accuracy(done):.2f}%', flush=True)
   if spec.stage == 'final':
     _benchmark(cfg, spec.workdir)
   return done
+
+
+def _record_divergence(spec: RunSpec, cfg: ml_collections.ConfigDict,
+                       error: Exception) -> dict:
+  """Writes the DIVERGED_FILE of a selection run whose loss became non-finite.
+
+  The grid value is then a failed candidate, like one with a poor val200
+  accuracy: the protocol goes on with the others, and a rerun does not train
+  it again (which would diverge again from its last checkpoint).
+  """
+  from pyra_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  first = str(error).split(': training stopped')[0]
+  record = {'diverged': True, 'pyra_lr': spec.pyra_lr, 'error': str(error),
+            'config': checkpointing.config_to_dict(cfg)}
+  _write_json(os.path.join(spec.workdir, DIVERGED_FILE), record)
+  print(f'[vtab] {spec.name}: diverged ({first}); recorded in '
+        f'{spec.workdir}/{DIVERGED_FILE} and left out of the choice (delete that '
+        'folder to try this value again)', flush=True)
+  return record
 
 
 def _sleep(seconds: float) -> None:
@@ -357,9 +470,15 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
   With `wait`, a final run whose selection lacks other processes' runs is
   waited for (checked every `poll_seconds`) instead of left waiting.
 
+  A selection run that diverges is recorded as failed and left out of its
+  task's choice (`train_one`); a task whose every grid value diverged gets
+  no final run and is listed under 'failed'.
+
   Returns {'waiting': [tasks whose final run waits on other workers'
-  selection runs], 'summary': the summary dict}.
+  selection runs], 'failed': [tasks whose every selection run diverged],
+  'summary': the summary dict}.
   """
+  check_workdir(workdir, must_exist=False)
   recipe_lib.apply(config)  # Before the per-run copies; idempotent.
   tasks = list(tasks) if tasks else default_tasks(config)
   check_tasks(tasks, config.data.source)
@@ -369,6 +488,7 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
   train.check_config(config)
   train.check_model_init(config)
   sel, fin = plan(config, workdir, tasks, select)
+  check_finished_runs(config, sel, fin, select)
   if select == 'grid' and not selects(config, select):
     print(f'[vtab] method={config.model.method} has no PYRA generators: the '
           'pyra_lr selection stage is skipped (final runs only).', flush=True)
@@ -378,6 +498,7 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
   for spec in mine_sel:
     train_one(spec, run_config(config, spec.task, 'select', spec.pyra_lr))
   pending = list(mine_fin)
+  failed: list[str] = []  # Tasks whose every selection run diverged.
   while True:
     ready = []
     for spec in pending:
@@ -402,14 +523,20 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
         lr = choice['chosen_pyra_lr']
         _write_json(os.path.join(os.path.dirname(spec.workdir), 'selection.json'),
                     choice)
+        left_out = (f'; left out, diverged: '
+                    f'{", ".join(format_lr(v) for v in choice["diverged"])}'
+                    if choice['diverged'] else '')
+        if lr is None:
+          print(f'[vtab] {spec.task}: every pyra_lr of the grid diverged in its '
+                'selection run: no final run for this task (use a grid of smaller '
+                'values in a new --workdir)', flush=True)
+          failed.append(spec.task)
+          continue
         print(f'[vtab] {spec.task}: chose pyra_lr={format_lr(lr)} (val200 '
-              f'{100 * choice["chosen_val200_accuracy"]:.2f}%; {SELECT_TIE_RULE})',
-              flush=True)
-        done = read_results(spec.workdir)
-        if done is not None and not math.isclose(done['config']['pyra_lr'], lr):
-          print(f'[vtab] warning: {spec.workdir} finished earlier with pyra_lr '
-                f'{done["config"]["pyra_lr"]:g}, not the chosen {lr:g}; it is kept '
-                '(delete it to retrain).', flush=True)
+              f'{100 * choice["chosen_val200_accuracy"]:.2f}%; {SELECT_TIE_RULE}'
+              f'{left_out})', flush=True)
+      # A final run that finished with another pyra_lr (a grid changed since) is
+      # refused by train_one, naming the field, rather than reported as chosen.
       train_one(spec, run_config(config, spec.task, 'final', lr))
   elapsed = time.time() - t0
   summ = write_summary(workdir, tasks, command_wall_time_s=elapsed)
@@ -418,7 +545,7 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
           'on other workers\' selection runs: '
           f'{", ".join(s.task for s in pending)}. Run this worker again once '
           'they are done.', flush=True)
-  return {'waiting': [s.task for s in pending], 'summary': summ}
+  return {'waiting': [s.task for s in pending], 'failed': failed, 'summary': summ}
 
 
 # ----------------------------------------------------------------------------
@@ -443,19 +570,23 @@ def _task_row(workdir: str, task: str) -> dict:
   row: dict[str, Any] = {'task': task, 'group': next(
       (g for g, ts in GROUPS.items() if task in ts), 'other')}
   sel_root = os.path.join(root, 'select')
-  grid = {}
+  grid, diverged = {}, []
   wall = 0.0
   if os.path.isdir(sel_root):
     for name in sorted(os.listdir(sel_root)):
       res = read_results(os.path.join(sel_root, name))
       if res is not None:
         grid[float(res['config']['pyra_lr'])] = headline_accuracy(res)
-        wall += float(res['wall_time_s'])
+        wall += float(res.get('wall_time_s') or 0.0)
+      elif (bad := read_diverged(os.path.join(sel_root, name))) is not None:
+        diverged.append(float(bad['config']['pyra_lr']))
   row['select_val200'] = {format_lr(v): a for v, a in sorted(grid.items())}
+  row['select_diverged'] = [format_lr(v) for v in sorted(diverged)]
   fin = read_results(os.path.join(root, 'final'))
   row['done'] = fin is not None
   if fin is None:
-    row['status'] = 'selecting' if grid else 'not started'
+    row['status'] = ('selection diverged' if diverged and not grid else
+                     'selecting' if grid or diverged else 'not started')
     row['select_wall_time_s'] = wall
     return row
   cfg = fin['config']
@@ -479,11 +610,10 @@ def _task_row(workdir: str, task: str) -> dict:
       'final_wall_time_s': float(fin['wall_time_s']),
       'select_wall_time_s': wall,
   })
-  sp_path = os.path.join(root, 'final', 'speedup.json')
-  if os.path.isfile(sp_path):
-    with open(sp_path) as f:
-      sp = json.load(f)['models']
-    m = sp.get(row['method'], {})
+  sp = _read_json(os.path.join(root, 'final', 'speedup.json'),
+                  'a throughput measurement', ('models',))
+  if sp is not None:
+    m = sp['models'].get(row['method'], {})
     row['inference_images_per_sec'] = m.get('images_per_sec')
     row['inference_speedup'] = m.get('speedup')
   return row
@@ -526,8 +656,8 @@ def summarize(workdir: str, tasks: Sequence[str] | None = None) -> dict:
   paper = None
   keys = set()
   for t in done:
-    with open(os.path.join(workdir, task_dir_name(t), 'final', 'results.json')) as f:
-      keys.add(_paper_key(json.load(f)['config']))
+    keys.add(_paper_key(read_results(os.path.join(workdir, task_dir_name(t), 'final'))
+                        ['config']))
   if len(keys) == 1 and None not in keys:
     paper = PAPER_MEANS.get(keys.pop())
   return {
@@ -610,6 +740,12 @@ def to_markdown(s: dict) -> str:
   out.append(f'Means of: {HEADLINE_WORDS.get(s.get("headline", "final"))}.')
   out.append(f'pyra_lr selection: {s["selection_rule"]}. Total wall time of the '
              f'runs: {s["total_run_wall_time_s"]:.0f} s.')
+  diverged = [f'{r["task"]} pyra_lr={", ".join(r["select_diverged"])}'
+              for r in s['tasks'] if r.get('select_diverged')]
+  if diverged:
+    out.append('')
+    out.append('Selection runs that diverged (recorded as failed, left out of the '
+               f'choice): {"; ".join(diverged)}.')
   return '\n'.join(out) + '\n'
 
 
@@ -654,6 +790,17 @@ def write_summary(workdir: str, tasks: Sequence[str] | None = None, *,
 # ----------------------------------------------------------------------------
 # Command line.
 # ----------------------------------------------------------------------------
+
+def check_workdir(workdir: str, *, must_exist: bool) -> None:
+  """Refuses a --workdir that is a file, or (must_exist, for --summary_only,
+  which reads and creates nothing) one that does not exist, e.g. mistyped."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UsageError(f'--workdir={workdir} is a file, not a folder: give the '
+                     "protocol's folder (new, or the --workdir of an earlier run).")
+  if must_exist and not os.path.isdir(workdir):
+    raise UsageError(f'--workdir={workdir} does not exist: --summary_only reads the '
+                     'runs of an earlier protocol there; check the path.')
+
 
 def _fail(message: str, code: int = 1):
   print(f'Error: {message}', file=sys.stderr)
@@ -706,8 +853,10 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
     _fail(f'Unexpected arguments: {" ".join(argv[1:])}', 2)
   if fl['workdir'].value is None:
     _fail('Give --workdir=DIR: the root of the protocol\'s runs and summary.', 2)
+  workdir = fl['workdir'].value
   try:
     worker = parse_worker(fl['worker'].value)
+    check_workdir(workdir, must_exist=fl['summary_only'].value)
     if fl['summary_only'].value:
       if fl['tasks'].value is not None:
         config = fl['config'].value
@@ -728,6 +877,10 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
       raise
     logging.debug('%s', traceback.format_exc())
     _fail(str(e), 1)
+  if out['failed']:
+    _fail(f'Every pyra_lr of config.vtab.pyra_lr_grid diverged in the selection runs '
+          f'of {", ".join(out["failed"])}, so they have no final run: use a grid of '
+          'smaller values in a new --workdir.', 1)
   if out['waiting']:
     sys.exit(EXIT_WAITING)
 
