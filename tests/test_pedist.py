@@ -379,7 +379,7 @@ def one_sentence(code, err):
      'was trained at 32 px but the student runs at config.model.image_size = 48'),
     (lambda t, tmp: ['--config=configs/tiny.py:method=peft,teacher=' + str(t),
                      '--config.distill.temperature=0.0'],
-     'use a temperature > 0'),
+     'config.distill.temperature = 0.0: use a finite number > 0'),
     (lambda t, tmp: ['--config=configs/tiny.py:method=peft,teacher=' + str(t),
                      '--config.distill.loss=soft'],
      "config.distill.loss = 'soft': use one of kl, authors_hard."),
