@@ -16,7 +16,12 @@ made, with the config's `pyra_lr`.
 
 Every run is an ordinary training workdir of `pyra_jax.train`, run in this
 process: a killed command resumes each run from its last checkpoint when it is
-run again, and a run that finished (it has results.json) is read, not redone.
+run again, and a run that finished (it has results.json) is read, not redone,
+if the config it stored is the command's (a rerun with another lr, seed or
+method on the same --workdir is refused, naming the fields, before anything
+trains). A selection run whose loss diverges is recorded as failed
+(`diverged.json` in its folder), left out of the choice and not retrained; the
+summary lists it.
 
 Workers (`--worker=i/n`, i = 1..n): the selection runs, in task then grid
 order, go round-robin to the workers; the final run of the k-th task to worker
