@@ -69,7 +69,6 @@ def nothing_trained(workdir: Path) -> bool:
     (['--config.model.diffrate_flops_weight=-1'], 'model.diffrate_flops_weight = -1.0'),
     (['--config.model.diffrate_search_epochs=0'], 'model.diffrate_search_epochs = 0'),
     (['--config.model.wr_init=gaussian'], "model.wr_init = 'gaussian': use one of 'uniform', 'normal'"),
-    (['--config.model.distilled_eval=max'], "model.distilled_eval = 'max'"),
     # Optimiser and loop fields: non-finite ones are refused by name.
     (['--config.lr=inf'], 'config.lr = inf: use a finite number > 0'),
     (['--config.pyra_lr=nan'], 'config.pyra_lr = nan: use a finite number >= 0, or -1'),
