@@ -95,6 +95,7 @@ from pyra_jax import errors
 from pyra_jax import field_ranges
 from pyra_jax import merge as merge_lib
 from pyra_jax import profiling
+from pyra_jax import registry
 from pyra_jax import schedules
 from pyra_jax import train as train_lib
 from pyra_jax.models import vit
@@ -104,7 +105,7 @@ from pyra_jax.errors import BenchmarkError  # pylint: disable=unused-import
 PyTree = Any
 # Every method the model knows, plus 'evit_own': EViT at its own keep rate
 # (model.evit_keep_rate at model.evit_layers) rather than FLOPs-matched.
-METHODS = vit.METHODS + ('evit_own',)
+METHODS = tuple(registry.METHODS) + ('evit_own',)
 # What `--methods` runs when not given: the original three.
 DEFAULT_METHODS = ('peft', 'tome', 'pyra')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -139,8 +140,9 @@ def method_config(model_config: ml_collections.ConfigDict, method: str, *,
   method = 'evit' if method == 'evit_own' else method
   c.method = method
   if peft is not None:
-    if peft not in vit.PEFT_MODULES:
-      raise BenchmarkError(f'Unknown PEFT module {peft!r}: use some of {vit.PEFT_MODULES}.')
+    if peft not in registry.PEFT_MODULES:
+      raise BenchmarkError(f'Unknown PEFT module {peft!r}: use some of '
+                           f'{tuple(registry.PEFT_MODULES)}.')
     c.peft = peft
   c.image_size = image_size
   if c.num_classes is None:
@@ -165,7 +167,7 @@ def schedule_as_diffrate_rates(model_config: ml_collections.ConfigDict) -> str:
   as_tome.method = 'tome'
   kw = vit.model_kwargs(as_tome, num_classes=1)
   n0 = (model_config.image_size // kw['patch_size']) ** 2 + 1 + int(kw['distilled'])
-  counts = schedules.token_counts(kw['schedule'], n0)  # n0, n1, ..., n_depth
+  counts = schedules.token_counts(kw['reducer'].schedule, n0)  # n0, n1, ..., n_depth
   prune = ','.join(str(n) for n in counts[:-1])
   merge = ','.join(str(n) for n in counts[1:])
   return f'{prune};{merge}'
@@ -1126,7 +1128,7 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
     methods = METHODS
   bad = [m for m in methods if m not in METHODS]
   if bad or not methods:
-    raise app.UsageError(f'--methods: use some of {vit.METHODS}, got {methods}.')
+    raise app.UsageError(f'--methods: use some of {tuple(registry.METHODS)}, got {methods}.')
   try:
     check_flags({k: fl[k].value for k in FLAG_RANGES})
   except BenchmarkError as e:

@@ -63,25 +63,18 @@ from pyra_jax import cli
 from pyra_jax import configs
 from pyra_jax import errors
 from pyra_jax import recipe as recipe_lib
+from pyra_jax import registry
 from pyra_jax.errors import ConfigError, UsageError
 
 # Exit status of a worker that left final runs waiting on other workers.
 EXIT_WAITING = 3
 
 # The task groups of VTAB-1k (docs/algorithm.md §5), in the paper's column order.
-GROUPS = {
-    'Natural': ('caltech101', 'cifar100', 'dtd', 'oxford_flowers102',
-                'oxford_iiit_pet', 'svhn', 'sun397'),
-    'Specialized': ('patch_camelyon', 'eurosat', 'resisc45',
-                    'diabetic_retinopathy'),
-    'Structured': ('clevr_count', 'clevr_dist', 'dmlab', 'kitti_dist',
-                   'dsprites_loc', 'dsprites_ori', 'smallnorb_azi',
-                   'smallnorb_ele'),
-}
-VTAB_TASKS = tuple(t for g in GROUPS.values() for t in g)
+GROUPS = registry.VTAB_GROUPS
+VTAB_TASKS = registry.VTAB_TASKS
 # Folder tasks beyond VTAB-1k (pyra_jax/data/tasks.py: EXTRA_TASKS but mnist,
 # which is its own source), and a dataset of one's own, 'folder:NAME'.
-FOLDER_EXTRA_TASKS = ('cifar10',)
+FOLDER_EXTRA_TASKS = tuple(t for t in registry.EXTRA_TASKS if t != 'mnist')
 CUSTOM_PREFIX = 'folder:'
 _PLAIN_NAME = re.compile(r'[\w-][\w.-]*')  # As pyra_jax/data/tasks.py.
 

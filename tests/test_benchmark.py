@@ -419,13 +419,13 @@ def test_diffrate_without_searched_rates_is_timed_at_the_schedules_token_counts(
                                  schedule=sched)
     tome = benchmark.method_config(model, 'tome', image_size=224, num_classes=10,
                                    schedule=sched)
-    r = vit.model_kwargs(tome)['schedule']
+    r = vit.model_kwargs(tome)['reducer'].schedule
     prune, merge = ([int(v) for v in half.split(',')] for half in dr.diffrate_rates.split(';'))
     n = [197]
     for ri in r:
       n.append(n[-1] - ri)
     assert prune == n[:-1] and merge == n[1:]  # written out from the definition
-    assert vit.model_kwargs(dr)['schedule'] == r
+    assert vit.model_kwargs(dr)['reducer'].schedule == r
   given = benchmark.method_config(
       ml_collections.ConfigDict(dict(model.to_dict(), diffrate_rates='x.json')),
       'diffrate', image_size=224, num_classes=10)

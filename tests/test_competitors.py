@@ -15,11 +15,14 @@ import pytest
 
 from pyra_jax import schedules
 from pyra_jax.configs import paper
+from pyra_jax.configs import common
 from pyra_jax.configs import tiny
 from pyra_jax.methods import ats as ats_lib
 from pyra_jax.methods import evit as evit_lib
 from pyra_jax.methods import tofu as tofu_lib
+from pyra_jax.methods.base import AttentionRequest
 from pyra_jax.models import vit
+from pyra_jax.models.peft import PeftSettings
 from tests import reference_merge as ref
 from tests import reference_methods as ref_methods
 from tests.test_methods_ltmp_diffrate import jit_features, random_params
@@ -81,10 +84,10 @@ def test_evit_token_counts_follow_its_keep_rate():
   k3 = math.ceil(0.7 * m3)               # 70 -> 72
   want = [197] * 4 + [k1 + 2] * 3 + [k2 + 2] * 3 + [k3 + 2] * 3
   kw = vit.model_kwargs(paper.evit_own_config('vitb').model, num_classes=10)
-  assert schedules.token_counts(kw['schedule'], 197) == want
+  assert schedules.token_counts(kw['reducer'].schedule, 197) == want
   assert want[4:] == [140] * 3 + [100] * 3 + [72] * 3
   kw = vit.model_kwargs(paper.evit_own_config('vitl').model, num_classes=10)
-  assert [l for l, r in enumerate(kw['schedule']) if r] == [6, 12, 18]
+  assert [l for l, r in enumerate(kw['reducer'].schedule) if r] == [6, 12, 18]
 
 
 def test_evit_at_keep_one_less_than_all_still_reorganises():
@@ -118,8 +121,8 @@ def test_evit_keep_rate_matches_the_levels_flops(level):
   kw = vit.model_kwargs(cfg.model, num_classes=10)
   flops = lambda s: schedules.vit_flops(s, num_tokens=197, width=768)
   target = flops(schedules.NAMED_SCHEDULES[f'vitb_{level}'])
-  assert abs(flops(kw['schedule']) - target) <= 0.05 * target
-  assert {l for l, r in enumerate(kw['schedule']) if r} <= {3, 6, 9}
+  assert abs(flops(kw['reducer'].schedule) - target) <= 0.05 * target
+  assert {l for l, r in enumerate(kw['reducer'].schedule) if r} <= {3, 6, 9}
 
 
 # --------------------------------------------------------------------------- #
@@ -274,14 +277,17 @@ def test_class_attention_is_the_first_row_of_attention():
   x = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
   size = jnp.asarray(rng.integers(1, 4, size=(b, n, 1)), jnp.float32)
   for impl in vit.ATTENTION_IMPLEMENTATIONS:
-    mod = vit.Attention(num_heads=h, qkv_bias=True, lora_rank=0, lora_dropout=0.0,
-                        lora_init='zeros', dtype=jnp.float32, implementation=impl,
-                        return_cls_attn=True, return_value_norm=True, fact_scale=0.0,
-                        fact_dropout=0.0)
+    no_peft = common.get_base_config().model
+    no_peft.lora_rank = 0
+    mod = vit.Attention(num_heads=h, qkv_bias=True, dtype=jnp.float32,
+                        peft=PeftSettings.from_config(no_peft, width=d, mlp=4 * d),
+                        implementation=impl,
+                        request=AttentionRequest(cls_attn=True, value_norm=True))
     params = mod.init(jax.random.PRNGKey(1), x, size, train=False)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
                           params)
-    _, _, cls_attn, vnorm = mod.apply(params, x, size, train=False)
+    _, attended = mod.apply(params, x, size, train=False)
+    cls_attn, vnorm = attended.cls_attn, attended.value_norm
     p = params['params']
     proj = lambda name: (np.asarray(x) @ np.asarray(p[name]['kernel']).reshape(d, d)
                          + np.asarray(p[name]['bias']).reshape(d))

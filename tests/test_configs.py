@@ -61,13 +61,13 @@ def test_every_paper_setting_has_a_file():
 def test_setting_loads_and_builds(name):
   config = load(name)
   kw = vit.model_kwargs(config.model, num_classes=10)  # Resolves the schedule.
-  assert len(kw['schedule']) == kw['depth']
+  assert len(kw['reducer'].schedule) == kw['depth']
   vit.build_model(config.model, num_classes=10)
   if name in PAPER:
     variant, distilled, rank, batch, schedule = PAPER[name]
     assert (config.model.variant, config.model.distilled, config.model.lora_rank,
             config.batch_size) == (variant, distilled, rank, batch)
-    assert tuple(kw['schedule']) == schedule
+    assert tuple(kw['reducer'].schedule) == schedule
     assert config.lr == 1e-3 and config.num_epochs == 100
   if name not in PAPER and name != 'tiny.py':
     return  # Other authors' settings (e.g. demo.py) may take other arguments.

@@ -22,10 +22,13 @@ import numpy as np
 import pytest
 
 from pyra_jax import schedules
+from pyra_jax.configs import common
 from pyra_jax.configs import tiny
 from pyra_jax.methods import diffrate
 from pyra_jax.methods import ltmp
+from pyra_jax.methods.base import AttentionRequest
 from pyra_jax.models import vit
+from pyra_jax.models.peft import PeftSettings
 from tests import reference_methods as ref
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,12 +210,15 @@ def test_class_attention_is_the_softmax_of_the_class_query(implementation):
   b, n, d, h = 2, 9, 16, 4
   x = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
   size = jnp.asarray(rng.integers(1, 4, size=(b, n, 1)), jnp.float32)
-  attn = vit.Attention(num_heads=h, qkv_bias=True, lora_rank=0, lora_dropout=0.0,
-                       lora_init='zeros', dtype=jnp.float32, implementation=implementation,
-                       return_cls_attn=True, return_mean_attn=False, fact_scale=0.0,
-                       fact_dropout=0.0)
+  no_peft = common.get_base_config().model
+  no_peft.lora_rank = 0
+  attn = vit.Attention(num_heads=h, qkv_bias=True, dtype=jnp.float32,
+                       peft=PeftSettings.from_config(no_peft, width=d, mlp=4 * d),
+                       implementation=implementation,
+                       request=AttentionRequest(cls_attn=True))
   params = attn.init(jax.random.key(1), x, size, train=False)['params']
-  _, _, cls = attn.apply({'params': params}, x, size, train=False)
+  _, attended = attn.apply({'params': params}, x, size, train=False)
+  cls = attended.cls_attn
   p = jax.device_get(params)
   xn, sn = np.asarray(x, np.float64), np.asarray(size, np.float64)
   q = np.einsum('bnd,dhk->bnhk', xn, p['query']['kernel']) + p['query']['bias']
@@ -263,7 +269,7 @@ def test_diffrate_model_at_fixed_rates_scales_sizes_unclamped():
   assert (sizes != np.round(sizes)).any()
   want = ref.vit_forward(params, np.asarray(x, np.float64), method='diffrate',
                          num_heads=c.model.num_heads, depth=3,
-                         diffrate_kept=model.diffrate_kept)
+                         diffrate_kept=model.reducer.kept)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
@@ -365,7 +371,7 @@ def test_diffrate_search_step_hard_forward_equals_fixed_rate_compression():
 
 def test_diffrate_rates_fix_the_token_counts_and_the_flops():
   c, model = _tiny_model('diffrate', diffrate_rates='17,13;15,9')
-  assert model.diffrate_kept == ((17, 15), (13, 9))
+  assert model.reducer.kept == ((17, 15), (13, 9))
   assert vit.num_tokens(model, 32) == [17, 15, 9]
   x = jnp.asarray(_rng(8).normal(size=(2, 32, 32, 3)), jnp.float32)
   params = model.init({'params': jax.random.key(0)}, x)['params']

@@ -8,6 +8,7 @@ runs (fields missing, -1 for unset) still rebuild their model.
 """
 
 import dataclasses
+import importlib
 import inspect
 import json
 
@@ -18,18 +19,18 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pyra_jax import checkpointing
+from pyra_jax import registry
 from pyra_jax import export as export_lib
 from pyra_jax import train
 from pyra_jax.configs import tiny, vitb_high
 from pyra_jax.configs.common import get_base_config
-from pyra_jax.models import lora, pyra, vit
+from pyra_jax.models import lora, peft, pyra, vit
 from tests.test_train_cli import reset_flags, run_main
 from tests.offline_data import require_offline_mnist
 
 # Module fields that are not config fields, so a default there is no second copy.
 # Wiring between modules (set by the block for the method at hand), not config.
-NOT_CONFIG_FIELDS = {'trace_source', 'hidden', 'kernel_init', 'return_cls_attn',
-                     'return_value_norm', 'return_mean_attn'}
+NOT_CONFIG_FIELDS = {'trace_source', 'hidden', 'kernel_init', 'request'}
 UNSET_FIELDS = ('num_classes', 'width', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
 
 
@@ -55,9 +56,12 @@ def test_a_config_without_a_field_is_refused_naming_it(field):
 
 
 def _module_classes():
-  for lib in (vit, lora, pyra):
+  """The linen modules, the settings they carry and every method's reducer."""
+  libs = (vit, lora, pyra, peft) + tuple(
+      importlib.import_module(r.__module__) for r in registry.methods().values())
+  for lib in libs:
     for _, cls in inspect.getmembers(lib, inspect.isclass):
-      if issubclass(cls, nn.Module) and cls.__module__ == lib.__name__:
+      if dataclasses.is_dataclass(cls) and cls.__module__ == lib.__name__:
         yield cls
 
 
@@ -65,7 +69,8 @@ def test_modules_carry_no_copy_of_a_config_default():
   classes = list(_module_classes())
   assert {c.__name__ for c in classes} >= {
       'VisionTransformer', 'Encoder', 'EncoderBlock', 'Attention', 'MlpBlock',
-      'LoRA', 'PyraGenerator'}
+      'LoRA', 'PyraGenerator', 'PeftSettings', 'BlockSettings', 'Pyra', 'LTMP',
+      'DiffRate', 'EViT', 'ATS', 'ToFu'}
   defaulted = {
       f'{cls.__name__}.{f.name}' for cls in classes for f in dataclasses.fields(cls)
       if f.name not in ('parent', 'name') and (
@@ -85,7 +90,16 @@ def test_model_kwargs_takes_every_value_from_the_config():
   assert all(base[k] != v for k, v in changed.items())
   model.update(changed)
   kw = vit.model_kwargs(model)
-  assert {k: kw[k] for k in changed} == changed
+  # Where each field lands: the method's settings, the block's, the PEFT module's.
+  arch, peft_settings, reducer = kw['arch'], kw['peft'], kw['reducer']
+  got = dict(modulation_rank=reducer.rank, wr_init=reducer.wr_init,
+             pyra_ln_eps=reducer.ln_eps, prop_attn=arch.prop_attn,
+             qkv_bias=arch.qkv_bias, layerscale=arch.layerscale, ln_eps=arch.ln_eps,
+             lora_rank=peft_settings.lora_rank, lora_dropout=peft_settings.lora_dropout,
+             lora_init=peft_settings.lora_init,
+             **{k: kw[k] for k in ('distilled_eval', 'drop_path', 'head_init_std',
+                                   'num_classes')})
+  assert got == changed
 
 
 def test_unset_fields_come_from_the_variant_and_the_task():

@@ -18,9 +18,9 @@ SETTINGS_DIR = pathlib.Path(__file__).resolve().parent
 
 
 def setting_names() -> list[str]:
-  """The packaged settings, e.g. ['deitb_high', ..., 'vitb_high', ...]."""
-  return sorted(p.stem for p in SETTINGS_DIR.glob('*.py')
-                if p.stem not in ('__init__', 'common', 'paper'))
+  """The packaged settings, e.g. ['deitb_high', ..., 'vitb_high', ...] (`registry.SETTINGS`)."""
+  from pyra_jax import registry  # pylint: disable=g-import-not-at-top
+  return sorted(registry.SETTINGS)
 
 
 def resolve(spec: str) -> str:

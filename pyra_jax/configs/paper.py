@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from pyra_jax import registry
+
 from pyra_jax import recipe as recipe_lib
 from pyra_jax.configs import common
 
@@ -78,7 +80,7 @@ BACKBONES = {
 LEVELS = ('low', 'high')
 ARG_KEYS = ('task', 'method', 'peft', 'modulation', 'pyra_lr', 'lr', 'source',
             'data_dir', 'init', 'teacher', 'teacher_export', 'recipe')
-PEFT_MODULES = ('lora', 'adapter', 'convpass', 'fact', 'snf')  # = vit.PEFT_MODULES
+PEFT_MODULES = tuple(registry.PEFT_MODULES)
 # What `peft=` sets besides model.peft: the module as the code behind the
 # published numbers builds it (docs/algorithm.md §13-14). The base config keeps
 # the other choice, which is what runs stored before these fields existed used.
@@ -147,8 +149,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None
   return config
 
 
-# = pyra_jax.models.vit.METHODS (repeated: configs load without importing JAX)
-METHODS = ('peft', 'tome', 'pyra', 'evit', 'tofu', 'ats', 'ltmp', 'diffrate')
+METHODS = tuple(registry.METHODS)
 
 
 def set_method(config: ml_collections.ConfigDict, method: str) -> None:

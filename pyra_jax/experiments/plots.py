@@ -82,7 +82,7 @@ def model_key(model: dict[str, Any], method: Optional[str] = None
     return None
   method = c.method
   return (kw['width'], kw['depth'], kw['mlp_dim'], kw['patch_size'],
-          int(c.image_size), kw['distilled'], method, tuple(kw['schedule']))
+          int(c.image_size), kw['distilled'], method, tuple(kw['reducer'].schedule))
 
 
 def gflops_of(key: tuple) -> float:

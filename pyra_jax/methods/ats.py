@@ -22,8 +22,14 @@ is the cost of keeping one compilation (README "Competing compression methods").
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, ClassVar
+
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from pyra_jax.methods import base
 
 Array = jax.Array
 
@@ -72,3 +78,41 @@ def ats_sample(x: Array, mask: Array, cls_attn: Array, value_norm: Array, k: int
   out_mask = jnp.concatenate(
       [jnp.ones((b, p), mask.dtype), valid.astype(mask.dtype)], axis=1)[..., None]
   return out, out_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class ATS(base.TokenReducer):
+  """Samples N - P - schedule[l] slots where schedule[l] > 0, and at `layers`
+  (all N - P slots: ATS's own setting, where the schedule removes none).
+
+  The 0/1 slot mask travels as the token size, so attention always receives
+  it (`size_bias`), whatever model.prop_attn says.
+  """
+  layers: tuple[int, ...]
+
+  name: ClassVar[str] = 'ats'
+  traces_source: ClassVar[bool] = False
+  config_fields: ClassVar[tuple[str, ...]] = ('ats_layers',)
+
+  @classmethod
+  def from_config(cls, c: ml_collections.ConfigDict, geo: base.Geometry) -> 'ATS':
+    layers = base.layer_list(c, 'ats_layers', geo.depth)
+    return cls(schedule=base.config_schedule(c, geo), num_protected=geo.num_protected,
+               layers=() if layers is None else layers)
+
+  def samples(self, layer: int) -> bool:
+    return self.schedule[layer] > 0 or layer in self.layers
+
+  def attention(self, layer: int, *, train: bool) -> base.AttentionRequest:
+    here = self.samples(layer)
+    return base.AttentionRequest(cls_attn=here, value_norm=here, size_bias=True)
+
+  def reduce(self, layer: int, tokens: base.Tokens, attended: base.Attended, *,
+             train: bool) -> tuple[base.Tokens, Any]:
+    if not self.samples(layer):
+      return tokens, None
+    tokens = tokens.with_size()
+    k = tokens.x.shape[1] - self.num_protected - self.schedule[layer]
+    x, size = ats_sample(tokens.x, tokens.size, attended.cls_attn, attended.value_norm, k,
+                         num_protected=self.num_protected)
+    return tokens._replace(x=x, size=size), None

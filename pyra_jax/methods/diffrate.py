@@ -32,16 +32,22 @@ with weight * (FLOPs / full - 1 / ratio)^2 (or the method's own form,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import numbers
 import os
-from typing import Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from pyra_jax import schedules
 from pyra_jax.errors import ConfigError
+from pyra_jax.field_ranges import Choices, Range
+from pyra_jax.methods import base
 
 Array = jax.Array
 RATES_FILE = 'diffrate_rates.json'
@@ -360,7 +366,6 @@ def max_flops_ratio(*, depth: int, num_patches: int, num_protected: int,
   Block 0 is never compressed; every other block keeps at least the smallest
   candidate (plus the prefix).
   """
-  from pyra_jax import schedules  # pylint: disable=g-import-not-at-top
   n0 = num_patches + num_protected
   least = int(candidates(num_patches, granularity)[-1]) + num_protected
   sched = ([0, n0 - least] + [0] * (depth - 2))[:depth]
@@ -382,3 +387,117 @@ def final_rates(kept_logits: Sequence[tuple[np.ndarray, np.ndarray]], *,
     count = lambda a: int(expected_kept(jnp.asarray(a, jnp.float32), cands, num_protected))
     out.append((count(prune), count(merge)))
   return normalise_rates([p for p, _ in out], [m for _, m in out], n0)
+
+
+class DiffRateLogits(nn.Module):
+  """`diffrate/{prune_logits, merge_logits}` (K,): the search's rate distributions."""
+  num_candidates: int
+
+  @nn.compact
+  def __call__(self) -> tuple[Array, Array]:
+    shape = (self.num_candidates,)
+    return (self.param('prune_logits', nn.initializers.zeros, shape),
+            self.param('merge_logits', nn.initializers.zeros, shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffRate(base.TokenReducer):
+  """Fixed rates: `kept[l]` = (prune_kept, merge_kept) of block l, static. The
+  search (`search=True`, --mode=search): masks by learned rate distributions
+  and adds the FLOPs regulariser; its schedule is all zeros."""
+  kept: tuple[tuple[int, int], ...]  # () in the search
+  search: bool
+  granularity: int
+  flops_ratio: float
+  flops_weight: float
+  flops_loss: str
+
+  name: ClassVar[str] = 'diffrate'
+  config_fields: ClassVar[tuple[str, ...]] = (
+      'diffrate_rates', 'diffrate_search', 'diffrate_granularity', 'diffrate_flops_ratio',
+      'diffrate_flops_weight', 'diffrate_flops_loss', 'diffrate_search_epochs')
+  field_ranges: ClassVar[dict] = {
+      'diffrate_flops_ratio': Range(1, why='uncompressed / searched FLOPs'),
+      'diffrate_flops_weight': Range(0, why='0 searches without the FLOPs target'),
+      'diffrate_flops_loss': Choices(FLOPS_LOSSES),
+      'diffrate_granularity': Range(1, integer=True, why=(
+          'tokens between candidate rates; the method uses 4')),
+      'diffrate_search_epochs': Range(1, integer=True, why='epochs of --mode=search'),
+  }
+
+  @classmethod
+  def from_config(cls, c: ml_collections.ConfigDict, geo: base.Geometry) -> 'DiffRate':
+    # The fields' own ranges are `field_ranges`'; here the bounds that depend
+    # on the model.
+    g = c.diffrate_granularity
+    if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g < geo.num_patches:
+      raise ConfigError(f'model.diffrate_granularity = {g!r}: use an int from 1 to '
+                        f'{geo.num_patches - 1} (tokens between candidate rates; the '
+                        'method uses 4).')
+    settings = dict(num_protected=geo.num_protected, granularity=g,
+                    flops_ratio=c.diffrate_flops_ratio,
+                    flops_weight=c.diffrate_flops_weight, flops_loss=c.diffrate_flops_loss)
+    if c.diffrate_search:
+      if c.diffrate_flops_loss not in FLOPS_LOSSES:
+        raise ConfigError(f'model.diffrate_flops_loss = {c.diffrate_flops_loss!r}: use '
+                          "'ratio' (weight * (FLOPs fraction - 1/ratio)^2) or 'authors' "
+                          "(the method's 5 * (GFLOPs - target)^2).")
+      ratio = c.diffrate_flops_ratio
+      reach = max_flops_ratio(depth=geo.depth, num_patches=geo.num_patches,
+                              num_protected=geo.num_protected, granularity=g,
+                              width=geo.width, mlp_ratio=geo.mlp_ratio)
+      if not 1.0 <= ratio <= reach:
+        raise ConfigError(
+            f'model.diffrate_flops_ratio = {ratio}: the search can reach FLOPs ratios '
+            f'from 1 to {reach:.2f} on this model (the first block is never compressed); '
+            'choose a target in that range.')
+      return cls(schedule=(0,) * geo.depth, kept=(), search=True, **settings)
+    kept = tuple(read_rates(c.diffrate_rates, depth=geo.depth, num_tokens=geo.num_tokens,
+                            num_protected=geo.num_protected))
+    return cls(schedule=rates_to_schedule(kept, geo.num_tokens), kept=kept, search=False,
+               **settings)
+
+  @property
+  def has_regulariser(self) -> bool:  # type: ignore[override]
+    return self.search
+
+  def attention(self, layer: int, *, train: bool) -> base.AttentionRequest:
+    if self.search:
+      return base.AttentionRequest(cls_attn=True, masked=True, mask_keep_self=True,
+                                   mask_eps=TRAIN_EPS if train else 0.0)
+    return base.AttentionRequest(cls_attn=True)
+
+  def reduce(self, layer: int, tokens: base.Tokens, attended: base.Attended, *,
+             train: bool) -> tuple[base.Tokens, Any]:
+    if self.search:
+      return self._search_layer(layer, tokens, attended)
+    prune_kept, merge_kept = self.kept[layer]
+    if not (prune_kept < tokens.x.shape[1] or merge_kept < prune_kept):
+      return tokens, None
+    tokens = tokens.with_size()
+    x, size, source = compress(tokens.x, tokens.size, tokens.source, attended.cls_attn,
+                               prune_kept=prune_kept, merge_kept=merge_kept,
+                               num_protected=self.num_protected)
+    return tokens._replace(x=x, size=size, source=source), None
+
+  def _search_layer(self, layer: int, tokens: base.Tokens, attended: base.Attended
+                    ) -> tuple[base.Tokens, Any]:
+    tokens = tokens.with_size().with_mask()
+    x = tokens.x
+    if layer == 0:  # The method never compresses the first block.
+      n = jnp.asarray(float(x.shape[1]))
+      return tokens, (n, n)
+    cands = candidates(x.shape[1] - self.num_protected, self.granularity)
+    prune_logits, merge_logits = DiffRateLogits(len(cands), name='diffrate')()
+    x, size, mask, prune_kept, merge_kept = search_step(
+        x, tokens.size, tokens.mask, attended.cls_attn, prune_logits, merge_logits, cands,
+        num_protected=self.num_protected)
+    return tokens._replace(x=x, size=size, mask=mask), (prune_kept, merge_kept)
+
+  def regulariser(self, aux: list[Any], geo: base.Geometry) -> tuple[Array, Array]:
+    full = schedules.vit_flops([0] * len(aux), num_tokens=geo.num_tokens, width=geo.width,
+                               mlp_ratio=geo.mlp_ratio)
+    fraction = search_flops(aux, num_tokens=geo.num_tokens, width=geo.width,
+                            mlp_ratio=geo.mlp_ratio) / full
+    return fraction, flops_penalty(fraction, ratio=self.flops_ratio, full_flops=full,
+                                   form=self.flops_loss, weight=self.flops_weight)

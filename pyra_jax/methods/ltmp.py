@@ -30,10 +30,17 @@ removed is `flops_ratio` of the mean masks.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+import dataclasses
+from typing import Any, ClassVar, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from pyra_jax.errors import ConfigError
+from pyra_jax.field_ranges import Range
+from pyra_jax.methods import base
 
 Array = jax.Array
 # The method's training softmax adds eps / K to the numerator and eps to the sum.
@@ -167,3 +174,85 @@ def project_thresholds(params: Any) -> Any:
       return jnp.clip(leaf, 0.0, 1.0)
     return leaf
   return jax.tree_util.tree_map_with_path(clip, params)
+
+
+class LtmpThresholds(nn.Module):
+  """`ltmp/{merge_threshold, prune_threshold}` (1,): one block's learned thresholds.
+
+  Kept in [0, 1] by the training step (`LTMP.project`), as the method clamps
+  them after every update.
+  """
+  merge_init: float
+  prune_init: float
+
+  @nn.compact
+  def __call__(self) -> tuple[Array, Array]:
+    merge = self.param('merge_threshold', nn.initializers.constant(self.merge_init), (1,))
+    prune = self.param('prune_threshold', nn.initializers.constant(self.prune_init), (1,))
+    return merge[0], prune[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class LTMP(base.TokenReducer):
+  """Merges then prunes by learned thresholds in every block, masking tokens.
+
+  Data dependent, so the schedule is all zeros (every token runs); the FLOPs
+  the masks would save are pulled toward `flops_target` by the regulariser.
+  """
+  tau: float
+  merge_init: float
+  prune_init: float
+  flops_target: float
+  flops_weight: float
+
+  name: ClassVar[str] = 'ltmp'
+  has_regulariser: ClassVar[bool] = True
+  masks_tokens: ClassVar[bool] = True
+  config_fields: ClassVar[tuple[str, ...]] = (
+      'ltmp_tau', 'ltmp_merge_init', 'ltmp_prune_init', 'ltmp_flops_target',
+      'ltmp_flops_weight')
+  field_ranges: ClassVar[dict] = {
+      'ltmp_tau': Range(0, low_open=True, why=(
+          "the sigmoid temperature of the masks' gradient (the method's training script "
+          'uses 0.5)')),
+      'ltmp_merge_init': Range(0, 1, why='thresholds live in [0, 1] (cosine similarity)'),
+      'ltmp_prune_init': Range(0, 1, why='thresholds live in [0, 1] (mean attention)'),
+      'ltmp_flops_target': Range(0, 1, low_open=True, why='the FLOPs fraction to keep'),
+      'ltmp_flops_weight': Range(0, why='0 trains without the FLOPs target'),
+  }
+
+  @classmethod
+  def from_config(cls, c: ml_collections.ConfigDict, geo: base.Geometry) -> 'LTMP':
+    # The fields' own ranges are `field_ranges`'; here the bound that depends
+    # on the model.
+    target = c.ltmp_flops_target
+    least = float(flops_ratio([1.0 / geo.num_tokens] * geo.depth, num_tokens=geo.num_tokens,
+                              width=geo.width, mlp_ratio=geo.mlp_ratio))
+    if not least <= target <= 1.0:
+      raise ConfigError(
+          f'model.ltmp_flops_target = {target}: the FLOPs fraction to keep must lie '
+          f'between {least:.3f} (only the class token left after the first block) and 1.')
+    return cls(schedule=(0,) * geo.depth, num_protected=geo.num_protected,
+               tau=c.ltmp_tau, merge_init=c.ltmp_merge_init, prune_init=c.ltmp_prune_init,
+               flops_target=target, flops_weight=c.ltmp_flops_weight)
+
+  def attention(self, layer: int, *, train: bool) -> base.AttentionRequest:
+    return base.AttentionRequest(mean_attn=True, masked=True,
+                                 mask_eps=TRAIN_EPS if train else 0.0)
+
+  def reduce(self, layer: int, tokens: base.Tokens, attended: base.Attended, *,
+             train: bool) -> tuple[base.Tokens, Any]:
+    merge_t, prune_t = LtmpThresholds(self.merge_init, self.prune_init, name='ltmp')()
+    tokens = tokens.with_size().with_mask()
+    x, size, mask = merge_then_prune(
+        tokens.x, tokens.size, tokens.mask, attended.metric, attended.mean_attn,
+        merge_t, prune_t, tau=self.tau, num_protected=self.num_protected)
+    return tokens._replace(x=x, size=size, mask=mask), mask.mean()
+
+  def regulariser(self, aux: list[Any], geo: base.Geometry) -> tuple[Array, Array]:
+    fraction = flops_ratio(aux, num_tokens=geo.num_tokens, width=geo.width,
+                           mlp_ratio=geo.mlp_ratio)
+    return fraction, flops_penalty(fraction, self.flops_target, self.flops_weight)
+
+  def project(self, trainable: Any) -> Any:
+    return project_thresholds(trainable)

@@ -16,12 +16,18 @@ Sizes add as in ToMe in merging layers, so proportional attention applies.
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+import numbers
+from typing import Any, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from pyra_jax import merge as merge_lib
+from pyra_jax.errors import ConfigError
+from pyra_jax.field_ranges import Range
+from pyra_jax.methods import base
 
 Array = jax.Array
 
@@ -56,3 +62,43 @@ def tofu(x: Array, size: Optional[Array], metric: Array, r: int, *, prune_layer:
   fn = prune if prune_layer else mlerp_merge
   x, size = fn(x, size, plan, distill_token=distill_token)
   return x, size, plan
+
+
+@dataclasses.dataclass(frozen=True)
+class ToFu(base.TokenReducer):
+  """Removes schedule[l] tokens in block l: pruned in the first `prune_layers`
+  blocks, MLERP-merged after them."""
+  prune_layers: int
+
+  name: ClassVar[str] = 'tofu'
+  config_fields: ClassVar[tuple[str, ...]] = ('tofu_prune_layers',)
+  field_ranges: ClassVar[dict] = {
+      'tofu_prune_layers': Range(0, integer=True, why='how many leading layers prune'),
+  }
+
+  @classmethod
+  def from_config(cls, c: ml_collections.ConfigDict, geo: base.Geometry) -> 'ToFu':
+    n = c.tofu_prune_layers
+    if (isinstance(n, bool) or not isinstance(n, numbers.Integral)
+        or not 0 <= n <= geo.depth):
+      raise ConfigError(f'model.tofu_prune_layers must be an integer from 0 to the depth '
+                        f'{geo.depth} (how many leading layers prune), got {n!r}.')
+    return cls(schedule=base.config_schedule(c, geo), num_protected=geo.num_protected,
+               prune_layers=n)
+
+  def reduce(self, layer: int, tokens: base.Tokens, attended: base.Attended, *,
+             train: bool) -> tuple[base.Tokens, Any]:
+    r = self.schedule[layer]
+    if r <= 0:
+      return tokens, None
+    pruning = layer < self.prune_layers
+    x, size, plan = tofu(tokens.x, tokens.size, attended.metric, r, prune_layer=pruning,
+                         distill_token=self.distilled)
+    source = tokens.source
+    if source is not None and plan is not None:
+      # A pruned source's patches leave with it (its row contributes zeros to
+      # the max); a merged one's join its destination.
+      drop = (lambda src, dst: jnp.zeros_like(src)) if pruning else None
+      source = merge_lib.merge(source, plan, distill_token=self.distilled,
+                               reduce='max', modulate=drop)
+    return tokens._replace(x=x, size=size, source=source), None
