@@ -270,7 +270,10 @@ def test_eval_and_export_during_training_name_the_run_and_ctrl_c_stops_it(
         [sys.executable, '-m', 'pyra_jax.main', *TINY, f'--workdir={wd}',
          '--config.num_epochs=40', '--config.checkpoint_every_steps=1',
          '--config.keep_checkpoints=1'], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=err_file)
+        stdout=subprocess.DEVNULL, stderr=err_file,
+        # As from a terminal: pytest-xdist's workers ignore SIGINT, and a child
+        # inherits that, so Ctrl-C would never reach it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     deadline = time.time() + 120
     while not (wd / 'checkpoints').is_dir() or not steps(wd):
