@@ -101,14 +101,15 @@ def colab_link(url: str, notebook: str = 'quickstart') -> str | None:
 
 
 def badge_line(url: str) -> str:
-  """The README's one line about Colab: the badge, or why there is none yet."""
+  """The README's one line about Colab: the badge, or how to open the notebook without one."""
   link = colab_link(url)
   if link:
     return (f'[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]'
             f'({link}) `colabs/quickstart.ipynb`: the paper\'s setting on a Colab GPU/TPU.')
   if not is_set(url):
-    return ('Open in Colab: no link yet, the repository URL is not set (set `Repository` in '
-            "pyproject.toml's `[project.urls]`, then run `python colabs/make_notebooks.py`).")
+    return ('Open in Colab: upload `colabs/quickstart.ipynb` (File > Upload notebook) and '
+            "set `PYRA_JAX_SOURCE` in its first cell to run the paper's setting on a Colab "
+            "GPU/TPU (this copy's repository URL is not set, so there is no one-click link).")
   return (f'Open in Colab: Colab links only GitHub repositories, and {url} is not one; '
           'upload `colabs/quickstart.ipynb` (File > Upload notebook) instead.')
 

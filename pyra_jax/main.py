@@ -31,12 +31,9 @@ and Ctrl-C (exit status 130).
 from __future__ import annotations
 
 import errno
-import io
 import os
-import re
 import sys
 import threading
-import tokenize
 import traceback
 
 from absl import app
@@ -44,6 +41,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from pyra_jax import config_docs
 from pyra_jax import configs
 from pyra_jax import errors
 from pyra_jax import recipe
@@ -117,59 +115,9 @@ _HELP_FLAGS = ('--help', '-help', '--helpfull', '-helpfull', '--helpshort',
 # ----------------------------------------------------------------------------
 
 def field_docs(source: str | None = None) -> dict[str, str]:
-  """Maps 'config.a.b' to the comment that documents it in configs/common.py.
-
-  A field's doc is the comment block right above its assignment plus its
-  trailing comment (and the comment lines aligned under that trailing one).
-  Section rulers ('# --- Model ---') are not docs.
-  """
-  if source is None:
-    source = (configs.SETTINGS_DIR / 'common.py').read_text()
-  aliases = {'config': 'config'}
-  docs: dict[str, str] = {}
-  pending: list[str] = []          # Comment lines above the next assignment.
-  last_field, last_col = None, -1  # For continuation comment lines.
-  lines = source.splitlines()
-  comments = {}
-  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-    if tok.type == tokenize.COMMENT:
-      comments[tok.start[0]] = (tok.start[1], tok.string.lstrip('#').strip())
-  assign = re.compile(r'^\s*((?:\w+\.)*\w+)\s*=\s*((?:\w+\.)*\w+\s*=)?')
-  for lineno, line in enumerate(lines, start=1):
-    code = line.split('#', 1)[0] if lineno in comments else line
-    m = assign.match(code)
-    if not code.strip():
-      if lineno in comments:
-        col, text = comments[lineno]
-        if last_field and col == last_col:
-          docs[last_field] += ' ' + text
-        elif not text.startswith('---'):
-          pending.append(text)
-          last_field = None
-      else:
-        pending, last_field = [], None
-      continue
-    if not m:
-      pending, last_field = [], None
-      continue
-    targets = [m.group(1)] + ([m.group(2).rstrip('=').strip()] if m.group(2) else [])
-    # `model = config.model = ...`: the rightmost target is the full path.
-    full = targets[-1]
-    head = full.split('.', 1)[0]
-    if head in aliases:
-      full = aliases[head] + full[len(head):]
-    else:
-      pending, last_field = [], None
-      continue
-    for t in targets[:-1]:
-      if '.' not in t:
-        aliases[t] = full
-    trailing = comments.get(lineno)
-    text = ' '.join(pending + ([trailing[1]] if trailing else []))
-    docs[full] = text
-    pending = []
-    last_field, last_col = (full, trailing[0]) if trailing else (None, -1)
-  return docs
+  """Maps 'config.a.b' to the comment that documents it in configs/common.py
+  (pyra_jax.config_docs, which docs/configs.md is generated from too)."""
+  return config_docs.field_docs(source)
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:
