@@ -158,7 +158,7 @@ On Colab this pip-installs pyra_jax from `PYRA_JAX_SOURCE` **around the
 runtime's own packages**: Colab's `jax`/`jaxlib` are built for its GPU/TPU,
 and its `numpy`, `ipykernel` and `tensorflow` are what the running kernel
 uses. So the package itself is installed without dependencies, then only the
-dependencies it declares that are missing (or outside its version ranges) are
+dependencies it declares (with its `data` and `onnx` extras) that are missing (or outside its version ranges) are
 added, with those five (and jax's CUDA plugins) pinned to the installed
 versions: pip never changes them (`tensorflow-cpu` is not needed next to the full `tensorflow`, which
 already provides `tf.data`). When one of the five is outside pyra_jax's range
@@ -185,6 +185,9 @@ from importlib import metadata
 # kernel has loaded.
 KEEP = ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda12-pjrt', 'numpy', 'ipykernel',
         'tensorflow')
+# The extras the notebooks use besides the base requirements: data (tf.data,
+# TFDS) and onnx (the offline demo's ViT-S/14).
+EXTRAS = ('', 'onnx', 'data')
 # pyproject's Repository until a maintainer sets it.
 UNSET_HOST = <UNSET_HOST>
 
@@ -220,8 +223,8 @@ def requirements_to_install(dist: str) -> list[str]:
   wanted = []
   for line in metadata.requires(dist) or []:
     req = Requirement(line)
-    if req.marker and not req.marker.evaluate({'extra': ''}):
-      continue  # An extra's (pyra_jax[test], ...) or another platform's.
+    if req.marker and not any(req.marker.evaluate({'extra': e}) for e in EXTRAS):
+      continue  # Another extra's (pyra_jax[test], ...) or another platform's.
     name = canonicalize_name(req.name)
     if name == 'tensorflow-cpu' and installed_version('tensorflow'):
       continue
