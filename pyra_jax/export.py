@@ -44,7 +44,9 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from pyra_jax import checkpointing
+from pyra_jax import deploy
 from pyra_jax import optim
+from pyra_jax import param_counts
 from pyra_jax import train as train_lib
 from pyra_jax.errors import ExportError  # pylint: disable=unused-import
 
@@ -87,7 +89,7 @@ def strip_lora(params: PyTree) -> PyTree:
 
 # What an export of ours holds at its top level (Orbax's composite layout).
 _EXPORT_ENTRIES = frozenset({'params', 'config', '_CHECKPOINT_METADATA',
-                             'commit_success.txt'})
+                             'commit_success.txt'}) | deploy.WEIGHT_FILES
 
 
 def is_export(path: str) -> bool:
@@ -108,6 +110,8 @@ def has_export_layout(path: str) -> bool:
   longer `is_export`, yet it is ours to replace: exporting again is the fix
   `load_export` names.
   """
+  if deploy.is_stablehlo_export(path):  # --format=stablehlo
+    return True
   try:
     entries = set(os.listdir(path))
   except OSError:
@@ -159,15 +163,22 @@ def check_export_dir(export_dir: str, workdir: str) -> None:
 
 def export(config: ml_collections.ConfigDict, workdir: str,
            export_dir: str | None = None, step: int | None = None, *,
-           two_stage: bool = False) -> str:
+           two_stage: bool = False, export_format: str = 'orbax',
+           setting: str | None = None) -> str:
   """Writes the folded, deployable checkpoint; returns its directory.
 
   The export is written next to its target and renamed into place, so the
   target holds the old export or the new one, never a mix or nothing; the
   target is checked first (`check_export_dir`). With `two_stage`, the model
   exported merges as `config` says (see `train.restore_run`), and
-  `export_info` names the method it was trained with.
+  `export_info` names the method it was trained with. Every export holds
+  params.safetensors and card.json too; `export_format='stablehlo'` writes
+  the compiled program of `pyra_jax.deploy` instead of the Orbax checkpoint
+  (`setting`: the --config value, named in the card).
   """
+  if export_format not in deploy.FORMATS:
+    raise ExportError(f'Unknown export format {export_format!r}: use one of '
+                      f'{", ".join(deploy.FORMATS)}.')
   # Through symbolic links (module docstring): the link stays a link.
   export_dir = os.path.realpath(export_dir or os.path.join(workdir, 'export'))
   check_export_dir(export_dir, workdir)
@@ -195,13 +206,27 @@ def export(config: ml_collections.ConfigDict, workdir: str,
     if lead:  # Holding the lock: what is left of other exports is dead.
       _clear_leftovers(parent, name, keep=staging)
     # Every process calls save: Orbax coordinates multi-host writes itself.
-    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    try:
-      ckptr.save(staging, args=ocp.args.Composite(
-          params=ocp.args.StandardSave(params),
-          config=ocp.args.JsonSave(meta)))
-    finally:
-      ckptr.close()
+    if lead:
+      card = deploy.model_card(
+          config, run.model_config, workdir=workdir, step=step, two_stage=two_stage,
+          trainable=param_counts.trainable_report(trainable, run.frozen),
+          setting=deploy.setting_name(setting), export_format=export_format,
+          names=deploy.class_names(config.data, cfg.model.image_size,
+                                   cfg.model.num_classes))
+    if export_format == 'stablehlo':
+      if lead:
+        deploy.write_stablehlo(staging, params, cfg.model, card,
+                               dtype=cfg.get('dtype', 'float32'))
+    else:
+      ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+      try:
+        ckptr.save(staging, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            config=ocp.args.JsonSave(meta)))
+      finally:
+        ckptr.close()
+      if lead:
+        deploy.write_card(staging, params, card)
     if lead:
       _replace_dir(staging, export_dir, f'{export_dir}.old-{token}')
   return export_dir
@@ -312,6 +337,11 @@ def _check_readable_export(path: str) -> None:
   if not os.path.isdir(path):
     raise ExportError(f'{path} is a file, not an export folder: {write_one}.')
   entries = set(os.listdir(path))
+  if deploy.is_stablehlo_export(path):
+    raise ExportError(
+        f'{path} is a StableHLO export (--format=stablehlo), which runs without '
+        f'pyra_jax (python {os.path.join(path, deploy.LOADER_FILE)}): for eval, the '
+        'benchmark or a teacher, export with --format=orbax (the default).')
   if os.path.basename(train_lib.checkpoint_dir(path)) in entries:
     raise ExportError(
         f'{path} is a training workdir, not an export: evaluate its latest '

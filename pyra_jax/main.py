@@ -68,6 +68,12 @@ _CHECKPOINT_STEP = flags.DEFINE_integer(
 _EXPORT_DIR = flags.DEFINE_string(
     'export_dir', None, 'export: where to write (default <workdir>/export). '
     'eval: evaluate this exported model instead of a training checkpoint.')
+_FORMAT = flags.DEFINE_enum(
+    'format', 'orbax', ['orbax', 'stablehlo'], 'export: orbax, the checkpoint '
+    'pyra_jax reads back (eval, benchmark, teacher); stablehlo, the model '
+    'compiled with jax.export for any batch size, run with jax, numpy and '
+    'safetensors alone (docs/deploy.md). Both write params.safetensors and '
+    'card.json beside it.')
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
     'allow_config_change', [], 'train: resume a workdir whose checkpoint was '
     'written with other values of these fields (comma-separated, e.g. '
@@ -420,6 +426,8 @@ def main(argv: list[str]) -> None:
     _fail('--workdir is empty: give a folder, e.g. --workdir=runs/mine.', 2)
   if _EXPORT_DIR.value is not None and not _EXPORT_DIR.value.strip():
     _fail('--export_dir is empty: give a folder, or leave the flag out.', 2)
+  if _FORMAT.value != 'orbax' and mode != 'export':
+    _fail(f'--format={_FORMAT.value} applies to --mode=export.', 2)
   if _TWO_STAGE.value and (mode in ('train', 'search') or _EXPORT_DIR.value and mode == 'eval'):
     _fail('--two_stage applies to --mode=eval or --mode=export of a training '
           'checkpoint in --workdir (an export keeps the merging it was written '
@@ -487,10 +495,16 @@ def main(argv: list[str]) -> None:
         print(f"recorded in {r['recorded_in']} under 'two_stage'")
     else:
       out = export_lib.export(config, _WORKDIR.value, _EXPORT_DIR.value,
-                              _CHECKPOINT_STEP.value, two_stage=_TWO_STAGE.value)
+                              _CHECKPOINT_STEP.value, two_stage=_TWO_STAGE.value,
+                              export_format=_FORMAT.value,
+                              setting=config_flags.get_config_filename(flags.FLAGS['config']))
       given = os.path.abspath(_EXPORT_DIR.value or out)
-      print(f'exported (LoRA folded): {out}' +
+      stablehlo = _FORMAT.value == 'stablehlo'
+      print(f'exported ({"StableHLO, " if stablehlo else ""}LoRA folded): {out}' +
             (f' (the folder the link {given} points to)' if given != out else ''))
+      if stablehlo:
+        print('run it with jax, numpy and safetensors alone: python '
+              f'{os.path.join(out, "run.py")}')
   except KeyboardInterrupt:
     _interrupted(mode)
   except Exception as e:  # pylint: disable=broad-except

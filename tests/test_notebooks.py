@@ -209,7 +209,7 @@ class FakeColab:
 # and five of pyra_jax's dependencies missing.
 COLAB_OWN = {'numpy': '1.26.4', 'ipykernel': '6.17.1', 'tensorflow': '2.19.0', 'optax': '0.1.7'}
 COLAB_IN_RANGE = ('jax', 'jaxlib', 'flax', 'absl-py', 'scipy', 'pillow', 'tqdm',
-                  'huggingface-hub', 'tensorflow-datasets')
+                  'huggingface-hub', 'tensorflow-datasets', 'flatbuffers')
 COLAB_LACKS = ['optax', 'orbax-checkpoint', 'ml-collections', 'tensorboardx', 'safetensors',
                'onnx']  # In pyproject's order: optax is there, but too old.
 
