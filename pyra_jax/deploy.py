@@ -99,7 +99,7 @@ with open(os.path.join(here, 'signature.json')) as f:
 with open(os.path.join(here, signature['program']), 'rb') as f:
   program = jax.export.deserialize(bytearray(f.read()))
 params = load_file(os.path.join(here, signature['weights']))
-weights = [params[name] for name in signature['parameter_names']]
+weights = jax.device_put([params[name] for name in signature['parameter_names']])
 norm = signature['input']['normalization']
 call = jax.jit(program.call)  # compiles once per batch size
 

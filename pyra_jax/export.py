@@ -10,6 +10,13 @@ deployment) and writes one self-contained Orbax checkpoint:
                         (num_classes filled in) and model.lora_rank = 0, so
                         `build_model(config.model)` builds the folded tree;
                         plus `export_info` (source workdir and step).
+  <export_dir>/params.safetensors, card.json
+                        the same parameters and the model card, for other
+                        tools (`pyra_jax.deploy`; docs/deploy.md).
+
+`--format=stablehlo` writes `pyra_jax.deploy`'s compiled program instead of
+the Orbax checkpoint (`deploy.write_stablehlo`), into a folder replaced the
+same way.
 
 `load_export(path)` reads it back for `pyra_jax.benchmark`, eval
 (`--mode=eval --export_dir=...`) and a distillation teacher

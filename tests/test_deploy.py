@@ -222,6 +222,12 @@ def test_weights_and_card_in_every_export(reference):
     assert card['source']['step'] == results['steps']
 
 
+def test_the_docs_show_the_loader_an_export_holds(reference):
+  _, _, shlo = reference
+  assert (shlo / 'run.py').read_text() == deploy.LOADER
+  assert f'```python\n{deploy.LOADER}```' in (ROOT / 'docs' / 'deploy.md').read_text()
+
+
 def test_card_takes_the_measured_speedup_and_only_this_steps_accuracy(reference, tmp_path,
                                                                       capsys, monkeypatch):
   wd, _, _ = reference
