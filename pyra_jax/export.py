@@ -212,8 +212,7 @@ def export(config: ml_collections.ConfigDict, workdir: str,
   with _folder_lock(parent) if lead else contextlib.nullcontext():
     if lead:  # Holding the lock: what is left of other exports is dead.
       _clear_leftovers(parent, name, keep=staging)
-    # Every process calls save: Orbax coordinates multi-host writes itself.
-    if lead:
+    if lead:  # The card and a StableHLO program are process 0's to write.
       card = deploy.model_card(
           config, run.model_config, workdir=workdir, step=step, two_stage=two_stage,
           trainable=param_counts.trainable_report(trainable, run.frozen),
@@ -224,7 +223,7 @@ def export(config: ml_collections.ConfigDict, workdir: str,
       if lead:
         deploy.write_stablehlo(staging, params, cfg.model, card,
                                dtype=cfg.get('dtype', 'float32'))
-    else:
+    else:  # Every process saves: Orbax coordinates multi-host writes itself.
       ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
       try:
         ckptr.save(staging, args=ocp.args.Composite(
