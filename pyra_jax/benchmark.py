@@ -729,7 +729,7 @@ def synthetic_batch(run: setup_lib.Run, batch_size: int, seed: int = 0) -> dict:
 class TrainStepCalls:
   """The real training step of a run, and the programs that split its time.
 
-    step         `steps.make_train_step(run, ...)`, the memoised jitted step a
+    step         `training.steps.make_train_step(run, ...)`, the memoised jitted step a
                  training run calls (optimiser with its lr groups, dropout,
                  stochastic depth, masked loss), fed its own outputs, so every
                  call is a real step on the updated parameters;
