@@ -406,8 +406,8 @@ def _report_speedup(config, workdir: str) -> None:
   print(f'throughput: {method} {fast["images_per_sec"]:.1f} images/s vs uncompressed '
         f'{slow["images_per_sec"]:.1f} images/s: {fast["speedup"]:.2f}x faster '
         f'(FLOPs ratio {fast["flops_ratio"]:.2f}x)')
-  from pyra_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.write_json(os.path.join(workdir, 'speedup.json'), res)
+  from pyra_jax.training import records  # pylint: disable=g-import-not-at-top
+  records.write_json(os.path.join(workdir, 'speedup.json'), res)
 
 
 def main(argv: list[str]) -> None:
@@ -440,11 +440,11 @@ def main(argv: list[str]) -> None:
     recipe.apply(config)  # Every mode: e.g. eval reads the DeiT heads it sets.
     _maybe_init_distributed()
     import jax  # pylint: disable=g-import-not-at-top
-    from pyra_jax import export as export_lib  # pylint: disable=g-import-not-at-top
-    from pyra_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    from pyra_jax.training import evaluation, loop, setup  # pylint: disable=g-import-not-at-top
+    from pyra_jax.training import export as export_lib  # pylint: disable=g-import-not-at-top
     logging.info('JAX devices: %s', jax.devices())
     if mode == 'train':
-      r = train_lib.train_and_evaluate(
+      r = loop.train_and_evaluate(
           config, _WORKDIR.value,
           allow_config_change=[f.strip() for f in _ALLOW_CONFIG_CHANGE.value])
       if jax.process_index() == 0:
@@ -455,7 +455,7 @@ def main(argv: list[str]) -> None:
         if r.get('headline') == 'max':  # The authors' code reports the max.
           lines.reverse()
         print('\n'.join(lines))
-        print(f'checkpoint (Orbax): {train_lib.checkpoint_dir(_WORKDIR.value)}/{r["steps"]}')
+        print(f'checkpoint (Orbax): {setup.checkpoint_dir(_WORKDIR.value)}/{r["steps"]}')
         if 'ltmp' in r:
           print(f"ltmp: effective FLOPs {r['ltmp']['effective_flops_fraction']:.3f} of "
                 'uncompressed with the masked tokens removed (static shapes run all '
@@ -464,7 +464,7 @@ def main(argv: list[str]) -> None:
         if config.get('benchmark_after_training', False):
           _report_speedup(config, _WORKDIR.value)
     elif mode == 'search':
-      from pyra_jax import search as search_lib  # pylint: disable=g-import-not-at-top
+      from pyra_jax.training import search as search_lib  # pylint: disable=g-import-not-at-top
       r = search_lib.run_search(
           config, _WORKDIR.value,
           allow_config_change=[f.strip() for f in _ALLOW_CONFIG_CHANGE.value])
@@ -481,9 +481,9 @@ def main(argv: list[str]) -> None:
         r = export_lib.evaluate_export(_EXPORT_DIR.value, config)
         what = f'export {_EXPORT_DIR.value}'
       else:
-        r = train_lib.evaluate_checkpoint(config, _WORKDIR.value,
-                                          _CHECKPOINT_STEP.value,
-                                          two_stage=_TWO_STAGE.value)
+        r = evaluation.evaluate_checkpoint(config, _WORKDIR.value,
+                                           _CHECKPOINT_STEP.value,
+                                           two_stage=_TWO_STAGE.value)
         what = f'checkpoint step {r["step"]}'
         if _TWO_STAGE.value:
           t, e = r['trained'], r['evaluated']

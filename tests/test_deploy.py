@@ -29,7 +29,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from pyra_jax import deploy
-from pyra_jax import export as export_lib
+from pyra_jax.training import export as export_lib
 from pyra_jax.configs import demo
 from pyra_jax.configs import tiny
 from pyra_jax.models import vit

@@ -54,8 +54,10 @@ from pyra_jax import checkpointing
 from pyra_jax import deploy
 from pyra_jax import optim
 from pyra_jax import param_counts
-from pyra_jax import train as train_lib
-from pyra_jax.errors import ExportError  # pylint: disable=unused-import
+from pyra_jax.errors import ExportError
+from pyra_jax.training import checks
+from pyra_jax.training import setup
+from pyra_jax.training import steps
 
 PyTree = Any
 
@@ -143,7 +145,7 @@ def check_export_dir(export_dir: str, workdir: str) -> None:
         f'--export_dir={export_dir} is the workdir or a folder that contains it: '
         'an export there would replace the checkpoints it is made from. Give a '
         f'new folder, e.g. --export_dir={os.path.join(workdir, "export")}.')
-  checkpoints = train_lib.checkpoint_dir(workdir)
+  checkpoints = setup.checkpoint_dir(workdir)
   if os.path.commonpath([export_dir, checkpoints]) == checkpoints:
     raise ExportError(
         f'--export_dir={export_dir} is inside the checkpoint folder {checkpoints}, '
@@ -177,7 +179,7 @@ def export(config: ml_collections.ConfigDict, workdir: str,
   The export is written next to its target and renamed into place, so the
   target holds the old export or the new one, never a mix or nothing; the
   target is checked first (`check_export_dir`). With `two_stage`, the model
-  exported merges as `config` says (see `train.restore_run`), and
+  exported merges as `config` says (see `setup.restore_run`), and
   `export_info` names the method it was trained with. Every export holds
   params.safetensors and card.json too; `export_format='stablehlo'` writes
   the compiled program of `pyra_jax.deploy` instead of the Orbax checkpoint
@@ -189,8 +191,8 @@ def export(config: ml_collections.ConfigDict, workdir: str,
   # Through symbolic links (module docstring): the link stays a link.
   export_dir = os.path.realpath(export_dir or os.path.join(workdir, 'export'))
   check_export_dir(export_dir, workdir)
-  run, trainable, step = train_lib.restore_run(config, workdir, step,
-                                               two_stage=two_stage)
+  run, trainable, step = setup.restore_run(config, workdir, step,
+                                           two_stage=two_stage)
   params = optim.merge_params(jax.device_get(trainable),
                               jax.device_get(run.frozen))
   params = fold_peft(params, run.model_config)  # LoRA, FacT; SNF stays
@@ -199,7 +201,7 @@ def export(config: ml_collections.ConfigDict, workdir: str,
   meta = checkpointing.config_to_dict(cfg)
   meta['export_info'] = {'workdir': os.path.abspath(workdir), 'step': int(step)}
   if two_stage:
-    trained = train_lib.checkpoint_model(workdir, step)
+    trained = setup.checkpoint_model(workdir, step)
     meta['export_info']['trained'] = {'method': trained['method'],
                                       'schedule': trained['schedule']}
   parent, name = os.path.split(export_dir)
@@ -348,7 +350,7 @@ def _check_readable_export(path: str) -> None:
         f'{path} is a StableHLO export (--format=stablehlo), which runs without '
         f'pyra_jax (python {os.path.join(path, deploy.LOADER_FILE)}): for eval, the '
         'benchmark or a teacher, export with --format=orbax (the default).')
-  if os.path.basename(train_lib.checkpoint_dir(path)) in entries:
+  if os.path.basename(setup.checkpoint_dir(path)) in entries:
     raise ExportError(
         f'{path} is a training workdir, not an export: evaluate its latest '
         f'checkpoint with --mode=eval --workdir={path}, or export it with '
@@ -357,7 +359,7 @@ def _check_readable_export(path: str) -> None:
       {'meta', 'opt_state'} & entries):
     step, folder = os.path.basename(path), os.path.dirname(path)
     wd = os.path.dirname(folder)
-    if step.isdigit() and train_lib.checkpoint_dir(wd) == folder:
+    if step.isdigit() and setup.checkpoint_dir(wd) == folder:
       raise ExportError(
           f'{path} is a training checkpoint (step {step} of the workdir {wd}), '
           f'not an export: evaluate it with --mode=eval --workdir={wd} '
@@ -420,16 +422,16 @@ def evaluate_export(export_dir: str,
   """
   params, cfg = load_export(export_dir)
   data_cfg = config if config is not None else cfg
-  model = train_lib.build_model(cfg.model, cfg.get('dtype', 'float32'))
-  mesh = train_lib.make_mesh()
-  run = train_lib.Run(cfg, cfg.model, model, mesh, params, None, '')
+  model = setup.build_model(cfg.model, cfg.get('dtype', 'float32'))
+  mesh = setup.make_mesh()
+  run = setup.Run(cfg, cfg.model, model, mesh, params, None, '')
   run.frozen = {}
-  train_lib._check_divisible('eval_batch_size', data_cfg.eval_batch_size)  # pylint: disable=protected-access
-  eval_data = train_lib.get_eval_data(data_cfg, image_size=cfg.model.image_size)
-  train_lib.check_num_classes(model.num_classes, eval_data)
-  train_lib.check_batch_memory(model, data_cfg, 'eval_batch_size', eval_data.batch_size,
-                               training=False, image_size=cfg.model.image_size)
-  result = train_lib.evaluate(run, train_lib.make_eval_step(run),
-                              run.replicate(params), eval_data)
+  checks.check_divisible('eval_batch_size', data_cfg.eval_batch_size)
+  eval_data = setup.get_eval_data(data_cfg, image_size=cfg.model.image_size)
+  checks.check_num_classes(model.num_classes, eval_data)
+  checks.check_batch_memory(model, data_cfg, 'eval_batch_size', eval_data.batch_size,
+                            training=False, image_size=cfg.model.image_size)
+  result = steps.evaluate(run, steps.make_eval_step(run),
+                          run.replicate(params), eval_data)
   result.update(split=data_cfg.data.eval_split, export_dir=export_dir)
   return result
