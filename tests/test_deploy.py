@@ -280,7 +280,8 @@ WITHOUT_EXTRAS = """
 import contextlib, io, json, runpy, sys
 import numpy as np
 import pyra_jax
-from pyra_jax import checkpoints, deploy, errors, export, main
+from pyra_jax import checkpoints, deploy, errors, main
+from pyra_jax.training import export
 from pyra_jax.checkpoints import onnx_dinov2
 from pyra_jax.configs import tiny
 from pyra_jax.models import vit
