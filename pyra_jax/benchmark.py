@@ -27,9 +27,9 @@ divided by the FLOP rate of a square `--matmul_size` matmul of the same dtype
 timed in the same rounds.
 
 `--mode=train` times the training step a run executes: for each method it
-builds the run `train.setup` builds (random weights of the right shapes,
+builds the run `training.setup.setup` builds (random weights of the right shapes,
 `model_init='random'`, the head sized by --num_classes when the config leaves
-it unset) and calls `train.make_train_step`'s memoised jitted step, fed its own
+it unset) and calls `training.steps.make_train_step`'s memoised jitted step, fed its own
 outputs, on a synthetic batch (image, label, mask): the real optimiser with its
 lr groups and weight-decay mask, dropout, stochastic depth and the masked loss.
 Per model it reports images/s, the paired speed-up over peft, the
@@ -97,10 +97,12 @@ from pyra_jax import merge as merge_lib
 from pyra_jax import profiling
 from pyra_jax import registry
 from pyra_jax import schedules
-from pyra_jax import train as train_lib
 from pyra_jax.models import vit
 from pyra_jax.models.lora import fold_lora
 from pyra_jax.errors import BenchmarkError  # pylint: disable=unused-import
+from pyra_jax.training import checks as checks_lib
+from pyra_jax.training import setup as setup_lib
+from pyra_jax.training import steps as steps_lib
 
 PyTree = Any
 # Every method the model knows, plus 'evit_own': EViT at its own keep rate
@@ -222,7 +224,7 @@ def _has_scope(tree: PyTree, name: str) -> bool:
 
 def load_params(path: str) -> tuple[PyTree, ml_collections.ConfigDict]:
   """Params and config of a pyra_jax export (imported lazily: needs Orbax)."""
-  from pyra_jax import export  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import export  # pylint: disable=g-import-not-at-top
   return export.load_export(path)
 
 
@@ -700,8 +702,8 @@ BENCH_STEPS_PER_EPOCH = 100
 
 
 def train_run(config: ml_collections.ConfigDict, method: str, *, image_size: int,
-              num_classes: int, dtype: str) -> train_lib.Run:
-  """The `train.Run` a training run of `method` builds, with random weights.
+              num_classes: int, dtype: str) -> setup_lib.Run:
+  """The `training.setup.Run` a training run of `method` builds, with random weights.
 
   A copy of `config` with model_init='random' (the step's cost depends on the
   shapes only, so no weights are needed) and a fixed head size.
@@ -711,11 +713,11 @@ def train_run(config: ml_collections.ConfigDict, method: str, *, image_size: int
                             num_classes=num_classes)
   cfg.model_init = 'random'
   cfg.dtype = dtype
-  train_lib.check_config(cfg)
-  return train_lib.setup(cfg, num_classes)
+  checks_lib.check_config(cfg)
+  return setup_lib.setup(cfg, num_classes)
 
 
-def synthetic_batch(run: train_lib.Run, batch_size: int, seed: int = 0) -> dict:
+def synthetic_batch(run: setup_lib.Run, batch_size: int, seed: int = 0) -> dict:
   """A training batch (image, label, mask) of random values, on the run's mesh."""
   rng = np.random.default_rng(seed)
   size = run.model_config.image_size
@@ -723,13 +725,13 @@ def synthetic_batch(run: train_lib.Run, batch_size: int, seed: int = 0) -> dict:
            'label': rng.integers(0, run.model_config.num_classes,
                                  size=(batch_size,)).astype(np.int32),
            'mask': np.ones((batch_size,), bool)}
-  return train_lib._shard(batch, run.batch_sharding)  # pylint: disable=protected-access
+  return setup_lib.shard(batch, run.batch_sharding)
 
 
 class TrainStepCalls:
   """The real training step of a run, and the programs that split its time.
 
-    step         `train.make_train_step(run, ...)`, the memoised jitted step a
+    step         `training.steps.make_train_step(run, ...)`, the memoised jitted step a
                  training run calls (optimiser with its lr groups, dropout,
                  stochastic depth, masked loss), fed its own outputs, so every
                  call is a real step on the updated parameters;
@@ -748,22 +750,22 @@ class TrainStepCalls:
 
   PARTS = ('forward_no_rng', 'forward', 'fwd_bwd', 'step')
 
-  def __init__(self, run: train_lib.Run, batch: dict,
+  def __init__(self, run: setup_lib.Run, batch: dict,
                steps_per_epoch: int = BENCH_STEPS_PER_EPOCH):
     self.run, self.batch = run, batch
-    self.step_fn = train_lib.make_train_step(run, steps_per_epoch)
-    tx_init = train_lib.make_optimizer(run, steps_per_epoch)[2]
+    self.step_fn = steps_lib.make_train_step(run, steps_per_epoch)
+    tx_init = steps_lib.make_optimizer(run, steps_per_epoch)[2]
     self.trainable = run.replicate(run.trainable)
     self.opt_state = run.replicate(tx_init(self.trainable))
-    self.key = run.replicate(train_lib.dropout_key(run.config))
+    self.key = run.replicate(setup_lib.dropout_key(run.config))
     self.step = 0
     self.compiles_before = self.step_fn._cache_size()  # pylint: disable=protected-access
     no_rng = ml_collections.ConfigDict(run.model_config.to_dict())
     no_rng.drop_path, no_rng.lora_dropout = 0.0, 0.0
-    no_rng_model = train_lib.build_model(no_rng, run.config.get('dtype', 'float32'))
+    no_rng_model = setup_lib.build_model(no_rng, run.config.get('dtype', 'float32'))
 
     def loss(model, trainable, frozen, batch, step, key):
-      return train_lib.training_loss(model, trainable, frozen, batch,
+      return steps_lib.training_loss(model, trainable, frozen, batch,
                                      jax.random.fold_in(key, step))[0]
 
     self.programs = {
@@ -835,7 +837,7 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
               methods: Sequence[str] = DEFAULT_METHODS, params_path: str = '',
               num_classes: int = 100, warmup_seconds: float = 0.0,
               profile_calls: int = 0) -> dict[str, Any]:
-  """Times the real training step (`train.make_train_step`) per method.
+  """Times the real training step (`training.steps.make_train_step`) per method.
 
   Round-robin like the forward mode: each round calls every method's step and
   the programs that split it (`TrainStepCalls`), plus the reference matmul.
@@ -959,7 +961,7 @@ def format_table(res: dict[str, Any]) -> str:
   lines.append('img/s: median round; speed-up and % matmul: median over rounds of '
                'the ratio within a round.')
   if res['mode'] == 'train':
-    lines.append('train: the real step (train.make_train_step); GFLOPs per image of the '
+    lines.append('train: the real step (training.steps.make_train_step); GFLOPs per image of the '
                  'whole compiled step (XLA cost analysis); peak memory: '
                  + next(iter(res['models'].values())).get('peak_source', 'n/a'))
     lines.append('step breakdown, ms per batch (by subtraction of separately compiled '

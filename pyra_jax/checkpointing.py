@@ -9,7 +9,7 @@ A step directory `<workdir>/checkpoints/<step>/` holds three Orbax items:
   * `meta` (JSON): the step, the config, the resolved model config, a
     fingerprint of the frozen params, the periodic evaluations so far and the
     training time so far. The data iterator position is the step itself (see
-    `train.train_batches`).
+    `training.loop.train_batches`).
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it when
 complete, so a run killed while saving leaves the previous step as the latest
@@ -74,7 +74,7 @@ RESUMABLE_FIELDS = frozenset({
     # round-off): a run may move to an accelerator that wants other values.
     'model.attention', 'grad_accum_steps',
     # Where PE-Dist's teacher lives (a moved folder): its weights are checked
-    # by fingerprint on resume (train._check_same_teacher).
+    # by fingerprint on resume (training.loop._check_same_teacher).
     'distill.teacher_workdir', 'distill.teacher_export',
     # What `python -m pyra_jax.vtab` reads around the run, never the run itself.
     'vtab.pyra_lr_grid', 'vtab.backbone',

@@ -66,3 +66,11 @@ class BenchmarkError(PyraError):
 
 class StudyError(PyraError):
   """A study definition or command line that cannot work."""
+
+
+class MissingExtraError(PyraError, ImportError):
+  """A feature needs an optional extra that is not installed; the message names
+  the `pip install 'pyra_jax[...]'` that adds it.
+
+  Also an ImportError, so code that guarded the import keeps working.
+  """

@@ -3,10 +3,11 @@
 Each config section is checked against one table, field -> `Range` or
 `Choices`, in the module that owns the section: `pyra_jax.models.vit` the
 model section (`vit.MODEL_FIELDS`, when `vit.model_kwargs` resolves it, so
-`train.check_model_config` reports it before any data is read), `pyra_jax.train`
-the loop (`train.check_config`). One table per section keeps every field's
-allowed values in one place and makes a missing check visible, where an `if`
-per field spread over the code that uses the fields would not.
+`training.setup.check_model_config` reports it before any data is read),
+`pyra_jax.training.checks` the loop (`checks.check_config`). One table per
+section keeps every field's allowed values in one place and makes a missing
+check visible, where an `if` per field spread over the code that uses the
+fields would not.
 
 Why ranges matter: many wrong values train without an error and without
 effect. A dropout rate of 1.5 zeroes LoRA's input, so LoRA never trains; a

@@ -31,12 +31,9 @@ and Ctrl-C (exit status 130).
 from __future__ import annotations
 
 import errno
-import io
 import os
-import re
 import sys
 import threading
-import tokenize
 import traceback
 
 from absl import app
@@ -44,6 +41,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from pyra_jax import config_docs
 from pyra_jax import configs
 from pyra_jax import errors
 from pyra_jax import recipe
@@ -70,6 +68,12 @@ _CHECKPOINT_STEP = flags.DEFINE_integer(
 _EXPORT_DIR = flags.DEFINE_string(
     'export_dir', None, 'export: where to write (default <workdir>/export). '
     'eval: evaluate this exported model instead of a training checkpoint.')
+_FORMAT = flags.DEFINE_enum(
+    'format', 'orbax', ['orbax', 'stablehlo'], 'export: orbax, the checkpoint '
+    'pyra_jax reads back (eval, benchmark, teacher); stablehlo, the model '
+    'compiled with jax.export for any batch size, run with jax, numpy and '
+    'safetensors alone (docs/deploy.md). Both write params.safetensors and '
+    'card.json beside it.')
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
     'allow_config_change', [], 'train: resume a workdir whose checkpoint was '
     'written with other values of these fields (comma-separated, e.g. '
@@ -117,59 +121,9 @@ _HELP_FLAGS = ('--help', '-help', '--helpfull', '-helpfull', '--helpshort',
 # ----------------------------------------------------------------------------
 
 def field_docs(source: str | None = None) -> dict[str, str]:
-  """Maps 'config.a.b' to the comment that documents it in configs/common.py.
-
-  A field's doc is the comment block right above its assignment plus its
-  trailing comment (and the comment lines aligned under that trailing one).
-  Section rulers ('# --- Model ---') are not docs.
-  """
-  if source is None:
-    source = (configs.SETTINGS_DIR / 'common.py').read_text()
-  aliases = {'config': 'config'}
-  docs: dict[str, str] = {}
-  pending: list[str] = []          # Comment lines above the next assignment.
-  last_field, last_col = None, -1  # For continuation comment lines.
-  lines = source.splitlines()
-  comments = {}
-  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-    if tok.type == tokenize.COMMENT:
-      comments[tok.start[0]] = (tok.start[1], tok.string.lstrip('#').strip())
-  assign = re.compile(r'^\s*((?:\w+\.)*\w+)\s*=\s*((?:\w+\.)*\w+\s*=)?')
-  for lineno, line in enumerate(lines, start=1):
-    code = line.split('#', 1)[0] if lineno in comments else line
-    m = assign.match(code)
-    if not code.strip():
-      if lineno in comments:
-        col, text = comments[lineno]
-        if last_field and col == last_col:
-          docs[last_field] += ' ' + text
-        elif not text.startswith('---'):
-          pending.append(text)
-          last_field = None
-      else:
-        pending, last_field = [], None
-      continue
-    if not m:
-      pending, last_field = [], None
-      continue
-    targets = [m.group(1)] + ([m.group(2).rstrip('=').strip()] if m.group(2) else [])
-    # `model = config.model = ...`: the rightmost target is the full path.
-    full = targets[-1]
-    head = full.split('.', 1)[0]
-    if head in aliases:
-      full = aliases[head] + full[len(head):]
-    else:
-      pending, last_field = [], None
-      continue
-    for t in targets[:-1]:
-      if '.' not in t:
-        aliases[t] = full
-    trailing = comments.get(lineno)
-    text = ' '.join(pending + ([trailing[1]] if trailing else []))
-    docs[full] = text
-    pending = []
-    last_field, last_col = (full, trailing[0]) if trailing else (None, -1)
-  return docs
+  """Maps 'config.a.b' to the comment that documents it in configs/common.py
+  (pyra_jax.config_docs, which docs/configs.md is generated from too)."""
+  return config_docs.field_docs(source)
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:
@@ -452,8 +406,8 @@ def _report_speedup(config, workdir: str) -> None:
   print(f'throughput: {method} {fast["images_per_sec"]:.1f} images/s vs uncompressed '
         f'{slow["images_per_sec"]:.1f} images/s: {fast["speedup"]:.2f}x faster '
         f'(FLOPs ratio {fast["flops_ratio"]:.2f}x)')
-  from pyra_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.write_json(os.path.join(workdir, 'speedup.json'), res)
+  from pyra_jax.training import records  # pylint: disable=g-import-not-at-top
+  records.write_json(os.path.join(workdir, 'speedup.json'), res)
 
 
 def main(argv: list[str]) -> None:
@@ -472,6 +426,8 @@ def main(argv: list[str]) -> None:
     _fail('--workdir is empty: give a folder, e.g. --workdir=runs/mine.', 2)
   if _EXPORT_DIR.value is not None and not _EXPORT_DIR.value.strip():
     _fail('--export_dir is empty: give a folder, or leave the flag out.', 2)
+  if _FORMAT.value != 'orbax' and mode != 'export':
+    _fail(f'--format={_FORMAT.value} applies to --mode=export.', 2)
   if _TWO_STAGE.value and (mode in ('train', 'search') or _EXPORT_DIR.value and mode == 'eval'):
     _fail('--two_stage applies to --mode=eval or --mode=export of a training '
           'checkpoint in --workdir (an export keeps the merging it was written '
@@ -484,11 +440,11 @@ def main(argv: list[str]) -> None:
     recipe.apply(config)  # Every mode: e.g. eval reads the DeiT heads it sets.
     _maybe_init_distributed()
     import jax  # pylint: disable=g-import-not-at-top
-    from pyra_jax import export as export_lib  # pylint: disable=g-import-not-at-top
-    from pyra_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    from pyra_jax.training import evaluation, loop, setup  # pylint: disable=g-import-not-at-top
+    from pyra_jax.training import export as export_lib  # pylint: disable=g-import-not-at-top
     logging.info('JAX devices: %s', jax.devices())
     if mode == 'train':
-      r = train_lib.train_and_evaluate(
+      r = loop.train_and_evaluate(
           config, _WORKDIR.value,
           allow_config_change=[f.strip() for f in _ALLOW_CONFIG_CHANGE.value])
       if jax.process_index() == 0:
@@ -499,7 +455,7 @@ def main(argv: list[str]) -> None:
         if r.get('headline') == 'max':  # The authors' code reports the max.
           lines.reverse()
         print('\n'.join(lines))
-        print(f'checkpoint (Orbax): {train_lib.checkpoint_dir(_WORKDIR.value)}/{r["steps"]}')
+        print(f'checkpoint (Orbax): {setup.checkpoint_dir(_WORKDIR.value)}/{r["steps"]}')
         if 'ltmp' in r:
           print(f"ltmp: effective FLOPs {r['ltmp']['effective_flops_fraction']:.3f} of "
                 'uncompressed with the masked tokens removed (static shapes run all '
@@ -508,7 +464,7 @@ def main(argv: list[str]) -> None:
         if config.get('benchmark_after_training', False):
           _report_speedup(config, _WORKDIR.value)
     elif mode == 'search':
-      from pyra_jax import search as search_lib  # pylint: disable=g-import-not-at-top
+      from pyra_jax.training import search as search_lib  # pylint: disable=g-import-not-at-top
       r = search_lib.run_search(
           config, _WORKDIR.value,
           allow_config_change=[f.strip() for f in _ALLOW_CONFIG_CHANGE.value])
@@ -525,9 +481,9 @@ def main(argv: list[str]) -> None:
         r = export_lib.evaluate_export(_EXPORT_DIR.value, config)
         what = f'export {_EXPORT_DIR.value}'
       else:
-        r = train_lib.evaluate_checkpoint(config, _WORKDIR.value,
-                                          _CHECKPOINT_STEP.value,
-                                          two_stage=_TWO_STAGE.value)
+        r = evaluation.evaluate_checkpoint(config, _WORKDIR.value,
+                                           _CHECKPOINT_STEP.value,
+                                           two_stage=_TWO_STAGE.value)
         what = f'checkpoint step {r["step"]}'
         if _TWO_STAGE.value:
           t, e = r['trained'], r['evaluated']
@@ -539,10 +495,16 @@ def main(argv: list[str]) -> None:
         print(f"recorded in {r['recorded_in']} under 'two_stage'")
     else:
       out = export_lib.export(config, _WORKDIR.value, _EXPORT_DIR.value,
-                              _CHECKPOINT_STEP.value, two_stage=_TWO_STAGE.value)
+                              _CHECKPOINT_STEP.value, two_stage=_TWO_STAGE.value,
+                              export_format=_FORMAT.value,
+                              setting=config_flags.get_config_filename(flags.FLAGS['config']))
       given = os.path.abspath(_EXPORT_DIR.value or out)
-      print(f'exported (LoRA folded): {out}' +
+      stablehlo = _FORMAT.value == 'stablehlo'
+      print(f'exported ({"StableHLO, " if stablehlo else ""}LoRA folded): {out}' +
             (f' (the folder the link {given} points to)' if given != out else ''))
+      if stablehlo:
+        print('run it with jax, numpy and safetensors alone: python '
+              f'{os.path.join(out, "run.py")}')
   except KeyboardInterrupt:
     _interrupted(mode)
   except Exception as e:  # pylint: disable=broad-except

@@ -18,7 +18,7 @@ for people who want the paper's numbers the way the authors obtained them:
 default, changes nothing.
 
 When: the recipe is resolved from the field when a run starts
-(`pyra_jax.main` for every mode, `train.train_and_evaluate`), not when the
+(`pyra_jax.main` for every mode, `training.loop.train_and_evaluate`), not when the
 config is built, so `--config=<setting>:recipe=authors_code` and
 `--config.recipe=authors_code` both work. Resolving is idempotent: a stored,
 resolved config resolves to itself, so a resumed run compares equal.

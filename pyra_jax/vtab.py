@@ -14,7 +14,7 @@ on train800val200, tested on test (`<workdir>/<task>/final`). With
 `--select=none`, or a method without PYRA generators, only the final run is
 made, with the config's `pyra_lr`.
 
-Every run is an ordinary training workdir of `pyra_jax.train`, run in this
+Every run is an ordinary training workdir of `pyra_jax.training.loop`, run in this
 process: a killed command resumes each run from its last checkpoint when it is
 run again, and a run that finished (it has results.json) is read, not redone,
 if the config it stored is the command's (a rerun with another lr, seed or
@@ -365,9 +365,9 @@ def selection(task_runs: Sequence[RunSpec]) -> dict | None:
 # ----------------------------------------------------------------------------
 
 def _write_json(path: str, obj: Any) -> None:
-  from pyra_jax import train  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import records  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  train.write_json(path, obj)
+  records.write_json(path, obj)
 
 
 def _benchmark(cfg: ml_collections.ConfigDict, workdir: str) -> None:
@@ -413,13 +413,13 @@ def train_one(spec: RunSpec, cfg: ml_collections.ConfigDict) -> dict | None:
     print(f'[vtab] {spec.name}: finished earlier, read {spec.workdir}/results.json',
           flush=True)
   else:
-    from pyra_jax import train  # pylint: disable=g-import-not-at-top
+    from pyra_jax.training import loop  # pylint: disable=g-import-not-at-top
     print(f'[vtab] {spec.name}: training in {spec.workdir} '
           f'({cfg.data.train_split} -> {cfg.data.eval_split}, '
           f'pyra_lr {cfg.pyra_lr:g})', flush=True)
     os.makedirs(spec.workdir, exist_ok=True)
     try:
-      done = train.train_and_evaluate(cfg, spec.workdir)
+      done = loop.train_and_evaluate(cfg, spec.workdir)
     except errors.WorkdirInUseError as e:
       print(f'[vtab] {spec.name}: left to the process that holds it: {e}', flush=True)
       return None
@@ -482,9 +482,9 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
   check_tasks(tasks, config.data.source)
   if selects(config, select):
     check_grid(config.vtab.pyra_lr_grid)
-  from pyra_jax import train  # pylint: disable=g-import-not-at-top
-  train.check_config(config)
-  train.check_model_init(config)
+  from pyra_jax.training import checks, setup  # pylint: disable=g-import-not-at-top
+  checks.check_config(config)
+  setup.check_model_init(config)
   sel, fin = plan(config, workdir, tasks, select)
   check_finished_runs(config, sel, fin, select)
   if select == 'grid' and not selects(config, select):
@@ -775,10 +775,10 @@ def write_summary(workdir: str, tasks: Sequence[str] | None = None, *,
     s['last_command_wall_time_s'] = command_wall_time_s
   os.makedirs(workdir, exist_ok=True)
   md = to_markdown(s)
-  from pyra_jax import train  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import records  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, 'summary.md'), 'w') as f:
     f.write(md)
-  train.write_json(os.path.join(workdir, 'summary.json'), s)
+  records.write_json(os.path.join(workdir, 'summary.json'), s)
   with open(os.path.join(workdir, 'summary.csv'), 'w') as f:
     f.write(to_csv(s))
   print(md, flush=True)

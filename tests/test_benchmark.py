@@ -14,7 +14,8 @@ import pytest
 
 from pyra_jax import benchmark
 from pyra_jax.experiments import plots
-from pyra_jax import train
+from pyra_jax.training import setup
+from pyra_jax.training import steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def test_forward_cli_writes_sane_json(tmp_path):
 
 
 def test_train_mode_times_the_real_training_step(tmp_path):
-  """The timed step is train.make_train_step's, fed like the training loop feeds
+  """The timed step is steps.make_train_step's, fed like the training loop feeds
   it; every field is reported; the breakdown adds up; nothing recompiles."""
   config = _load_config(tmp_path)
   res = benchmark.run_train(config, batch_size=16, num_iters=20, min_seconds=1.0,
@@ -110,16 +111,16 @@ def test_train_mode_times_the_real_training_step(tmp_path):
   # config gets, and it compiled once: the timed calls added no cache entry.
   run = benchmark.train_run(config, 'pyra', image_size=32, num_classes=10,
                             dtype='float32')
-  step_fn = train.make_train_step(run, benchmark.BENCH_STEPS_PER_EPOCH)
+  step_fn = steps.make_train_step(run, benchmark.BENCH_STEPS_PER_EPOCH)
   assert step_fn._cache_size() == 1  # pylint: disable=protected-access
   # Its first call from a fresh state, as the training loop makes it (step 1:
   # index 0, the run's dropout key, AdamW state from the run's optimiser),
   # gives the same parameters bit for bit as the benchmark's first call.
   batch = benchmark.synthetic_batch(run, 16)
-  tx_init = train.make_optimizer(run, benchmark.BENCH_STEPS_PER_EPOCH)[2]
+  tx_init = steps.make_optimizer(run, benchmark.BENCH_STEPS_PER_EPOCH)[2]
   tr = run.replicate(run.trainable)
   want, _, _ = step_fn(tr, run.replicate(tx_init(tr)), run.frozen, batch,
-                       np.int32(0), run.replicate(train.dropout_key(run.config)))
+                       np.int32(0), run.replicate(setup.dropout_key(run.config)))
   calls = benchmark.TrainStepCalls(run, batch)
   assert calls.step_fn is step_fn
   calls.call_step()
@@ -162,7 +163,7 @@ def test_train_mode_times_the_real_training_step(tmp_path):
   assert (models['pyra']['memory_analysis']['argument_size_in_bytes']
           > models['peft']['memory_analysis']['argument_size_in_bytes'])
   table = benchmark.format_table(res)
-  assert 'train.make_train_step' in table and 'optimizer' in table
+  assert 'steps.make_train_step' in table and 'optimizer' in table
 
 
 def test_train_mode_refuses_an_export_in_one_sentence(tmp_path):

@@ -207,14 +207,15 @@ def test_export_restore_round_trip(peft, tmp_path):
   """Train a tiny run, export it, load the export: the same logits as the trained
   model (FacT folded away, SNF kept)."""
   require_offline_mnist()
-  from pyra_jax import export as export_lib  # pylint: disable=g-import-not-at-top
-  from pyra_jax import train  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import export as export_lib  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import setup  # pylint: disable=g-import-not-at-top
   config = tiny_config.get_config(f'peft={peft}')
   config.num_epochs, config.warmup_epochs = 1, 0
   config.data.eval_split, config.eval_batch_size = 'val200', 64
   config.model.snf_flow_length = 2
-  train.train_and_evaluate(config, str(tmp_path / 'run'))
-  run, trainable, _ = train.restore_run(config, str(tmp_path / 'run'))
+  loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  run, trainable, _ = setup.restore_run(config, str(tmp_path / 'run'))
   trained = optim.merge_params(trainable, run.frozen)
   assert any(f'/{peft}/' in k for k in flat(trainable))
   out = export_lib.export(config, str(tmp_path / 'run'), str(tmp_path / 'exp'))

@@ -15,11 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from pyra_jax import export as export_lib
 from pyra_jax import optim
-from pyra_jax import train
 from pyra_jax.configs import tiny
 from pyra_jax.models import vit
+from pyra_jax.training import export as export_lib
+from pyra_jax.training import setup
 
 GOLDEN = Path(__file__).resolve().parent / 'golden'
 sys.path.insert(0, str(GOLDEN))
@@ -57,7 +57,7 @@ def test_a_checkpoint_and_an_export_of_the_earlier_code_restore_with_its_logits(
   c.num_epochs, c.data.eval_split, c.eval_batch_size = 1, 'val200', 100
   c.model_init = str(run_dir / 'backbone.npz')
   shutil.copytree(run_dir / 'checkpoints', tmp_path / 'checkpoints')
-  run, trainable, step = train.restore_run(c, str(tmp_path))
+  run, trainable, step = setup.restore_run(c, str(tmp_path))
   assert step == 25
   logits = run.model.apply({'params': optim.merge_params(trainable, run.frozen)},
                            want['images'], train=False)

@@ -61,7 +61,7 @@ def test_library_modules_are_found():
   # The discovery itself: it must see the library's modules, subpackages
   # included, and none of the tooling (else the test below checks nothing).
   found = library_modules()
-  for name in ('pyra_jax', 'pyra_jax.train', 'pyra_jax.main', 'pyra_jax.benchmark',
+  for name in ('pyra_jax', 'pyra_jax.training.loop', 'pyra_jax.main', 'pyra_jax.benchmark',
                'pyra_jax.models.vit', 'pyra_jax.data.input_pipeline',
                'pyra_jax.checkpoints.loader', 'pyra_jax.configs.common'):
     assert name in found, name

@@ -508,7 +508,7 @@ def test_a_killed_search_is_continued_by_a_rerun_and_its_rates_train(tmp_path):
 
 
 def test_a_search_short_of_its_target_says_what_to_change():
-  from pyra_jax import search  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import search  # pylint: disable=g-import-not-at-top
   from pyra_jax.configs import tiny  # pylint: disable=g-import-not-at-top
   c = tiny.get_config()
   c.diffrate_lr = 0.02

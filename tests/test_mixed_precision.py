@@ -11,24 +11,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pyra_jax import train
 from pyra_jax.configs import tiny
+from pyra_jax.training import setup
+from pyra_jax.training import steps
 
 
 def _step(dtype: str):
   config = tiny.get_config()
   config.dtype = dtype
-  run = train.setup(config, num_classes=10)
-  step = train.make_train_step(run, steps_per_epoch=25)
-  tx_init = train.make_optimizer(run, steps_per_epoch=25)[2]
+  run = setup.setup(config, num_classes=10)
+  step = steps.make_train_step(run, steps_per_epoch=25)
+  tx_init = steps.make_optimizer(run, steps_per_epoch=25)[2]
   trainable = run.replicate(run.trainable)
   opt_state = run.replicate(jax.device_get(tx_init(run.trainable)))
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(40, 32, 32, 3)).astype(np.float32),
            'label': rng.integers(0, 10, 40).astype(np.int32),
            'mask': np.ones(40, bool)}
-  batch = train._shard(batch, run.batch_sharding)  # pylint: disable=protected-access
-  key = run.replicate(train.dropout_key(config))
+  batch = setup.shard(batch, run.batch_sharding)  # pylint: disable=protected-access
+  key = run.replicate(setup.dropout_key(config))
   new, new_opt, metrics = step(trainable, opt_state, run.frozen, batch, np.int32(0), key)
   return run, batch, key, new, new_opt, metrics
 
@@ -36,7 +37,7 @@ def _step(dtype: str):
 def _dot_dtypes(run, batch, key) -> list:
   """Operand dtypes of every matmul in the training loss's forward + backward."""
   def loss(trainable):
-    return train.training_loss(run.model, trainable, run.frozen, batch, key)[0]
+    return steps.training_loss(run.model, trainable, run.frozen, batch, key)[0]
   jaxpr = jax.make_jaxpr(jax.grad(loss))(run.trainable)
   found = []
 
@@ -65,7 +66,7 @@ def test_bfloat16_keeps_params_optimizer_state_and_loss_in_float32():
 
 def _grads(run, batch, key):
   def loss(trainable):
-    return train.training_loss(run.model, trainable, run.frozen, batch, key)[0]
+    return steps.training_loss(run.model, trainable, run.frozen, batch, key)[0]
   value, grads = jax.jit(jax.value_and_grad(loss))(run.trainable)
   return float(value), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
 

@@ -20,11 +20,11 @@ import pytest
 
 from pyra_jax import checkpointing
 from pyra_jax import registry
-from pyra_jax import export as export_lib
-from pyra_jax import train
 from pyra_jax.configs import tiny, vitb_high
 from pyra_jax.configs.common import get_base_config
 from pyra_jax.models import lora, peft, pyra, vit
+from pyra_jax.training import export as export_lib
+from pyra_jax.training import setup
 from tests.test_train_cli import reset_flags, run_main
 from tests.offline_data import require_offline_mnist
 
@@ -166,7 +166,7 @@ def test_an_export_of_an_older_run_rebuilds_its_model(tmp_path):
   loaded, cfg = export_lib.load_export(str(tmp_path / 'export'))
   assert (cfg.model.mlp_dim, cfg.model.patch_size) == (None, None)
   assert cfg.model.pyra_ln_eps == get_base_config().model.pyra_ln_eps
-  rebuilt = train.build_model(cfg.model)
+  rebuilt = setup.build_model(cfg.model)
   got = jax.eval_shape(lambda i: rebuilt.init(jax.random.PRNGKey(0), i), x)['params']
   assert jax.tree.map(np.shape, got) == jax.tree.map(np.shape, loaded)
 

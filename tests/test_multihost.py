@@ -3,7 +3,7 @@
 `python -m pyra_jax.main --multihost --coordinator_address=localhost:PORT
 --num_processes=2 --process_id=i` is launched twice (i = 0, 1), as a user
 launches one process per host. Each process has one CPU device and feeds its
-half of the global batch (`train._shard`); the gradient all-reduce crosses the
+half of the global batch (`setup.shard`); the gradient all-reduce crosses the
 processes through JAX's Gloo CPU collectives; both processes save and restore
 the Orbax checkpoints of the one workdir.
 
@@ -31,8 +31,9 @@ import numpy as np
 from flax import traverse_util
 
 from pyra_jax import metrics
-from pyra_jax import train
 from pyra_jax.configs import tiny
+from pyra_jax.training import loop
+from pyra_jax.training import setup
 from tests.offline_data import require_offline_mnist
 
 require_offline_mnist(module_level=True)
@@ -98,7 +99,7 @@ def wait(procs: list[subprocess.Popen], timeout: float = 1200) -> list[tuple[int
 
 def params_at(workdir: Path, step: int) -> dict:
   """Restored in this (single-device) process: the checkpoint both processes wrote."""
-  _, trainable, got = train.restore_run(cfg(), str(workdir), step)
+  _, trainable, got = setup.restore_run(cfg(), str(workdir), step)
   assert got == step
   return traverse_util.flatten_dict(jax.device_get(trainable), sep='/')
 
@@ -112,7 +113,7 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
   two = tmp_path / 'two_processes'
   procs = launch(two, die_after=DIE_AFTER)
   one = tmp_path / 'one_process'
-  reference = train.train_and_evaluate(cfg(), str(one))  # Meanwhile, here.
+  reference = loop.train_and_evaluate(cfg(), str(one))  # Meanwhile, here.
   killed = wait(procs)
   for rc, _, err in killed:
     assert rc == 3, err[-3000:]  # The simulated kill, not a crash.
@@ -149,7 +150,7 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
 
 def _die_after(n: int):
   """A train_batches whose process exits after n batches (a kill between steps)."""
-  original = train.train_batches
+  original = loop.train_batches
 
   def batches(data, start_step):
     for i, batch in enumerate(original(data, start_step)):
@@ -164,5 +165,5 @@ if __name__ == '__main__':
   # One process of the killed launch: the real command line, dying after
   # PYRA_TEST_DIE_AFTER steps (both processes at the same step).
   from pyra_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-  train.train_batches = _die_after(int(os.environ['PYRA_TEST_DIE_AFTER']))
+  loop.train_batches = _die_after(int(os.environ['PYRA_TEST_DIE_AFTER']))
   main_lib.run()

@@ -209,7 +209,7 @@ class FakeColab:
 # and five of pyra_jax's dependencies missing.
 COLAB_OWN = {'numpy': '1.26.4', 'ipykernel': '6.17.1', 'tensorflow': '2.19.0', 'optax': '0.1.7'}
 COLAB_IN_RANGE = ('jax', 'jaxlib', 'flax', 'absl-py', 'scipy', 'pillow', 'tqdm',
-                  'huggingface-hub', 'tensorflow-datasets')
+                  'huggingface-hub', 'tensorflow-datasets', 'flatbuffers')
 COLAB_LACKS = ['optax', 'orbax-checkpoint', 'ml-collections', 'tensorboardx', 'safetensors',
                'onnx']  # In pyproject's order: optax is there, but too old.
 
@@ -233,8 +233,10 @@ def test_colab_setup_installs_around_the_runtime(tmp_path, monkeypatch, capsys, 
   assert colab.commands[1][:7] == pip + ['-c', constraints]
   wanted = [Requirement(r) for r in colab.commands[1][7:]]
   assert [canonicalize_name(r.name) for r in wanted] == COLAB_LACKS
+  project = pyproject()['project']  # The base requirements and the extras data, onnx.
   declared = {canonicalize_name(Requirement(r).name): Requirement(r).specifier
-              for r in pyproject()['project']['dependencies']}
+              for r in [*project['dependencies'], *project['optional-dependencies']['data'],
+                        *project['optional-dependencies']['onnx']]}
   assert all(r.specifier == declared[canonicalize_name(r.name)] for r in wanted)
   assert sorted(Path(constraints).read_text().splitlines()) == sorted([
       f"jax=={lock['jax']}", f"jaxlib=={lock['jaxlib']}", 'numpy==1.26.4',

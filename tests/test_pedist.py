@@ -5,8 +5,8 @@ The loss is checked against a numpy loop written from its definition
 authors' hard-label form against a numpy transcription of the PYRA authors'
 engine.py, on random logits and on the tiny models' real logits, where the
 teacher's logits come from
-the teacher's own evaluation path (`train.restore_run` + eval-mode apply), not
-from `pyra_jax.teacher`. The teacher is a tiny PEFT run trained here through the
+the teacher's own evaluation path (`setup.restore_run` + eval-mode apply), not
+from `pyra_jax.training.teacher`. The teacher is a tiny PEFT run trained here through the
 command line; the students are one-block tiny PEFT models.
 """
 
@@ -22,13 +22,16 @@ import pytest
 from flax import traverse_util
 
 from pyra_jax import checkpointing
-from pyra_jax import export as export_lib
 from pyra_jax import metrics
 from pyra_jax import optim
-from pyra_jax import teacher as teacher_lib
-from pyra_jax import train
 from pyra_jax.configs import tiny
-from pyra_jax.methods import pedist
+from pyra_jax.training import distill as distill_lib
+from pyra_jax.training import evaluation
+from pyra_jax.training import export as export_lib
+from pyra_jax.training import loop
+from pyra_jax.training import setup
+from pyra_jax.training import steps
+from pyra_jax.training import teacher as teacher_lib
 from tests.offline_data import require_offline_mnist
 from tests.test_train_cli import reset_flags, run_main
 
@@ -71,9 +74,9 @@ def test_distillation_term_matches_the_definition(temperature, weight):
   rng = np.random.default_rng(0)
   s = rng.normal(size=(6, 7)) * 3
   t = rng.normal(size=(6, 7)) * 3
-  got = np.asarray(pedist.distillation_term(jnp.asarray(s, jnp.float32),
-                                            jnp.asarray(t, jnp.float32),
-                                            temperature, weight))
+  got = np.asarray(distill_lib.distillation_term(jnp.asarray(s, jnp.float32),
+                                                 jnp.asarray(t, jnp.float32),
+                                                 temperature, weight))
   zero = np.zeros(6, int)
   for i in range(6):
     # The CE part of np_pedist_loss at label 0, subtracted out, leaves w·T²·KL.
@@ -81,7 +84,7 @@ def test_distillation_term_matches_the_definition(temperature, weight):
             + np_log_softmax(s[i])[0])
     np.testing.assert_allclose(got[i], want, rtol=2e-5, atol=1e-6)
   # Equal distributions: no KL; a student that matches the teacher pays nothing.
-  same = pedist.distillation_term(jnp.asarray(t), jnp.asarray(t), temperature, weight)
+  same = distill_lib.distillation_term(jnp.asarray(t), jnp.asarray(t), temperature, weight)
   np.testing.assert_allclose(np.asarray(same), 0.0, atol=1e-6)
 
 
@@ -111,8 +114,8 @@ def test_hard_label_term_matches_the_authors_engine():
   rng = np.random.default_rng(1)
   s, t = rng.normal(size=(5, 9)) * 2, rng.normal(size=(5, 9)) * 2
   y = rng.integers(0, 9, 5)
-  hard = np.asarray(pedist.hard_label_term(jnp.asarray(s, jnp.float32),
-                                           jnp.asarray(t, jnp.float32)))
+  hard = np.asarray(distill_lib.hard_label_term(jnp.asarray(s, jnp.float32),
+                                                jnp.asarray(t, jnp.float32)))
   ce = np.array([-np_log_softmax(z)[c] for z, c in zip(s, y)])
   np.testing.assert_allclose(0.5 * ce.mean() + 0.5 * hard.mean(),
                              np_authors_engine_loss(s, y, t), rtol=1e-5)
@@ -170,7 +173,7 @@ _OWN_EVAL = {}
 def own_eval_logits(teacher_wd, images):
   """The teacher's logits the way its own --mode=eval computes them."""
   if teacher_wd not in _OWN_EVAL:
-    run, trainable, _ = train.restore_run(teacher_config(), str(teacher_wd))
+    run, trainable, _ = setup.restore_run(teacher_config(), str(teacher_wd))
     params = optim.merge_params(trainable, run.frozen)
     apply = jax.jit(lambda p, x: run.model.apply({'params': p}, x, train=False))
     _OWN_EVAL[teacher_wd] = lambda x: apply(params, x)
@@ -178,14 +181,14 @@ def own_eval_logits(teacher_wd, images):
 
 
 def eval_batches(config):
-  data = train.get_data(config.data, config.data.eval_split, config.eval_batch_size,
+  data = setup.get_data(config.data, config.data.eval_split, config.eval_batch_size,
                         image_size=config.model.image_size, train=False, seed=config.seed)
   return list(iter(data))
 
 
 def student_with_teacher(**distill):
   config = tiny_config(**distill)
-  run = train.setup(config, 10)
+  run = setup.setup(config, 10)
   run.teacher = teacher_lib.load_teacher(config, run.model_config, run.replicate)
   return config, run
 
@@ -205,7 +208,7 @@ def test_the_teachers_logits_are_its_own_evals(teacher_wd, teacher_export):
     count += int(batch['mask'].sum())
   recorded = json.loads((teacher_wd / 'results.json').read_text())['final_accuracy']
   assert count == 200 and correct / count == recorded == t.recorded_accuracy
-  assert train.evaluate_checkpoint(teacher_config(), str(teacher_wd))['accuracy'] == recorded
+  assert evaluation.evaluate_checkpoint(teacher_config(), str(teacher_wd))['accuracy'] == recorded
 
   _, run_e = student_with_teacher(teacher_export=teacher_export)
   te = run_e.teacher
@@ -225,7 +228,7 @@ def test_training_loss_is_ce_plus_the_kl_to_the_teacher(teacher_wd):
   batch['mask'] = batch['mask'].copy()
   batch['mask'][::5] = False  # Masked rows count in neither term.
   rng = jax.random.PRNGKey(3)
-  loss, (correct, count) = train.training_loss(
+  loss, (correct, count) = steps.training_loss(
       run.model, run.trainable, run.frozen, batch, rng,
       teacher=run.teacher, teacher_params=run.teacher.params)
   student = np.asarray(run.model.apply(
@@ -236,7 +239,7 @@ def test_training_loss_is_ce_plus_the_kl_to_the_teacher(teacher_wd):
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   assert int(count) == int(batch['mask'].sum())
   # The KL term is there: without the teacher the loss is the CE alone.
-  ce, _ = train.training_loss(run.model, run.trainable, run.frozen, batch, rng)
+  ce, _ = steps.training_loss(run.model, run.trainable, run.frozen, batch, rng)
   np.testing.assert_allclose(
       float(ce), np_pedist_loss(student, teacher, batch['label'], batch['mask'], 2.5, 0.0),
       rtol=1e-5)
@@ -253,7 +256,7 @@ def test_training_loss_authors_hard_is_their_engine_loss(teacher_wd):
   batch['mask'] = batch['mask'].copy()
   batch['mask'][::4] = False
   rng = jax.random.PRNGKey(5)
-  loss, (_, count) = train.training_loss(
+  loss, (_, count) = steps.training_loss(
       run.model, run.trainable, run.frozen, batch, rng,
       teacher=run.teacher, teacher_params=run.teacher.params)
   student = np.asarray(run.model.apply(
@@ -266,7 +269,7 @@ def test_training_loss_authors_hard_is_their_engine_loss(teacher_wd):
   assert int(count) == int(keep.sum())
   # Not the KL form, and the teacher's labels are not simply the true ones.
   assert (teacher[keep].argmax(-1) != batch['label'][keep]).any()
-  kl, _ = train.training_loss(run.model, run.trainable, run.frozen, batch, rng,
+  kl, _ = steps.training_loss(run.model, run.trainable, run.frozen, batch, rng,
                               teacher=dataclasses.replace(run.teacher, loss='kl'),
                               teacher_params=run.teacher.params)
   assert abs(float(kl) - float(loss)) > 1e-3
@@ -280,25 +283,25 @@ def test_the_step_trains_lora_and_head_only_and_compiles_once(teacher_wd, monkey
   assert paths and all('/lora/' in f'/{p}' or p.startswith('head/') for p in paths)
   # The teacher's parameters get no gradient through the loss.
   batch = eval_batches(config)[0]
-  g = jax.grad(lambda tp: train.training_loss(
+  g = jax.grad(lambda tp: steps.training_loss(
       run.model, run.trainable, run.frozen, batch, jax.random.PRNGKey(0),
       teacher=run.teacher, teacher_params=tp)[0])(run.teacher.params)
   assert all(not np.asarray(x).any() for x in jax.tree.leaves(g))
 
   traces = []
-  original = train.training_loss
-  monkeypatch.setattr(train, 'training_loss',
+  original = steps.training_loss
+  monkeypatch.setattr(steps, 'training_loss',
                       lambda *a, **k: traces.append(1) or original(*a, **k))
-  step_fn = train.make_train_step(run, steps_per_epoch=25)
-  tx_init = train.make_optimizer(run, 25)[2]
+  step_fn = steps.make_train_step(run, steps_per_epoch=25)
+  tx_init = steps.make_optimizer(run, 25)[2]
   trainable = run.replicate(run.trainable)
   start = jax.tree.map(np.array, jax.device_get(run.trainable))
   opt_state = run.replicate(tx_init(run.trainable))
-  key = run.replicate(train.dropout_key(config))
-  data = train.get_data(config.data, config.data.train_split, config.batch_size,
+  key = run.replicate(setup.dropout_key(config))
+  data = setup.get_data(config.data, config.data.train_split, config.batch_size,
                         image_size=32, train=True, seed=0)
   for step, b in zip(range(3), iter(data)):
-    b = train._shard(b, run.batch_sharding)  # pylint: disable=protected-access
+    b = setup.shard(b, run.batch_sharding)  # pylint: disable=protected-access
     trainable, opt_state, m = step_fn(trainable, opt_state, run.frozen, b,
                                       np.int32(step), key, run.teacher.params)
     assert np.isfinite(float(m['loss']))
@@ -324,33 +327,33 @@ def test_a_killed_distillation_run_resumes_to_the_same_weights(
     teacher_wd, teacher_export, tmp_path, monkeypatch):
   config = tiny_config(teacher_workdir=str(teacher_wd))
   config.checkpoint_every_steps = 10
-  ref = train.train_and_evaluate(config, str(tmp_path / 'ref'))
+  ref = loop.train_and_evaluate(config, str(tmp_path / 'ref'))
   assert ref['teacher']['fingerprint'] and ref['teacher']['step'] == STEPS
 
-  original = train.train_batches
+  original = loop.train_batches
 
   def dies_after_13(data, start_step):
     for i, b in enumerate(original(data, start_step)):
       if i == 13:
         raise Killed()
       yield b
-  monkeypatch.setattr(train, 'train_batches', dies_after_13)
+  monkeypatch.setattr(loop, 'train_batches', dies_after_13)
   wd = tmp_path / 'killed'
   with pytest.raises(Killed):
-    train.train_and_evaluate(config, str(wd))
+    loop.train_and_evaluate(config, str(wd))
   monkeypatch.undo()
   assert checkpointing.Checkpointer(str(wd / 'checkpoints')).latest_step() == 10
   # Another teacher (the export's folded weights differ from the workdir's) is refused.
   other = tiny_config(teacher_export=teacher_export)
   other.checkpoint_every_steps = 10
   with pytest.raises(checkpointing.CheckpointMismatchError, match='other weights'):
-    train.train_and_evaluate(other, str(wd))
-  resumed = train.train_and_evaluate(config, str(wd))
+    loop.train_and_evaluate(other, str(wd))
+  resumed = loop.train_and_evaluate(config, str(wd))
   assert resumed['evals'] == ref['evals']
   losses = lambda d: {m['step']: m['loss'] for m in metrics.read_metrics(str(d)) if 'loss' in m}
   assert losses(wd) == losses(tmp_path / 'ref')
-  _, a, _ = train.restore_run(config, str(wd))
-  _, b, _ = train.restore_run(config, str(tmp_path / 'ref'))
+  _, a, _ = setup.restore_run(config, str(wd))
+  _, b, _ = setup.restore_run(config, str(tmp_path / 'ref'))
   for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
     np.testing.assert_array_equal(x, y)
 

@@ -391,8 +391,8 @@ def test_bad_peft_fields_fail_with_one_sentence(tmp_path, capsys, monkeypatch, o
 @pytest.mark.parametrize('peft', MODULES)
 def test_export_round_trip_keeps_the_module(tmp_path, capsys, monkeypatch, peft):
   """Train briefly (tiny, merging), export, restore: same logits, module kept."""
-  from pyra_jax import export as export_lib  # pylint: disable=g-import-not-at-top
-  from pyra_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import export as export_lib  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import setup  # pylint: disable=g-import-not-at-top
   from pyra_jax.configs import tiny as tiny_cfg  # pylint: disable=g-import-not-at-top
   from tests.offline_data import require_offline_mnist  # pylint: disable=g-import-not-at-top
   require_offline_mnist()
@@ -415,7 +415,7 @@ def test_export_round_trip_keeps_the_module(tmp_path, capsys, monkeypatch, peft)
   config = tiny_cfg.get_config(f'peft={peft}')
   config.num_epochs, config.warmup_epochs = 1, 0
   config.model.peft_dim = 3
-  run, trainable, _ = train_lib.restore_run(config, str(tmp_path))
+  run, trainable, _ = setup.restore_run(config, str(tmp_path))
   trained = optim.merge_params(jax.device_get(trainable), jax.device_get(run.frozen))
   x = images(3)
   want = run.model.apply({'params': trained}, x, train=False)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from pyra_jax import optim
-from pyra_jax import train
 from pyra_jax.configs import tiny
 from pyra_jax.experiments import plots
+from pyra_jax.training import loop
+from pyra_jax.training import setup
 from tests.offline_data import require_offline_mnist
 
 require_offline_mnist(module_level=True)
@@ -34,14 +35,14 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp('tsne_runs')
   out = {}
   for method in ('tome', 'pyra'):
-    results = train.train_and_evaluate(cfg(method), str(root / method))
+    results = loop.train_and_evaluate(cfg(method), str(root / method))
     out[method] = (root / method, results)
   return out
 
 
 def first_images(config, n):
   """The first n images and labels of the eval split, read batch by batch."""
-  data = train.get_data(config.data, config.data.eval_split, config.eval_batch_size,
+  data = setup.get_data(config.data, config.data.eval_split, config.eval_batch_size,
                         image_size=config.model.image_size, train=False, seed=0)
   images, labels = [], []
   for batch in iter(data):
@@ -76,7 +77,7 @@ def test_tsne_command_embeds_each_runs_class_token_features(runs, tmp_path,
     assert f'{workdir} step 25, 200 images' in line
     assert f'top-1 {100 * results["final_accuracy"]:.2f}%' in line
     # The embedded points are the model's pre-head class tokens.
-    run, trainable, _ = train.restore_run(config, str(workdir))
+    run, trainable, _ = setup.restore_run(config, str(workdir))
     params = jax.device_get(optim.merge_params(trainable, run.frozen))
     images, _ = first_images(config, 64)
     direct, logits = jax.jit(lambda p, x: (
@@ -91,8 +92,8 @@ def test_tsne_command_embeds_each_runs_class_token_features(runs, tmp_path,
 
 def test_max_images_takes_the_first_images_of_the_split_in_order(runs):
   config = cfg('pyra')
-  run, trainable, _ = train.restore_run(config, str(runs['pyra'][0]))
-  data = train.get_data(config.data, 'val200', 64, image_size=32, train=False, seed=0)
+  run, trainable, _ = setup.restore_run(config, str(runs['pyra'][0]))
+  data = setup.get_data(config.data, 'val200', 64, image_size=32, train=False, seed=0)
   all_ = plots.class_token_features(run, trainable, data)
   some = plots.class_token_features(run, trainable, data, max_images=70)
   _, labels = first_images(config, 200)

@@ -20,10 +20,11 @@ import pytest
 from pyra_jax import main as main_lib
 from pyra_jax import optim
 from pyra_jax import recipe
-from pyra_jax import train
 from pyra_jax import vtab
 from pyra_jax.configs import common, tiny as tiny_setting
 from pyra_jax.models import build_model
+from pyra_jax.training import loop
+from pyra_jax.training import steps
 from tests.test_train_cli import reset_flags, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def test_deit_trains_the_class_head_and_evaluates_the_mean_of_both():
   batch = {'image': x, 'label': jnp.asarray(labels), 'mask': jnp.ones(4, bool)}
   trainable, frozen = optim.split_params(params, c.trainable)
   (loss, _), grads = jax.jit(jax.value_and_grad(
-      lambda t: train.training_loss(net, t, frozen, batch, jax.random.PRNGKey(2)),
+      lambda t: steps.training_loss(net, t, frozen, batch, jax.random.PRNGKey(2)),
       has_aux=True))(trainable)
   logp = cls - np.log(np.exp(cls).sum(-1, keepdims=True))
   assert float(loss) == pytest.approx(-logp[np.arange(4), labels].mean(), rel=1e-5)
@@ -121,7 +122,7 @@ def test_eval_epochs_follow_the_authors_loop(epochs, every):
   # 0-based epoch `epoch`; ours count epochs from 1 (after the k-th epoch).
   want = [e + 1 for e in range(epochs)
           if (every > 0 and e % every == 0) or e == epochs - 1]
-  got = [k for k in range(1, epochs + 1) if train._is_eval_epoch(k, c)]  # pylint: disable=protected-access
+  got = [k for k in range(1, epochs + 1) if loop._is_eval_epoch(k, c)]  # pylint: disable=protected-access
   assert got == want
   if (epochs, every) == (100, 10):
     assert got == [1, 11, 21, 31, 41, 51, 61, 71, 81, 91, 100]
@@ -234,7 +235,7 @@ def test_main_reports_the_headline_first(tmp_path, capsys, monkeypatch):
     return {'eval_split': 'test', 'num_test_images': 10, 'final_accuracy': 0.5,
             'max_accuracy_paper_protocol': 0.7, 'headline': config.headline,
             'steps': 3}
-  monkeypatch.setattr(train, 'train_and_evaluate', fake_train)
+  monkeypatch.setattr(loop, 'train_and_evaluate', fake_train)
   code, out, _ = run_main(capsys, monkeypatch, '--config=configs/tiny.py:recipe=authors_code',
                           f'--workdir={tmp_path}')
   reset_flags()

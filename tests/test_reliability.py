@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from pyra_jax.configs import tiny
 from pyra_jax import checkpointing
 from pyra_jax import metrics
-from pyra_jax import train
+from pyra_jax.configs import tiny
+from pyra_jax.training import setup
 from tests.test_train_cli import ROOT, reset_flags, run_main
 from tests.offline_data import require_offline_mnist
 
@@ -57,7 +57,7 @@ def params_of(workdir, step=None):
   """The trainable params restored from a workdir of the TINY command line."""
   c = tiny.get_config()
   c.data.eval_split, c.eval_batch_size, c.log_every_steps = 'val200', 64, 1
-  _, trainable, s = train.restore_run(c, str(workdir), step)
+  _, trainable, s = setup.restore_run(c, str(workdir), step)
   return s, traverse_util.flatten_dict(jax.device_get(trainable), sep='/')
 
 
@@ -331,10 +331,11 @@ def test_every_user_error_class_is_one_pyra_error():
   """main prints any PyraError as one sentence; every error class a module
   raises for users derives from it (and from ValueError, as before)."""
   from pyra_jax import errors  # pylint: disable=g-import-not-at-top
-  from pyra_jax import benchmark, export, optim, schedules  # pylint: disable=g-import-not-at-top
+  from pyra_jax import benchmark, optim, schedules  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import export  # pylint: disable=g-import-not-at-top
   from pyra_jax.checkpoints import common as ckpt_common  # pylint: disable=g-import-not-at-top
   from pyra_jax.data import DataError  # pylint: disable=g-import-not-at-top
-  for cls in (optim.ConfigError, train.ConfigError, train.TrainingError,
+  for cls in (optim.ConfigError, errors.ConfigError, errors.TrainingError,
               schedules.ScheduleError, DataError, ckpt_common.CheckpointError,
               checkpointing.CheckpointMismatchError, checkpointing.WorkdirInUseError,
               checkpointing.CheckpointUnreadableError, export.ExportError,

@@ -26,8 +26,8 @@ import pytest
 from PIL import Image
 
 from pyra_jax import convert as convert_lib
-from pyra_jax import export as export_lib
 from pyra_jax.configs import tiny
+from pyra_jax.training import export as export_lib
 from tests import reference_vit
 from tests.offline_data import require_offline_mnist
 from tests.test_train_cli import ROOT, reset_flags, run_main

@@ -35,7 +35,9 @@ import pytest
 from flax import traverse_util
 
 from pyra_jax.configs import tiny
-from pyra_jax import train
+from pyra_jax.training import evaluation
+from pyra_jax.training import records
+from pyra_jax.training import setup
 from tests.offline_data import require_offline_mnist
 from tests.test_train_cli import ROOT, reset_flags, run_main
 
@@ -66,7 +68,7 @@ def steps(workdir):
 def params_of(workdir, step=None):
   c = tiny.get_config()
   c.data.eval_split, c.eval_batch_size, c.log_every_steps = 'val200', 64, 1
-  _, trainable, s = train.restore_run(c, str(workdir), step)
+  _, trainable, s = setup.restore_run(c, str(workdir), step)
   return s, traverse_util.flatten_dict(jax.device_get(trainable), sep='/')
 
 
@@ -174,18 +176,18 @@ def test_concurrent_two_stage_evaluations_keep_every_entry(
   other = {'step': 50, 'split': 'val200', 'accuracy': 0.5, 'correct': 100,
            'count': 200, 'trained': {'method': 'pyra', 'schedule': '4,2'},
            'evaluated': {'method': 'tome', 'schedule': '4,2', 'r_per_layer': [4, 2]}}
-  real_write = train.write_json
+  real_write = records.write_json
   second = []
 
   def write_json(path, obj):
     if not second and path.endswith('results.json'):
       # The first evaluation has read results.json and is about to write it.
-      t = threading.Thread(target=train.record_two_stage, args=(str(wd), dict(other)))
+      t = threading.Thread(target=evaluation.record_two_stage, args=(str(wd), dict(other)))
       second.append(t)
       t.start()
       t.join(timeout=1.5)  # Finishes at once without a lock; waits with one.
     real_write(path, obj)
-  monkeypatch.setattr(train, 'write_json', write_json)
+  monkeypatch.setattr(records, 'write_json', write_json)
   code, out, err = main(capsys, monkeypatch, wd, *TWO_STAGE, '--checkpoint_step=25')
   second[0].join(timeout=60)
   assert code == 0, err
@@ -270,7 +272,10 @@ def test_eval_and_export_during_training_name_the_run_and_ctrl_c_stops_it(
         [sys.executable, '-m', 'pyra_jax.main', *TINY, f'--workdir={wd}',
          '--config.num_epochs=40', '--config.checkpoint_every_steps=1',
          '--config.keep_checkpoints=1'], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=err_file)
+        stdout=subprocess.DEVNULL, stderr=err_file,
+        # As from a terminal: pytest-xdist's workers ignore SIGINT, and a child
+        # inherits that, so Ctrl-C would never reach it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     deadline = time.time() + 120
     while not (wd / 'checkpoints').is_dir() or not steps(wd):

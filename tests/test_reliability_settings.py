@@ -21,8 +21,9 @@ import jax
 import pytest
 
 from pyra_jax import checkpointing
-from pyra_jax import train
 from pyra_jax import vtab
+from pyra_jax.training import checks
+from pyra_jax.training import steps
 from tests.test_reliability import main, one_sentence
 from tests.test_reliability import reference  # pylint: disable=unused-import  (the fixture)
 from tests.test_train_cli import ROOT, reset_flags, run_main
@@ -132,7 +133,7 @@ EVAL_IMAGE = IMAGE + max(max(a, m) for a, m in BLOCKS)
 def test_an_eval_batch_larger_than_the_split_evaluates_it_in_one_batch(
     reference, capsys, monkeypatch):
   seen = []
-  evaluate = train.evaluate
+  evaluate = steps.evaluate
 
   def guarded(run, step, trainable, data):
     seen.append(data.batch_size)
@@ -141,7 +142,7 @@ def test_an_eval_batch_larger_than_the_split_evaluates_it_in_one_batch(
     assert data.batch_size <= 200, f'an eval batch of {data.batch_size} images'
     return evaluate(run, step, trainable, data)
 
-  monkeypatch.setattr(train, 'evaluate', guarded)
+  monkeypatch.setattr(steps, 'evaluate', guarded)
   code, out, err = main(capsys, monkeypatch, reference, '--mode=eval',
                         '--config.eval_batch_size=1000000')
   assert code == 0, err
@@ -155,7 +156,7 @@ def test_a_batch_whose_activations_exceed_the_memory_is_refused(
     reference, tmp_path, capsys, monkeypatch):
   assert jax.device_count() == 1
   # Training: room for 10 images' activations, the batch is 40.
-  monkeypatch.setattr(train, 'available_memory_bytes', lambda: 10 * TRAIN_IMAGE + 5)
+  monkeypatch.setattr(checks, 'available_memory_bytes', lambda: 10 * TRAIN_IMAGE + 5)
   wd = tmp_path / 'wd'
   code, out, err = main(capsys, monkeypatch, wd)
   assert one_sentence(code, err), err
@@ -164,7 +165,7 @@ def test_a_batch_whose_activations_exceed_the_memory_is_refused(
   assert nothing_trained(wd)
   # The same batch in 4 micro-batches of 10 fits; it is refused for something
   # else here only to keep this test from training (the eval batch, 64 > 62).
-  monkeypatch.setattr(train, 'available_memory_bytes',
+  monkeypatch.setattr(checks, 'available_memory_bytes',
                       lambda: max(10 * TRAIN_IMAGE, 62 * EVAL_IMAGE))
   code, out, err = main(capsys, monkeypatch, wd, '--config.grad_accum_steps=4')
   assert one_sentence(code, err), err
@@ -172,7 +173,7 @@ def test_a_batch_whose_activations_exceed_the_memory_is_refused(
   assert 'use config.eval_batch_size = 62 or less' in err, err
   assert nothing_trained(wd)
   # Evaluating a finished run: the same check, before the first batch.
-  monkeypatch.setattr(train, 'available_memory_bytes', lambda: 30 * EVAL_IMAGE)
+  monkeypatch.setattr(checks, 'available_memory_bytes', lambda: 30 * EVAL_IMAGE)
   code, out, err = main(capsys, monkeypatch, reference, '--mode=eval')
   assert one_sentence(code, err), err
   assert 'use config.eval_batch_size = 30 or less' in err, err

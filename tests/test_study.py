@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from pyra_jax.configs import tiny
 from pyra_jax import checkpointing
+from pyra_jax.configs import tiny
 from pyra_jax.experiments import study
 from pyra_jax.experiments import study_small
 from tests.offline_data import require_offline_mnist
@@ -140,7 +140,7 @@ def test_deadline_in_the_past_launches_nothing(tmp_path):
 
 
 def _fake_result(config, outdir, cell, acc, **config_changes):
-  """A results.json as pyra_jax.train writes it (the cell's config inside)."""
+  """A results.json as pyra_jax.training writes it (the cell's config inside)."""
   workdir = study.workdir_of(outdir, cell)
   os.makedirs(workdir, exist_ok=True)
   cfg = checkpointing.config_to_dict(study.cell_config(config, cell))
@@ -200,14 +200,14 @@ def test_single_value_std_is_nan():
 def test_end_to_end_tiny_runs_then_resume_skips(tmp_path):
   require_offline_mnist()
   pytest.importorskip('matplotlib')
-  from pyra_jax import train  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import loop  # pylint: disable=g-import-not-at-top
   config = tiny_study_config()
   out = str(tmp_path / 'runs_root')
   calls = []
 
   def counting_train(cfg, workdir):
     calls.append(workdir)
-    return train.train_and_evaluate(cfg, workdir)
+    return loop.train_and_evaluate(cfg, workdir)
 
   statuses = study.run_study(config, out, train_fn=counting_train, log=lambda _: None)
   assert [s['status'] for s in statuses] == ['done', 'done']
@@ -273,14 +273,14 @@ def test_bench_times_the_three_deployed_models(tmp_path):
 
 
 def test_a_diverged_run_is_recorded_and_the_grid_goes_on(tmp_path):
-  from pyra_jax import train  # pylint: disable=g-import-not-at-top
+  from pyra_jax import errors  # pylint: disable=g-import-not-at-top
   config = tiny_study_config()
   calls = []
 
   def train_fn(cfg, workdir):
     calls.append(cfg.seed)
     if cfg.seed == 0:
-      raise train.TrainingError('The loss became nan at step 3')
+      raise errors.TrainingError('The loss became nan at step 3')
     _fake_result(config, str(tmp_path), study.Cell('main', 'mnist', 'pyra', 'high', 1), 0.5)
     return {'final_accuracy': 0.5}
 

@@ -13,11 +13,15 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from pyra_jax.configs import tiny
 from pyra_jax import checkpointing
-from pyra_jax import export as export_lib
+from pyra_jax import errors
 from pyra_jax import metrics
-from pyra_jax import train
+from pyra_jax.configs import tiny
+from pyra_jax.training import evaluation
+from pyra_jax.training import export as export_lib
+from pyra_jax.training import loop
+from pyra_jax.training import setup
+from pyra_jax.training import steps
 from tests.offline_data import require_offline_mnist
 
 require_offline_mnist(module_level=True)
@@ -36,7 +40,7 @@ def cfg(**overrides):
 
 
 def final_params(workdir, config=None):
-  _, trainable, step = train.restore_run(config or cfg(), str(workdir))
+  _, trainable, step = setup.restore_run(config or cfg(), str(workdir))
   return step, traverse_util.flatten_dict(jax.device_get(trainable), sep='/')
 
 
@@ -51,7 +55,7 @@ class Killed(Exception):
 
 def kill_after(n):
   """A train_batches that dies after n batches, like a SIGKILL between steps."""
-  original = train.train_batches
+  original = loop.train_batches
 
   def batches(data, start_step):
     for i, batch in enumerate(original(data, start_step)):
@@ -69,7 +73,7 @@ def workdirs(tmp_path_factory):
 @pytest.fixture(scope='module')
 def reference(workdirs):
   wd = workdirs / 'reference'
-  results = train.train_and_evaluate(cfg(), str(wd))
+  results = loop.train_and_evaluate(cfg(), str(wd))
   return wd, results
 
 
@@ -93,27 +97,27 @@ def test_trains_end_to_end_and_loss_falls(reference):
 
 def test_eval_restores_the_exact_accuracy_and_counts_each_image_once(reference):
   wd, results = reference
-  again = train.evaluate_checkpoint(cfg(), str(wd))
+  again = evaluation.evaluate_checkpoint(cfg(), str(wd))
   assert again['accuracy'] == results['final_accuracy']  # Bit for bit.
   # 4 batches of 64 = 256 rows, 56 of them padding: only the 200 images count.
   assert again['count'] == 200 and again['accuracy'] == again['correct'] / 200
-  mid = train.evaluate_checkpoint(cfg(), str(wd), step=25)
+  mid = evaluation.evaluate_checkpoint(cfg(), str(wd), step=25)
   assert mid['accuracy'] == results['evals'][0]['accuracy']
 
 
 def test_kill_and_resume_equals_uninterrupted_run(reference, workdirs, monkeypatch):
   ref_wd, ref_results = reference
   wd = workdirs / 'resumed'
-  monkeypatch.setattr(train, 'train_batches', kill_after(37))
+  monkeypatch.setattr(loop, 'train_batches', kill_after(37))
   with pytest.raises(Killed):
-    train.train_and_evaluate(cfg(), str(wd))
+    loop.train_and_evaluate(cfg(), str(wd))
   assert checkpointing.Checkpointer(str(wd / 'checkpoints')).latest_step() == 25
   # A save killed half-way leaves only Orbax's tmp directory: it must be ignored.
   junk = wd / 'checkpoints' / '50.orbax-checkpoint-tmp-123' / 'params'
   junk.mkdir(parents=True)
   (junk / 'garbage').write_text('half a checkpoint')
   monkeypatch.undo()
-  results = train.train_and_evaluate(cfg(), str(wd))
+  results = loop.train_and_evaluate(cfg(), str(wd))
   step, resumed = final_params(wd)
   _, uninterrupted = final_params(ref_wd)
   assert step == STEPS and resumed.keys() == uninterrupted.keys()
@@ -127,7 +131,7 @@ def test_kill_and_resume_equals_uninterrupted_run(reference, workdirs, monkeypat
 
 def test_a_different_seed_gives_different_results(reference, workdirs):
   wd = workdirs / 'seed1'
-  train.train_and_evaluate(cfg(seed=1), str(wd))
+  loop.train_and_evaluate(cfg(seed=1), str(wd))
   _, p1 = final_params(wd, cfg(seed=1))
   _, p0 = final_params(reference[0])
   assert not np.array_equal(p1['head/kernel'], p0['head/kernel'])
@@ -137,7 +141,7 @@ def test_a_different_seed_gives_different_results(reference, workdirs):
 def test_workdir_of_another_config_is_refused(reference):
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r'lr: 0\.03 -> 0\.01'):
-    train.train_and_evaluate(cfg(lr=0.01), str(reference[0]))
+    loop.train_and_evaluate(cfg(lr=0.01), str(reference[0]))
 
 
 def test_a_field_added_since_a_checkpoint_counts_as_its_default():
@@ -158,17 +162,17 @@ def test_a_field_added_since_a_checkpoint_counts_as_its_default():
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     reference, workdirs, monkeypatch):
-  original = train.train_batches
+  original = loop.train_batches
 
   def poisoned(data, start_step):
     for i, batch in enumerate(original(data, start_step)):
       if start_step + i == 30:  # Step 31.
         batch = dict(batch, image=np.full_like(batch['image'], np.nan))
       yield batch
-  monkeypatch.setattr(train, 'train_batches', poisoned)
+  monkeypatch.setattr(loop, 'train_batches', poisoned)
   wd = workdirs / 'nan'
-  with pytest.raises(train.TrainingError, match=r'nan at step 31.*finite loss is step 25 in'):
-    train.train_and_evaluate(cfg(), str(wd))
+  with pytest.raises(errors.TrainingError, match=r'nan at step 31.*finite loss is step 25 in'):
+    loop.train_and_evaluate(cfg(), str(wd))
   assert checkpointing.Checkpointer(str(wd / 'checkpoints')).all_steps() == [25]
   step, params = final_params(wd)
   assert step == 25 and all(np.isfinite(v).all() for v in params.values())
@@ -201,15 +205,15 @@ def test_export_folds_lora_and_keeps_the_accuracy(reference, workdirs):
 def _steps(config, batches):
   """Trains the tiny model on `batches` with the real train step; returns
   (trainable, opt_state, per-step losses)."""
-  run = train.setup(config, num_classes=10)
-  step_fn = train.make_train_step(run, steps_per_epoch=25)
+  run = setup.setup(config, num_classes=10)
+  step_fn = steps.make_train_step(run, steps_per_epoch=25)
   trainable = run.replicate(run.trainable)
-  opt_state = run.replicate(train.make_optimizer(run, 25)[2](run.trainable))
-  key = run.replicate(train.dropout_key(config))
+  opt_state = run.replicate(steps.make_optimizer(run, 25)[2](run.trainable))
+  key = run.replicate(setup.dropout_key(config))
   step_losses = []
   for s, batch in enumerate(batches):
     trainable, opt_state, m = step_fn(trainable, opt_state, run.frozen,
-                                      train._shard(batch, run.batch_sharding), np.int32(s), key)
+                                      setup.shard(batch, run.batch_sharding), np.int32(s), key)
     step_losses.append(float(m['loss']))
   return jax.device_get(trainable), jax.device_get(opt_state), step_losses
 
@@ -241,7 +245,7 @@ def test_gradient_accumulation_gives_the_update_of_the_whole_batch():
   assert flat1.keys() == flat2.keys()
   for name in flat1:
     np.testing.assert_allclose(flat2[name], flat1[name], atol=1e-6, err_msg=name)
-  moved = traverse_util.flatten_dict(train.setup(one, 10).trainable, sep='/')
+  moved = traverse_util.flatten_dict(setup.setup(one, 10).trainable, sep='/')
   assert max(np.abs(flat1[n] - moved[n]).max() for n in flat1) > 1e-3  # Really trained.
   counts = [int(x) for path, x in jax.tree_util.tree_flatten_with_path(s2)[0]
             if 'count' in jax.tree_util.keystr(path)]

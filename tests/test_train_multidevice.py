@@ -20,7 +20,8 @@ import numpy as np
 from flax import traverse_util
 
 from pyra_jax.configs import tiny
-from pyra_jax import train
+from pyra_jax.training import setup
+from pyra_jax.training import steps
 
 NUM_STEPS = 8
 
@@ -28,12 +29,12 @@ NUM_STEPS = 8
 def run_steps(num_steps: int = NUM_STEPS) -> dict:
   """Trains the tiny model for a few steps on every visible device."""
   config = tiny.get_config()
-  run = train.setup(config, num_classes=10)
-  _, _, tx_init = train.make_optimizer(run, steps_per_epoch=25)
-  step_fn = train.make_train_step(run, steps_per_epoch=25)
+  run = setup.setup(config, num_classes=10)
+  _, _, tx_init = steps.make_optimizer(run, steps_per_epoch=25)
+  step_fn = steps.make_train_step(run, steps_per_epoch=25)
   trainable = run.replicate(run.trainable)
   opt_state = run.replicate(jax.device_get(tx_init(run.trainable)))
-  key = run.replicate(train.dropout_key(config))
+  key = run.replicate(setup.dropout_key(config))
   rng = np.random.default_rng(0)
   losses, placed_on = [], set()
   for step in range(num_steps):
@@ -41,7 +42,7 @@ def run_steps(num_steps: int = NUM_STEPS) -> dict:
     batch = {'image': rng.normal(size=(b, 32, 32, 3)).astype(np.float32),
              'label': rng.integers(0, 10, b).astype(np.int32),
              'mask': np.ones(b, bool)}
-    batch = train._shard(batch, run.batch_sharding)  # pylint: disable=protected-access
+    batch = setup.shard(batch, run.batch_sharding)  # pylint: disable=protected-access
     placed_on.add(len(batch['image'].sharding.device_set))
     trainable, opt_state, m = step_fn(trainable, opt_state, run.frozen, batch,
                                       np.int32(step), key)

@@ -3,7 +3,7 @@ Table 16) and the refusal of a run without pretrained weights.
 
 One tiny PEFT run is trained once (test_train_cli covers training through the
 command line); the tests evaluate or export it through the command line or
-`train.restore_run`.
+`setup.restore_run`.
 """
 
 import json
@@ -12,11 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from pyra_jax.configs import tiny
 from pyra_jax import checkpointing
-from pyra_jax import export as export_lib
+from pyra_jax import errors
 from pyra_jax import optim
-from pyra_jax import train
+from pyra_jax.configs import tiny
+from pyra_jax.training import export as export_lib
+from pyra_jax.training import loop
+from pyra_jax.training import setup
 from tests.test_train_cli import reset_flags, run_main
 from tests.offline_data import require_offline_mnist
 
@@ -34,7 +36,7 @@ def peft_workdir(tmp_path_factory):
   config = tiny.get_config('method=peft')
   config.data.eval_split, config.eval_batch_size = 'val200', 64
   config.log_every_steps = 25
-  train.train_and_evaluate(config, str(workdir))
+  loop.train_and_evaluate(config, str(workdir))
   return workdir
 
 
@@ -87,13 +89,13 @@ def test_pyra_at_init_gives_the_tome_logits_on_peft_weights(peft_workdir):
   """The restored LoRA and head are the trained ones in both models, and the
   PYRA generators the checkpoint lacks take their initialisation (W_D = 0)."""
   config = tiny.get_config('method=peft')
-  _, peft_params, _ = train.restore_run(config, str(peft_workdir))
+  _, peft_params, _ = setup.restore_run(config, str(peft_workdir))
   images = np.random.default_rng(0).uniform(
       -2, 2, (8, 32, 32, 3)).astype(np.float32)
   logits = {}
   for method in ('tome', 'pyra'):
     config = tiny.get_config(f'method={method}')
-    run, trainable, _ = train.restore_run(config, str(peft_workdir), two_stage=True)
+    run, trainable, _ = setup.restore_run(config, str(peft_workdir), two_stage=True)
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(trainable))[0]
     pyra = {jax.tree_util.keystr(k): v for k, v in flat if 'pyra' in jax.tree_util.keystr(k)}
     if method == 'pyra':
@@ -117,7 +119,7 @@ def test_two_stage_export_merges_and_names_the_trained_method(peft_workdir, tmp_
                           two_stage=True)
   _, cfg = export_lib.load_export(out)
   assert (cfg.model.method, cfg.model.lora_rank) == ('tome', 0)
-  assert train.build_model(cfg.model).schedule == (4, 2)
+  assert setup.build_model(cfg.model).schedule == (4, 2)
   # export_info is dropped by load_export; read it from the stored config.
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
@@ -156,23 +158,23 @@ def test_trained_generators_cannot_be_dropped_or_reshaped(peft_workdir):
   a PYRA checkpoint evaluated as ToMe: its generators would be lost) is refused.
   The PYRA checkpoint is simulated by the PEFT one's meta claiming PYRA."""
   config = tiny.get_config('method=pyra')
-  stored = train._stored_trainable_shapes(  # pylint: disable=protected-access
-      {'model_config': train.resolve_model_config(config, 10).to_dict()}, config)
-  fresh = train.setup(tiny.get_config('method=tome'), 10).trainable
+  stored = setup._stored_trainable_shapes(  # pylint: disable=protected-access
+      {'model_config': setup.resolve_model_config(config, 10).to_dict()}, config)
+  fresh = setup.setup(tiny.get_config('method=tome'), 10).trainable
   meta = {'step': 50, 'config': checkpointing.config_to_dict(config)}
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r"trained with method 'pyra', schedule '4,2', whose trained "
                            r"parameters \(Transformer/encoderblock_0/pyra/norm/bias"):
-    train._two_stage_tree(stored, fresh, meta, tiny.get_config('method=tome'),  # pylint: disable=protected-access
+    setup._two_stage_tree(stored, fresh, meta, tiny.get_config('method=tome'),  # pylint: disable=protected-access
                           '/wd')
   # Another schedule reshapes W_r (r_l, 1): refused too.
-  fresh = train.setup(tiny.get_config('method=pyra'), 10).trainable
+  fresh = setup.setup(tiny.get_config('method=pyra'), 10).trainable
   config_other = tiny.get_config('method=pyra')
   config_other.model.schedule = '2,2'
-  fresh_other = train.setup(config_other, 10).trainable
+  fresh_other = setup.setup(config_other, 10).trainable
   with pytest.raises(checkpointing.CheckpointMismatchError, match='w_r'):
-    train._two_stage_tree(stored, fresh_other, meta, config_other, '/wd')  # pylint: disable=protected-access
-  kept, added = train._two_stage_tree(stored, fresh, meta, config, '/wd')  # pylint: disable=protected-access
+    setup._two_stage_tree(stored, fresh_other, meta, config_other, '/wd')  # pylint: disable=protected-access
+  kept, added = setup._two_stage_tree(stored, fresh, meta, config, '/wd')  # pylint: disable=protected-access
   assert added == [] and jax.tree.structure(kept) == jax.tree.structure(stored)
 
 
@@ -199,11 +201,11 @@ def test_a_paper_setting_without_weights_is_refused_naming_what_to_fetch(
 def test_every_paper_setting_needs_weights_or_an_explicit_random_init(setting, fetched):
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'pyra_jax.configs.{setting}').get_config()
-  with pytest.raises(train.ConfigError, match='pyra_jax.convert') as e:
-    train.check_model_init(config)
+  with pytest.raises(errors.ConfigError, match='pyra_jax.convert') as e:
+    setup.check_model_init(config)
   assert fetched in str(e.value)
   config.model_init = 'random'
-  train.check_model_init(config)  # Asked for explicitly: allowed.
+  setup.check_model_init(config)  # Asked for explicitly: allowed.
 
 
 def test_two_stage_eval_of_an_unfinished_run_is_refused(peft_workdir, tmp_path,

@@ -31,7 +31,7 @@ does not depend on their values), the paper's `high` schedule:
             what our inference runs; theirs: their model in eval mode under
             torch.no_grad(), what their `test_model_latency` times (LoRA as a
             separate branch, which is how their code deploys).
-  train     ours: `train.make_train_step`, the step a training run executes
+  train     ours: `training.steps.make_train_step`, the step a training run executes
             (AdamW with lr groups and weight-decay mask, LoRA dropout 0.1,
             stochastic depth 0.1, masked cross-entropy), fed its own outputs;
             theirs: their `train_one_epoch` body without data loading and

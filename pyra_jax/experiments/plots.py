@@ -286,7 +286,7 @@ def class_token_features(run, trainable, eval_data, max_images: int = 0
   their mask.
   """
   from pyra_jax import optim  # pylint: disable=g-import-not-at-top
-  from pyra_jax import train  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import setup  # pylint: disable=g-import-not-at-top
 
   model = run.model
 
@@ -303,7 +303,7 @@ def class_token_features(run, trainable, eval_data, max_images: int = 0
   count = 0
   for batch in iter(eval_data):
     f, hit = jax.device_get(step(trainable, run.frozen,
-                                 train._shard(batch, run.batch_sharding)))  # pylint: disable=protected-access
+                                 setup.shard(batch, run.batch_sharding)))
     keep = np.asarray(batch['mask'], bool)
     feats.append(np.asarray(f)[keep])
     labels.append(np.asarray(batch['label'])[keep])
@@ -385,11 +385,11 @@ def plot_tsne(panels: Sequence[dict], out: str, title: str = '') -> None:
 def tsne_panel(workdir: str, label: str, split: Optional[str], max_images: int,
                perplexity: float, seed: int) -> dict:
   """Restores one run, computes its features on `split` and embeds them."""
-  from pyra_jax import train  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import setup  # pylint: disable=g-import-not-at-top
   config = run_config(workdir)
   split = split or config.data.eval_split
-  run, trainable, step = train.restore_run(config, workdir)
-  data = train.get_data(config.data, split, config.eval_batch_size,
+  run, trainable, step = setup.restore_run(config, workdir)
+  data = setup.get_data(config.data, split, config.eval_batch_size,
                         image_size=config.model.image_size, train=False,
                         seed=config.seed)
   out = class_token_features(run, trainable, data, max_images)

@@ -10,11 +10,11 @@ r"""Runs a grid of training runs (methods x schedules x tasks x seeds) and summa
 The grid is the `study` section of the config (study_small.py beside this file
 documents it): a list of stages, each tasks x variants x schedules x seeds, run in order,
 seeds outermost inside a stage, one run at a time, each in its own workdir
-`<outdir>/runs/<task>-<variant>-<schedule>-s<seed>` (pyra_jax.train). Runs are
+`<outdir>/runs/<task>-<variant>-<schedule>-s<seed>` (pyra_jax.training). Runs are
 in-process, so runs that differ only in seed or data reuse the compiled step.
 
 Resumable: a run whose workdir holds results.json is skipped; an interrupted
-run resumes from its last checkpoint (pyra_jax.train). With --deadline=HH:MM
+run resumes from its last checkpoint (pyra_jax.training). With --deadline=HH:MM
 (UTC) no run is launched after that time; rerun the same command to continue.
 
 Throughput for the accuracy-throughput plot: for every schedule of a stage with
@@ -212,7 +212,7 @@ def select(items: Sequence[Cell | Bench], only: str) -> list[Cell | Bench]:
 
 
 def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config without its study section (what pyra_jax.train sees)."""
+  """The config without its study section (what pyra_jax.training sees)."""
   d = config.to_dict()
   d.pop('study', None)
   return ml_collections.ConfigDict(d)
@@ -366,10 +366,11 @@ def run_study(config: ml_collections.ConfigDict, outdir: str, *, only: str = '',
   the summary), 'not_started' (deadline or max_runs reached). Any other error
   propagates: a broken setup should stop the study loudly.
   """
-  from pyra_jax import train  # pylint: disable=g-import-not-at-top
-  train_error = train.TrainingError
+  from pyra_jax import errors  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import loop  # pylint: disable=g-import-not-at-top
+  train_error = errors.TrainingError
   if train_fn is None:
-    train_fn = train.train_and_evaluate
+    train_fn = loop.train_and_evaluate
   items = select(plan(config), only)
   statuses, launched = [], 0
   for i, item in enumerate(items):

@@ -5,7 +5,7 @@ A teacher is one of our own trained models, given either as
   * `config.distill.teacher_workdir`: a training workdir. Its latest readable
     checkpoint is restored with the config stored in that checkpoint (its own
     variant, LoRA rank, merging, pretrained weights), exactly as its own
-    `--mode=eval` restores it (`train.restore_run`), LoRA not folded; or
+    `--mode=eval` restores it (`setup.restore_run`), LoRA not folded; or
   * `config.distill.teacher_export`: an export of ours (`--mode=export`), LoRA
     folded into q/k/v, as `--mode=eval --export_dir=...` reads it.
 
@@ -13,7 +13,7 @@ Either way its logits in the training step are `model.apply(params, images,
 train=False)` with the model and parameters its own evaluation uses (no
 dropout, no stochastic depth), so they are the logits behind the accuracy its
 run reported. The parameters enter the jitted step as an argument that is
-never differentiated (`train.make_train_step`), so they cannot change.
+never differentiated (`steps.make_train_step`), so they cannot change.
 
 Before anything is compiled, the teacher is checked against the student: the
 same number of classes, the same image size and the same input normalisation
@@ -32,10 +32,11 @@ import ml_collections
 
 from pyra_jax import checkpointing
 from pyra_jax import errors
-from pyra_jax import export as export_lib
 from pyra_jax import optim
-from pyra_jax import train as train_lib
 from pyra_jax.errors import ConfigError
+from pyra_jax.training import distill
+from pyra_jax.training import export as export_lib
+from pyra_jax.training import setup
 
 PyTree = Any
 
@@ -52,12 +53,12 @@ class Teacher:
   fingerprint: str           # sha256 of its parameters (resume refuses a change)
   temperature: float         # config.distill.temperature
   weight: float              # config.distill.weight
-  loss: str                  # config.distill.loss (methods.pedist.DISTILL_LOSSES)
+  loss: str                  # config.distill.loss (distill.DISTILL_LOSSES)
   recorded_accuracy: Optional[float] = None  # its run's results.json, if any
 
   def memo_key(self) -> str:
     """What identifies the compiled teacher forward inside a train step."""
-    return train_lib._json([self.model_config.to_dict(), self.fingerprint])  # pylint: disable=protected-access
+    return setup.json_key([self.model_config.to_dict(), self.fingerprint])
 
   def record(self) -> dict:
     """What checkpoints and results.json store about the teacher."""
@@ -109,11 +110,10 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   if not d.weight >= 0:
     raise ConfigError(f'config.distill.weight = {d.weight!r}: use a weight >= 0 '
                       '(0 trains on the cross-entropy alone).')
-  from pyra_jax.methods import pedist  # pylint: disable=g-import-not-at-top
   loss = d.loss
-  if loss not in pedist.DISTILL_LOSSES:
+  if loss not in distill.DISTILL_LOSSES:
     raise ConfigError(f'config.distill.loss = {loss!r}: use one of '
-                      f'{", ".join(pedist.DISTILL_LOSSES)}.')
+                      f'{", ".join(distill.DISTILL_LOSSES)}.')
   if loss == 'authors_hard':
     for name in ('temperature', 'weight'):
       if d[name] != 1.0:
@@ -131,7 +131,7 @@ def _from_workdir(path: str) -> tuple[Any, PyTree, ml_collections.ConfigDict,
     raise ConfigError(
         f'{field} = {path!r} does not exist: give the --workdir of the teacher\'s '
         'finished training run (e.g. one trained with configs/vitb_high.py:method=peft).')
-  directory = train_lib.checkpoint_dir(path)
+  directory = setup.checkpoint_dir(path)
   steps = []
   if os.path.isdir(directory):
     ckpt = checkpointing.Checkpointer(directory, read_only=True)
@@ -159,7 +159,7 @@ def _from_workdir(path: str) -> tuple[Any, PyTree, ml_collections.ConfigDict,
       ckpt.close()
   config = ml_collections.ConfigDict(checkpointing.stored_config(meta['config']))
   try:
-    run, trainable, step = train_lib.restore_run(config, path)
+    run, trainable, step = setup.restore_run(config, path)
   except errors.PyraError as e:  # Say that it is the teacher's, not the student's.
     raise type(e)(f'Restoring the teacher ({field} = {path!r}) failed: {e}') from e
   params = optim.merge_params(jax.device_get(trainable), jax.device_get(run.frozen))
@@ -178,7 +178,7 @@ def _from_export(path: str) -> tuple[Any, PyTree, ml_collections.ConfigDict,
         'pyra_jax.main --mode=export --config=<teacher config> --workdir=<teacher '
         'workdir>, or give the workdir itself as config.distill.teacher_workdir.')
   params, config = export_lib.load_export(path)
-  model = train_lib.build_model(config.model, config.get('dtype', 'float32'))
+  model = setup.build_model(config.model, config.get('dtype', 'float32'))
   return model, params, config.model, config, None
 
 

@@ -24,7 +24,8 @@ the teacher's logits under no_grad, its top-1 class as a hard label, and
 each CE a batch mean (their `--smoothing` is 0 in their VTAB runs). That form
 is `config.distill.loss = 'authors_hard'` (`hard_label_term`); it has no
 temperature and no weight. Everything here is a pure function of arrays; the
-teacher's forward pass and the training step are in `pyra_jax.train`.
+teacher is restored in `training.teacher`, and its forward pass and the training
+step are in `training.steps`.
 """
 
 from __future__ import annotations

@@ -83,10 +83,10 @@ def shortfall_message(flops_ratio: float, target: float, config: ml_collections.
 def run_search(config: ml_collections.ConfigDict, workdir: str, *,
                allow_config_change: Collection[str] = ()) -> dict:
   """Runs (or resumes) the search in `workdir`; writes and returns the rates."""
-  from pyra_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import loop, setup  # pylint: disable=g-import-not-at-top
   c = search_config(config)
-  results = train_lib.train_and_evaluate(c, workdir, allow_config_change=allow_config_change)
-  run, trainable, step = train_lib.restore_run(c, workdir)
+  results = loop.train_and_evaluate(c, workdir, allow_config_change=allow_config_change)
+  run, trainable, step = setup.restore_run(c, workdir)
   model = run.model
   num_protected = 1 + int(model.distilled)
   num_patches = (c.model.image_size // model.patch_size) ** 2

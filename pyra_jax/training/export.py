@@ -10,6 +10,13 @@ deployment) and writes one self-contained Orbax checkpoint:
                         (num_classes filled in) and model.lora_rank = 0, so
                         `build_model(config.model)` builds the folded tree;
                         plus `export_info` (source workdir and step).
+  <export_dir>/params.safetensors, card.json
+                        the same parameters and the model card, for other
+                        tools (`pyra_jax.deploy`; docs/deploy.md).
+
+`--format=stablehlo` writes `pyra_jax.deploy`'s compiled program instead of
+the Orbax checkpoint (`deploy.write_stablehlo`), into a folder replaced the
+same way.
 
 `load_export(path)` reads it back for `pyra_jax.benchmark`, eval
 (`--mode=eval --export_dir=...`) and a distillation teacher
@@ -44,9 +51,13 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from pyra_jax import checkpointing
+from pyra_jax import deploy
 from pyra_jax import optim
-from pyra_jax import train as train_lib
-from pyra_jax.errors import ExportError  # pylint: disable=unused-import
+from pyra_jax import param_counts
+from pyra_jax.errors import ExportError
+from pyra_jax.training import checks
+from pyra_jax.training import setup
+from pyra_jax.training import steps
 
 PyTree = Any
 
@@ -87,7 +98,7 @@ def strip_lora(params: PyTree) -> PyTree:
 
 # What an export of ours holds at its top level (Orbax's composite layout).
 _EXPORT_ENTRIES = frozenset({'params', 'config', '_CHECKPOINT_METADATA',
-                             'commit_success.txt'})
+                             'commit_success.txt'}) | deploy.WEIGHT_FILES
 
 
 def is_export(path: str) -> bool:
@@ -108,6 +119,8 @@ def has_export_layout(path: str) -> bool:
   longer `is_export`, yet it is ours to replace: exporting again is the fix
   `load_export` names.
   """
+  if deploy.is_stablehlo_export(path):  # --format=stablehlo
+    return True
   try:
     entries = set(os.listdir(path))
   except OSError:
@@ -132,7 +145,7 @@ def check_export_dir(export_dir: str, workdir: str) -> None:
         f'--export_dir={export_dir} is the workdir or a folder that contains it: '
         'an export there would replace the checkpoints it is made from. Give a '
         f'new folder, e.g. --export_dir={os.path.join(workdir, "export")}.')
-  checkpoints = train_lib.checkpoint_dir(workdir)
+  checkpoints = setup.checkpoint_dir(workdir)
   if os.path.commonpath([export_dir, checkpoints]) == checkpoints:
     raise ExportError(
         f'--export_dir={export_dir} is inside the checkpoint folder {checkpoints}, '
@@ -159,20 +172,27 @@ def check_export_dir(export_dir: str, workdir: str) -> None:
 
 def export(config: ml_collections.ConfigDict, workdir: str,
            export_dir: str | None = None, step: int | None = None, *,
-           two_stage: bool = False) -> str:
+           two_stage: bool = False, export_format: str = 'orbax',
+           setting: str | None = None) -> str:
   """Writes the folded, deployable checkpoint; returns its directory.
 
   The export is written next to its target and renamed into place, so the
   target holds the old export or the new one, never a mix or nothing; the
   target is checked first (`check_export_dir`). With `two_stage`, the model
-  exported merges as `config` says (see `train.restore_run`), and
-  `export_info` names the method it was trained with.
+  exported merges as `config` says (see `setup.restore_run`), and
+  `export_info` names the method it was trained with. Every export holds
+  params.safetensors and card.json too; `export_format='stablehlo'` writes
+  the compiled program of `pyra_jax.deploy` instead of the Orbax checkpoint
+  (`setting`: the --config value, named in the card).
   """
+  if export_format not in deploy.FORMATS:
+    raise ExportError(f'Unknown export format {export_format!r}: use one of '
+                      f'{", ".join(deploy.FORMATS)}.')
   # Through symbolic links (module docstring): the link stays a link.
   export_dir = os.path.realpath(export_dir or os.path.join(workdir, 'export'))
   check_export_dir(export_dir, workdir)
-  run, trainable, step = train_lib.restore_run(config, workdir, step,
-                                               two_stage=two_stage)
+  run, trainable, step = setup.restore_run(config, workdir, step,
+                                           two_stage=two_stage)
   params = optim.merge_params(jax.device_get(trainable),
                               jax.device_get(run.frozen))
   params = fold_peft(params, run.model_config)  # LoRA, FacT; SNF stays
@@ -181,7 +201,7 @@ def export(config: ml_collections.ConfigDict, workdir: str,
   meta = checkpointing.config_to_dict(cfg)
   meta['export_info'] = {'workdir': os.path.abspath(workdir), 'step': int(step)}
   if two_stage:
-    trained = train_lib.checkpoint_model(workdir, step)
+    trained = setup.checkpoint_model(workdir, step)
     meta['export_info']['trained'] = {'method': trained['method'],
                                       'schedule': trained['schedule']}
   parent, name = os.path.split(export_dir)
@@ -194,14 +214,27 @@ def export(config: ml_collections.ConfigDict, workdir: str,
   with _folder_lock(parent) if lead else contextlib.nullcontext():
     if lead:  # Holding the lock: what is left of other exports is dead.
       _clear_leftovers(parent, name, keep=staging)
-    # Every process calls save: Orbax coordinates multi-host writes itself.
-    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    try:
-      ckptr.save(staging, args=ocp.args.Composite(
-          params=ocp.args.StandardSave(params),
-          config=ocp.args.JsonSave(meta)))
-    finally:
-      ckptr.close()
+    if lead:  # The card and a StableHLO program are process 0's to write.
+      card = deploy.model_card(
+          config, run.model_config, workdir=workdir, step=step, two_stage=two_stage,
+          trainable=param_counts.trainable_report(trainable, run.frozen),
+          setting=deploy.setting_name(setting), export_format=export_format,
+          names=deploy.class_names(config.data, cfg.model.image_size,
+                                   cfg.model.num_classes))
+    if export_format == 'stablehlo':
+      if lead:
+        deploy.write_stablehlo(staging, params, cfg.model, card,
+                               dtype=cfg.get('dtype', 'float32'))
+    else:  # Every process saves: Orbax coordinates multi-host writes itself.
+      ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+      try:
+        ckptr.save(staging, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            config=ocp.args.JsonSave(meta)))
+      finally:
+        ckptr.close()
+      if lead:
+        deploy.write_card(staging, params, card)
     if lead:
       _replace_dir(staging, export_dir, f'{export_dir}.old-{token}')
   return export_dir
@@ -312,7 +345,12 @@ def _check_readable_export(path: str) -> None:
   if not os.path.isdir(path):
     raise ExportError(f'{path} is a file, not an export folder: {write_one}.')
   entries = set(os.listdir(path))
-  if os.path.basename(train_lib.checkpoint_dir(path)) in entries:
+  if deploy.is_stablehlo_export(path):
+    raise ExportError(
+        f'{path} is a StableHLO export (--format=stablehlo), which runs without '
+        f'pyra_jax (python {os.path.join(path, deploy.LOADER_FILE)}): for eval, the '
+        'benchmark or a teacher, export with --format=orbax (the default).')
+  if os.path.basename(setup.checkpoint_dir(path)) in entries:
     raise ExportError(
         f'{path} is a training workdir, not an export: evaluate its latest '
         f'checkpoint with --mode=eval --workdir={path}, or export it with '
@@ -321,7 +359,7 @@ def _check_readable_export(path: str) -> None:
       {'meta', 'opt_state'} & entries):
     step, folder = os.path.basename(path), os.path.dirname(path)
     wd = os.path.dirname(folder)
-    if step.isdigit() and train_lib.checkpoint_dir(wd) == folder:
+    if step.isdigit() and setup.checkpoint_dir(wd) == folder:
       raise ExportError(
           f'{path} is a training checkpoint (step {step} of the workdir {wd}), '
           f'not an export: evaluate it with --mode=eval --workdir={wd} '
@@ -384,16 +422,16 @@ def evaluate_export(export_dir: str,
   """
   params, cfg = load_export(export_dir)
   data_cfg = config if config is not None else cfg
-  model = train_lib.build_model(cfg.model, cfg.get('dtype', 'float32'))
-  mesh = train_lib.make_mesh()
-  run = train_lib.Run(cfg, cfg.model, model, mesh, params, None, '')
+  model = setup.build_model(cfg.model, cfg.get('dtype', 'float32'))
+  mesh = setup.make_mesh()
+  run = setup.Run(cfg, cfg.model, model, mesh, params, None, '')
   run.frozen = {}
-  train_lib._check_divisible('eval_batch_size', data_cfg.eval_batch_size)  # pylint: disable=protected-access
-  eval_data = train_lib.get_eval_data(data_cfg, image_size=cfg.model.image_size)
-  train_lib.check_num_classes(model.num_classes, eval_data)
-  train_lib.check_batch_memory(model, data_cfg, 'eval_batch_size', eval_data.batch_size,
-                               training=False, image_size=cfg.model.image_size)
-  result = train_lib.evaluate(run, train_lib.make_eval_step(run),
-                              run.replicate(params), eval_data)
+  checks.check_divisible('eval_batch_size', data_cfg.eval_batch_size)
+  eval_data = setup.get_eval_data(data_cfg, image_size=cfg.model.image_size)
+  checks.check_num_classes(model.num_classes, eval_data)
+  checks.check_batch_memory(model, data_cfg, 'eval_batch_size', eval_data.batch_size,
+                            training=False, image_size=cfg.model.image_size)
+  result = steps.evaluate(run, steps.make_eval_step(run),
+                          run.replicate(params), eval_data)
   result.update(split=data_cfg.data.eval_split, export_dir=export_dir)
   return result
