@@ -374,7 +374,7 @@ def merge_ops_call(model: vit.VisionTransformer, batch_size: int, image_size: in
         modulate = lambda s, t, p=p: merge_lib.pyra_modulation(
             s, t, p['w_r'].astype(dtype), p['w_d'].astype(dtype),
             p['norm']['scale'].astype(dtype), p['norm']['bias'].astype(dtype),
-            model.pyra_ln_eps)
+            model.reducer.ln_eps)
       outs.append(merge_lib.merge_wavg(x, size, plan, distill_token=model.distilled,
                                        modulate=modulate))
     return outs

@@ -6,6 +6,7 @@ The references below loop over samples and tokens and are written from the
 methods' definitions (the papers), not from pyra_jax/methods/.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -261,8 +262,8 @@ def test_ats_layers_sample_all_tokens_where_the_schedule_removes_none():
   assert 'size_0' not in inter  # layer 0 does not sample
   live = np.asarray(inter['size_1'][0])[..., 0]
   assert live.shape == (3, 17)
-  _, _, cls_attn, vnorm = inter['encoderblock_1']['MultiHeadDotProductAttention_0'][
-      '__call__'][0]
+  _, attended = inter['encoderblock_1']['MultiHeadDotProductAttention_0']['__call__'][0]
+  cls_attn, vnorm = attended.cls_attn, attended.value_norm
   want = ats_reference(np.zeros((3, 17, 1)), np.ones((3, 17, 1)), np.asarray(cls_attn),
                        np.asarray(vnorm), 16, 1)
   assert [int(v) for v in live[:, 1:].sum(axis=1)] == [len(w) for w in want]
@@ -347,7 +348,8 @@ def test_prefix_tokens_are_never_dropped_or_merged(method, distilled=True):
   are exactly those of the same block without reduction: not dropped, merged,
   fused or moved."""
   model = tiny_model(method, distilled)
-  nored = model.clone(schedule=(0,) * len(model.schedule))
+  nored = model.clone(reducer=dataclasses.replace(
+      model.reducer, schedule=(0,) * len(model.schedule)))
   rng = np.random.default_rng(1)
   images = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
   params = model.init(jax.random.PRNGKey(0), images)['params']
@@ -360,7 +362,7 @@ def test_prefix_tokens_are_never_dropped_or_merged(method, distilled=True):
         {'params': p}, x, mutable=['intermediates'],
         capture_intermediates=lambda mdl, _: mdl.name == 'encoderblock_0')[1])
     state = first_block(params, images)
-    feats[name] = state['intermediates']['Transformer']['encoderblock_0']['__call__'][0][0]
+    feats[name] = state['intermediates']['Transformer']['encoderblock_0']['__call__'][0][0].x
   np.testing.assert_allclose(np.asarray(feats['reduced'][:, :p]),
                              np.asarray(feats['full'][:, :p]), rtol=1e-5, atol=1e-5)
   assert feats['reduced'].shape[1] == feats['full'].shape[1] - model.schedule[0]

@@ -162,6 +162,14 @@ class TokenReducer:
     """The trainable parameters after an update, with the method's constraints."""
     return trainable
 
+  def masked_flops(self, keep_fractions: list[Array], *, num_tokens: int, width: int,
+                   mlp_ratio: float) -> Array:
+    """FLOPs fraction with the masked tokens removed; only if `masks_tokens`.
+
+    keep_fractions[l]: the fraction of tokens active after block l.
+    """
+    raise NotImplementedError
+
 
 def config_schedule(c: ml_collections.ConfigDict, geo: Geometry) -> tuple[int, ...]:
   """`model.schedule` resolved for the model (names, ToMe forms, flops:, per layer)."""

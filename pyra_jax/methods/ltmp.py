@@ -256,3 +256,8 @@ class LTMP(base.TokenReducer):
 
   def project(self, trainable: Any) -> Any:
     return project_thresholds(trainable)
+
+  def masked_flops(self, keep_fractions: list[Array], *, num_tokens: int, width: int,
+                   mlp_ratio: float) -> Array:
+    return flops_ratio(keep_fractions, num_tokens=num_tokens, width=width,
+                       mlp_ratio=mlp_ratio)

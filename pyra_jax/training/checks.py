@@ -147,9 +147,11 @@ def batch_memory_bytes(model, image_size: int, batch: int, *, training: bool) ->
   from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
   counts = vit.num_tokens(model, image_size)
   act = np.dtype(model.dtype).itemsize
-  # registry: whether a method's attention forms its weights (masked attention: LTMP, DiffRate).
-  weights = (model.attention != 'dot_product_attention'
-             or model.method in ('ltmp', 'diffrate'))  # Masked attention forms them.
+  # Masked attention (LTMP, the DiffRate search) forms the weights whatever the
+  # implementation.
+  masked = any(r.masked or r.mean_attn for r in (
+      model.reducer.attention(l, train=training) for l in range(model.depth)))
+  weights = model.arch.attention != 'dot_product_attention' or masked
   per_block = []
   for l in range(model.depth):
     attn = model.num_heads * counts[l] ** 2 * 4 if weights else 0

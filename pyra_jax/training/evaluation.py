@@ -2,7 +2,7 @@
 
 `evaluate_checkpoint` (`--mode=eval`) restores a checkpoint and measures its
 test accuracy; with `two_stage` it evaluates it with another merging and
-records the result in the run's results.json. `ltmp_token_report` measures
+records the result in the run's results.json. `token_mask_report` measures
 LTMP's data-dependent cost, reported with a run's results.
 """
 
@@ -84,16 +84,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   return result
 
 
-# registry: a method's data-dependent cost report for results.json (LTMP's token masks).
-def ltmp_token_report(run: setup.Run, trainable: PyTree, eval_data) -> dict:
-  """LTMP's data-dependent cost on `eval_data` (hard masks, eval mode).
+def token_mask_report(run: setup.Run, trainable: PyTree, eval_data) -> dict:
+  """The data-dependent cost of a method that masks tokens (LTMP) on `eval_data`.
 
-  Static shapes make every layer compute all tokens (`flops_fraction_run` =
-  1); `effective_flops_fraction` is the mean over the images of the blocks'
-  FLOPs with the inactive tokens removed (docs/algorithm.md §17.1), and
-  `mean_active_tokens` the tokens left active after each block.
+  Hard masks, eval mode. Static shapes make every layer compute all tokens
+  (`flops_fraction_run` = 1); `effective_flops_fraction` is the mean over the
+  images of the blocks' FLOPs with the inactive tokens removed (the method's
+  `masked_flops`, docs/algorithm.md §17.1), and `mean_active_tokens` the
+  tokens left active after each block.
   """
-  from pyra_jax.methods import ltmp  # pylint: disable=g-import-not-at-top
   model = run.model
 
   def report(trainable, frozen, batch):
@@ -102,12 +101,12 @@ def ltmp_token_report(run: setup.Run, trainable: PyTree, eval_data) -> dict:
     inter = state['intermediates']['Transformer']
     masks = [inter[f'mask_{i}'][0] for i in range(model.depth)]
     w = batch['mask'].astype(jnp.float32)
-    frac = ltmp.flops_ratio([m.mean(axis=-1) for m in masks],
-                            num_tokens=masks[0].shape[1], width=model.width,
-                            mlp_ratio=model.mlp_dim / model.width)
+    frac = model.reducer.masked_flops([m.mean(axis=-1) for m in masks],
+                                      num_tokens=masks[0].shape[1], width=model.width,
+                                      mlp_ratio=model.mlp_dim / model.width)
     return ((frac * w).sum(), jnp.stack([(m.sum(-1) * w).sum() for m in masks]), w.sum())
 
-  step = setup.memo(('ltmp_report', id(model), run.mesh),
+  step = setup.memo(('mask_report', id(model), run.mesh),
                     lambda: jax.jit(report, out_shardings=run.replicated))
   frac = count = 0.0
   tokens = np.zeros(model.depth)

@@ -511,9 +511,8 @@ def _final_results(run: setup.Run, progress: Progress, eval_data,
     evals.append({'epoch': config.num_epochs, 'step': total_steps,
                   'accuracy': result['accuracy']})
   extra = {}
-  # registry: which method adds its report to results.json (LTMP: `evaluation.ltmp_token_report`).
-  if getattr(run.model, 'method', None) == 'ltmp':
-    extra['ltmp'] = evaluation.ltmp_token_report(run, progress.trainable, eval_data)
+  if run.model.reducer.masks_tokens:  # Recorded under the method's name (LTMP: 'ltmp').
+    extra[run.model.method] = evaluation.token_mask_report(run, progress.trainable, eval_data)
   headline = config.get('headline', 'final')
   best = max(e['accuracy'] for e in evals)
   return {

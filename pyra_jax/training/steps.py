@@ -68,7 +68,7 @@ def training_loss(model, trainable: PyTree, frozen: PyTree, batch: dict,
   differentiation, and its logits are behind a stop_gradient).
   """
   variables = {'params': optim.merge_params(trainable, frozen)}
-  if _has_flops_regulariser(model):
+  if model.reducer.has_regulariser:  # Sown under 'losses' (models/vit.py: Encoder).
     logits, state = model.apply(variables, batch['image'], train=True,
                                  rngs={'dropout': rng}, mutable=['losses'])
   else:
@@ -91,20 +91,6 @@ def training_loss(model, trainable: PyTree, frozen: PyTree, batch: dict,
     # A micro-batch of an accumulated step adds its share (count / total).
     loss = loss + (penalty if total is None else penalty * count / total)
   return loss, (correct, count)
-
-
-# registry: whether a method sows a FLOPs regulariser under 'losses' (LTMP, DiffRate's search).
-def _has_flops_regulariser(model) -> bool:
-  method = getattr(model, 'method', None)
-  return method == 'ltmp' or (
-      method == 'diffrate' and dict(getattr(model, 'settings', ())).get('diffrate_search', False))
-
-
-def project_params(trainable: PyTree) -> PyTree:
-  """Constraints the methods keep after every update (LTMP: thresholds in [0, 1])."""
-  # registry: each method's projection of its parameters after an update (LTMP's thresholds).
-  from pyra_jax.methods import ltmp  # pylint: disable=g-import-not-at-top
-  return ltmp.project_thresholds(trainable)
 
 
 def step_key(run: setup.Run) -> str:
@@ -183,7 +169,8 @@ def make_train_step(run: setup.Run, steps_per_epoch: int) -> Callable:
       (loss, correct, count, grads), _ = jax.lax.scan(
           add_micro_batch, zeros, (jnp.arange(accum), _micro_batches(batch, accum)))
     updates, opt_state = tx.update(grads, opt_state, trainable)
-    trainable = project_params(optax.apply_updates(trainable, updates))
+    # The constraints the method keeps after every update (LTMP: thresholds in [0, 1]).
+    trainable = run.model.reducer.project(optax.apply_updates(trainable, updates))
     return trainable, opt_state, {'loss': loss, 'correct': correct,
                                   'count': count,
                                   'grad_norm': optax.tree.norm(grads)}
