@@ -273,6 +273,9 @@ def test_a_hub_name_that_leaves_its_repository_is_refused_up_front(
 # before its rename), the process sends itself the signal named in argv[1].
 _INTERRUPTED_CONVERT = r'''
 import os, signal, sys, time
+# As a process started from a terminal: xdist's workers ignore SIGINT, and
+# their children inherit that, so Python would not raise KeyboardInterrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pyra_jax import convert
 from pyra_jax.checkpoints import npz
 save = npz.save_pyra_jax

@@ -17,7 +17,7 @@ the layer outputs P + K slots (the picked tokens in sampling order) and a 0/1
 mask that is 0 on a repeated pick; later layers compute every slot, and
 attention ignores masked keys (the mask enters as a log-size bias of log 0).
 So the FLOPs computed are those of a fixed K, not of the distinct count: that
-is the cost of keeping one compilation (README "Competing compression methods").
+is the cost of keeping one compilation (docs/methods.md).
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
-"""The Vision Transformer of pyra_jax: frozen backbone + LoRA + token merging + PYRA.
+"""The Vision Transformer of pyra_jax: frozen backbone + PEFT module + token reduction.
 
 Parameter names and shapes follow the linen layout of
 google-research/vision_transformer (docs/architecture.md has the full tree), so
 converted checkpoints load by name. The block's order of operations is
 docs/algorithm.md §1: LN -> attention (q/k/v + LoRA, proportional attention) ->
-residual -> merge (matching on the head-mean keys, PYRA on the size-weighted
-sources) -> LN -> MLP -> residual.
+residual -> token reduction (the configured method, `methods.base.TokenReducer`:
+ToMe's merge with PYRA's generators by default) -> LN -> MLP -> residual. The
+module fields are few and grouped: `BlockSettings` (the backbone's options),
+`PeftSettings` (the trainable module's), the reducer (the method's).
 
-Speed notes (see README "Performance"; measured with `pyra_jax.benchmark`):
+Speed notes (docs/performance.md; measured with `pyra_jax.benchmark`):
 q/k/v are three (D, D) matmuls on the stored kernels (concatenating them into
 one (D, 3D) kernel copies 7 MB per layer per call on ViT-B: XLA does not hoist
 it, and it cost ~9% of a merged model); attention runs on a (B, H, N, hd)
@@ -20,9 +22,9 @@ costs ~3-4% of the forward.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import re
-import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
