@@ -255,7 +255,7 @@ def test_no_import_cycle():
 
 # The training loop is an entry point's business: besides these, no module imports
 # it (evaluation, export and the benchmark need `training.setup` and `.steps` only).
-LOOP_IMPORTERS = {'pyra_jax', 'pyra_jax.main', 'pyra_jax.vtab', 'pyra_jax.experiments.study',
+LOOP_IMPORTERS = {'pyra_jax', 'pyra_jax.api', 'pyra_jax.main', 'pyra_jax.vtab', 'pyra_jax.experiments.study',
                   'pyra_jax.training.search'}
 
 

@@ -10,6 +10,7 @@ message names the field to change.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -257,3 +258,31 @@ def _size(num_bytes: float) -> str:
     if num_bytes >= scale:
       return f'{num_bytes / scale:.1f} {unit}'
   return f'{num_bytes / 2 ** 10:.1f} KB'
+
+
+def check_given_data(data: Any, config: ml_collections.ConfigDict, *, train: bool) -> None:
+  """Refuses data passed in Python that the config's run cannot use as they are.
+
+  A training `Data` must give config.batch_size images per batch (the
+  learning-rate schedule and the logs count in them) and an evaluation one
+  config.eval_batch_size; both must be at the model's image size and of the
+  right kind (training iterators repeat, evaluation ones make one pass).
+  """
+  what = 'train_data' if train else 'eval_data'
+  field = 'batch_size' if train else 'eval_batch_size'
+  for attr in ('batch_size', 'image_size', 'train', 'num_examples', 'num_classes'):
+    if not hasattr(data, attr):
+      raise ConfigError(f'{what} is a {type(data).__name__}, not a pyra_jax.data.Data: '
+                        'build it with pyra_jax.data.from_arrays, from_tf_dataset or '
+                        'get_data.')
+  if bool(data.train) != train:
+    raise ConfigError(f'{what} was built with train={data.train}: build it with '
+                      f'train={train}.')
+  if data.batch_size != config[field]:
+    raise ConfigError(f'{what} gives batches of {data.batch_size} images but '
+                      f'config.{field} = {config[field]}: build it with '
+                      f'batch_size={config[field]} (or set config.{field}).')
+  if data.image_size != config.model.image_size:
+    raise ConfigError(f'{what} gives {data.image_size}-pixel images but the model takes '
+                      f'{config.model.image_size} (config.model.image_size): build it '
+                      f'with image_size={config.model.image_size}.')

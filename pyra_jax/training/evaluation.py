@@ -9,6 +9,7 @@ LTMP's data-dependent cost, reported with a run's results.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,7 @@ def record_two_stage(workdir: str, entry: dict) -> str:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None, *,
-                        two_stage: bool = False) -> dict:
+                        two_stage: bool = False, eval_data: Any = None) -> dict:
   """Test accuracy of a saved checkpoint, without training.
 
   With `two_stage` the checkpoint is evaluated with `config`'s merging (see
@@ -65,7 +66,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
         'next to the finished training run, so finish training first '
         '(rerun --mode=train with the training config).')
   run, trainable, step = setup.restore_run(config, workdir, step, two_stage=two_stage)
-  eval_data = setup.get_eval_data(config)
+  if eval_data is None:
+    eval_data = setup.get_eval_data(config)
+  else:
+    checks.check_given_data(eval_data, config, train=False)
   checks.check_num_classes(run.model_config.num_classes, eval_data)
   checks.check_batch_memory(run.model, config, 'eval_batch_size', eval_data.batch_size,
                             training=False)

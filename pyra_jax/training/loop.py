@@ -103,8 +103,13 @@ def _is_eval_epoch(epoch: int, config) -> bool:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: Collection[str] = ()) -> dict:
+                       allow_config_change: Collection[str] = (),
+                       train_data: Any = None, eval_data: Any = None) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the results dict.
+
+  The data come from `config.data`, or, given, from `train_data` / `eval_data`
+  (`pyra_jax.data.Data` objects, e.g. `data.from_arrays`), whose batches must
+  be config.batch_size / config.eval_batch_size images.
 
   The workdir is locked for the whole run (`checkpointing.WorkdirLock`), so a
   second run started on it is refused instead of interleaving its checkpoints
@@ -125,10 +130,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checks.check_config(config)
   teacher_lib.check_settings(config)
   checkpointing.check_allowed_changes(allow_config_change)
+  data = (train_data, eval_data)
   if jax.process_index() != 0:  # Process 0 holds the lock for the whole job.
-    return _train_and_evaluate(config, workdir, allow_config_change)
+    return _train_and_evaluate(config, workdir, allow_config_change, data)
   with checkpointing.WorkdirLock(workdir):
-    return _train_and_evaluate(config, workdir, allow_config_change)
+    return _train_and_evaluate(config, workdir, allow_config_change, data)
 
 
 def _restore_opt_state(ckpt: checkpointing.Checkpointer, step: int, meta: dict,
@@ -217,7 +223,7 @@ class Progress:
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        allow_config_change: Collection[str]) -> dict:
+                        allow_config_change: Collection[str], data: tuple) -> dict:
   """The run, in its steps: data, model, restore, train, final evaluation."""
   t_start = time.time()
   line = recipe_lib.describe(config)
@@ -225,7 +231,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     print(line, flush=True)
   setup.check_model_init(config)  # Before minutes of data preparation.
   setup.check_model_config(config)  # Likewise.
-  train_data, eval_data, steps_per_epoch = _load_data(config)
+  train_data, eval_data, steps_per_epoch = _load_data(config, *data)
   run = setup.setup(config, train_data.num_classes)
   if teacher_lib.enabled(config):
     run.teacher = teacher_lib.load_teacher(config, run.model_config, run.replicate)
@@ -282,21 +288,29 @@ def _check_not_past_the_end(progress: 'Progress', total_steps: int,
       f'--config.num_epochs={need} or more, or a new --workdir.')
 
 
-def _load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any, int]:
+def _load_data(config: ml_collections.ConfigDict, train_data: Any = None,
+               eval_data: Any = None) -> tuple[Any, Any, int]:
   """(train data, eval data, steps per epoch), with the batch sizes checked
-  against the splits, the task's labels and the memory there is."""
+  against the splits, the task's labels and the memory there is. Data given
+  (the Python API) are used as they are, once their batches are checked."""
   checks.check_divisible('batch_size', config.batch_size)
   checks.check_divisible('eval_batch_size', config.eval_batch_size)
-  train_data = setup.get_data(config.data, config.data.train_split,
-                              config.batch_size, image_size=config.model.image_size,
-                              train=True, seed=config.seed)
+  if train_data is None:
+    train_data = setup.get_data(config.data, config.data.train_split,
+                                config.batch_size, image_size=config.model.image_size,
+                                train=True, seed=config.seed)
+  else:
+    checks.check_given_data(train_data, config, train=True)
   steps_per_epoch = int(train_data.steps_per_epoch)
   if steps_per_epoch <= 0:
     raise ConfigError(
         f'The train split has {train_data.num_examples} images, fewer than '
         f'config.batch_size = {config.batch_size}: lower the batch size.')
   checks.check_num_classes(config.model.get('num_classes'), train_data)
-  eval_data = setup.get_eval_data(config)
+  if eval_data is None:
+    eval_data = setup.get_eval_data(config)
+  else:
+    checks.check_given_data(eval_data, config, train=False)
   model = setup.build_model(setup.resolve_model_config(config, train_data.num_classes),
                             config.get('dtype', 'float32'))
   checks.check_batch_memory(model, config, 'batch_size',
