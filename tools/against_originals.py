@@ -64,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     results.update(run_tool(args.peft_python, 'originals_peft.py', flags, '--json'))
   if not results:
     parser.error('give at least one original repository (see --help)')
-  width = max(len(k) for k in results)
-  print(f'{"comparison":<{width}}  max |ours - theirs|')
-  for name, value in results.items():
+  # The comparisons; entries with a '/' are the tools' context (scales, inits).
+  shown = {k: v for k, v in results.items() if '/' not in k}
+  width = max(len(k) for k in shown)
+  print(f'\n{"comparison":<{width}}  max |ours - theirs|')
+  for name, value in shown.items():
     print(f'{name:<{width}}  {value:.2e}')
   if args.json:
     with open(args.json, 'w') as f:
