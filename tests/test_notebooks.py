@@ -112,8 +112,15 @@ def load_generator():
 
 
 def pyproject() -> dict:
+  """pyproject.toml, with the version it reads from pyra_jax/__init__.py filled in."""
   with open(ROOT / 'pyproject.toml', 'rb') as f:
-    return tomllib.load(f)
+    project = tomllib.load(f)
+  if 'version' in project['project'].get('dynamic', ()):
+    found = re.findall(r"^__version__ = '([^']+)'$",
+                       (ROOT / 'pyra_jax' / '__init__.py').read_text(), re.M)
+    assert len(found) == 1, 'pyra_jax/__init__.py must set __version__ once'
+    project['project']['version'] = found[0]
+  return project
 
 
 def code_cell(name: str, contains: str) -> str:
