@@ -95,7 +95,7 @@ _MULTIHOST = flags.DEFINE_bool(
     'them (or the environment variables JAX_COORDINATOR_ADDRESS, '
     'JAX_NUM_PROCESSES, JAX_PROCESS_ID). Also done automatically when such an '
     'environment with several processes is detected. Every process runs the '
-    'same command with the same config and --workdir (README, "Multi-host").')
+    'same command with the same config and --workdir (docs/usage.md, "Multi-host").')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, '--multihost: host:port of process 0, where '
     'the coordinator listens (the same on every process), e.g. localhost:12345 '
