@@ -1,12 +1,19 @@
-"""Shared pytest setup: keep JAX on the CPU, compile quickly.
+"""Shared pytest setup: keep JAX on the CPU, compile quickly, train the tiny run once.
 
 The repository root is importable because tests/ is a package (pytest puts the
-first folder above it without an __init__.py on the import path).
+first folder above it without an __init__.py on the import path). Helpers the
+test modules share live in tests/helpers/; fixtures they share are here.
 """
 
+import contextlib
+import dataclasses
+import io
 import os
 import shutil
 import tempfile
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -52,3 +59,76 @@ LONG_MODULES = ('test_notebooks.py', 'test_multihost.py', 'test_vtab.py',
 def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument
   rank = {name: i for i, name in enumerate(LONG_MODULES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))  # stable
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyRun:
+  """A finished run of the TINY command line (tests/helpers/cli.py)."""
+  workdir: Path  # Read only: shared by every module of the session.
+  stdout: str  # What `--mode=train` printed.
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+  """Holds an exclusive lock on `lock_path` (both xdist workers may ask at once)."""
+  try:
+    import fcntl  # pylint: disable=g-import-not-at-top
+  except ImportError:  # Not POSIX: each worker trains its own run.
+    yield False
+    return
+  with open(lock_path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield True
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train_tiny_run(workdir: Path) -> str:
+  """Trains the TINY command line in this process (as a user's command: flag
+  parsing, main's error handling); returns what it printed."""
+  from tests.helpers import cli  # pylint: disable=g-import-not-at-top
+  out, err = io.StringIO(), io.StringIO()
+  mp = pytest.MonkeyPatch()
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      code, _, _ = cli.run_tiny(cli.NoCapture(), mp, workdir)
+  finally:
+    mp.undo()
+    cli.reset_flags()
+  assert code == 0, err.getvalue()
+  return out.getvalue()
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory) -> TinyRun:
+  """The tiny run (50 steps, checkpoints at 25 and 50), trained once per session.
+
+  Under pytest-xdist the workers share one: the first to ask trains it in the
+  run's common temporary folder while holding a lock, the other waits and reads
+  it. Training is deterministic (seed 0, CPU), so a copy of it is what each
+  module used to train for itself. Never change it: take `tiny_workdir`.
+  """
+  from tests.helpers.data import require_offline_mnist  # pylint: disable=g-import-not-at-top
+  require_offline_mnist()
+  base = tmp_path_factory.getbasetemp()
+  root = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / 'tiny_run'
+  root.mkdir(exist_ok=True)
+  with _exclusive(root / 'lock') as shared:
+    if not shared:
+      root = tmp_path_factory.mktemp('tiny_run')
+    workdir, printed = root / 'workdir', root / 'stdout.txt'
+    if not printed.exists():
+      if workdir.exists():  # A worker that failed mid-run: start again.
+        shutil.rmtree(workdir)
+      printed.write_text(_train_tiny_run(workdir))
+    return TinyRun(workdir, printed.read_text())
+
+
+@pytest.fixture(scope='module')
+def tiny_workdir(tiny_run, tmp_path_factory) -> Path:
+  """This module's own copy of the finished tiny run, to read, evaluate and
+  export from; a test that damages or continues a run copies it again
+  (tests.helpers.cli.copy_of)."""
+  from tests.helpers.cli import copy_of  # pylint: disable=g-import-not-at-top
+  return copy_of(tiny_run.workdir, tmp_path_factory.mktemp('tiny_workdir'), 'reference')

@@ -21,8 +21,7 @@ from pyra_jax import errors
 from pyra_jax.configs import tiny
 from pyra_jax.models import vit
 from pyra_jax.training import setup
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.cli import ROOT
 
 
 def readme_api_example() -> str:

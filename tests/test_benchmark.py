@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +15,7 @@ from pyra_jax import benchmark
 from pyra_jax.experiments import plots
 from pyra_jax.training import setup
 from pyra_jax.training import steps
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.cli import ROOT
 
 # A config file as a user would write one: get_config() on top of the base.
 TINY_CONFIG = '''

@@ -16,8 +16,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from pyra_jax import convert as convert_lib
-from tests import reference_vit as ref
-from tests.test_train_cli import reset_flags, run_main
+from tests.helpers import reference_vit as ref
+from tests.helpers.cli import reset_flags, run_main
 
 
 def write_bad_files(folder):

@@ -6,112 +6,23 @@ shapes (tests/reference_vit.py). Every value is distinct, so each check below
 layout) fails if a tensor is misplaced, mis-split or mis-transposed.
 """
 
-import warnings
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from pyra_jax.configs.common import get_base_config
 from pyra_jax import convert as convert_lib
 from pyra_jax.checkpoints import CheckpointError, CheckpointWarning, load_pretrained
-from pyra_jax.checkpoints import common, detect_format
-from pyra_jax.models import build_model
-from tests import reference_vit as ref
-
-D, DEPTH, HEADS, MLP, PATCH, IMAGE = 32, 2, 2, 64, 8, 32
-HD = D // HEADS
-MHA = 'MultiHeadDotProductAttention_0'
-
-
-def tiny_config(**kw):
-  c = get_base_config().model
-  c.variant = f'S/{PATCH}'
-  c.width, c.depth, c.num_heads, c.mlp_dim = D, DEPTH, HEADS, MLP
-  c.image_size, c.num_classes = IMAGE, 5
-  c.method, c.lora_rank, c.drop_path = 'peft', 0, 0.0
-  for k, v in kw.items():
-    setattr(c, k, v)
-  return c
-
-
-def init_params(cfg, seed=0):
-  """The model's own parameter tree (names, shapes), filled with random values.
-
-  The tree comes from `model.init` under `jax.eval_shape` (no compilation: the
-  tests stay fast); loading only needs the tree, plus values for what it keeps.
-  """
-  model = build_model(cfg)
-  x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), x, train=False))['params']
-  rng = np.random.default_rng(1000 + seed)
-  return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
-
-
-def flat(params):
-  return {k: np.asarray(v) for k, v in common.flatten(params).items()}
-
-
-def load_quiet(path, fmt, init, cfg):
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore', CheckpointWarning)
-    return load_pretrained(str(path), fmt, init, cfg)
-
-
-def check_torch_block(p, sd, i, s_prefix=''):
-  """Our block i against the timm block i, element by element."""
-  t, s = f'Transformer/encoderblock_{i}/', f'{s_prefix}blocks.{i}.'
-  qkv_w = sd[s + 'attn.qkv.weight']
-  for part, name in enumerate(('query', 'key', 'value')):
-    kern = p[f'{t}{MHA}/{name}/kernel']
-    assert kern.shape == (D, HEADS, HD)
-    for h in range(HEADS):
-      for j in range(HD):
-        np.testing.assert_array_equal(kern[:, h, j], qkv_w[part * D + h * HD + j, :])
-    if s + 'attn.qkv.bias' in sd:
-      bias = sd[s + 'attn.qkv.bias']
-      for h in range(HEADS):
-        np.testing.assert_array_equal(p[f'{t}{MHA}/{name}/bias'][h],
-                                      bias[part * D + h * HD:part * D + (h + 1) * HD])
-  out = p[f'{t}{MHA}/out/kernel']
-  for h in range(HEADS):
-    for j in range(HD):
-      np.testing.assert_array_equal(out[h, j, :], sd[s + 'attn.proj.weight'][:, h * HD + j])
-  np.testing.assert_array_equal(p[f'{t}{MHA}/out/bias'], sd[s + 'attn.proj.bias'])
-  for ln, n in (('LayerNorm_0', 'norm1'), ('LayerNorm_1', 'norm2')):
-    np.testing.assert_array_equal(p[f'{t}{ln}/scale'], sd[f'{s}{n}.weight'])
-    np.testing.assert_array_equal(p[f'{t}{ln}/bias'], sd[f'{s}{n}.bias'])
-  for dn, n in (('Dense_0', 'fc1'), ('Dense_1', 'fc2')):
-    w = sd[f'{s}mlp.{n}.weight']
-    kern = p[f'{t}MlpBlock_0/{dn}/kernel']
-    for o in range(w.shape[0]):
-      np.testing.assert_array_equal(kern[:, o], w[o, :])
-    np.testing.assert_array_equal(p[f'{t}MlpBlock_0/{dn}/bias'], sd[f'{s}mlp.{n}.bias'])
-
-
-def check_torch_stem(p, sd, norm='norm', s_prefix=''):
-  w = sd[s_prefix + 'patch_embed.proj.weight']
-  for u in range(PATCH):
-    for v in range(PATCH):
-      for c in range(3):
-        np.testing.assert_array_equal(p['embedding/kernel'][u, v, c], w[:, c, u, v])
-  np.testing.assert_array_equal(p['embedding/bias'], sd[s_prefix + 'patch_embed.proj.bias'])
-  np.testing.assert_array_equal(p['cls'], sd[s_prefix + 'cls_token'])
-  np.testing.assert_array_equal(p['Transformer/posembed_input/pos_embedding'],
-                                sd[s_prefix + 'pos_embed'])
-  np.testing.assert_array_equal(p['Transformer/encoder_norm/scale'],
-                                sd[f'{s_prefix}{norm}.weight'])
-  np.testing.assert_array_equal(p['Transformer/encoder_norm/bias'],
-                                sd[f'{s_prefix}{norm}.bias'])
+from pyra_jax.checkpoints import detect_format
+from tests.helpers import reference_vit as ref
+from tests.helpers.checkpoints import (D, DEPTH, HD, HEADS, MHA, PATCH, check_torch_block,
+                                       check_torch_stem, checkpoint_model, flat, load_quiet)
+from tests.helpers.models import init_params
 
 
 # --- timm ----------------------------------------------------------------------
 
 def test_timm_placement_prefix_and_reinitialised_head(tmp_path):
-  cfg = tiny_config()
+  cfg = checkpoint_model()
   init = init_params(cfg)
   sd = ref.random_timm_state(np.random.default_rng(0), num_classes=1000)
   sd['pre_logits.fc.weight'] = np.ones((D, D), np.float32)
@@ -130,7 +41,7 @@ def test_timm_placement_prefix_and_reinitialised_head(tmp_path):
 
 
 def test_timm_deit_distilled_layerscale_no_qkv_bias(tmp_path):
-  cfg = tiny_config(distilled=True, layerscale=True, qkv_bias=False)
+  cfg = checkpoint_model(distilled=True, layerscale=True, qkv_bias=False)
   init = init_params(cfg)
   sd = ref.random_timm_state(np.random.default_rng(1), distilled=True, layerscale=True,
                              qkv_bias=False, num_classes=1000)
@@ -149,7 +60,7 @@ def test_timm_deit_distilled_layerscale_no_qkv_bias(tmp_path):
 
 
 def test_mae_decoder_dropped_and_fc_norm_explained(tmp_path):
-  cfg = tiny_config()
+  cfg = checkpoint_model()
   init = init_params(cfg)
   sd = ref.random_timm_state(np.random.default_rng(2), mae_decoder=True)
   path = tmp_path / 'mae.safetensors'
@@ -169,7 +80,7 @@ def test_mae_decoder_dropped_and_fc_norm_explained(tmp_path):
 # --- the authors' PYRA checkpoints ---------------------------------------------
 
 def test_pyra_torch_loads_lora_pyra_and_head(tmp_path):
-  cfg = tiny_config(method='pyra', schedule='3,1', lora_rank=4, num_classes=5)
+  cfg = checkpoint_model(method='pyra', schedule='3,1', lora_rank=4, num_classes=5)
   init = init_params(cfg)
   sd = ref.random_timm_state(np.random.default_rng(3), num_classes=5, lora_rank=4,
                              pyra_r=(3, 1))
@@ -196,7 +107,7 @@ def test_pyra_torch_loads_lora_pyra_and_head(tmp_path):
   np.testing.assert_array_equal(p['head/bias'], sd['head.bias'])
 
   # Another task (3 classes): the trained head does not fit and is re-initialised.
-  cfg3 = tiny_config(method='pyra', schedule='3,1', lora_rank=4, num_classes=3)
+  cfg3 = checkpoint_model(method='pyra', schedule='3,1', lora_rank=4, num_classes=3)
   init3 = init_params(cfg3)
   with pytest.warns(CheckpointWarning, match='re-initialised'):
     p3 = flat(load_pretrained(str(path), 'pyra_torch', init3, cfg3))
@@ -209,7 +120,7 @@ def test_pyra_torch_loads_lora_pyra_and_head(tmp_path):
 
 @pytest.mark.parametrize('pre_linen', [True, False])
 def test_vit_npz_both_spellings(tmp_path, pre_linen):
-  cfg = tiny_config()
+  cfg = checkpoint_model()
   init = init_params(cfg)
   w = ref.random_vit_npz(np.random.default_rng(4), heads=HEADS, pre_linen=pre_linen)
   path = tmp_path / 'ViT-B_16.npz'
@@ -236,7 +147,7 @@ def test_vit_npz_both_spellings(tmp_path, pre_linen):
 
 
 def test_vit_npz_wrapper_prefix(tmp_path):
-  cfg = tiny_config()
+  cfg = checkpoint_model()
   w = ref.random_vit_npz(np.random.default_rng(5), heads=HEADS)
   np.savez(tmp_path / 'c.npz', **{'opt/target/' + k: v for k, v in w.items()})
   p = flat(load_quiet(tmp_path / 'c.npz', 'auto', init_params(cfg), cfg))
@@ -246,7 +157,7 @@ def test_vit_npz_wrapper_prefix(tmp_path):
 # --- Hugging Face Dinov2 ---------------------------------------------------------
 
 def test_dinov2_hf_placement(tmp_path):
-  cfg = tiny_config(layerscale=True)
+  cfg = checkpoint_model(layerscale=True)
   init = init_params(cfg)
   hf = ref.random_hf_dinov2_state(np.random.default_rng(6))
   path = tmp_path / 'model.safetensors'
@@ -274,7 +185,7 @@ def test_dinov2_hf_placement(tmp_path):
 # --- our converted format ----------------------------------------------------------
 
 def test_convert_cli_roundtrip_and_metadata(tmp_path, capsys):
-  cfg = tiny_config(method='pyra', schedule='3,1', lora_rank=4)
+  cfg = checkpoint_model(method='pyra', schedule='3,1', lora_rank=4)
   init = init_params(cfg)
   sd = ref.random_timm_state(np.random.default_rng(7), num_classes=5, lora_rank=4,
                              pyra_r=(3, 1))
@@ -306,7 +217,7 @@ def test_convert_cli_roundtrip_and_metadata(tmp_path, capsys):
 
 def test_posemb_resampled_on_load_prefix_kept(tmp_path):
   import scipy.ndimage
-  cfg = tiny_config(distilled=True)  # grid 4x4 + 2 prefix slots
+  cfg = checkpoint_model(distilled=True)  # grid 4x4 + 2 prefix slots
   sd = ref.random_timm_state(np.random.default_rng(8), distilled=True, grid=3)
   save_file(sd, str(tmp_path / 'deit.safetensors'))
   p = flat(load_quiet(tmp_path / 'deit.safetensors', 'timm', init_params(cfg), cfg))
@@ -322,7 +233,7 @@ def test_posemb_resampled_on_load_prefix_kept(tmp_path):
 
 @pytest.fixture(scope='module')
 def tiny_init():
-  cfg = tiny_config()
+  cfg = checkpoint_model()
   return cfg, init_params(cfg)
 
 
@@ -394,7 +305,7 @@ def test_first_blocks_loads_a_shallower_model(tmp_path):
   sd = ref.random_timm_state(np.random.default_rng(9), depth=3)
   path = tmp_path / 'c.safetensors'
   save_file(sd, str(path))
-  cfg = tiny_config(depth=1)
+  cfg = checkpoint_model(depth=1)
   init = init_params(cfg)
   with pytest.raises(CheckpointError, match=r'depth differs: the checkpoint has 3 '
                                             r'blocks, the config 1.*'
@@ -405,7 +316,7 @@ def test_first_blocks_loads_a_shallower_model(tmp_path):
   check_torch_stem(p, sd)  # includes the final norm, kept
   check_torch_block(p, sd, 0)
   assert set(p) == set(flat(init))
-  deeper = tiny_config(depth=4)
+  deeper = checkpoint_model(depth=4)
   with pytest.raises(CheckpointError, match=r'has 3 blocks, the config 4: set '
                                             r'model\.depth=3 \(or the checkpoint'):
     load_pretrained(str(path), 'timm', init_params(deeper), deeper,
@@ -434,7 +345,7 @@ def test_error_lora_rank_and_schedule(tmp_path, tiny_init):
   _, path = _save_timm(tmp_path, lora_rank=4, pyra_r=(3, 1), num_classes=5)
   with pytest.raises(CheckpointError, match=r"(?s)model\.lora_rank=4.*model\.method='pyra'"):
     load_pretrained(str(path), 'pyra_torch', init, cfg)
-  cfg2 = tiny_config(method='pyra', schedule='2,1', lora_rank=4)
+  cfg2 = checkpoint_model(method='pyra', schedule='2,1', lora_rank=4)
   with pytest.raises(CheckpointError, match=r'(?s)pyra/w_r: checkpoint \(3, 1\), model \(2, 1\)'
                                             r'.*merging schedule differs at layer 0'):
     load_pretrained(str(path), 'pyra_torch', init_params(cfg2), cfg2)

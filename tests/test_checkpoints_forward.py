@@ -5,18 +5,16 @@ The ground truth is tests/reference_vit.py: a float64 numpy ViT that reads the
 on the converted params must match it to 1e-5 relative.
 """
 
-import warnings
-
 import jax
 import numpy as np
 import pytest
 import scipy.ndimage
 from safetensors.numpy import save_file
 
-from pyra_jax.checkpoints import CheckpointWarning, load_pretrained
 from pyra_jax.models import build_model
-from tests import reference_vit as ref
-from tests.test_checkpoints_formats import D, HEADS, IMAGE, init_params, tiny_config
+from tests.helpers import reference_vit as ref
+from tests.helpers.checkpoints import D, HEADS, checkpoint_model, load_quiet
+from tests.helpers.models import IMAGE, init_params
 
 
 def assert_close_rel(ours, want, rel=1e-5):
@@ -30,17 +28,11 @@ def images(seed, n=2):
   return np.random.default_rng(seed).standard_normal((n, IMAGE, IMAGE, 3)).astype(np.float32)
 
 
-def load_quiet(path, fmt, init, cfg):
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore', CheckpointWarning)
-    return load_pretrained(str(path), fmt, init, cfg)
-
-
 @pytest.fixture(scope='module')
 def deit_lora():
   """DeiT-distilled + LayerScale + LoRA (rank 4) + LN eps 1e-3 (large enough that a
   wrong eps fails the 1e-5 check), both heads averaged."""
-  cfg = tiny_config(distilled=True, distilled_eval='avg', layerscale=True, lora_rank=4,
+  cfg = checkpoint_model(distilled=True, distilled_eval='avg', layerscale=True, lora_rank=4,
                     ln_eps=1e-3, num_classes=5)
   model = build_model(cfg)
   return cfg, jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
@@ -77,7 +69,7 @@ def test_resampled_posemb_forward_matches_scipy_resampled_reference(tmp_path, de
 def test_vit_npz_pre_linen_forward_matches_reference(tmp_path):
   """The original ViT-B_16.npz layout (pre-linen names); the task head is fresh,
   so the reference gets our initialised head."""
-  cfg = tiny_config(num_classes=5)
+  cfg = checkpoint_model(num_classes=5)
   model = build_model(cfg)
   w = ref.random_vit_npz(np.random.default_rng(4), heads=HEADS, pre_linen=True)
   np.savez(tmp_path / 'ViT-B_16.npz', **w)

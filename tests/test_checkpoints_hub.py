@@ -21,11 +21,11 @@ from safetensors.numpy import save_file
 
 from pyra_jax import convert as convert_lib
 from pyra_jax.checkpoints import CheckpointError, CheckpointWarning, hub, load_pretrained
-from tests import reference_vit as ref
-from tests.test_checkpoints_formats import (check_torch_block, check_torch_stem, flat,
-                                            init_params, tiny_config)
-from tests.test_train_cli import ROOT, reset_flags, run_main
-from tests.offline_data import require_offline_mnist
+from tests.helpers import reference_vit as ref
+from tests.helpers.checkpoints import check_torch_block, check_torch_stem, checkpoint_model, flat
+from tests.helpers.models import init_params
+from tests.helpers.cli import ROOT, reset_flags, run_main
+from tests.helpers.data import require_offline_mnist
 
 REPO = 'timm/vit_tiny_test_patch8_32.in1k'
 SPEC = f'hf-hub:{REPO}'
@@ -96,7 +96,7 @@ def test_hub_name_loads_like_the_file_from_an_offline_cache(hub_cache, tmp_path)
   sd, data = timm_bytes(tmp_path)
   snapshot = fill_hub_cache(hub_cache, REPO, {'model.safetensors': data})
   assert hub.resolve(SPEC) == str(snapshot / 'model.safetensors')
-  cfg = tiny_config()
+  cfg = checkpoint_model()
   init = init_params(cfg)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', CheckpointWarning)

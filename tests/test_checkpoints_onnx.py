@@ -11,15 +11,14 @@ import importlib.util
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pyra_jax.checkpoints import CheckpointError, CheckpointWarning, read_checkpoint
 from pyra_jax.checkpoints import onnx_vit_s14_path
+from tests.helpers.cli import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / 'shared'
 CIFAR = SHARED / 'data/vtab1k/cifar10'
 

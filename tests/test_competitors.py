@@ -17,17 +17,16 @@ import pytest
 from pyra_jax import schedules
 from pyra_jax.configs import paper
 from pyra_jax.configs import common
-from pyra_jax.configs import tiny
 from pyra_jax.methods import ats as ats_lib
 from pyra_jax.methods import evit as evit_lib
 from pyra_jax.methods import tofu as tofu_lib
 from pyra_jax.methods.base import AttentionRequest
 from pyra_jax.models import vit
 from pyra_jax.models.peft import PeftSettings
-from tests import reference_merge as ref
-from tests import reference_methods as ref_methods
-from tests.test_methods_ltmp_diffrate import jit_features, random_params
-from tests.test_train_cli import reset_flags, run_main
+from tests.helpers import reference_merge as ref
+from tests.helpers import reference_methods as ref_methods
+from tests.helpers.cli import reset_flags, run_main
+from tests.helpers.models import jit_features, random_params, tiny_config
 
 
 def softmax(z, axis=-1):
@@ -96,9 +95,8 @@ def test_evit_at_keep_one_less_than_all_still_reorganises():
   one fewer token), layers 1 and 2 keep 14 of 15, i.e. all but one: EViT's
   code still sorts them and fuses the least attended one (weighted by its
   attention) there. The class feature equals the numpy model of that code."""
-  cfg = tiny.get_config('method=evit')
-  m = cfg.model
-  m.depth, m.evit_layers, m.evit_keep_rate, m.evit_match_flops = 3, '0,1,2', 0.87, False
+  m = tiny_config('method=evit', model=dict(depth=3, evit_layers='0,1,2', evit_keep_rate=0.87,
+                                            evit_match_flops=False)).model
   model = vit.build_model(m, num_classes=10)
   assert model.schedule == (1, 0, 0)
   x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 32, 32, 3)), jnp.float32)
@@ -247,9 +245,7 @@ def test_ats_layers_sample_all_tokens_where_the_schedule_removes_none():
   the schedule still samples, with K = all its image tokens; the live slots
   are the distinct picks of the definition, from that layer's class attention
   and value norms."""
-  cfg = tiny.get_config('method=ats')
-  m = cfg.model
-  m.schedule, m.ats_layers = 'none', '1'
+  m = tiny_config('method=ats', model=dict(schedule='none', ats_layers='1')).model
   model = vit.build_model(m, num_classes=10)
   assert model.schedule == (0, 0)
   x = jnp.asarray(np.random.default_rng(4).normal(size=(3, 32, 32, 3)), jnp.float32)
@@ -308,12 +304,10 @@ def test_class_attention_is_the_first_row_of_attention():
 # Whole models
 # --------------------------------------------------------------------------- #
 
-def tiny_model(method, distilled=False):
-  cfg = tiny.get_config(f'method={method}')
-  m = cfg.model
-  m.depth, m.schedule, m.distilled = 3, '3,2,2', distilled
-  m.evit_layers, m.evit_keep_rate, m.evit_match_flops = '0,2', 0.6, False
-  m.tofu_prune_layers = 1
+def whole_model(method, distilled=False):
+  m = tiny_config(f'method={method}', model=dict(
+      depth=3, schedule='3,2,2', distilled=distilled, evit_layers='0,2', evit_keep_rate=0.6,
+      evit_match_flops=False, tofu_prune_layers=1)).model
   return vit.build_model(m, num_classes=10)
 
 
@@ -321,7 +315,7 @@ def tiny_model(method, distilled=False):
 def test_one_compilation_and_static_token_counts(method):
   """Two batches of different images through the jitted gradient (the training
   computation): one trace, and the class feature reflects every layer."""
-  model = tiny_model(method)
+  model = whole_model(method)
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32) for _ in range(3)]
   params = model.init(jax.random.PRNGKey(0), batches[0])['params']
@@ -347,7 +341,7 @@ def test_prefix_tokens_are_never_dropped_or_merged(method, distilled=True):
   """After the first block (which reduces in every method here) the prefix rows
   are exactly those of the same block without reduction: not dropped, merged,
   fused or moved."""
-  model = tiny_model(method, distilled)
+  model = whole_model(method, distilled)
   nored = model.clone(reducer=dataclasses.replace(
       model.reducer, schedule=(0,) * len(model.schedule)))
   rng = np.random.default_rng(1)

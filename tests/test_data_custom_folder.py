@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyra_jax.data import DataError, get_data
-from tests.test_data_folder import _grey_id_images, _ids, _write_split
+pytest.importorskip('PIL')  # The split files' images are written with it.
+from pyra_jax.data import DataError, get_data  # pylint: disable=g-import-not-at-top
+from tests.helpers.data import grey_id_images, image_ids, write_split  # pylint: disable=g-import-not-at-top
 
 
 def _config(root: Path, name: str = 'shapes', **kw) -> dict:
@@ -28,7 +29,7 @@ def _labels_in(split_file: Path) -> list[int]:
 def test_class_count_comes_from_classes_txt_and_any_split_name_works(tmp_path):
   task_dir = tmp_path / 'shapes'
   labels = [2, 0, 1, 2, 0]
-  _write_split(task_dir, 'train', _grey_id_images(5), labels)
+  write_split(task_dir, 'train', grey_id_images(5), labels)
   # Five classes listed (blank lines ignored), only three of them with images.
   (task_dir / 'classes.txt').write_text('circle\nsquare\n\ntriangle\nstar\nhexagon\n')
   data = get_data(_config(tmp_path), 'train', 5, image_size=8, train=False, seed=0)
@@ -36,7 +37,7 @@ def test_class_count_comes_from_classes_txt_and_any_split_name_works(tmp_path):
   assert data.task == 'folder:shapes'
   batch = next(iter(data))
   np.testing.assert_array_equal(batch['label'], _labels_in(task_dir / 'train.txt'))
-  np.testing.assert_array_equal(_ids(batch['image']), np.arange(5))  # File order.
+  np.testing.assert_array_equal(image_ids(batch['image']), np.arange(5))  # File order.
   # data_dir may be the dataset's folder itself.
   data = get_data(_config(task_dir), 'train', 5, image_size=8, train=False, seed=0)
   assert data.num_classes == 5
@@ -44,8 +45,8 @@ def test_class_count_comes_from_classes_txt_and_any_split_name_works(tmp_path):
 
 def test_without_classes_txt_every_split_file_counts(tmp_path):
   task_dir = tmp_path / 'shapes'
-  _write_split(task_dir, 'train', _grey_id_images(4), [0, 1, 1, 0])
-  _write_split(task_dir, 'holdout', _grey_id_images(3), [3, 2, 0])
+  write_split(task_dir, 'train', grey_id_images(4), [0, 1, 1, 0])
+  write_split(task_dir, 'holdout', grey_id_images(3), [3, 2, 0])
   want = 1 + max(_labels_in(task_dir / 'train.txt') + _labels_in(task_dir / 'holdout.txt'))
   assert want == 4
   # The train split alone has labels 0..1, yet its head must fit the holdout's.
@@ -67,7 +68,7 @@ def test_without_classes_txt_every_split_file_counts(tmp_path):
 def test_errors_say_what_to_do(problem, config_kw, message, tmp_path):
   task_dir = tmp_path / 'shapes'
   labels = {'labels_from_one': [1, 2, 3], 'negative': [0, -1, 1]}.get(problem, [0, 1, 2])
-  _write_split(task_dir, 'train', _grey_id_images(3), labels)
+  write_split(task_dir, 'train', grey_id_images(3), labels)
   if problem == 'empty_classes':
     (task_dir / 'classes.txt').write_text('\n\n')
   split = config_kw.pop('split', 'train')
@@ -86,13 +87,13 @@ def test_registered_task_lookup_explains_folder_tasks():
 def _three_class_folder(root: Path) -> Path:
   """40 training and 6 test PNGs of 3 classes, split files train.txt / test.txt."""
   task_dir = root / 'shapes'
-  _write_split(task_dir, 'train', _grey_id_images(40), [i % 3 for i in range(40)])
-  _write_split(task_dir, 'test', _grey_id_images(6), [0, 1, 2, 2, 1, 0])
+  write_split(task_dir, 'train', grey_id_images(40), [i % 3 for i in range(40)])
+  write_split(task_dir, 'test', grey_id_images(6), [0, 1, 2, 2, 1, 0])
   return task_dir
 
 
 def _run(capsys, monkeypatch, root: Path, workdir: Path, *extra: str):
-  from tests.test_train_cli import reset_flags, run_main  # pylint: disable=g-import-not-at-top
+  from tests.helpers.cli import reset_flags, run_main  # pylint: disable=g-import-not-at-top
   code, out, err = run_main(
       capsys, monkeypatch,
       f'--config=configs/tiny.py:source=folder,data_dir={root},task=folder:shapes,'

@@ -13,34 +13,11 @@ PIL = pytest.importorskip('PIL')
 from PIL import Image  # pylint: disable=g-import-not-at-top
 
 from pyra_jax.data import DataError, get_data  # pylint: disable=g-import-not-at-top
+from tests.helpers.data import (MEAN, STD, grey_id_images, image_ids,  # pylint: disable=g-import-not-at-top
+                               write_split)
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
 SHARED = Path(__file__).resolve().parents[2] / 'shared'
 REAL_CIFAR10 = SHARED / 'data' / 'vtab1k' / 'cifar10'
-
-
-def _write_split(task_dir: Path, split: str, images, labels, ext='png'):
-  """Writes images/<split>/NNNNNN.<ext> and <split>.txt like VTAB-1k folders."""
-  (task_dir / 'images' / split).mkdir(parents=True, exist_ok=True)
-  lines = []
-  for i, (image, label) in enumerate(zip(images, labels)):
-    rel = f'images/{split}/{i:06d}.{ext}'
-    Image.fromarray(image).save(task_dir / rel,
-                                **({'quality': 95} if ext == 'jpg' else {}))
-    lines.append(f'{rel} {label}')
-  (task_dir / f'{split}.txt').write_text('\n'.join(lines) + '\n')
-
-
-def _grey_id_images(n, size=8):
-  """Image i is uniformly grey with value 10 + 6 i: its id survives resizing."""
-  return [np.full((size, size, 3), 10 + 6 * i, np.uint8) for i in range(n)]
-
-
-def _ids(images):
-  """Recovers ids from imagenet-normalised grey images (per-image mean)."""
-  pixels = (images * STD + MEAN) * 255.0
-  return np.round((pixels.mean(axis=(1, 2, 3)) - 10) / 6).astype(int)
 
 
 def _unnormalise(images):
@@ -52,7 +29,7 @@ def test_exact_values_at_native_size(tmp_path):
   images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
             for _ in range(6)]
   labels = [3, 1, 4, 1, 5, 9]
-  _write_split(tmp_path / 'cifar10', 'val200', images, labels)
+  write_split(tmp_path / 'cifar10', 'val200', images, labels)
   for norm, expected_fn in (
       ('imagenet', lambda x: (x / 255.0 - MEAN) / STD),
       ('inception', lambda x: x / 127.5 - 1.0)):
@@ -73,7 +50,7 @@ def test_resize_matches_pil_bicubic(tmp_path):
   rng = np.random.default_rng(1)
   small = rng.integers(0, 256, (12, 18, 3), dtype=np.uint8)
   image = np.asarray(Image.fromarray(small).resize((57, 40), Image.BILINEAR))
-  _write_split(tmp_path / 'cifar10', 'test', [image], [0])
+  write_split(tmp_path / 'cifar10', 'test', [image], [0])
   for size in (20, 96):
     data = get_data({'source': 'folder', 'task': 'cifar10',
                      'data_dir': str(tmp_path)}, 'test', 1, image_size=size,
@@ -89,7 +66,7 @@ def test_resize_matches_pil_bicubic(tmp_path):
 def test_padding_counts_every_example_once(tmp_path):
   n, batch = 37, 8
   labels = [(7 * i) % 10 for i in range(n)]
-  _write_split(tmp_path / 'cifar10', 'test', _grey_id_images(n), labels)
+  write_split(tmp_path / 'cifar10', 'test', grey_id_images(n), labels)
   data = get_data({'source': 'folder', 'task': 'cifar10',
                    'data_dir': str(tmp_path)}, 'test', batch, image_size=4,
                   train=False, seed=0)
@@ -108,7 +85,7 @@ def test_padding_counts_every_example_once(tmp_path):
   last = batches[-1]
   assert (last['image'][~last['mask']] == 0).all()
   assert (last['label'][~last['mask']] == 0).all()
-  ids = np.concatenate([_ids(b['image'][b['mask']]) for b in batches])
+  ids = np.concatenate([image_ids(b['image'][b['mask']]) for b in batches])
   np.testing.assert_array_equal(ids, np.arange(n))  # Each once, file order.
   second_pass = list(data)
   assert len(second_pass) == 5
@@ -122,7 +99,7 @@ def test_padding_counts_every_example_once(tmp_path):
 
 def test_training_is_deterministic_and_reshuffles(tmp_path):
   n, batch = 37, 8
-  _write_split(tmp_path / 'cifar10', 'train800', _grey_id_images(n), [0] * n)
+  write_split(tmp_path / 'cifar10', 'train800', grey_id_images(n), [0] * n)
   config = {'source': 'folder', 'task': 'cifar10', 'data_dir': str(tmp_path)}
 
   def id_stream(seed, num_batches=10):
@@ -133,7 +110,7 @@ def test_training_is_deterministic_and_reshuffles(tmp_path):
     batches = [next(it) for _ in range(num_batches)]
     for b in batches:
       assert b['image'].shape == (batch, 4, 4, 3) and b['mask'].all()
-    return np.concatenate([_ids(b['image']) for b in batches]), batches
+    return np.concatenate([image_ids(b['image']) for b in batches]), batches
 
   ids0, batches0 = id_stream(0)
   ids0_again, batches0_again = id_stream(0)
@@ -154,7 +131,7 @@ def test_training_is_deterministic_and_reshuffles(tmp_path):
   data = get_data(config, 'train800', batch, image_size=4, train=True, seed=0)
   for _ in range(2):
     it = iter(data)
-    again = np.concatenate([_ids(next(it)['image']) for _ in range(10)])
+    again = np.concatenate([image_ids(next(it)['image']) for _ in range(10)])
     np.testing.assert_array_equal(again, ids0)
 
 
@@ -164,7 +141,7 @@ def test_folder_aliases_and_jpeg(tmp_path):
   image = np.asarray(Image.fromarray(small).resize((16, 16), Image.BILINEAR))
   for folder_name, task, label in (('cifar', 'cifar100', 99),
                                    ('oxford_pet', 'oxford_iiit_pet', 36)):
-    _write_split(tmp_path / folder_name, 'train800val200', [image], [label],
+    write_split(tmp_path / folder_name, 'train800val200', [image], [label],
                  ext='jpg')
     data = get_data({'source': 'folder', 'task': task,
                      'data_dir': str(tmp_path)}, 'train800val200', 1,
@@ -185,7 +162,7 @@ def test_folder_aliases_and_jpeg(tmp_path):
 
 def test_folder_errors_name_the_file(tmp_path):
   task_dir = tmp_path / 'cifar10'
-  _write_split(task_dir, 'train800', _grey_id_images(3), [1, 2, 3])
+  write_split(task_dir, 'train800', grey_id_images(3), [1, 2, 3])
   config = {'source': 'folder', 'task': 'cifar10', 'data_dir': str(tmp_path)}
 
   with pytest.raises(DataError, match=str(task_dir / 'val200.txt')):
@@ -265,15 +242,15 @@ def test_real_cifar10_folder():
 def _cli_folder(root: Path, n_train=40, n_test=4):
   """A cifar10 task folder the tiny config can train on (batch 40, 32 px)."""
   task_dir = root / 'cifar10'
-  _write_split(task_dir, 'train800val200', _grey_id_images(n_train),
+  write_split(task_dir, 'train800val200', grey_id_images(n_train),
                [i % 10 for i in range(n_train)])
-  _write_split(task_dir, 'test', _grey_id_images(n_test), [1] * n_test,
+  write_split(task_dir, 'test', grey_id_images(n_test), [1] * n_test,
                ext='jpg')
   return task_dir
 
 
 def _run_on_folder(capsys, monkeypatch, root, workdir):
-  from tests.test_train_cli import reset_flags, run_main  # pylint: disable=g-import-not-at-top
+  from tests.helpers.cli import reset_flags, run_main  # pylint: disable=g-import-not-at-top
   code, out, err = run_main(
       capsys, monkeypatch,
       f'--config=configs/tiny.py:source=folder,data_dir={root}',
@@ -315,7 +292,7 @@ def test_cli_split_paths_must_stay_inside_the_task_folder(kind, tmp_path, capsys
                                                          monkeypatch):
   task_dir = _cli_folder(tmp_path / 'data')
   outside = tmp_path / 'secret.png'  # Exists and is a valid image: still refused.
-  Image.fromarray(_grey_id_images(1)[0]).save(outside)
+  Image.fromarray(grey_id_images(1)[0]).save(outside)
   listed = {'dotdot': '../../secret.png', 'absolute': str(outside)}[kind]
   split_file = task_dir / 'train800val200.txt'
   lines = split_file.read_text().splitlines()
@@ -330,20 +307,20 @@ def test_cli_split_paths_must_stay_inside_the_task_folder(kind, tmp_path, capsys
 
 def test_paths_that_stay_inside_are_accepted(tmp_path):
   task_dir = tmp_path / 'cifar10'
-  _write_split(task_dir, 'val200', _grey_id_images(2), [3, 4])
+  write_split(task_dir, 'val200', grey_id_images(2), [3, 4])
   (task_dir / 'val200.txt').write_text(
       'images/val200/../val200/000000.png 3\n./images/val200/000001.png 4\n')
   data = get_data({'source': 'folder', 'task': 'cifar10',
                    'data_dir': str(tmp_path)}, 'val200', 2, image_size=8,
                   train=False, seed=0)
-  np.testing.assert_array_equal(_ids(next(iter(data))['image']), [0, 1])
+  np.testing.assert_array_equal(image_ids(next(iter(data))['image']), [0, 1])
 
 
 def test_cli_image_damaged_inside_is_named_when_decoding_fails(
     tmp_path, capsys, monkeypatch):
   task_dir = _cli_folder(tmp_path / 'data')
   bad = task_dir / 'images/train800val200/000007.png'  # Line 8.
-  bad.write_bytes(_png_with_bad_crc(_grey_id_images(8)[7]))
+  bad.write_bytes(_png_with_bad_crc(grey_id_images(8)[7]))
   with Image.open(bad) as image:  # The header is fine: the up-front check passes.
     assert image.format == 'PNG' and image.size == (8, 8)
   code, out, err = _run_on_folder(capsys, monkeypatch, tmp_path / 'data',
@@ -357,19 +334,19 @@ def test_doubtful_but_decodable_images_are_accepted(tmp_path):
   """An image the cheap checks doubt (here: data after the JPEG end marker,
   beyond the bytes they look at) is decoded in full and kept if it decodes."""
   task_dir = tmp_path / 'cifar10'
-  images = _grey_id_images(2)
-  _write_split(task_dir, 'val200', images, [0, 1], ext='jpg')
+  images = grey_id_images(2)
+  write_split(task_dir, 'val200', images, [0, 1], ext='jpg')
   padded = task_dir / 'images/val200/000001.jpg'
   padded.write_bytes(padded.read_bytes() + b'\0' * 10_000)  # E.g. camera trailers.
   data = get_data({'source': 'folder', 'task': 'cifar10',
                    'data_dir': str(tmp_path)}, 'val200', 2, image_size=8,
                   train=False, seed=0)
-  np.testing.assert_array_equal(_ids(next(iter(data))['image']), [0, 1])
+  np.testing.assert_array_equal(image_ids(next(iter(data))['image']), [0, 1])
 
 
 def test_every_unreadable_image_is_counted_in_one_message(tmp_path):
   task_dir = tmp_path / 'cifar10'
-  _write_split(task_dir, 'val200', _grey_id_images(6), [0] * 6)
+  write_split(task_dir, 'val200', grey_id_images(6), [0] * 6)
   (task_dir / 'images/val200/000001.png').write_bytes(b'')
   (task_dir / 'images/val200/000004.png').unlink()
   with pytest.raises(DataError) as info:

@@ -26,8 +26,8 @@ from PIL import Image  # pylint: disable=g-import-not-at-top
 from tensorflow_datasets.testing import mocking  # pylint: disable=g-import-not-at-top
 
 from pyra_jax.data import DataError, from_arrays, from_tf_dataset, get_data  # pylint: disable=g-import-not-at-top
+from tests.helpers.cli import ROOT  # pylint: disable=g-import-not-at-top
 
-ROOT = Path(__file__).resolve().parents[1]
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 # Written in this order; torchvision numbers classes by sorted name, and

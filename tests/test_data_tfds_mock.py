@@ -18,9 +18,9 @@ import pytest
 
 tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
-from tensorflow_datasets.testing import mocking  # pylint: disable=g-import-not-at-top
 
 from pyra_jax.data import TASKS, DataError, get_data  # pylint: disable=g-import-not-at-top
+from tests.helpers.data import fake_tfds_examples  # pylint: disable=g-import-not-at-top
 
 NUM_FAKE = 6
 IMAGE_SIZE = 32
@@ -28,8 +28,7 @@ BATCH = 4
 
 
 def _fake_examples(features):
-  return list(mocking.RandomFakeGenerator(
-      features, num_examples=NUM_FAKE, constant_dynamic_shape=True, seed=0))
+  return fake_tfds_examples(features, num_examples=NUM_FAKE)
 
 
 def _numpy_label(task_name, ex):

@@ -10,7 +10,7 @@
 * Serving (import, build, load and run an export) imports neither TensorFlow
   nor ONNX; a feature that needs an extra ends in one sentence naming it.
 
-One finished tiny run serves the module (`reference`); the demo-shaped model
+One finished tiny run (a copy of the session's) serves the module (`reference`); the demo-shaped model
 (configs/demo.py's model section) has random weights of its shapes.
 """
 
@@ -33,14 +33,11 @@ from pyra_jax.training import export as export_lib
 from pyra_jax.configs import demo
 from pyra_jax.configs import tiny
 from pyra_jax.models import vit
-from tests.offline_data import require_offline_mnist
-from tests.test_train_cli import ROOT, run_main
+from tests.helpers.cli import ROOT, TINY, NoCapture, run_main
+from tests.helpers.data import require_offline_mnist
 
 require_offline_mnist(module_level=True)
 
-# The tiny run of test_reliability (same programs, compiled once per session).
-TINY = ['--config=configs/tiny.py', '--config.data.eval_split=val200',
-        '--config.log_every_steps=1', '--config.eval_batch_size=64']
 BATCHES = (1, 7, 32)
 
 # A prologue that makes packages unimportable as if they were not installed: a
@@ -87,26 +84,19 @@ def _env() -> dict:
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """One finished tiny run and its two exports: (workdir, orbax, stablehlo)."""
+def reference(tiny_workdir, tmp_path_factory):
+  """The finished tiny run and its two exports: (workdir, orbax, stablehlo)."""
   root = tmp_path_factory.mktemp('deploy')
-  wd, orbax, shlo = root / 'run', root / 'orbax', root / 'stablehlo'
+  wd, orbax, shlo = tiny_workdir, root / 'orbax', root / 'stablehlo'
   mp = pytest.MonkeyPatch()
   try:
-    for args in ([], ['--mode=export', f'--export_dir={orbax}'],
+    for args in (['--mode=export', f'--export_dir={orbax}'],
                  ['--mode=export', '--format=stablehlo', f'--export_dir={shlo}']):
-      code, _, err = run_main(_Capture(), mp, *TINY, f'--workdir={wd}', *args)
+      code, _, err = run_main(NoCapture(), mp, *TINY, f'--workdir={wd}', *args)
       assert code == 0, err
   finally:
     mp.undo()
   return wd, orbax, shlo
-
-
-class _Capture:
-  """capsys for a module-scoped fixture (pytest's is function-scoped)."""
-
-  def readouterr(self):
-    return '', ''
 
 
 def _apply(model, params, images: np.ndarray) -> np.ndarray:

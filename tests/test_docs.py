@@ -25,8 +25,8 @@ from pathlib import Path
 from pyra_jax import config_docs
 from pyra_jax.configs import common
 from pyra_jax.configs import paper
+from tests.helpers.cli import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / 'README.md'
 README_MAX_LINES = 300
 # The quick start's three commands, verbatim (CI runs the last one).

@@ -8,9 +8,6 @@ formulas written from the definitions and the papers' printed counts.
 """
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +17,14 @@ from flax import traverse_util
 
 from pyra_jax import optim
 from pyra_jax import param_counts
-from pyra_jax.configs import tiny as tiny_config
+from pyra_jax.configs import tiny
 from pyra_jax.configs import vitb_high_fact, vitb_high_snf, vitb_low_fact
 from pyra_jax.models import build_model
 from pyra_jax.models.vit import deployed_config, fold_peft
-from tests import reference_peft as ref
-from tests.offline_data import require_offline_mnist
-from tests.test_model import images, init, randomize, tiny, to_np
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import reference_peft as ref
+from tests.helpers.cli import cli
+from tests.helpers.data import require_offline_mnist
+from tests.helpers.models import images, init, randomize, tiny_config, tiny_model, to_np
 
 
 def flat(tree):
@@ -45,7 +41,7 @@ def apply(model, params, x):
     ('tk', 'tome', 'authors'), ('tk', 'pyra', 'authors')])
 def test_fact_forward_equals_numpy_reference(variant, method, layout):
   # rank 3, scale 0.7, mlp_dim = 2 * width: two slices each for fc1 and fc2.
-  cfg = tiny(method, peft='fact', fact_variant=variant, fact_rank=3, fact_scale=0.7,
+  cfg = tiny_model(method, peft='fact', fact_variant=variant, fact_rank=3, fact_scale=0.7,
              fact_tk_layout=layout)
   model, params = init(cfg)
   params = randomize(params, r'/fact/|pyra/w_d|pyra/norm')
@@ -65,7 +61,7 @@ def test_fact_forward_equals_numpy_reference(variant, method, layout):
 @pytest.mark.parametrize('flow_length,method,blocks', [
     (0, 'pyra', None), (3, 'peft', None), (3, 'tome', 2)])
 def test_snf_forward_equals_numpy_reference(flow_length, method, blocks):
-  cfg = tiny(method, peft='snf', snf_flow_length=flow_length, snf_blocks=blocks)
+  cfg = tiny_model(method, peft='snf', snf_flow_length=flow_length, snf_blocks=blocks)
   model, params = init(cfg)
   # SNF's original code adapts the first 12 blocks only (model.snf_blocks): the
   # later blocks have no flows at all.
@@ -84,9 +80,9 @@ def test_snf_forward_equals_numpy_reference(flow_length, method, blocks):
 def test_modules_start_as_the_frozen_backbone(kw):
   """FacT's V = 0 and SNF's μ = log σ = 0 at init: exactly the plain model's logits;
   and LoRA is off whatever lora_rank says."""
-  model, params = init(tiny('pyra', lora_rank=4, **kw))
+  model, params = init(tiny_model('pyra', lora_rank=4, **kw))
   assert not any('/lora/' in k for k in flat(params))
-  plain = build_model(tiny('pyra', lora_rank=0))
+  plain = build_model(tiny_model('pyra', lora_rank=0))
   strip = re.compile(r'(^|/)(fact|snf)(/|$)')
   plain_params = traverse_util.unflatten_dict(
       {k: v for k, v in flat(params).items() if not strip.search(k)}, sep='/')
@@ -103,7 +99,7 @@ def test_modules_start_as_the_frozen_backbone(kw):
     ('tt', 'peft', 'paper'), ('tt', 'pyra', 'paper'), ('tk', 'peft', 'paper'),
     ('tk', 'pyra', 'authors')])
 def test_folded_fact_gives_the_same_logits_and_a_plain_tree(variant, method, layout):
-  cfg = tiny(method, peft='fact', fact_variant=variant, fact_rank=3, fact_scale=2.0,
+  cfg = tiny_model(method, peft='fact', fact_variant=variant, fact_rank=3, fact_scale=2.0,
              fact_tk_layout=layout)
   model, params = init(cfg)
   params = randomize(params, r'/fact/|pyra/w_d')
@@ -111,7 +107,7 @@ def test_folded_fact_gives_the_same_logits_and_a_plain_tree(variant, method, lay
   deployed = build_model(deployed_config(cfg))
   assert not any('fact' in k for k in flat(folded))
   # Exactly the tree of the model without any module (same names and shapes).
-  _, plain = init(tiny(method, lora_rank=0))
+  _, plain = init(tiny_model(method, lora_rank=0))
   assert jax.tree.map(np.shape, folded) == jax.tree.map(np.shape, plain)
   x = images(2)
   a, b = apply(model, params, x), apply(deployed, folded, x)
@@ -120,7 +116,7 @@ def test_folded_fact_gives_the_same_logits_and_a_plain_tree(variant, method, lay
 
 
 def test_snf_stays_in_the_deployed_model():
-  cfg = tiny('pyra', peft='snf', snf_flow_length=2)
+  cfg = tiny_model('pyra', peft='snf', snf_flow_length=2)
   model, params = init(cfg)
   params = randomize(params, r'/snf/')
   dep_cfg = deployed_config(cfg)
@@ -132,7 +128,7 @@ def test_snf_stays_in_the_deployed_model():
 
 
 def test_fact_dropout_acts_in_training_only():
-  cfg = tiny('peft', peft='fact', drop_path=0.0, fact_dropout=0.5)
+  cfg = tiny_model('peft', peft='fact', drop_path=0.0, fact_dropout=0.5)
   model, params = init(cfg)
   params = randomize(params, r'/fact/')
   x = images(2)
@@ -196,8 +192,8 @@ def test_table20_configs():
   # FacT-TK in the settings is the FacT code's layout (its published numbers);
   # the base config keeps the paper's formula (what runs stored before used).
   assert vitb_high_fact.get_config().model.fact_tk_layout == 'authors'
-  assert tiny_config.get_config('peft=fact').model.fact_tk_layout == 'authors'
-  assert tiny_config.get_config().model.fact_tk_layout == 'paper'
+  assert tiny.get_config('peft=fact').model.fact_tk_layout == 'authors'
+  assert tiny.get_config().model.fact_tk_layout == 'paper'
   # SNF in every block (ViT-B has 12: the same as the original code's first 12).
   assert vitb_high_snf.get_config().model.snf_blocks is None
 
@@ -210,10 +206,9 @@ def test_export_restore_round_trip(peft, tmp_path):
   from pyra_jax.training import export as export_lib  # pylint: disable=g-import-not-at-top
   from pyra_jax.training import loop  # pylint: disable=g-import-not-at-top
   from pyra_jax.training import setup  # pylint: disable=g-import-not-at-top
-  config = tiny_config.get_config(f'peft={peft}')
-  config.num_epochs, config.warmup_epochs = 1, 0
-  config.data.eval_split, config.eval_batch_size = 'val200', 64
-  config.model.snf_flow_length = 2
+  config = tiny_config(f'peft={peft}', num_epochs=1, warmup_epochs=0,
+                       data=dict(eval_split='val200'), eval_batch_size=64,
+                       model=dict(snf_flow_length=2))
   loop.train_and_evaluate(config, str(tmp_path / 'run'))
   run, trainable, _ = setup.restore_run(config, str(tmp_path / 'run'))
   trained = optim.merge_params(trainable, run.frozen)
@@ -237,10 +232,9 @@ def test_export_restore_round_trip(peft, tmp_path):
 ])
 def test_bad_module_settings_fail_with_one_sentence(arg, message, tmp_path):
   setting, *extra = arg.split(' ')
-  proc = subprocess.run(
-      [sys.executable, '-m', 'pyra_jax.main', f'--config=configs/tiny.py:{setting}', *extra,
-       f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  code, _, err = cli(f'--config=configs/tiny.py:{setting}', *extra, f'--workdir={tmp_path}',
+                     timeout=300)
+  assert code != 0 and 'Traceback' not in err
   # One sentence besides absl's INFO/WARNING log lines ('I1202 17:58:50 ... main.py:369] ...').
-  said = [l for l in proc.stderr.strip().splitlines() if not re.match(r'[IWE]\d{4} ', l)]
-  assert message in proc.stderr and len(said) == 1, proc.stderr
+  said = [l for l in err.strip().splitlines() if not re.match(r'[IWE]\d{4} ', l)]
+  assert message in err and len(said) == 1, err

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from pyra_jax import optim
-from pyra_jax.configs import tiny
 from pyra_jax.models import vit
 from pyra_jax.training import export as export_lib
 from pyra_jax.training import setup
+from tests.helpers.models import tiny_config
 
 GOLDEN = Path(__file__).resolve().parent / 'golden'
 sys.path.insert(0, str(GOLDEN))
@@ -53,9 +53,8 @@ def test_logits_equal_the_golden_ones(name):
 def test_a_checkpoint_and_an_export_of_the_earlier_code_restore_with_its_logits(tmp_path):
   run_dir = GOLDEN / 'tiny_run'
   want = np.load(run_dir / 'logits.npz')
-  c = tiny.get_config()
-  c.num_epochs, c.data.eval_split, c.eval_batch_size = 1, 'val200', 100
-  c.model_init = str(run_dir / 'backbone.npz')
+  c = tiny_config(num_epochs=1, data=dict(eval_split='val200'), eval_batch_size=100,
+                  model_init=str(run_dir / 'backbone.npz'))
   shutil.copytree(run_dir / 'checkpoints', tmp_path / 'checkpoints')
   run, trainable, step = setup.restore_run(c, str(tmp_path))
   assert step == 25

@@ -11,7 +11,9 @@ dependency, only a later one. What is checked:
     package `__init__` importing its own submodules is not a cycle;
   * no `from pyra_jax.x import _name` and no `x._name` on a name bound to another
     pyra_jax module (dunder names such as `__version__` are public);
-  * `pyra_jax.training.loop` imported by the commands only.
+  * `pyra_jax.training.loop` imported by the commands only;
+  * in tests/, no module imports a test module: shared code is in tests/helpers/,
+    shared fixtures in tests/conftest.py.
 
 Known exceptions are listed explicitly below; each must still occur (a fixed one
 is removed from the list), so the lists only shrink.
@@ -23,6 +25,8 @@ import ast
 import dataclasses
 import functools
 from pathlib import Path
+
+import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / 'pyra_jax'
 
@@ -322,3 +326,82 @@ def test_underscore_uses_are_named_with_their_line(tmp_path):
       'pkg/b.py:6: a._own',
       'pkg/b.py:6: alias._own',
       'pkg/b.py:8: pkg.a._own']
+
+
+# ---------------------------------------------------------------------------
+# The tests' own layout: test modules share code through tests/helpers/ and
+# fixtures through tests/conftest.py, never by importing one another (a test
+# module imported by another is collected twice over, and its module-level
+# skips and fixtures leak into the importer).
+# ---------------------------------------------------------------------------
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def imported_test_modules(source: str, path: str = '<source>') -> list[tuple[int, str]]:
+  """(line, module) of every import, anywhere in `source`, of a tests/test_* module.
+
+  Every spelling counts: `from tests.test_x import y`, `from tests import test_x`,
+  `import tests.test_x`, relative `from .test_x import y` / `from . import test_x`,
+  and a bare `import test_x` (pytest's rootdir-relative import mode).
+  """
+  found = []
+  for node in ast.walk(ast.parse(source, filename=path)):
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        parts = alias.name.split('.')
+        if parts[0] == 'tests' and len(parts) > 1 and parts[1].startswith('test_'):
+          found.append((node.lineno, '.'.join(parts[:2])))
+        elif parts[0].startswith('test_'):
+          found.append((node.lineno, parts[0]))
+    elif isinstance(node, ast.ImportFrom):
+      parts = node.module.split('.') if node.module else []
+      if node.level == 0:  # Absolute: tests.<module>, or a bare test_x.
+        if parts[0] != 'tests':
+          if parts[0].startswith('test_'):
+            found.append((node.lineno, parts[0]))
+          continue
+        parts = parts[1:]
+      # Now relative to tests/ (or, relative, to the importer's package).
+      if parts:
+        if parts[0].startswith('test_'):
+          found.append((node.lineno, 'tests.' + parts[0]))
+      else:
+        found += [(node.lineno, 'tests.' + a.name) for a in node.names
+                  if a.name.startswith('test_')]
+  return found
+
+
+def test_no_test_module_imports_another_test_module():
+  files = sorted(TESTS_DIR.glob('*.py')) + sorted((TESTS_DIR / 'helpers').glob('*.py'))
+  assert len(files) > 50 and TESTS_DIR / 'conftest.py' in files
+  uses = [f'{p.relative_to(TESTS_DIR.parent)}:{line}: {module}' for p in files
+          for line, module in imported_test_modules(p.read_text(), str(p))]
+  assert uses == [], 'import shared code from tests/helpers/ instead:\n' + '\n'.join(uses)
+
+
+def test_shared_test_code_lives_in_helpers():
+  """tests/ holds test modules, conftest.py and __init__.py; the rest is in
+  tests/helpers/ (a helper module beside the tests would be imported by them
+  as `tests.<name>`, and the old locations must not come back)."""
+  others = sorted(p.name for p in TESTS_DIR.glob('*.py')
+                  if not p.name.startswith('test_')
+                  and p.name not in ('conftest.py', '__init__.py'))
+  assert others == []
+  helpers = {p.stem for p in (TESTS_DIR / 'helpers').glob('*.py')}
+  assert {'cli', 'models', 'data', 'reference_merge', 'reference_vit'} <= helpers
+
+
+@pytest.mark.parametrize('source,want', [
+    ('from tests.test_model import tiny', ['tests.test_model']),
+    ('from tests import test_vtab, helpers', ['tests.test_vtab']),
+    ('import tests.test_reliability as r', ['tests.test_reliability']),
+    ('from .test_data_folder import _ids', ['tests.test_data_folder']),
+    ('from . import test_data_folder', ['tests.test_data_folder']),
+    ('import test_train_cli', ['test_train_cli']),
+    ('def f():\n  from tests.test_train_cli import run_main', ['tests.test_train_cli']),
+    ('from tests.helpers.cli import run_main\nfrom tests.helpers import models\n'
+     'from pyra_jax import test_utils\nimport pytest', []),
+])
+def test_the_detector_sees_every_spelling(source, want):
+  assert [m for _, m in imported_test_modules(source)] == want

@@ -6,20 +6,13 @@ pipeline's own numbers; the rates are timings and only need to be positive.
 """
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 from pyra_jax.experiments import input_benchmark
+from tests.helpers.cli import cli
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def cli(*args):
-  proc = subprocess.run(
-      [sys.executable, '-m', 'pyra_jax.experiments.input_benchmark', *args],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
-  return proc.returncode, proc.stdout, proc.stderr
+def benchmark_cli(*args):
+  return cli(*args, module='pyra_jax.experiments.input_benchmark')
 
 
 def test_times_training_and_eval_on_the_offline_mnist(capsys):
@@ -36,7 +29,7 @@ def test_times_training_and_eval_on_the_offline_mnist(capsys):
 
 
 def test_a_missing_root_says_what_to_pass(tmp_path):
-  rc, _, err = cli(f'--root={tmp_path / "nowhere"}')
+  rc, _, err = benchmark_cli(f'--root={tmp_path / "nowhere"}')
   assert rc != 0 and 'Traceback' not in err
   # (TensorFlow's own start-up lines may come first on stderr.)
   assert err.strip().split('\n')[-1] == (f'error: --root {tmp_path / "nowhere"} is not a directory: '
@@ -45,7 +38,7 @@ def test_a_missing_root_says_what_to_pass(tmp_path):
 
 def test_a_folder_that_is_no_task_ends_in_one_sentence(tmp_path):
   # The folder exists but is neither a known task's folder nor holds split files.
-  rc, _, err = cli(f'--root={tmp_path}', '--task=cifar10')
+  rc, _, err = benchmark_cli(f'--root={tmp_path}', '--task=cifar10')
   assert rc != 0 and 'Traceback' not in err
   last = err.strip().split('\n')[-1]
   assert last.startswith('error: ') and 'cifar10' in last

@@ -15,8 +15,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from tests.helpers.cli import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / 'pyra_jax'
 TOOLING = 'pyra_jax.experiments'
 

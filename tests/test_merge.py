@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pyra_jax import merge as merge_lib
-from tests import reference_merge as ref
+from tests.helpers import reference_merge as ref
 
 
 def _plans(plan):

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +22,15 @@ import pytest
 
 from pyra_jax import schedules
 from pyra_jax.configs import common
-from pyra_jax.configs import tiny
 from pyra_jax.methods import diffrate
 from pyra_jax.methods import ltmp
 from pyra_jax.methods.base import AttentionRequest
 from pyra_jax.models import vit
 from pyra_jax.models.peft import PeftSettings
-from tests import reference_methods as ref
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from tests.helpers import reference_methods as ref
+from tests.helpers.cli import ROOT, cli, one_sentence
+from tests.helpers.data import require_offline_mnist
+from tests.helpers.models import jit_features, random_params, tiny_config
 
 def _rng(seed=0):
   return np.random.default_rng(seed)
@@ -106,9 +104,7 @@ def test_ltmp_flops_fraction_equals_the_token_count_flops_counter():
 
 
 def _tiny_model(method, **overrides):
-  c = tiny.get_config(f'method={method}')
-  for k, v in overrides.items():
-    c.model[k] = v
+  c = tiny_config(f'method={method}', model=overrides)
   return c, vit.build_model(c.model, num_classes=10)
 
 
@@ -151,28 +147,6 @@ def test_ltmp_class_token_stays_and_the_regulariser_reaches_the_thresholds():
   gt = [float(g['Transformer'][f'encoderblock_{i}']['ltmp'][k][0])
         for i in range(2) for k in ('merge_threshold', 'prune_threshold')]
   assert any(v != 0.0 for v in gt) and all(np.isfinite(gt))
-
-
-def random_params(model, images, seed, **fixed):
-  """Random parameters of `model` without compiling its init (shapes only):
-  N(0, 0.1^2) everywhere, LayerNorm scales 1 + N(0, 0.1^2), and `fixed`
-  ({leaf name: value}) for the method's own parameters."""
-  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, images))['params']
-  rng = _rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name in fixed:
-      return np.full(leaf.shape, fixed[name], np.float32)
-    v = 0.1 * rng.normal(size=leaf.shape)
-    return (v + 1.0 if name == 'scale' else v).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def jit_features(model, params, images):
-  """The class feature and the intermediates, through one compiled forward."""
-  return jax.jit(lambda p, x: model.apply({'params': p}, x, features=True,
-                                          mutable=['intermediates']))(params, images)
 
 
 def test_ltmp_model_follows_the_original_token_order():
@@ -423,18 +397,6 @@ def test_searched_rates_are_the_expected_counts_and_round_trip_through_the_file(
 # Through the command line
 # ---------------------------------------------------------------------------
 
-def cli(*args, timeout=900):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-m', 'pyra_jax.main', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-  return proc.returncode, proc.stdout, proc.stderr
-
-
-def one_sentence(code, err):
-  lines = [l for l in err.strip().splitlines() if l.startswith('Error: ')]
-  return code == 1 and len(lines) == 1 and 'Traceback' not in err
-
-
 @pytest.mark.parametrize('args,message', [
     (['--config=configs/tiny.py:method=ltmp', '--config.model.ltmp_flops_target=0.01'],
      'model.ltmp_flops_target = 0.01: the FLOPs fraction to keep must lie between'),
@@ -456,13 +418,12 @@ def one_sentence(code, err):
      "--mode=search finds DiffRate's rates, but model.method is 'tome'"),
 ])
 def test_bad_settings_end_in_one_sentence(tmp_path, args, message):
-  code, out, err = cli(*args, f'--workdir={tmp_path / "w"}')
+  code, out, err = cli(*args, f'--workdir={tmp_path / "w"}', timeout=900)
   assert one_sentence(code, err), err
   assert message in err, err
 
 
 def test_a_killed_search_is_continued_by_a_rerun_and_its_rates_train(tmp_path):
-  from tests.offline_data import require_offline_mnist  # pylint: disable=g-import-not-at-top
   require_offline_mnist()
   wd = tmp_path / 'search'
   args = ['--config=configs/tiny.py:method=diffrate', '--mode=search', f'--workdir={wd}',
@@ -483,7 +444,7 @@ def test_a_killed_search_is_continued_by_a_rerun_and_its_rates_train(tmp_path):
     first.wait()
   assert not (wd / diffrate.RATES_FILE).exists()
   done = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-  code, out, err = cli(*args)
+  code, out, err = cli(*args, timeout=900)
   assert code == 0, err
   lines = [json.loads(l) for l in (wd / 'metrics.jsonl').read_text().splitlines()]
   steps = [l['step'] for l in lines if 'loss' in l]
@@ -502,16 +463,14 @@ def test_a_killed_search_is_continued_by_a_rerun_and_its_rates_train(tmp_path):
   assert rates['shortfall'] == '' and 'WARNING' not in out
   code, out, err = cli('--config=configs/tiny.py:method=diffrate', f'--workdir={tmp_path / "t"}',
                        f'--config.model.diffrate_rates={wd / diffrate.RATES_FILE}',
-                       '--config.num_epochs=1')
+                       '--config.num_epochs=1', timeout=900)
   assert code == 0, err
   assert 'final accuracy' in out
 
 
 def test_a_search_short_of_its_target_says_what_to_change():
   from pyra_jax.training import search  # pylint: disable=g-import-not-at-top
-  from pyra_jax.configs import tiny  # pylint: disable=g-import-not-at-top
-  c = tiny.get_config()
-  c.diffrate_lr = 0.02
+  c = tiny_config(diffrate_lr=0.02)
   assert search.shortfall_message(3.10, 3.17, c) == ''  # within 3 %
   msg = search.shortfall_message(1.79, 3.17, c)
   assert '1.79' in msg and '3.17' in msg
@@ -524,12 +483,11 @@ def test_a_search_short_of_its_target_says_what_to_change():
 
 
 def test_ltmp_training_reports_both_flops_figures(tmp_path):
-  from tests.offline_data import require_offline_mnist  # pylint: disable=g-import-not-at-top
   require_offline_mnist()
   wd = tmp_path / 'ltmp'
   code, out, err = cli('--config=configs/tiny.py:method=ltmp', f'--workdir={wd}',
                        '--config.num_epochs=1', '--config.model.ltmp_flops_target=0.6',
-                       '--config.model.ltmp_merge_init=0.5')
+                       '--config.model.ltmp_merge_init=0.5', timeout=900)
   assert code == 0, err
   assert 'static shapes run all tokens: 1.0' in out
   r = json.loads((wd / 'results.json').read_text())['ltmp']

@@ -11,14 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pyra_jax.configs import tiny
 from pyra_jax.training import setup
 from pyra_jax.training import steps
+from tests.helpers.models import tiny_config
 
 
 def _step(dtype: str):
-  config = tiny.get_config()
-  config.dtype = dtype
+  config = tiny_config(dtype=dtype)
   run = setup.setup(config, num_classes=10)
   step = steps.make_train_step(run, steps_per_epoch=25)
   tx_init = steps.make_optimizer(run, steps_per_epoch=25)[2]

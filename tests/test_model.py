@@ -4,7 +4,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -13,47 +12,14 @@ from pyra_jax import schedules
 from pyra_jax.models import build_model
 from pyra_jax.models.lora import fold_lora
 from pyra_jax.models.vit import deployed_config, num_tokens
-from tests import reference_merge as ref
-
-IMAGE = 32
-
-
-def tiny(method='pyra', schedule='3,2,2', **kw) -> ml_collections.ConfigDict:
-  c = get_base_config().model
-  c.update(variant='Ti/8', width=32, depth=3, num_heads=2, mlp_dim=64, image_size=IMAGE,
-           num_classes=5, lora_rank=4, method=method, schedule=schedule, drop_path=0.1)
-  c.update(kw)
-  return c
-
-
-def images(n=2, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=(n, IMAGE, IMAGE, 3)), jnp.float32)
-
-
-def randomize(params, pattern, seed=1, scale=0.3):
-  """Gives parameters matching `pattern` random values (e.g. LoRA's zero B)."""
-  keys = iter(jax.random.split(jax.random.PRNGKey(seed), 1000))
-  def f(path, leaf):
-    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
-    if re.search(pattern, name):
-      return leaf + scale * jax.random.normal(next(keys), leaf.shape)
-    return leaf
-  return jax.tree_util.tree_map_with_path(f, params)
-
-
-def init(cfg, seed=0):
-  model = build_model(cfg)
-  return model, jax.jit(lambda k: model.init(k, images(1)))(jax.random.PRNGKey(seed))['params']
-
-
-def to_np(tree):
-  return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
+from tests.helpers import reference_merge as ref
+from tests.helpers.models import IMAGE, images, init, randomize, tiny_model, to_np
 
 
 @pytest.mark.parametrize('attention', ['einsum', 'dot_product_attention'])
 @pytest.mark.parametrize('method', ['peft', 'tome', 'pyra'])
 def test_forward_equals_numpy_reference(method, attention):
-  cfg = tiny(method, attention=attention)
+  cfg = tiny_model(method, attention=attention)
   model, params = init(cfg)
   params = randomize(params, r'lora/up|pyra/w_d|pyra/norm')
   x = images(2)
@@ -64,8 +30,8 @@ def test_forward_equals_numpy_reference(method, attention):
 
 
 def test_pyra_at_initialisation_is_exactly_tome():
-  model, params = init(tiny('pyra'))
-  tome_model = build_model(tiny('tome'))
+  model, params = init(tiny_model('pyra'))
+  tome_model = build_model(tiny_model('tome'))
   strip = lambda t: {k: strip(v) for k, v in t.items() if k != 'pyra'} if isinstance(t, dict) else t
   tome_params = strip(jax.tree_util.tree_map(lambda a: a, params))
   x = images(3)
@@ -79,7 +45,7 @@ def test_pyra_at_initialisation_is_exactly_tome():
 
 @pytest.mark.parametrize('method', ['pyra', 'peft'])
 def test_folded_lora_gives_the_same_logits(method):
-  cfg = tiny(method)
+  cfg = tiny_model(method)
   model, params = init(cfg)
   params = randomize(params, r'lora/|pyra/w_d')
   deployed = build_model(deployed_config(cfg))
@@ -92,7 +58,7 @@ def test_folded_lora_gives_the_same_logits(method):
 
 
 def test_one_compilation_and_token_counts_follow_the_schedule():
-  cfg = tiny('pyra', schedule='3,2,2')
+  cfg = tiny_model('pyra', schedule='3,2,2')
   model, params = init(cfg)
   traces = []
 
@@ -114,7 +80,7 @@ def test_one_compilation_and_token_counts_follow_the_schedule():
 
 
 def test_source_tracing_from_the_model():
-  cfg = tiny('tome', schedule='4,3,2')
+  cfg = tiny_model('tome', schedule='4,3,2')
   model = build_model(cfg, trace_source=True)
   params = jax.jit(lambda k: model.init(k, images(1)))(jax.random.PRNGKey(0))['params']
   _, state = jax.jit(lambda p, x: model.apply({'params': p}, x, mutable=['intermediates']))(
@@ -125,7 +91,7 @@ def test_source_tracing_from_the_model():
 
 
 def test_gradients_reach_exactly_the_trainable_parameters():
-  cfg = tiny('pyra')
+  cfg = tiny_model('pyra')
   model, params = init(cfg)
   params = randomize(params, r'lora/up|pyra/w_d')
   trainable = get_base_config().trainable
@@ -177,18 +143,18 @@ def test_vit_b16_high_adds_9408_generator_parameters():
 ])
 def test_bad_schedules_fail_at_construction_naming_the_layer(schedule, match):
   with pytest.raises(schedules.ScheduleError, match=match):
-    build_model(tiny('pyra', schedule=schedule))
+    build_model(tiny_model('pyra', schedule=schedule))
 
 
 def test_bad_model_fields_fail_clearly():
   with pytest.raises(ValueError, match='model.method must be one of'):
-    build_model(tiny(method='fast'))
+    build_model(tiny_model(method='fast'))
   with pytest.raises(ValueError, match='model.modulation must be one of'):
-    build_model(tiny(modulation='magic'))
+    build_model(tiny_model(modulation='magic'))
   with pytest.raises(ValueError, match='not a multiple of the patch size'):
-    build_model(tiny(image_size=36))
+    build_model(tiny_model(image_size=36))
   with pytest.raises(ValueError, match='model.attention must be one of'):
-    build_model(tiny(attention='flash'))
+    build_model(tiny_model(attention='flash'))
 
 
 @pytest.mark.parametrize('method,prop_attn,distilled', [
@@ -201,9 +167,9 @@ def test_dot_product_attention_equals_einsum_logits_and_lora_grads(method, prop_
   the same gradient for every LoRA/PYRA/head parameter, in float32.
   """
   kw = dict(prop_attn=prop_attn, distilled=distilled, lora_dropout=0.0, drop_path=0.0)
-  einsum_model, params = init(tiny(method, schedule='3,3,3', **kw))
+  einsum_model, params = init(tiny_model(method, schedule='3,3,3', **kw))
   params = randomize(params, r'lora/|pyra/w_d|pyra/norm')
-  jax_model, jax_params = init(tiny(method, schedule='3,3,3',
+  jax_model, jax_params = init(tiny_model(method, schedule='3,3,3',
                                     attention='dot_product_attention', **kw))
   assert (jax.tree_util.tree_structure(jax_params) == jax.tree_util.tree_structure(params))
   assert jax.tree.map(jnp.shape, jax_params) == jax.tree.map(jnp.shape, params)
@@ -229,7 +195,7 @@ def test_dot_product_attention_equals_einsum_logits_and_lora_grads(method, prop_
 
 def test_dot_product_attention_in_bfloat16_matches_float32():
   """The jax.nn path accepts bfloat16 q/k/v with the log-size bias, close to float32."""
-  cfg = tiny('pyra', schedule='3,3,3', attention='dot_product_attention')
+  cfg = tiny_model('pyra', schedule='3,3,3', attention='dot_product_attention')
   model, params = init(cfg)
   params = randomize(params, r'lora/|pyra/w_d')
   x = images(2)
@@ -240,20 +206,20 @@ def test_dot_product_attention_in_bfloat16_matches_float32():
 
 
 def test_distilled_model_protects_both_tokens_and_has_two_heads():
-  cfg = tiny('pyra', schedule='3,3,3', distilled=True)
+  cfg = tiny_model('pyra', schedule='3,3,3', distilled=True)
   model, params = init(cfg)
   assert params['dist'].shape == (1, 1, 32) and 'head_dist' in params
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 18, 32)
   logits = model.apply({'params': params}, images(2))
   np.testing.assert_allclose(logits, model.apply({'params': params}, images(2)))
-  avg = build_model(tiny('pyra', schedule='3,3,3', distilled=True, distilled_eval='avg'))
+  avg = build_model(tiny_model('pyra', schedule='3,3,3', distilled=True, distilled_eval='avg'))
   assert not np.allclose(avg.apply({'params': params}, images(2)), logits)
 
 
 @pytest.mark.parametrize('distilled', [False, True])
 def test_features_are_what_the_head_reads(distilled):
   # Merging on (PYRA, 3 + 2 + 2 tokens), random LoRA and generators.
-  cfg = tiny('pyra', schedule='3,2,2', distilled=distilled)
+  cfg = tiny_model('pyra', schedule='3,2,2', distilled=distilled)
   model, params = init(cfg)
   params = randomize(params, r'lora/up|pyra/w_d|pyra/norm')
   x = images(3)

@@ -20,13 +20,14 @@ import pytest
 
 from pyra_jax import checkpointing
 from pyra_jax import registry
-from pyra_jax.configs import tiny, vitb_high
+from pyra_jax.configs import vitb_high
 from pyra_jax.configs.common import get_base_config
 from pyra_jax.models import lora, peft, pyra, vit
 from pyra_jax.training import export as export_lib
 from pyra_jax.training import setup
-from tests.test_train_cli import reset_flags, run_main
-from tests.offline_data import require_offline_mnist
+from tests.helpers.cli import reset_flags, run_main
+from tests.helpers.data import require_offline_mnist
+from tests.helpers.models import tiny_config
 
 # Module fields that are not config fields, so a default there is no second copy.
 # Wiring between modules (set by the block for the method at hand), not config.
@@ -81,7 +82,7 @@ def test_modules_carry_no_copy_of_a_config_default():
 
 def test_model_kwargs_takes_every_value_from_the_config():
   """Non-default values of the fields passed through all reach the module."""
-  model = tiny.get_config().model
+  model = tiny_config().model
   changed = dict(modulation_rank=3, wr_init='normal', pyra_ln_eps=1e-3, prop_attn=False,
                  qkv_bias=False, layerscale=True, ln_eps=1e-4, distilled_eval='avg',
                  drop_path=0.25, head_init_std=0.5, lora_rank=2, lora_dropout=0.3,
@@ -147,9 +148,8 @@ def test_an_older_diffrate_search_reads_back_with_the_lr_it_ran_at():
 
 def test_an_export_of_an_older_run_rebuilds_its_model(tmp_path):
   """Saved with -1 for the variant's values and without a newer field."""
-  config = tiny.get_config()
-  config.model.update(variant='Ti/8', mlp_dim=768, patch_size=8, num_classes=10,
-                      lora_rank=0)
+  config = tiny_config(model=dict(variant='Ti/8', mlp_dim=768, patch_size=8, num_classes=10,
+                                  lora_rank=0))
   model = vit.build_model(config.model)
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
   shapes = jax.eval_shape(lambda i: model.init(jax.random.PRNGKey(0), i), x)['params']

@@ -31,29 +31,18 @@ import numpy as np
 from flax import traverse_util
 
 from pyra_jax import metrics
-from pyra_jax.configs import tiny
 from pyra_jax.training import loop
 from pyra_jax.training import setup
-from tests.offline_data import require_offline_mnist
+from tests.helpers.cli import ROOT
+from tests.helpers.data import require_offline_mnist
+from tests.helpers.models import TINY_RUN, tiny_run_config
 
 require_offline_mnist(module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 50   # 2 epochs of 1,000 digits at batch 40; checkpoints at 25 and 50.
 DIE_AFTER = 37  # Batches the first launch trains before both processes die.
-OVERRIDES = {'data.eval_split': 'val200', 'eval_batch_size': 64,
-             'log_every_steps': 1}
-
-
-def cfg():
-  c = tiny.get_config()
-  for k, v in OVERRIDES.items():
-    node, *path = k.split('.')
-    if path:
-      c[node][path[0]] = v
-    else:
-      c[k] = v
-  return c
+OVERRIDES = TINY_RUN
+cfg = tiny_run_config
 
 
 def free_port() -> int:

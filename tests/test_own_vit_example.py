@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from pyra_jax import merge as merge_lib
-from tests import reference_merge as ref
+from tests.helpers import reference_merge as ref
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / 'colabs' / 'own_vit.ipynb'
 # 16 px in patches of 4: 16 patches + the class token = 17 tokens.

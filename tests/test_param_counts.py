@@ -1,16 +1,14 @@
 """Parameter counts (Tables 1 and 6-8) against hand-written formulas."""
 
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from pyra_jax.configs import tiny, vitb_high
+from pyra_jax.configs import vitb_high
 from pyra_jax import optim
 from pyra_jax import param_counts
+from tests.helpers.cli import cli
+from tests.helpers.models import tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # configs/tiny.py: width D = 32, 2 blocks, MLP 64, patch 8 on 32 px (16 patches),
 # LoRA rank h = 4, schedule (4, 2), MNIST's 10 classes.
@@ -18,8 +16,7 @@ D, L, MLP, H, SCHEDULE, CLASSES = 32, 2, 64, 4, (4, 2), 10
 
 
 def _tiny_counts(modulation, rank=1):
-  config = tiny.get_config()
-  config.model.modulation_rank = rank
+  config = tiny_config(model=dict(modulation_rank=rank))
   return param_counts.variant_counts(config.model, CLASSES, [modulation])[modulation]
 
 
@@ -73,7 +70,6 @@ def test_vitb_high_pyra_trains_035_percent_of_the_backbone():
      "model.modulation must be one of ('pyra', "),
 ])
 def test_bad_command_lines_fail_with_one_sentence(args, message):
-  proc = subprocess.run([sys.executable, '-m', 'pyra_jax.param_counts', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
-  assert proc.stderr.strip().splitlines()[-1].startswith(message)
+  code, _, err = cli(*args, module='pyra_jax.param_counts')
+  assert code != 0 and 'Traceback' not in err
+  assert err.strip().splitlines()[-1].startswith(message)

@@ -24,7 +24,6 @@ from flax import traverse_util
 from pyra_jax import checkpointing
 from pyra_jax import metrics
 from pyra_jax import optim
-from pyra_jax.configs import tiny
 from pyra_jax.training import distill as distill_lib
 from pyra_jax.training import evaluation
 from pyra_jax.training import export as export_lib
@@ -32,8 +31,9 @@ from pyra_jax.training import loop
 from pyra_jax.training import setup
 from pyra_jax.training import steps
 from pyra_jax.training import teacher as teacher_lib
-from tests.offline_data import require_offline_mnist
-from tests.test_train_cli import reset_flags, run_main
+from tests.helpers.cli import NoCapture, one_sentence, reset_flags, run_main
+from tests.helpers.data import require_offline_mnist
+from tests.helpers.models import tiny_run_config
 
 # The tiny setting, 1 epoch (25 steps of 40 digits), evaluated on val200.
 TINY = ['--config.data.eval_split=val200', '--config.eval_batch_size=64',
@@ -125,27 +125,16 @@ def test_hard_label_term_matches_the_authors_engine():
 # A real teacher: a tiny PEFT run, trained through the command line.
 # ---------------------------------------------------------------------------
 
-def tiny_config(**distill) -> ml_collections.ConfigDict:
+def student_config(**distill) -> ml_collections.ConfigDict:
   """The student: tiny, one block, PEFT, as the TINY command line sets it."""
-  c = tiny.get_config('method=peft')
-  c.model.depth = 1
-  c.data.eval_split, c.eval_batch_size, c.log_every_steps, c.num_epochs = 'val200', 64, 1, 1
-  for k, v in distill.items():
-    c.distill[k] = v
+  c = tiny_run_config('method=peft', num_epochs=1, model=dict(depth=1), distill=distill)
   if distill:
     c.distill.enabled = True
   return c
 
 
 def teacher_config() -> ml_collections.ConfigDict:
-  c = tiny.get_config('method=peft')
-  c.data.eval_split, c.eval_batch_size, c.log_every_steps, c.num_epochs = 'val200', 64, 1, 1
-  return c
-
-
-class _Capture:
-  def readouterr(self):
-    return '', ''
+  return tiny_run_config('method=peft', num_epochs=1)
 
 
 @pytest.fixture(scope='module')
@@ -153,7 +142,7 @@ def teacher_wd(tmp_path_factory):
   require_offline_mnist()
   wd = tmp_path_factory.mktemp('pedist') / 'teacher'
   mp = pytest.MonkeyPatch()
-  code, _, err = run_main(_Capture(), mp, '--config=configs/tiny.py:method=peft',
+  code, _, err = run_main(NoCapture(), mp, '--config=configs/tiny.py:method=peft',
                           *TINY, f'--workdir={wd}')
   mp.undo()
   reset_flags()
@@ -187,7 +176,7 @@ def eval_batches(config):
 
 
 def student_with_teacher(**distill):
-  config = tiny_config(**distill)
+  config = student_config(**distill)
   run = setup.setup(config, 10)
   run.teacher = teacher_lib.load_teacher(config, run.model_config, run.replicate)
   return config, run
@@ -325,7 +314,7 @@ class Killed(Exception):
 
 def test_a_killed_distillation_run_resumes_to_the_same_weights(
     teacher_wd, teacher_export, tmp_path, monkeypatch):
-  config = tiny_config(teacher_workdir=str(teacher_wd))
+  config = student_config(teacher_workdir=str(teacher_wd))
   config.checkpoint_every_steps = 10
   ref = loop.train_and_evaluate(config, str(tmp_path / 'ref'))
   assert ref['teacher']['fingerprint'] and ref['teacher']['step'] == STEPS
@@ -344,7 +333,7 @@ def test_a_killed_distillation_run_resumes_to_the_same_weights(
   monkeypatch.undo()
   assert checkpointing.Checkpointer(str(wd / 'checkpoints')).latest_step() == 10
   # Another teacher (the export's folded weights differ from the workdir's) is refused.
-  other = tiny_config(teacher_export=teacher_export)
+  other = student_config(teacher_export=teacher_export)
   other.checkpoint_every_steps = 10
   with pytest.raises(checkpointing.CheckpointMismatchError, match='other weights'):
     loop.train_and_evaluate(other, str(wd))
@@ -361,11 +350,6 @@ def test_a_killed_distillation_run_resumes_to_the_same_weights(
 # ---------------------------------------------------------------------------
 # Bad input, the way a user meets it: one sentence from the command line.
 # ---------------------------------------------------------------------------
-
-def one_sentence(code, err):
-  lines = [l for l in err.strip().splitlines() if l.startswith('Error: ')]
-  return code == 1 and len(lines) == 1 and 'Traceback' not in err
-
 
 @pytest.mark.parametrize('make_args,message', [
     (lambda t, tmp: ['--config=configs/tiny.py:method=peft,teacher=' + str(tmp / 'nope')],

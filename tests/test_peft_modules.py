@@ -26,11 +26,13 @@ from pyra_jax.configs.common import get_base_config
 from pyra_jax.models import build_model
 from pyra_jax.models.convpass import conv_tokens
 from pyra_jax.models.vit import deployed_config
-from tests import reference_merge as ref
-from tests import reference_peft as ref_peft
-from tests import reference_vit as ref_vit
-from tests.test_model import images, init, randomize, tiny, to_np
-from tests.test_train_cli import cli, reset_flags, run_main
+from tests.helpers import reference_merge as ref
+from tests.helpers import reference_peft as ref_peft
+from tests.helpers import reference_vit as ref_vit
+from tests.helpers.checkpoints import checkpoint_model
+from tests.helpers.cli import cli, reset_flags, run_main
+from tests.helpers.models import (images, init, init_params, randomize, tiny_config,
+                                  tiny_model, to_np)
 
 MODULES = ('adapter', 'convpass')
 # Every parameter of the modules gets random values (their zero-initialised
@@ -41,7 +43,7 @@ MODULE_PARAMS = r'/(adapter|convpass)/'
 @pytest.mark.parametrize('method', ['peft', 'pyra'])  # no merging; merging + PYRA
 @pytest.mark.parametrize('peft', MODULES)
 def test_forward_equals_numpy_reference(peft, method):
-  cfg = tiny(method, peft=peft, peft_dim=3, convpass_scale=0.7)
+  cfg = tiny_model(method, peft=peft, peft_dim=3, convpass_scale=0.7)
   model, params = init(cfg)
   assert 'lora' not in str(jax.tree_util.tree_structure(params))  # LoRA is off
   params = randomize(params, MODULE_PARAMS + r'|pyra/w_d|pyra/norm')
@@ -90,7 +92,7 @@ def test_authors_adapter_init_is_their_model_as_built():
   flax's truncated_normal, has none there), biases exactly 0."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
   d, k = 128, 64
-  _, params = init(tiny('peft', peft='adapter', peft_dim=k, adapter_init='trunc_normal',
+  _, params = init(tiny_model('peft', peft='adapter', peft_dim=k, adapter_init='trunc_normal',
                         width=d, mlp_dim=2 * d))
   ours, biases = [], []
   for i in range(3):
@@ -115,7 +117,7 @@ def test_lora_trunc_normal_is_the_authors_as_built():
   LoRA linears (LoRA_a, LoRA_b) timm's trunc_normal_(std=.02), as the Adapter's."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
   d, h = 128, 32
-  _, params = init(tiny('peft', lora_rank=h, lora_init='trunc_normal', width=d,
+  _, params = init(tiny_model('peft', lora_rank=h, lora_init='trunc_normal', width=d,
                         mlp_dim=2 * d))
   ours = np.concatenate([np.asarray(params['Transformer'][f'encoderblock_{i}'][
       'MultiHeadDotProductAttention_0']['lora'][n]).ravel()
@@ -140,7 +142,7 @@ def test_the_settings_use_the_authors_adapter_init():
 def test_initialisation_follows_the_authors():
   # adapter_init='xavier': the authors' Adapter class on its own (their model
   # then overwrites it, see the test above).
-  _, params = init(tiny('pyra', peft='adapter', peft_dim=3, adapter_init='xavier'))
+  _, params = init(tiny_model('pyra', peft='adapter', peft_dim=3, adapter_init='xavier'))
   a = params['Transformer']['encoderblock_0']['adapter']
   d, k = 32, 3
   bound = np.sqrt(6.0 / (d + k))  # Xavier-uniform
@@ -149,7 +151,7 @@ def test_initialisation_follows_the_authors():
     assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.5 * bound
     assert 0 < np.abs(np.asarray(a[name]['bias'])).max() < 1e-5  # N(0, 1e-6)
 
-  _, params = init(tiny('pyra', peft='convpass', peft_dim=3))
+  _, params = init(tiny_model('pyra', peft='convpass', peft_dim=3))
   for branch in ('attn', 'mlp'):
     c = params['Transformer']['encoderblock_1']['convpass'][branch]
     np.testing.assert_array_equal(c['up']['kernel'], 0)
@@ -159,15 +161,15 @@ def test_initialisation_follows_the_authors():
     want = np.zeros((3, 3, k, k))
     want[1, 1] = np.eye(k)
     np.testing.assert_array_equal(c['conv']['kernel'], want)
-  _, params = init(tiny('pyra', peft='convpass', peft_dim=3, convpass_init='xavier'))
+  _, params = init(tiny_model('pyra', peft='convpass', peft_dim=3, convpass_init='xavier'))
   conv = np.asarray(params['Transformer']['encoderblock_0']['convpass']['mlp']['conv']['kernel'])
   assert np.abs(conv).max() <= np.sqrt(6.0 / (18 * k)) and np.abs(conv[0, 0]).max() > 0
 
 
 def test_convpass_starts_as_the_frozen_backbone():
   """Its `up` is zero: at initialisation the logits are those without Convpass."""
-  model, params = init(tiny('pyra', peft='convpass', peft_dim=3))
-  bare = build_model(tiny('pyra', lora_rank=0))
+  model, params = init(tiny_model('pyra', peft='convpass', peft_dim=3))
+  bare = build_model(tiny_model('pyra', lora_rank=0))
   stripped = {k: v for k, v in params.items()}
   stripped['Transformer'] = {n: ({k: v for k, v in b.items() if k != 'convpass'}
                                  if isinstance(b, dict) else b)
@@ -179,7 +181,7 @@ def test_convpass_starts_as_the_frozen_backbone():
 
 @pytest.mark.parametrize('peft', MODULES)
 def test_gradients_reach_exactly_the_trainable_parameters(peft):
-  cfg = tiny('pyra', peft=peft, peft_dim=3)
+  cfg = tiny_model('pyra', peft=peft, peft_dim=3)
   model, params = init(cfg)
   params = randomize(params, MODULE_PARAMS + r'|pyra/w_d')
   trainable = get_base_config().trainable
@@ -202,7 +204,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(peft):
 
 @pytest.mark.parametrize('peft', MODULES)
 def test_deployed_model_keeps_the_module(peft):
-  cfg = tiny('pyra', peft=peft, peft_dim=3)
+  cfg = tiny_model('pyra', peft=peft, peft_dim=3)
   model, params = init(cfg)
   params = randomize(params, MODULE_PARAMS)
   dep = deployed_config(cfg)
@@ -254,12 +256,10 @@ def _adapter_state(rng, depth=2, width=32, k=3):
 
 
 def _checkpoint_config(**kw):
-  from tests.test_checkpoints_formats import tiny_config  # pylint: disable=g-import-not-at-top
-  return tiny_config(**{'peft': 'adapter', 'peft_dim': 3, 'num_classes': 5, **kw})
+  return checkpoint_model(**{'peft': 'adapter', 'peft_dim': 3, 'num_classes': 5, **kw})
 
 
 def _load(path, cfg):
-  from tests.test_checkpoints_formats import init_params  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', CheckpointWarning)
     return load_pretrained(str(path), 'auto', init_params(cfg), cfg)
@@ -393,8 +393,7 @@ def test_export_round_trip_keeps_the_module(tmp_path, capsys, monkeypatch, peft)
   """Train briefly (tiny, merging), export, restore: same logits, module kept."""
   from pyra_jax.training import export as export_lib  # pylint: disable=g-import-not-at-top
   from pyra_jax.training import setup  # pylint: disable=g-import-not-at-top
-  from pyra_jax.configs import tiny as tiny_cfg  # pylint: disable=g-import-not-at-top
-  from tests.offline_data import require_offline_mnist  # pylint: disable=g-import-not-at-top
+  from tests.helpers.data import require_offline_mnist  # pylint: disable=g-import-not-at-top
   require_offline_mnist()
   args = [f'--config=configs/tiny.py:peft={peft}', f'--workdir={tmp_path}',
           '--config.num_epochs=1', '--config.warmup_epochs=0',
@@ -412,9 +411,7 @@ def test_export_round_trip_keeps_the_module(tmp_path, capsys, monkeypatch, peft)
   names = '/'.join(str(jax.tree_util.tree_structure(exported)).split())
   assert f"'{peft}'" in names and "'lora'" not in names
 
-  config = tiny_cfg.get_config(f'peft={peft}')
-  config.num_epochs, config.warmup_epochs = 1, 0
-  config.model.peft_dim = 3
+  config = tiny_config(f'peft={peft}', num_epochs=1, warmup_epochs=0, model=dict(peft_dim=3))
   run, trainable, _ = setup.restore_run(config, str(tmp_path))
   trained = optim.merge_params(jax.device_get(trainable), jax.device_get(run.frozen))
   x = images(3)
@@ -430,14 +427,13 @@ def test_export_round_trip_keeps_the_module(tmp_path, capsys, monkeypatch, peft)
 def test_runs_stored_before_the_modules_keep_their_trainable_group():
   """The old default regex reads as today's: it selects the same LoRA-model leaves."""
   from pyra_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from pyra_jax.configs import tiny as tiny_cfg  # pylint: disable=g-import-not-at-top
   old = r'(.*/lora/.*|^head.*)'
   new = get_base_config().trainable.lora_head
   out = checkpointing.stored_config({'trainable': {'pyra': r'.*/pyra/.*', 'lora_head': old}})
   assert out['trainable']['lora_head'] == new
   mine = checkpointing.stored_config({'trainable': {'lora_head': r'^head.*'}})
   assert mine['trainable']['lora_head'] == r'^head.*'  # a user's own regex stays
-  config = tiny_cfg.get_config()
+  config = tiny_config()
   paths = common_flatten(param_counts.abstract_params(config.model, 10))
   assert {p for p in paths if re.fullmatch(old, p)} == {p for p in paths if re.fullmatch(new, p)}
 

@@ -1,33 +1,27 @@
 """`plots tsne`: two tiny runs' class-token features, embedded and drawn side by side."""
 
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from pyra_jax import optim
-from pyra_jax.configs import tiny
 from pyra_jax.experiments import plots
 from pyra_jax.training import loop
 from pyra_jax.training import setup
-from tests.offline_data import require_offline_mnist
+from tests.helpers.cli import cli
+from tests.helpers.data import require_offline_mnist
+from tests.helpers.models import tiny_config
 
 require_offline_mnist(module_level=True)
 pytest.importorskip('sklearn')
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def cfg(method):
-  c = tiny.get_config(f'method={method}')
-  c.data.eval_split = 'val200'
-  c.eval_batch_size = 64  # 200 = 3 * 64 + 8: the last batch is padded.
-  c.num_epochs, c.warmup_epochs = 1, 0
-  return c
+  return tiny_config(f'method={method}', data=dict(eval_split='val200'),
+                     eval_batch_size=64,  # 200 = 3 * 64 + 8: the last batch is padded.
+                     num_epochs=1, warmup_epochs=0)
 
 
 @pytest.fixture(scope='module')
@@ -116,35 +110,33 @@ def test_embedding_has_one_point_per_image_and_a_usable_perplexity():
   assert ((np.argmin(d, 1) < 6) == (np.arange(12) < 6)).all()
 
 
-def cli(*args):
-  proc = subprocess.run([sys.executable, '-m', 'pyra_jax.experiments.plots', 'tsne',
-                         *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-  return proc.returncode, proc.stdout, proc.stderr
+def tsne_cli(*args):
+  return cli('tsne', *args, module='pyra_jax.experiments.plots')
 
 
 def test_a_workdir_without_a_checkpoint_ends_in_one_sentence(runs, tmp_path):
   bare = tmp_path / 'no_checkpoint'
   bare.mkdir()
   shutil.copy(runs['tome'][0] / 'results.json', bare / 'results.json')
-  code, _, err = cli(f'--workdir_a={bare}', f'--workdir_b={runs["pyra"][0]}',
+  code, _, err = tsne_cli(f'--workdir_a={bare}', f'--workdir_b={runs["pyra"][0]}',
                      f'--out={tmp_path / "x.png"}')
   assert code != 0 and 'Traceback' not in err
   assert err.strip().count('\n') == 0
   assert f'No checkpoints in {bare}' in err and '--mode=train' in err
-  code, _, err = cli(f'--workdir_a={tmp_path / "nothing"}',
+  code, _, err = tsne_cli(f'--workdir_a={tmp_path / "nothing"}',
                      f'--workdir_b={runs["pyra"][0]}', f'--out={tmp_path / "x.png"}')
   assert code != 0 and 'Traceback' not in err
   assert err.strip().count('\n') == 0
   assert 'results.json is missing' in err and 'finished training run' in err
   assert not (tmp_path / 'x.png').exists()
-  code, _, err = cli(f'--workdir_a={bare}', f'--workdir_b={bare}',
+  code, _, err = tsne_cli(f'--workdir_a={bare}', f'--workdir_b={bare}',
                      f'--out={tmp_path / "no_folder" / "x.png"}')
   assert code != 0 and err.strip().count('\n') == 0
   assert 'no_folder does not exist; create it' in err
 
 
 def test_too_few_images_ends_in_one_sentence(runs, tmp_path):
-  code, _, err = cli(f'--workdir_a={runs["tome"][0]}', f'--workdir_b={runs["pyra"][0]}',
+  code, _, err = tsne_cli(f'--workdir_a={runs["tome"][0]}', f'--workdir_b={runs["pyra"][0]}',
                      f'--out={tmp_path / "x.png"}', '--max_images=3')
   assert code != 0 and 'Traceback' not in err and err.strip().count('\n') == 0
   assert '--max_images=3: give 0 (all) or at least 5 images' in err

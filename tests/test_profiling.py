@@ -11,7 +11,7 @@ import pytest
 
 from pyra_jax import benchmark
 from pyra_jax import profiling
-from pyra_jax.configs import tiny
+from tests.helpers.models import tiny_config
 
 STEP = 'jit(train_step)'
 BLOCK = 'Transformer/encoderblock_0'
@@ -103,9 +103,7 @@ def test_a_fusion_holding_a_matmul_counts_as_that_matmul():
 
 
 def _profile(method, **model_overrides):
-  config = tiny.get_config()
-  for k, v in model_overrides.items():
-    config.model[k] = v
+  config = tiny_config(model=model_overrides)
   run = benchmark.train_run(config, method, image_size=32, num_classes=10, dtype='float32')
   calls = benchmark.TrainStepCalls(run, benchmark.synthetic_batch(run, 8))
   calls.call_step()

@@ -16,7 +16,7 @@ import pytest
 
 from pyra_jax.configs.common import get_base_config
 from pyra_jax.models.pyra import MODULATIONS, PyraGenerator
-from tests import reference_merge as ref
+from tests.helpers import reference_merge as ref
 
 R, D = 5, 8
 

@@ -7,9 +7,6 @@ Expected values come from the authors' code's behaviour written out by hand
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +22,8 @@ from pyra_jax.configs import common, tiny as tiny_setting
 from pyra_jax.models import build_model
 from pyra_jax.training import loop
 from pyra_jax.training import steps
-from tests.test_train_cli import reset_flags, run_main
+from tests.helpers.cli import cli, reset_flags, run_main
 
-ROOT = Path(__file__).resolve().parents[1]
 IMAGE = 32
 
 
@@ -189,19 +185,13 @@ def test_recipe_fields_and_refusals():
     recipe.apply(c)
 
 
-def _cli(*args):
-  proc = subprocess.run([sys.executable, '-m', 'pyra_jax.main', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120)
-  return proc.returncode, proc.stdout, proc.stderr
-
-
 @pytest.mark.parametrize('args', [
     ['--config=configs/tiny.py:recipe=authors_code', '--config.lr_schedule=per_step'],
     ['--config=configs/tiny.py', '--config.recipe=authors_code',
      '--config.model.lora_init=zeros'],
 ])
 def test_an_override_against_the_recipe_is_refused(args):
-  rc, _, err = _cli(*args, '--workdir=/tmp/unused')
+  rc, _, err = cli(*args, '--workdir=/tmp/unused')
   assert rc == 2 and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
   assert err.startswith('Error: --config.') and 'contradicts recipe=authors_code' in err
 

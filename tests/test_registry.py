@@ -6,7 +6,6 @@ method's module must be what its entry says.
 """
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -15,8 +14,7 @@ from pyra_jax.configs import common
 from pyra_jax.configs import paper
 from pyra_jax.methods import base
 from pyra_jax.models import vit
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.cli import ROOT
 
 
 def test_every_method_entry_is_a_reducer_of_that_name():

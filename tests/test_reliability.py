@@ -18,72 +18,17 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from pyra_jax import checkpointing
 from pyra_jax import metrics
-from pyra_jax.configs import tiny
-from pyra_jax.training import setup
-from tests.test_train_cli import ROOT, reset_flags, run_main
-from tests.offline_data import require_offline_mnist
+from tests.helpers.cli import ROOT, TINY, copy_of, one_sentence, reset_flags, run_main
+from tests.helpers.cli import run_tiny as main
+from tests.helpers.data import require_offline_mnist
+from tests.helpers.runs import checkpoint_steps, trained_params
 
 require_offline_mnist(module_level=True)
-
-# The tiny run of test_train_loop/test_train_cli (compiled once per process):
-# 50 steps, checkpoints at 25 and 50.
-TINY = ['--config=configs/tiny.py', '--config.data.eval_split=val200',
-        '--config.log_every_steps=1', '--config.eval_batch_size=64']
-
-
-def main(capsys, monkeypatch, workdir, *args):
-  return run_main(capsys, monkeypatch, *TINY, f'--workdir={workdir}', *args)
-
-
-def one_sentence(code, err):
-  """A user error: exit code 1, one 'Error: ...' line, no traceback."""
-  lines = [l for l in err.strip().splitlines() if l.startswith('Error: ')]
-  return code == 1 and len(lines) == 1 and 'Traceback' not in err
-
-
-def steps(workdir):
-  return sorted(int(p.name) for p in (Path(workdir) / 'checkpoints').iterdir()
-                if p.name.isdigit())
-
-
-def params_of(workdir, step=None):
-  """The trainable params restored from a workdir of the TINY command line."""
-  c = tiny.get_config()
-  c.data.eval_split, c.eval_batch_size, c.log_every_steps = 'val200', 64, 1
-  _, trainable, s = setup.restore_run(c, str(workdir), step)
-  return s, traverse_util.flatten_dict(jax.device_get(trainable), sep='/')
-
-
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """One finished tiny run (through main), copied by the tests that damage it."""
-  wd = tmp_path_factory.mktemp('rel') / 'reference'
-  mp = pytest.MonkeyPatch()
-  capture = _Capture()
-  code, _, err = main(capture, mp, wd)
-  mp.undo()
-  assert code == 0, err
-  return wd
-
-
-class _Capture:
-  """capsys for a module-scoped fixture (pytest's is function-scoped)."""
-
-  def readouterr(self):
-    return '', ''
-
-
-def copy_of(reference, tmp_path, name='wd'):
-  dst = tmp_path / name
-  shutil.copytree(reference, dst)
-  return dst
 
 
 # ---------------------------------------------------------------------------
@@ -91,8 +36,8 @@ def copy_of(reference, tmp_path, name='wd'):
 # ---------------------------------------------------------------------------
 
 def test_export_into_the_workdir_or_a_foreign_folder_is_refused(
-    reference, tmp_path, capsys, monkeypatch):
-  wd = copy_of(reference, tmp_path)
+    tiny_workdir, tmp_path, capsys, monkeypatch):
+  wd = copy_of(tiny_workdir, tmp_path)
   before = sorted(str(p.relative_to(wd)) for p in wd.rglob('*'))
   for target in (wd, tmp_path, wd / 'checkpoints', wd / 'checkpoints' / '99'):
     code, out, err = main(capsys, monkeypatch, wd, '--mode=export',
@@ -106,12 +51,12 @@ def test_export_into_the_workdir_or_a_foreign_folder_is_refused(
   assert one_sentence(code, err) and 'not empty (notes.txt)' in err
   assert (mine / 'notes.txt').read_text() == 'my notes'
   assert sorted(str(p.relative_to(wd)) for p in wd.rglob('*')) == before
-  assert steps(wd) == [25, 50]
+  assert checkpoint_steps(wd) == [25, 50]
 
 
 def test_export_replaces_an_earlier_export_and_fills_an_empty_folder(
-    reference, tmp_path, capsys, monkeypatch):
-  wd = copy_of(reference, tmp_path)
+    tiny_workdir, tmp_path, capsys, monkeypatch):
+  wd = copy_of(tiny_workdir, tmp_path)
   target = tmp_path / 'deploy'
   target.mkdir()  # Empty: fine.
   code, out, err = main(capsys, monkeypatch, wd, '--mode=export',
@@ -134,15 +79,15 @@ def test_export_replaces_an_earlier_export_and_fills_an_empty_folder(
 # ---------------------------------------------------------------------------
 
 def test_keep_checkpoints_zero_is_refused_and_one_keeps_the_latest(
-    reference, tmp_path, capsys, monkeypatch):
-  wd = copy_of(reference, tmp_path)
+    tiny_workdir, tmp_path, capsys, monkeypatch):
+  wd = copy_of(tiny_workdir, tmp_path)
   code, out, err = main(capsys, monkeypatch, wd, '--config.keep_checkpoints=0')
   assert one_sentence(code, err) and 'config.keep_checkpoints = 0' in err
-  assert steps(wd) == [25, 50]
+  assert checkpoint_steps(wd) == [25, 50]
   fresh = tmp_path / 'keep1'
   code, out, err = main(capsys, monkeypatch, fresh, '--config.keep_checkpoints=1')
   assert code == 0, err
-  assert steps(fresh) == [50]
+  assert checkpoint_steps(fresh) == [50]
   code, out, err = main(capsys, monkeypatch, fresh, '--mode=eval')
   assert code == 0 and 'checkpoint step 50' in out
 
@@ -197,14 +142,14 @@ def _damage(step_dir: Path, how: str) -> None:
 
 @pytest.mark.parametrize('how', ['truncated_arrays', 'empty_meta'])
 def test_a_damaged_latest_checkpoint_falls_back_with_a_warning(
-    reference, tmp_path, capsys, monkeypatch, how):
-  wd = copy_of(reference, tmp_path)
+    tiny_workdir, tmp_path, capsys, monkeypatch, how):
+  wd = copy_of(tiny_workdir, tmp_path)
   _damage(wd / 'checkpoints' / '50', how)
   code, out, err = main(capsys, monkeypatch, wd, '--mode=eval')
   assert code == 0, err
   assert 'checkpoint step 50' in out and 'using step 25' in out
   assert 'checkpoint step 25: val200 accuracy' in out
-  results = json.loads((reference / 'results.json').read_text())
+  results = json.loads((tiny_workdir / 'results.json').read_text())
   assert f'{100 * results["evals"][0]["accuracy"]:.2f}%' in out
   code, out, err = main(capsys, monkeypatch, wd, '--mode=eval', '--checkpoint_step=50')
   assert one_sentence(code, err) and 'step 50' in err and 'damaged' in err
@@ -213,16 +158,16 @@ def test_a_damaged_latest_checkpoint_falls_back_with_a_warning(
   code, out, err = main(capsys, monkeypatch, wd)
   assert code == 0, err
   assert (wd / 'checkpoints_unreadable' / '50').is_dir()
-  assert steps(wd) == [25, 50]
-  s, resumed = params_of(wd)
-  _, uninterrupted = params_of(reference)
+  assert checkpoint_steps(wd) == [25, 50]
+  s, resumed = trained_params(wd)
+  _, uninterrupted = trained_params(tiny_workdir)
   assert s == 50
   for k in uninterrupted:
     np.testing.assert_array_equal(resumed[k], uninterrupted[k], err_msg=k)
 
 
-def test_no_readable_checkpoint_is_one_sentence(reference, tmp_path, capsys, monkeypatch):
-  wd = copy_of(reference, tmp_path)
+def test_no_readable_checkpoint_is_one_sentence(tiny_workdir, tmp_path, capsys, monkeypatch):
+  wd = copy_of(tiny_workdir, tmp_path)
   for s in (25, 50):
     _damage(wd / 'checkpoints' / str(s), 'empty_meta')
   code, out, err = main(capsys, monkeypatch, wd, '--mode=eval')
@@ -263,8 +208,8 @@ def test_a_workdir_that_is_a_file_is_one_sentence(tmp_path, capsys, monkeypatch)
   assert f.read_text() == 'mine'
 
 
-def test_a_seed_mismatch_is_blamed_on_the_seed(reference, capsys, monkeypatch):
-  code, out, err = main(capsys, monkeypatch, reference, '--mode=eval', '--config.seed=1')
+def test_a_seed_mismatch_is_blamed_on_the_seed(tiny_workdir, capsys, monkeypatch):
+  code, out, err = main(capsys, monkeypatch, tiny_workdir, '--mode=eval', '--config.seed=1')
   assert one_sentence(code, err)
   assert 'config.seed: 0 -> 1' in err and 'model_init' in err
   assert 'file at config.model_init' not in err
@@ -284,7 +229,7 @@ def test_divergence_keeps_a_finite_checkpoint_and_the_suggested_fix_resumes(
   # The checkpoint whose parameters gave the NaN is set aside, not deleted;
   # the one left as latest gave a finite loss at the next step.
   assert (wd / 'checkpoints_diverged' / str(bad - 1)).is_dir()
-  assert steps(wd)[-1] == bad - 2
+  assert checkpoint_steps(wd)[-1] == bad - 2
   logged = {r['step']: r['loss'] for r in metrics.read_metrics(str(wd)) if 'loss' in r}
   assert np.isfinite(logged[bad - 1])
   assert f'finite loss is step {bad - 2}' in err
@@ -312,9 +257,9 @@ def test_divergence_keeps_a_finite_checkpoint_and_the_suggested_fix_resumes(
 # 8. A torn last metrics line (a kill mid-write) does not stop the resume.
 # ---------------------------------------------------------------------------
 
-def test_a_torn_metrics_line_does_not_stop_the_resume(reference, tmp_path, capsys,
+def test_a_torn_metrics_line_does_not_stop_the_resume(tiny_workdir, tmp_path, capsys,
                                                       monkeypatch):
-  wd = copy_of(reference, tmp_path)
+  wd = copy_of(tiny_workdir, tmp_path)
   shutil.rmtree(wd / 'checkpoints' / '50')  # Killed between step 25 and 50.
   with open(wd / 'metrics.jsonl', 'a') as f:
     f.write('{"step": 51, "lo')
@@ -322,7 +267,7 @@ def test_a_torn_metrics_line_does_not_stop_the_resume(reference, tmp_path, capsy
   assert code == 0, err
   lines = (wd / 'metrics.jsonl').read_text().splitlines()
   assert all(json.loads(l) for l in lines)
-  ref = (reference / 'metrics.jsonl').read_text().splitlines()
+  ref = (tiny_workdir / 'metrics.jsonl').read_text().splitlines()
   assert [json.loads(l).get('loss') for l in lines] == [json.loads(l).get('loss') for l in ref]
   reset_flags()
 

@@ -23,30 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from pyra_jax import convert as convert_lib
-from pyra_jax.configs import tiny
 from pyra_jax.training import export as export_lib
-from tests import reference_vit
-from tests.offline_data import require_offline_mnist
-from tests.test_train_cli import ROOT, reset_flags, run_main
+from tests.helpers import reference_vit
+from tests.helpers.cli import ROOT, TINY, NoCapture, one_sentence, reset_flags, run_main
+from tests.helpers.cli import run_tiny as main
+from tests.helpers.data import grey_id_images, require_offline_mnist, write_split
+from tests.helpers.models import tiny_run_config
 
 require_offline_mnist(module_level=True)
-
-# test_reliability.py's tiny run: 50 steps, checkpoints at 25 and 50.
-TINY = ['--config=configs/tiny.py', '--config.data.eval_split=val200',
-        '--config.log_every_steps=1', '--config.eval_batch_size=64']
-
-
-def main(capsys, monkeypatch, workdir, *args):
-  return run_main(capsys, monkeypatch, *TINY, f'--workdir={workdir}', *args)
-
-
-def one_sentence(code, err):
-  """A user error: exit code 1, one 'Error: ...' line, no traceback."""
-  lines = [l for l in err.strip().splitlines() if l.startswith('Error: ')]
-  return code == 1 and len(lines) == 1 and 'Traceback' not in err
 
 
 def export_step(path):
@@ -55,30 +41,12 @@ def export_step(path):
       'export_info']['step']
 
 
-class _Capture:
-  """capsys for the module-scoped fixtures (pytest's is function-scoped)."""
-
-  def readouterr(self):
-    return '', ''
-
-
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """One finished tiny run (through main); the export tests only read it."""
-  wd = tmp_path_factory.mktemp('files') / 'reference'
-  mp = pytest.MonkeyPatch()
-  code, _, err = main(_Capture(), mp, wd)
-  mp.undo()
-  assert code == 0, err
-  return wd
-
-
-@pytest.fixture(scope='module')
-def exported(reference, tmp_path_factory):
-  """An export of the reference run at step 50 (through main); copied when damaged."""
+def exported(tiny_workdir, tmp_path_factory):
+  """An export of the tiny run at step 50 (through main); copied when damaged."""
   out = tmp_path_factory.mktemp('files_export') / 'export'
   mp = pytest.MonkeyPatch()
-  code, _, err = main(_Capture(), mp, reference, '--mode=export', f'--export_dir={out}')
+  code, _, err = main(NoCapture(), mp, tiny_workdir, '--mode=export', f'--export_dir={out}')
   mp.undo()
   reset_flags()
   assert code == 0, err
@@ -93,13 +61,7 @@ def write_folder(root: Path, n_train: int = 40, n_test: int = 6) -> Path:
   """<root>/shapes: grey PNGs of 3 classes, train.txt and test.txt (UTF-8)."""
   task = root / 'shapes'
   for split, n in (('train', n_train), ('test', n_test)):
-    (task / 'images' / split).mkdir(parents=True)
-    lines = []
-    for i in range(n):
-      rel = f'images/{split}/{i:06d}.png'
-      Image.fromarray(np.full((8, 8, 3), 10 + 6 * i, np.uint8)).save(task / rel)
-      lines.append(f'{rel} {i % 3}')
-    (task / f'{split}.txt').write_text('\n'.join(lines) + '\n')
+    write_split(task, split, grey_id_images(n), [i % 3 for i in range(n)])
   return task
 
 
@@ -165,7 +127,7 @@ def test_split_lines_naming_a_directory_or_a_fifo_say_what_they_name(
 _DRIVER = r'''
 import contextlib, io, json, sys, traceback
 from pyra_jax import main as main_lib
-from tests.test_train_cli import reset_flags
+from tests.helpers.cli import reset_flags
 results = []
 for args in json.loads(sys.argv[1]):
   reset_flags()
@@ -325,36 +287,36 @@ def test_weights_holding_nan_are_refused_naming_the_tensor(tmp_path, capsys,
 # ---------------------------------------------------------------------------
 
 def test_export_targets_under_a_file_or_through_a_link_into_the_workdir_are_refused(
-    reference, tmp_path, capsys, monkeypatch):
+    tiny_workdir, tmp_path, capsys, monkeypatch):
   (tmp_path / 'notes.txt').write_text('mine')
-  code, out, err = main(capsys, monkeypatch, reference, '--mode=export',
+  code, out, err = main(capsys, monkeypatch, tiny_workdir, '--mode=export',
                         f'--export_dir={tmp_path / "notes.txt" / "export"}')
   assert one_sentence(code, err), err
   assert f'{tmp_path / "notes.txt"} is a file' in err
   assert (tmp_path / 'notes.txt').read_text() == 'mine'
   # The workdir reached through a link is the workdir: its checkpoint folder
   # is refused as a target, however it is spelt.
-  (tmp_path / 'link').symlink_to(reference)
+  (tmp_path / 'link').symlink_to(tiny_workdir)
   code, out, err = main(capsys, monkeypatch, tmp_path / 'link', '--mode=export',
-                        f'--export_dir={reference / "checkpoints" / "99"}')
+                        f'--export_dir={tiny_workdir / "checkpoints" / "99"}')
   assert one_sentence(code, err) and 'inside the checkpoint folder' in err, err
-  assert sorted(p.name for p in (reference / 'checkpoints').iterdir()) == ['25', '50']
+  assert sorted(p.name for p in (tiny_workdir / 'checkpoints').iterdir()) == ['25', '50']
 
 
 def test_a_training_checkpoint_given_as_an_export_says_how_to_evaluate_it(
-    reference, capsys, monkeypatch):
-  step = reference / 'checkpoints' / '25'
+    tiny_workdir, capsys, monkeypatch):
+  step = tiny_workdir / 'checkpoints' / '25'
   code, out, err = run_main(capsys, monkeypatch, *TINY, '--mode=eval',
                             f'--export_dir={step}')
   assert one_sentence(code, err), err
-  assert (f'{step} is a training checkpoint (step 25 of the workdir {reference}), '
-          f'not an export: evaluate it with --mode=eval --workdir={reference} '
+  assert (f'{step} is a training checkpoint (step 25 of the workdir {tiny_workdir}), '
+          f'not an export: evaluate it with --mode=eval --workdir={tiny_workdir} '
           '--checkpoint_step=25') in err
   code, out, err = run_main(capsys, monkeypatch, *TINY, '--mode=eval',
-                            f'--export_dir={reference}')
+                            f'--export_dir={tiny_workdir}')
   assert one_sentence(code, err), err
-  assert (f'{reference} is a training workdir, not an export: evaluate its latest '
-          f'checkpoint with --mode=eval --workdir={reference}') in err
+  assert (f'{tiny_workdir} is a training workdir, not an export: evaluate its latest '
+          f'checkpoint with --mode=eval --workdir={tiny_workdir}') in err
 
 
 def _damage_export(path: Path, how: str) -> None:
@@ -368,7 +330,7 @@ def _damage_export(path: Path, how: str) -> None:
 
 
 def test_a_damaged_export_is_named_and_exporting_again_replaces_it(
-    reference, exported, tmp_path, capsys, monkeypatch):
+    tiny_workdir, exported, tmp_path, capsys, monkeypatch):
   for how in ('truncated_array', 'empty_metadata'):
     damaged = tmp_path / how
     shutil.copytree(exported, damaged)
@@ -378,12 +340,12 @@ def test_a_damaged_export_is_named_and_exporting_again_replaces_it(
     assert one_sentence(code, err), (how, err)
     assert f'The export {damaged} is damaged' in err and 'Event loop' not in err
     assert f'--mode=export --export_dir={damaged}' in err
-  assert f'--workdir={reference} --checkpoint_step=50' in run_main(
+  assert f'--workdir={tiny_workdir} --checkpoint_step=50' in run_main(
       capsys, monkeypatch, *TINY, '--mode=eval',
       f'--export_dir={tmp_path / "truncated_array"}')[2]
   # What the sentence says to do works, even where the metadata is gone.
   target = tmp_path / 'empty_metadata'
-  code, out, err = main(capsys, monkeypatch, reference, '--mode=export',
+  code, out, err = main(capsys, monkeypatch, tiny_workdir, '--mode=export',
                         f'--export_dir={target}', '--checkpoint_step=25')
   assert code == 0, err
   assert export_step(target) == 25 and export_lib.is_export(str(target))
@@ -393,12 +355,12 @@ def test_a_damaged_export_is_named_and_exporting_again_replaces_it(
 
 
 def test_an_export_onto_a_link_to_an_earlier_export_replaces_it_where_it_lies(
-    reference, exported, tmp_path, capsys, monkeypatch):
+    tiny_workdir, exported, tmp_path, capsys, monkeypatch):
   earlier = tmp_path / 'exports' / 'run1'
   shutil.copytree(exported, earlier)
   link = tmp_path / 'deploy'
   link.symlink_to(earlier)
-  code, out, err = main(capsys, monkeypatch, reference, '--mode=export',
+  code, out, err = main(capsys, monkeypatch, tiny_workdir, '--mode=export',
                         f'--export_dir={link}', '--checkpoint_step=25')
   assert code == 0, err
   assert f'exported (LoRA folded): {earlier} (the folder the link {link}' in out
@@ -408,7 +370,7 @@ def test_an_export_onto_a_link_to_an_earlier_export_replaces_it_where_it_lies(
   assert sorted(p.name for p in (tmp_path / 'exports').iterdir()) == ['run1']
 
 
-def test_two_exports_into_one_folder_take_turns(reference, tmp_path, monkeypatch):
+def test_two_exports_into_one_folder_take_turns(tiny_workdir, tmp_path, monkeypatch):
   """Export A (in this process) is held just before it swaps its export in;
   export B (the command line, another process) starts meanwhile into the
   same folder. B must wait for A, not clear A's staging folder under it;
@@ -423,12 +385,11 @@ def test_two_exports_into_one_folder_take_turns(reference, tmp_path, monkeypatch
     return swap(*args)
 
   monkeypatch.setattr(export_lib, '_replace_dir', held_swap)
-  config = tiny.get_config()
-  config.data.eval_split, config.eval_batch_size, config.log_every_steps = 'val200', 64, 1
+  config = tiny_run_config()
 
   def export_a():
     try:
-      export_lib.export(config, str(reference), str(target), step=25)
+      export_lib.export(config, str(tiny_workdir), str(target), step=25)
     except BaseException as e:  # pylint: disable=broad-except
       failure.append(e)
       ready.set()
@@ -441,7 +402,7 @@ def test_two_exports_into_one_folder_take_turns(reference, tmp_path, monkeypatch
     log = tmp_path / 'b.log'
     with open(log, 'w') as f:
       b = subprocess.Popen(
-          [sys.executable, '-m', 'pyra_jax.main', *TINY, f'--workdir={reference}',
+          [sys.executable, '-m', 'pyra_jax.main', *TINY, f'--workdir={tiny_workdir}',
            '--mode=export', f'--export_dir={target}', '--checkpoint_step=50'],
           cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.time() + 300

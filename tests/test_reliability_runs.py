@@ -32,44 +32,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
-from pyra_jax.configs import tiny
 from pyra_jax.training import evaluation
 from pyra_jax.training import records
-from pyra_jax.training import setup
-from tests.offline_data import require_offline_mnist
-from tests.test_train_cli import ROOT, reset_flags, run_main
+from tests.helpers.cli import ROOT, TINY, cli, copy_of, one_sentence, reset_flags, run_main
+from tests.helpers.cli import run_tiny as main
+from tests.helpers.data import require_offline_mnist
+from tests.helpers.runs import checkpoint_steps, trained_params
 
 require_offline_mnist(module_level=True)
 
-# As tests/test_reliability.py (compiled once per process): 50 steps,
-# checkpoints at 25 and 50.
-TINY = ['--config=configs/tiny.py', '--config.data.eval_split=val200',
-        '--config.log_every_steps=1', '--config.eval_batch_size=64']
 TWO_STAGE = ['--mode=eval', '--two_stage']
-
-
-def main(capsys, monkeypatch, workdir, *args):
-  return run_main(capsys, monkeypatch, *TINY, f'--workdir={workdir}', *args)
-
-
-def one_sentence(code, err, status=1):
-  """A user error: its exit status, one 'Error: ...' line, no traceback."""
-  lines = [l for l in err.strip().splitlines() if l.startswith('Error: ')]
-  return code == status and len(lines) == 1 and 'Traceback' not in err
-
-
-def steps(workdir):
-  return sorted(int(p.name) for p in (Path(workdir) / 'checkpoints').iterdir()
-                if p.name.isdigit())
-
-
-def params_of(workdir, step=None):
-  c = tiny.get_config()
-  c.data.eval_split, c.eval_batch_size, c.log_every_steps = 'val200', 64, 1
-  _, trainable, s = setup.restore_run(c, str(workdir), step)
-  return s, traverse_util.flatten_dict(jax.device_get(trainable), sep='/')
 
 
 def assert_same_params(a, b):
@@ -86,55 +59,14 @@ def snapshot(workdir):
           and not p.name.startswith('.')}
 
 
-class _NoCapture:
-  def readouterr(self):
-    return '', ''
-
-
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """One finished tiny run (through main), copied by every test that changes it."""
-  wd = tmp_path_factory.mktemp('runs') / 'reference'
-  mp = pytest.MonkeyPatch()
-  code, _, err = main(_NoCapture(), mp, wd)
-  mp.undo()
-  assert code == 0, err
-  return wd
-
-
-def copy_of(reference, tmp_path, name='wd'):
-  dst = tmp_path / name
-  shutil.copytree(reference, dst)
-  return dst
-
-
-def cli(*args, timeout=180, privileged=True):
-  """`python -m pyra_jax.main *args` in a subprocess: (status, stdout, stderr).
-
-  privileged=False: as root, without the capabilities that bypass file
-  permissions (so a chmod applies to it as to any user).
-  """
-  command = [sys.executable, '-m', 'pyra_jax.main', *args]
-  if not privileged and os.geteuid() == 0:
-    setpriv = shutil.which('setpriv')
-    if setpriv is None:
-      pytest.skip('running as root without setpriv: cannot drop the capability '
-                  'that ignores file permissions')
-    command = [setpriv, '--bounding-set=-dac_override,-dac_read_search', *command]
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
-  return proc.returncode, proc.stdout, proc.stderr
-
-
 # ---------------------------------------------------------------------------
 # A finished run is reported, not rewritten; a continued one keeps what
 # results.json held.
 # ---------------------------------------------------------------------------
 
 def test_rerunning_a_finished_run_reports_it_and_rewrites_nothing(
-    reference, tmp_path, capsys, monkeypatch):
-  wd = copy_of(reference, tmp_path)
+    tiny_workdir, tmp_path, capsys, monkeypatch):
+  wd = copy_of(tiny_workdir, tmp_path)
   code, out, err = main(capsys, monkeypatch, wd, *TWO_STAGE, '--checkpoint_step=25')
   assert code == 0, err
   before = snapshot(wd)
@@ -144,7 +76,7 @@ def test_rerunning_a_finished_run_reports_it_and_rewrites_nothing(
   code, out, err = main(capsys, monkeypatch, wd)
   assert code == 0, err
   assert snapshot(wd) == before  # results.json, metrics.jsonl, TensorBoard: same bytes.
-  assert steps(wd) == [25, 50]
+  assert checkpoint_steps(wd) == [25, 50]
   assert 'holds a finished run' in out and 'nothing was trained or rewritten' in out
   recorded = json.loads(before['results.json'])
   assert f'final accuracy (val200, 200 images): {100 * recorded["final_accuracy"]:.2f}%' in out
@@ -159,7 +91,7 @@ def test_rerunning_a_finished_run_reports_it_and_rewrites_nothing(
   finals = [r for r in map(json.loads, (wd / 'metrics.jsonl').read_text().splitlines())
             if 'final_accuracy' in r]
   assert len(finals) == 1
-  assert_same_params(params_of(wd)[1], params_of(reference)[1])
+  assert_same_params(trained_params(wd)[1], trained_params(tiny_workdir)[1])
   reset_flags()
 
 
@@ -168,11 +100,11 @@ def test_rerunning_a_finished_run_reports_it_and_rewrites_nothing(
 # ---------------------------------------------------------------------------
 
 def test_concurrent_two_stage_evaluations_keep_every_entry(
-    reference, tmp_path, capsys, monkeypatch):
+    tiny_workdir, tmp_path, capsys, monkeypatch):
   """While one evaluation (through main) updates results.json, another
   records its entry: with the lock the second waits for the first and adds
   to what it wrote; without it, the first overwrites the second's entry."""
-  wd = copy_of(reference, tmp_path)
+  wd = copy_of(tiny_workdir, tmp_path)
   other = {'step': 50, 'split': 'val200', 'accuracy': 0.5, 'correct': 100,
            'count': 200, 'trained': {'method': 'pyra', 'schedule': '4,2'},
            'evaluated': {'method': 'tome', 'schedule': '4,2', 'r_per_layer': [4, 2]}}
@@ -202,8 +134,8 @@ def test_concurrent_two_stage_evaluations_keep_every_entry(
 # ---------------------------------------------------------------------------
 
 def test_a_checkpoint_without_read_permission_is_named_and_nothing_moves(
-    reference, tmp_path):
-  wd = copy_of(reference, tmp_path)
+    tiny_workdir, tmp_path):
+  wd = copy_of(tiny_workdir, tmp_path)
   before = snapshot(wd)
   locked = wd / 'checkpoints' / '50'
   locked.chmod(0)
@@ -215,13 +147,13 @@ def test_a_checkpoint_without_read_permission_is_named_and_nothing_moves(
   assert f'{locked} cannot be read (permission denied)' in err
   assert 'damaged' not in err.replace('not damaged', '')
   assert not (wd / 'checkpoints_unreadable').exists()
-  assert steps(wd) == [25, 50]
+  assert checkpoint_steps(wd) == [25, 50]
   assert snapshot(wd) == before
 
 
 def test_a_workdir_with_a_runs_records_but_no_checkpoint_is_refused(
-    reference, tmp_path, capsys, monkeypatch):
-  wd = copy_of(reference, tmp_path)
+    tiny_workdir, tmp_path, capsys, monkeypatch):
+  wd = copy_of(tiny_workdir, tmp_path)
   # What an earlier version left after finding every checkpoint unreadable.
   (wd / 'checkpoints').rename(wd / 'checkpoints_unreadable')
   before = snapshot(wd)
@@ -242,14 +174,14 @@ def test_a_workdir_with_a_runs_records_but_no_checkpoint_is_refused(
 
 
 def test_shrinking_num_epochs_below_the_trained_step_is_refused(
-    reference, tmp_path, capsys, monkeypatch):
-  wd = copy_of(reference, tmp_path)
+    tiny_workdir, tmp_path, capsys, monkeypatch):
+  wd = copy_of(tiny_workdir, tmp_path)
   before = snapshot(wd)
   code, out, err = main(capsys, monkeypatch, wd, '--config.num_epochs=1',
                         '--allow_config_change=num_epochs')
   assert one_sentence(code, err), err
   assert 'checkpoint at step 50' in err and '--config.num_epochs=2 or more' in err
-  assert snapshot(wd) == before and steps(wd) == [25, 50]
+  assert snapshot(wd) == before and checkpoint_steps(wd) == [25, 50]
   reset_flags()
 
 
@@ -278,7 +210,7 @@ def test_eval_and_export_during_training_name_the_run_and_ctrl_c_stops_it(
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     deadline = time.time() + 120
-    while not (wd / 'checkpoints').is_dir() or not steps(wd):
+    while not (wd / 'checkpoints').is_dir() or not checkpoint_steps(wd):
       assert time.time() < deadline and training.poll() is None, 'no checkpoint'
       time.sleep(0.2)
     pid = training.pid
@@ -347,8 +279,8 @@ def file_size_limit():
 
 
 def test_a_full_disk_during_a_checkpoint_save_is_one_sentence_and_resumes_exactly(
-    reference, tmp_path, capsys, monkeypatch, file_size_limit):
-  wd = copy_of(reference, tmp_path)
+    tiny_workdir, tmp_path, capsys, monkeypatch, file_size_limit):
+  wd = copy_of(tiny_workdir, tmp_path)
   shutil.rmtree(wd / 'checkpoints' / '50')  # Resume from 25; save 50 again.
   # The step-50 save writes a 65 KB Orbax metadata file; everything else the
   # resumed run writes (metrics, TensorBoard) stays under 32 KB.
@@ -357,19 +289,19 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_sentence_and_resumes_exactl
   file_size_limit(resource.RLIM_INFINITY)
   assert one_sentence(code, err), err
   assert err.count('disk full') == 1 and 'File too large' in err
-  assert steps(wd) == [25]
-  assert_same_params(params_of(wd, 25)[1], params_of(reference, 25)[1])
+  assert checkpoint_steps(wd) == [25]
+  assert_same_params(trained_params(wd, 25)[1], trained_params(tiny_workdir, 25)[1])
   code, out, err = main(capsys, monkeypatch, wd)
   assert code == 0, err
-  assert steps(wd) == [25, 50]
-  assert_same_params(params_of(wd)[1], params_of(reference)[1])
+  assert checkpoint_steps(wd) == [25, 50]
+  assert_same_params(trained_params(wd)[1], trained_params(tiny_workdir)[1])
   reset_flags()
 
 
 def test_a_full_disk_in_tensorboards_writer_thread_is_one_sentence(
-    reference, tmp_path, capsys, monkeypatch):
+    tiny_workdir, tmp_path, capsys, monkeypatch):
   import tensorboardX.record_writer  # pylint: disable=g-import-not-at-top
-  wd = copy_of(reference, tmp_path)
+  wd = copy_of(tiny_workdir, tmp_path)
   shutil.rmtree(wd / 'checkpoints' / '50')
   real_write = tensorboardX.record_writer.RecordWriter.write
 
@@ -381,7 +313,7 @@ def test_a_full_disk_in_tensorboards_writer_thread_is_one_sentence(
   code, out, err = main(capsys, monkeypatch, wd)
   assert one_sentence(code, err), err
   assert err.count('disk full') == 1 and str(wd / 'tensorboard') in err
-  assert 25 in steps(wd)
+  assert 25 in checkpoint_steps(wd)
   reset_flags()
 
 

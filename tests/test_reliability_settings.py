@@ -24,11 +24,11 @@ from pyra_jax import checkpointing
 from pyra_jax import vtab
 from pyra_jax.training import checks
 from pyra_jax.training import steps
-from tests.test_reliability import main, one_sentence
-from tests.test_reliability import reference  # pylint: disable=unused-import  (the fixture)
-from tests.test_train_cli import ROOT, reset_flags, run_main
-from tests.test_vtab import QUICK, quick_config
-from tests.offline_data import require_offline_mnist
+from tests.helpers.cli import ROOT, one_sentence, reset_flags, run_main
+from tests.helpers.cli import run_tiny as main
+from tests.helpers.data import require_offline_mnist
+from tests.helpers.models import VTAB_QUICK as QUICK
+from tests.helpers.models import quick_vtab_config
 
 require_offline_mnist(module_level=True)
 
@@ -131,7 +131,7 @@ EVAL_IMAGE = IMAGE + max(max(a, m) for a, m in BLOCKS)
 
 
 def test_an_eval_batch_larger_than_the_split_evaluates_it_in_one_batch(
-    reference, capsys, monkeypatch):
+    tiny_workdir, capsys, monkeypatch):
   seen = []
   evaluate = steps.evaluate
 
@@ -143,17 +143,17 @@ def test_an_eval_batch_larger_than_the_split_evaluates_it_in_one_batch(
     return evaluate(run, step, trainable, data)
 
   monkeypatch.setattr(steps, 'evaluate', guarded)
-  code, out, err = main(capsys, monkeypatch, reference, '--mode=eval',
+  code, out, err = main(capsys, monkeypatch, tiny_workdir, '--mode=eval',
                         '--config.eval_batch_size=1000000')
   assert code == 0, err
   assert seen == [200]  # val200 in one batch (one device).
-  results = json.loads((reference / 'results.json').read_text())
+  results = json.loads((tiny_workdir / 'results.json').read_text())
   assert (f'checkpoint step 50: val200 accuracy {100 * results["final_accuracy"]:.2f}% '
           '(') in out
 
 
 def test_a_batch_whose_activations_exceed_the_memory_is_refused(
-    reference, tmp_path, capsys, monkeypatch):
+    tiny_workdir, tmp_path, capsys, monkeypatch):
   assert jax.device_count() == 1
   # Training: room for 10 images' activations, the batch is 40.
   monkeypatch.setattr(checks, 'available_memory_bytes', lambda: 10 * TRAIN_IMAGE + 5)
@@ -174,7 +174,7 @@ def test_a_batch_whose_activations_exceed_the_memory_is_refused(
   assert nothing_trained(wd)
   # Evaluating a finished run: the same check, before the first batch.
   monkeypatch.setattr(checks, 'available_memory_bytes', lambda: 30 * EVAL_IMAGE)
-  code, out, err = main(capsys, monkeypatch, reference, '--mode=eval')
+  code, out, err = main(capsys, monkeypatch, tiny_workdir, '--mode=eval')
   assert one_sentence(code, err), err
   assert 'use config.eval_batch_size = 30 or less' in err, err
 
@@ -194,7 +194,7 @@ def test_benchmark_refuses_a_negative_batch_in_one_sentence():
 # ---------------------------------------------------------------------------
 
 GRID = QUICK['vtab.pyra_lr_grid']  # (1e-3, 3e-2)
-# The command line of test_vtab's quick protocol (quick_config).
+# The command line of the quick VTAB protocol (quick_vtab_config).
 QUICK_FLAGS = [f'--config.{k}={v}' for k, v in QUICK.items() if k != 'vtab.pyra_lr_grid']
 
 
@@ -221,7 +221,7 @@ def fake_run(path: Path, config, accuracy: float) -> None:
 def fake_protocol(root: Path, grid=GRID, accuracies=(0.25, 0.5), final_lr=3e-2,
                   final_accuracy=0.625) -> Path:
   """A finished PYRA protocol on mnist, as the CLI's command above makes it."""
-  config = quick_config(**{'vtab.pyra_lr_grid': tuple(grid)})
+  config = quick_vtab_config(**{'vtab.pyra_lr_grid': tuple(grid)})
   for v, a in zip(grid, accuracies):
     fake_run(root / 'mnist' / 'select' / f'pyra_lr={vtab.format_lr(v)}',
              vtab.run_config(config, 'mnist', 'select', v), a)

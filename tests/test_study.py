@@ -8,28 +8,21 @@ The statistics are checked on hand-written results files against numpy.
 import datetime
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 import pytest
 
 from pyra_jax import checkpointing
-from pyra_jax.configs import tiny
 from pyra_jax.experiments import study
 from pyra_jax.experiments import study_small
-from tests.offline_data import require_offline_mnist
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.cli import ROOT, cli
+from tests.helpers.data import require_offline_mnist
+from tests.helpers.models import tiny_config
 
 
 def tiny_study_config(stages=None) -> ml_collections.ConfigDict:
-  config = tiny.get_config()
-  config.num_epochs = 1
-  config.eval_every_epochs = 0
-  config.checkpoint_every_steps = 1000
+  config = tiny_config(num_epochs=1, eval_every_epochs=0, checkpoint_every_steps=1000)
   s = config.study = ml_collections.ConfigDict()
   s.tasks = {'mnist': dict(source='mnist', task='mnist',
                            train_split='train800', eval_split='val200'),
@@ -327,9 +320,7 @@ def test_curve_plot_is_drawn_only_with_every_variant(tmp_path):
 
 
 def study_cli(*args):
-  proc = subprocess.run([sys.executable, '-m', 'pyra_jax.experiments.study', *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-  return proc.returncode, proc.stdout, proc.stderr
+  return cli(*args, module='pyra_jax.experiments.study')
 
 
 def test_shipped_study_config_plans_its_grid_from_the_command_line(tmp_path):

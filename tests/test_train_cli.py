@@ -6,23 +6,11 @@ in-process through `pyra_jax.main`'s own flag parsing and `main`.
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from absl import flags
 
 from pyra_jax import main as main_lib
-from tests.offline_data import require_offline_mnist
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args):
-  proc = subprocess.run([sys.executable, '-m', 'pyra_jax.main', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120)
-  return proc.returncode, proc.stdout, proc.stderr
+from tests.helpers.cli import cli, copy_of, reset_flags, run_main
 
 
 def test_helpfull_documents_every_config_field():
@@ -78,30 +66,6 @@ def test_bad_command_lines_fail_with_one_sentence(args, message):
   assert len(err.strip().splitlines()) == 1, err
 
 
-def reset_flags():
-  """Forgets a previous parse, including the --config.<field> flags that
-  ml_collections registered for it (a second parse would define them twice)."""
-  for name in list(flags.FLAGS):
-    if name.startswith('config.'):
-      delattr(flags.FLAGS, name)
-  flags.FLAGS.unparse_flags()
-
-
-def run_main(capsys, monkeypatch, *args):
-  """Parses flags and runs main in this process; returns (exit code, out, err)."""
-  reset_flags()
-  # ml_collections reads --config.<field> overrides from sys.argv itself.
-  monkeypatch.setattr(sys, 'argv', ['main', *args])
-  main_lib.parse_flags(['main', *args])
-  code = 0
-  try:
-    main_lib.main(['main'])
-  except SystemExit as e:
-    code = e.code
-  out, err = capsys.readouterr()
-  return code, out, err
-
-
 @pytest.mark.parametrize('override,message', [
     ('--config.grad_accum_steps=3', 'config.batch_size = 40 is not divisible by '
      'config.grad_accum_steps = 3'),
@@ -119,14 +83,15 @@ def test_bad_accelerator_options_fail_with_one_sentence(tmp_path, capsys, monkey
   assert len(err.strip().splitlines()) == 1, err
 
 
-def test_train_eval_export_modes(tmp_path, capsys, monkeypatch):
-  require_offline_mnist()
-  common = ['--config=configs/tiny.py', f'--workdir={tmp_path}',
+def test_train_eval_export_modes(tiny_run, tmp_path, capsys, monkeypatch):
+  # Train: the session's tiny run is this command line's training (trained
+  # through main once, what it printed kept); eval and export run on a copy.
+  wd = copy_of(tiny_run.workdir, tmp_path, 'run')
+  common = ['--config=configs/tiny.py', f'--workdir={wd}',
             '--config.data.eval_split=val200', '--config.log_every_steps=1',
-            '--config.eval_batch_size=64']  # As test_train_loop: compiled once.
-  code, out, _ = run_main(capsys, monkeypatch, *common)
-  assert code == 0
-  results = json.loads((tmp_path / 'results.json').read_text())
+            '--config.eval_batch_size=64']  # tests.helpers.cli.TINY
+  out = tiny_run.stdout
+  results = json.loads((wd / 'results.json').read_text())
   final = f'{100 * results["final_accuracy"]:.2f}%'
   assert f'final accuracy (val200, 200 images): {final}' in out
   assert 'paper protocol (max over periodic evals)' in out

@@ -16,37 +16,18 @@ from flax import traverse_util
 from pyra_jax import checkpointing
 from pyra_jax import errors
 from pyra_jax import metrics
-from pyra_jax.configs import tiny
 from pyra_jax.training import evaluation
 from pyra_jax.training import export as export_lib
 from pyra_jax.training import loop
 from pyra_jax.training import setup
 from pyra_jax.training import steps
-from tests.offline_data import require_offline_mnist
+from tests.helpers.data import require_offline_mnist
+from tests.helpers.models import tiny_run_config
+from tests.helpers.runs import losses, trained_params
 
 require_offline_mnist(module_level=True)
 
 STEPS = 50  # 2 epochs of 1,000 digits at batch 40; checkpoints at 25 and 50.
-
-
-def cfg(**overrides):
-  c = tiny.get_config()
-  c.data.eval_split = 'val200'  # 200 images keep the evals fast.
-  c.eval_batch_size = 64  # 200 = 3 * 64 + 8: the last batch is padded.
-  c.log_every_steps = 1
-  for k, v in overrides.items():
-    c[k] = v
-  return c
-
-
-def final_params(workdir, config=None):
-  _, trainable, step = setup.restore_run(config or cfg(), str(workdir))
-  return step, traverse_util.flatten_dict(jax.device_get(trainable), sep='/')
-
-
-def losses(workdir):
-  return {m['step']: m['loss'] for m in metrics.read_metrics(str(workdir))
-          if 'loss' in m}
 
 
 class Killed(Exception):
@@ -71,10 +52,10 @@ def workdirs(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def reference(workdirs):
-  wd = workdirs / 'reference'
-  results = loop.train_and_evaluate(cfg(), str(wd))
-  return wd, results
+def reference(tiny_workdir):
+  """The uninterrupted run: this module's copy of the session's tiny run (the
+  TINY command line: the config of `tiny_run_config()`), and its results."""
+  return tiny_workdir, json.loads((tiny_workdir / 'results.json').read_text())
 
 
 def test_trains_end_to_end_and_loss_falls(reference):
@@ -97,11 +78,11 @@ def test_trains_end_to_end_and_loss_falls(reference):
 
 def test_eval_restores_the_exact_accuracy_and_counts_each_image_once(reference):
   wd, results = reference
-  again = evaluation.evaluate_checkpoint(cfg(), str(wd))
+  again = evaluation.evaluate_checkpoint(tiny_run_config(), str(wd))
   assert again['accuracy'] == results['final_accuracy']  # Bit for bit.
   # 4 batches of 64 = 256 rows, 56 of them padding: only the 200 images count.
   assert again['count'] == 200 and again['accuracy'] == again['correct'] / 200
-  mid = evaluation.evaluate_checkpoint(cfg(), str(wd), step=25)
+  mid = evaluation.evaluate_checkpoint(tiny_run_config(), str(wd), step=25)
   assert mid['accuracy'] == results['evals'][0]['accuracy']
 
 
@@ -110,16 +91,16 @@ def test_kill_and_resume_equals_uninterrupted_run(reference, workdirs, monkeypat
   wd = workdirs / 'resumed'
   monkeypatch.setattr(loop, 'train_batches', kill_after(37))
   with pytest.raises(Killed):
-    loop.train_and_evaluate(cfg(), str(wd))
+    loop.train_and_evaluate(tiny_run_config(), str(wd))
   assert checkpointing.Checkpointer(str(wd / 'checkpoints')).latest_step() == 25
   # A save killed half-way leaves only Orbax's tmp directory: it must be ignored.
   junk = wd / 'checkpoints' / '50.orbax-checkpoint-tmp-123' / 'params'
   junk.mkdir(parents=True)
   (junk / 'garbage').write_text('half a checkpoint')
   monkeypatch.undo()
-  results = loop.train_and_evaluate(cfg(), str(wd))
-  step, resumed = final_params(wd)
-  _, uninterrupted = final_params(ref_wd)
+  results = loop.train_and_evaluate(tiny_run_config(), str(wd))
+  step, resumed = trained_params(wd)
+  _, uninterrupted = trained_params(ref_wd)
   assert step == STEPS and resumed.keys() == uninterrupted.keys()
   for k in resumed:
     np.testing.assert_array_equal(resumed[k], uninterrupted[k], err_msg=k)
@@ -131,9 +112,9 @@ def test_kill_and_resume_equals_uninterrupted_run(reference, workdirs, monkeypat
 
 def test_a_different_seed_gives_different_results(reference, workdirs):
   wd = workdirs / 'seed1'
-  loop.train_and_evaluate(cfg(seed=1), str(wd))
-  _, p1 = final_params(wd, cfg(seed=1))
-  _, p0 = final_params(reference[0])
+  loop.train_and_evaluate(tiny_run_config(seed=1), str(wd))
+  _, p1 = trained_params(wd, config=tiny_run_config(seed=1))
+  _, p0 = trained_params(reference[0])
   assert not np.array_equal(p1['head/kernel'], p0['head/kernel'])
   assert losses(wd)[1] != losses(reference[0])[1]
 
@@ -141,13 +122,13 @@ def test_a_different_seed_gives_different_results(reference, workdirs):
 def test_workdir_of_another_config_is_refused(reference):
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r'lr: 0\.03 -> 0\.01'):
-    loop.train_and_evaluate(cfg(lr=0.01), str(reference[0]))
+    loop.train_and_evaluate(tiny_run_config(lr=0.01), str(reference[0]))
 
 
 def test_a_field_added_since_a_checkpoint_counts_as_its_default():
   """A checkpoint written before `model_init_first_blocks` existed still resumes
   and evaluates; one whose stored value differs from the current is refused."""
-  config = cfg()
+  config = tiny_run_config()
   saved = checkpointing.config_to_dict(config)
   del saved['model_init_first_blocks']
   meta = {'config': saved, 'step': 5}
@@ -172,9 +153,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   monkeypatch.setattr(loop, 'train_batches', poisoned)
   wd = workdirs / 'nan'
   with pytest.raises(errors.TrainingError, match=r'nan at step 31.*finite loss is step 25 in'):
-    loop.train_and_evaluate(cfg(), str(wd))
+    loop.train_and_evaluate(tiny_run_config(), str(wd))
   assert checkpointing.Checkpointer(str(wd / 'checkpoints')).all_steps() == [25]
-  step, params = final_params(wd)
+  step, params = trained_params(wd)
   assert step == 25 and all(np.isfinite(v).all() for v in params.values())
 
 
@@ -192,12 +173,12 @@ def test_failed_save_leaves_no_checkpoint(tmp_path):
 
 def test_export_folds_lora_and_keeps_the_accuracy(reference, workdirs):
   wd, results = reference
-  out = export_lib.export(cfg(), str(wd), str(workdirs / 'export'))
+  out = export_lib.export(tiny_run_config(), str(wd), str(workdirs / 'export'))
   params, config = export_lib.load_export(out)
   flat = traverse_util.flatten_dict(params, sep='/')
   assert not any('/lora/' in k for k in flat) and config.model.lora_rank == 0
   assert any(k.endswith('pyra/w_d') for k in flat) and 'head/kernel' in flat
-  r = export_lib.evaluate_export(out, cfg())
+  r = export_lib.evaluate_export(out, tiny_run_config())
   assert r['count'] == 200
   assert abs(r['accuracy'] - results['final_accuracy']) <= 1 / 200
 
@@ -234,9 +215,9 @@ def test_gradient_accumulation_gives_the_update_of_the_whole_batch():
   # near-zero gradient (summed in another order) becomes an update difference
   # of up to lr. eps = 1e-4 keeps the comparison about the accumulated gradient.
   opt = dict(warmup_epochs=0, lr=3e-2, eps=1e-4)
-  one = cfg(**opt)
+  one = tiny_run_config(**opt)
   one.model.update(model)
-  two = cfg(grad_accum_steps=2, **opt)
+  two = tiny_run_config(grad_accum_steps=2, **opt)
   two.model.update(model)
   p1, s1, l1 = _steps(one, batches)
   p2, s2, l2 = _steps(two, batches)
@@ -257,8 +238,8 @@ def test_attention_and_accumulation_may_change_on_resume_and_eval():
   """How a step is computed is not what it computes: a checkpoint trained with
   the einsum attention and no accumulation resumes and evaluates with the
   jax.nn attention and 2 micro-batches."""
-  meta = {'config': checkpointing.config_to_dict(cfg()), 'step': 5}
-  config = cfg(grad_accum_steps=2)
+  meta = {'config': checkpointing.config_to_dict(tiny_run_config()), 'step': 5}
+  config = tiny_run_config(grad_accum_steps=2)
   config.model.attention = 'dot_product_attention'
   for for_eval in (False, True):
     assert checkpointing.check_compatible(meta, config, 'fp', '/wd', for_eval=for_eval) == {}

@@ -11,24 +11,23 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
 import jax
 import numpy as np
 from flax import traverse_util
 
-from pyra_jax.configs import tiny
 from pyra_jax.training import setup
 from pyra_jax.training import steps
+from tests.helpers.cli import ROOT
+from tests.helpers.models import tiny_config
 
 NUM_STEPS = 8
 
 
 def run_steps(num_steps: int = NUM_STEPS) -> dict:
   """Trains the tiny model for a few steps on every visible device."""
-  config = tiny.get_config()
+  config = tiny_config()
   run = setup.setup(config, num_classes=10)
   _, _, tx_init = steps.make_optimizer(run, steps_per_epoch=25)
   step_fn = steps.make_train_step(run, steps_per_epoch=25)

@@ -15,12 +15,12 @@ import pytest
 from pyra_jax import checkpointing
 from pyra_jax import errors
 from pyra_jax import optim
-from pyra_jax.configs import tiny
 from pyra_jax.training import export as export_lib
 from pyra_jax.training import loop
 from pyra_jax.training import setup
-from tests.test_train_cli import reset_flags, run_main
-from tests.offline_data import require_offline_mnist
+from tests.helpers.cli import reset_flags, run_main
+from tests.helpers.data import require_offline_mnist
+from tests.helpers.models import tiny_config
 
 
 # As test_train_cli: the 200 val200 images in batches of 64 (compiled once).
@@ -33,9 +33,8 @@ def peft_workdir(tmp_path_factory):
   """A finished tiny PEFT run (trained without merging), for every test here."""
   require_offline_mnist()
   workdir = tmp_path_factory.mktemp('peft')
-  config = tiny.get_config('method=peft')
-  config.data.eval_split, config.eval_batch_size = 'val200', 64
-  config.log_every_steps = 25
+  config = tiny_config('method=peft', data=dict(eval_split='val200'), eval_batch_size=64,
+                       log_every_steps=25)
   loop.train_and_evaluate(config, str(workdir))
   return workdir
 
@@ -88,13 +87,13 @@ def test_two_stage_eval_records_trained_and_evaluated_model(
 def test_pyra_at_init_gives_the_tome_logits_on_peft_weights(peft_workdir):
   """The restored LoRA and head are the trained ones in both models, and the
   PYRA generators the checkpoint lacks take their initialisation (W_D = 0)."""
-  config = tiny.get_config('method=peft')
+  config = tiny_config('method=peft')
   _, peft_params, _ = setup.restore_run(config, str(peft_workdir))
   images = np.random.default_rng(0).uniform(
       -2, 2, (8, 32, 32, 3)).astype(np.float32)
   logits = {}
   for method in ('tome', 'pyra'):
-    config = tiny.get_config(f'method={method}')
+    config = tiny_config(f'method={method}')
     run, trainable, _ = setup.restore_run(config, str(peft_workdir), two_stage=True)
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(trainable))[0]
     pyra = {jax.tree_util.keystr(k): v for k, v in flat if 'pyra' in jax.tree_util.keystr(k)}
@@ -114,7 +113,7 @@ def test_pyra_at_init_gives_the_tome_logits_on_peft_weights(peft_workdir):
 
 
 def test_two_stage_export_merges_and_names_the_trained_method(peft_workdir, tmp_path):
-  config = tiny.get_config('method=tome')
+  config = tiny_config('method=tome')
   out = export_lib.export(config, str(peft_workdir), str(tmp_path / 'exp'),
                           two_stage=True)
   _, cfg = export_lib.load_export(out)
@@ -157,20 +156,19 @@ def test_trained_generators_cannot_be_dropped_or_reshaped(peft_workdir):
   """A checkpoint whose trained parameters do not fit the evaluated model (here
   a PYRA checkpoint evaluated as ToMe: its generators would be lost) is refused.
   The PYRA checkpoint is simulated by the PEFT one's meta claiming PYRA."""
-  config = tiny.get_config('method=pyra')
+  config = tiny_config('method=pyra')
   stored = setup._stored_trainable_shapes(  # pylint: disable=protected-access
       {'model_config': setup.resolve_model_config(config, 10).to_dict()}, config)
-  fresh = setup.setup(tiny.get_config('method=tome'), 10).trainable
+  fresh = setup.setup(tiny_config('method=tome'), 10).trainable
   meta = {'step': 50, 'config': checkpointing.config_to_dict(config)}
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r"trained with method 'pyra', schedule '4,2', whose trained "
                            r"parameters \(Transformer/encoderblock_0/pyra/norm/bias"):
-    setup._two_stage_tree(stored, fresh, meta, tiny.get_config('method=tome'),  # pylint: disable=protected-access
+    setup._two_stage_tree(stored, fresh, meta, tiny_config('method=tome'),  # pylint: disable=protected-access
                           '/wd')
   # Another schedule reshapes W_r (r_l, 1): refused too.
-  fresh = setup.setup(tiny.get_config('method=pyra'), 10).trainable
-  config_other = tiny.get_config('method=pyra')
-  config_other.model.schedule = '2,2'
+  fresh = setup.setup(tiny_config('method=pyra'), 10).trainable
+  config_other = tiny_config('method=pyra', model=dict(schedule='2,2'))
   fresh_other = setup.setup(config_other, 10).trainable
   with pytest.raises(checkpointing.CheckpointMismatchError, match='w_r'):
     setup._two_stage_tree(stored, fresh_other, meta, config_other, '/wd')  # pylint: disable=protected-access

@@ -18,30 +18,17 @@ import numpy as np
 import pytest
 
 from pyra_jax import vtab
-from pyra_jax.configs import tiny
-from tests.offline_data import require_offline_mnist
+from tests.helpers.cli import ROOT
+from tests.helpers.data import fake_tfds_examples, require_offline_mnist
+from tests.helpers.models import VTAB_QUICK, quick_vtab_config
 
-ROOT = Path(__file__).resolve().parents[1]
-GRID = (1e-3, 3e-2)
 NATURAL = ('caltech101', 'cifar100', 'dtd', 'oxford_flowers102',
            'oxford_iiit_pet', 'svhn', 'sun397')
 SPECIALIZED = ('patch_camelyon', 'eurosat', 'resisc45', 'diabetic_retinopathy')
 STRUCTURED = ('clevr_count', 'clevr_dist', 'dmlab', 'kitti_dist', 'dsprites_loc',
               'dsprites_ori', 'smallnorb_azi', 'smallnorb_ele')
-# The overrides that make a protocol run a few seconds (also on the command line).
-QUICK = {'num_epochs': 1, 'warmup_epochs': 0, 'eval_every_epochs': 0,
-         'log_every_steps': 1000, 'vtab.pyra_lr_grid': GRID}
-
-
-def quick_config(arg=None, **extra):
-  config = tiny.get_config(arg)
-  for key, value in {**QUICK, **extra}.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+QUICK = VTAB_QUICK
+GRID = QUICK['vtab.pyra_lr_grid']  # (1e-3, 3e-2)
 
 
 def results(path) -> dict:
@@ -90,13 +77,12 @@ def check_protocol(workdir, tasks, summary):
 
 def test_all_19_tasks_on_tfds_mock_data(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
-  from tests.test_data_tfds_mock import _fake_examples  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   def as_dataset_fn(self, split, decoders=None, read_config=None, **kwargs):
     del split, decoders, read_config, kwargs
     features = self.info.features
-    examples = _fake_examples(features)
+    examples = fake_tfds_examples(features)
     signature = tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape, t.dtype), features.get_tensor_info())
     ds = tf.data.Dataset.from_generator(lambda: iter(examples),
@@ -108,7 +94,7 @@ def test_all_19_tasks_on_tfds_mock_data(tmp_path):
   # no pyra_lr selection stage, one run per task (the selection on VTAB splits
   # is checked by the folder-layout and killed-grid tests below; each task's
   # train800 / val200 / test split strings by test_data_tfds_mock.py).
-  config = quick_config('source=tfds,method=tome', batch_size=2, eval_batch_size=4,
+  config = quick_vtab_config('source=tfds,method=tome', batch_size=2, eval_batch_size=4,
                         checkpoint_every_steps=1000, **{'model.num_classes': 397})
   workdir = str(tmp_path / 'vtab')
   with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn):
@@ -172,7 +158,7 @@ def test_folder_layout_with_a_vtab_task_and_an_own_dataset(tmp_path):
   sizes = {'train800': 8, 'val200': 4, 'train800val200': 12, 'test': 6}
   _write_folder(tmp_path / 'data' / 'eurosat', 10, sizes, 0)
   _write_folder(tmp_path / 'data' / 'mine', 3, sizes, 1)
-  config = quick_config(f'source=folder,data_dir={tmp_path / "data"}', batch_size=4,
+  config = quick_vtab_config(f'source=folder,data_dir={tmp_path / "data"}', batch_size=4,
                         eval_batch_size=4, checkpoint_every_steps=1000)
   workdir = str(tmp_path / 'vtab')
   out = vtab.run_protocol(config, workdir, ['eurosat', 'folder:mine'])
@@ -197,7 +183,7 @@ def test_folder_layout_with_a_vtab_task_and_an_own_dataset(tmp_path):
 
 def test_tome_skips_the_selection_stage(tmp_path):
   require_offline_mnist()
-  out = vtab.run_protocol(quick_config('method=tome'), str(tmp_path))
+  out = vtab.run_protocol(quick_vtab_config('method=tome'), str(tmp_path))
   assert not os.path.exists(tmp_path / 'mnist' / 'select')
   row = out['summary']['tasks'][0]
   assert row['task'] == 'mnist' and row['pyra_lr'] is None and row['method'] == 'tome'
@@ -218,7 +204,7 @@ def _comparable(summary):
 def reference(tmp_path_factory):
   require_offline_mnist()
   workdir = str(tmp_path_factory.mktemp('reference'))
-  out = vtab.run_protocol(quick_config(checkpoint_every_steps=5), workdir)
+  out = vtab.run_protocol(quick_vtab_config(checkpoint_every_steps=5), workdir)
   check_protocol(workdir, ['mnist'], out['summary'])
   return out['summary']
 
@@ -249,13 +235,13 @@ def test_killed_in_the_middle_of_the_grid_then_rerun_gives_the_same_summary(
       proc.kill()
   assert not (second / 'results.json').exists()
   assert not (workdir / 'mnist' / 'final' / 'results.json').exists()
-  out = vtab.run_protocol(quick_config(checkpoint_every_steps=5), str(workdir))
+  out = vtab.run_protocol(quick_vtab_config(checkpoint_every_steps=5), str(workdir))
   assert _comparable(out['summary']) == _comparable(reference)
 
 
 def test_two_workers_give_the_same_summary_as_one(reference, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'workers')
-  config = quick_config(checkpoint_every_steps=5)
+  config = quick_vtab_config(checkpoint_every_steps=5)
   # Worker 1 of 2 has the first grid value and the final run, whose selection
   # waits on worker 2's value: it says so (the command exits with status 3).
   first = vtab.run_protocol(config, workdir, worker=(1, 2))
@@ -279,7 +265,7 @@ def test_two_workers_give_the_same_summary_as_one(reference, tmp_path, monkeypat
 
 
 def test_worker_shares_are_disjoint_and_cover_every_run():
-  config = quick_config('source=tfds')
+  config = quick_vtab_config('source=tfds')
   sel, fin = vtab.plan(config, '/w', list(NATURAL + SPECIALIZED + STRUCTURED), 'grid')
   assert len(sel) == 19 * len(GRID) and len(fin) == 19
   for n in (1, 2, 3, 7):

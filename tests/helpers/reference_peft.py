@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from tests import reference_merge as ref
+from tests.helpers import reference_merge as ref
 
 
 def fact_increment(u, v, core, scale):

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from tests.reference_merge import gelu, layer_norm
+from tests.helpers.reference_merge import gelu, layer_norm
 
 
 def ltmp_block(x, size, mask, metric, importance, merge_t, prune_t, num_protected=1):
