@@ -1,7 +1,7 @@
 """Every format's real names and layouts land in the right place of our tree.
 
 Fixtures are random checkpoints written in each format's own key names and
-shapes (tests/reference_vit.py). Every value is distinct, so each check below
+shapes (tests/helpers/reference_vit.py). Every value is distinct, so each check below
 (an exact equality against an element-by-element reading of the source
 layout) fails if a tensor is misplaced, mis-split or mis-transposed.
 """

@@ -1,6 +1,6 @@
 """Our model on converted weights computes what the source model computes.
 
-The ground truth is tests/reference_vit.py: a float64 numpy ViT that reads the
+The ground truth is tests/helpers/reference_vit.py: a float64 numpy ViT that reads the
 *source* (timm) layout directly. Our float32 forward (`build_model(cfg).apply`)
 on the converted params must match it to 1e-5 relative.
 """

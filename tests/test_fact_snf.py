@@ -1,6 +1,6 @@
 """FacT and SNF as the trainable module (model.peft), under every merging method.
 
-Forward passes are checked against tests/reference_peft.py, a numpy transcription
+Forward passes are checked against tests/helpers/reference_peft.py, a numpy transcription
 of the modules' definitions (docs/algorithm.md §14-15) and, for FacT-TK's MLP
 slices, of the FacT code's own layout (its fact_tk.py), with random module
 parameters; FacT's folding against the unfolded model; parameter counts against

@@ -1,6 +1,6 @@
 """LTMP and DiffRate (Table 14; docs/algorithm.md §17) against numpy transcriptions.
 
-The references (tests/reference_methods.py) are loops written from the methods'
+The references (tests/helpers/reference_methods.py) are loops written from the methods'
 original code (LTMP's [A, B] token order, DiffRate's unclamped sizes at fixed
 rates). Also: the class token is never dropped or merged, one compilation
 per method, the FLOPs regulariser, bad settings through the command line, and a

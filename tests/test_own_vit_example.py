@@ -4,7 +4,7 @@ The notebook is the documented way to use `pyra_jax.merge` and `PyraGenerator`
 in a model that is not ours. Executing it through a kernel costs a minute, so
 this runs its code cells in-process (its Colab setup cell aside) with the
 parameters cell's shapes made small, then checks its claims against the
-numpy transcription of ToMe/PYRA (tests/reference_merge.py), which knows
+numpy transcription of ToMe/PYRA (tests/helpers/reference_merge.py), which knows
 nothing of pyra_jax: the example's ViT is written in the parameter layout that
 reference reads. tests/test_notebooks.py checks that the notebook is what
 colabs/make_notebooks.py writes.

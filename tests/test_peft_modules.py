@@ -1,10 +1,10 @@
 """The PEFT modules other than LoRA (model.peft): Adapter and Convpass.
 
-Ground truth: tests/reference_merge.py, a numpy forward of our tree with merging,
+Ground truth: tests/helpers/reference_merge.py, a numpy forward of our tree with merging,
 extended with the Adapter (the authors' y + up(QuickGELU(down(y))) after the MLP)
 and Convpass (3x3 conv loops on the patch grid, positions filled from the source
-matrix) written from their definitions; tests/reference_vit.py reading the
-authors' PyTorch names for the Adapter checkpoint; and tests/reference_peft.py's
+matrix) written from their definitions; tests/helpers/reference_vit.py reading the
+authors' PyTorch names for the Adapter checkpoint; and tests/helpers/reference_peft.py's
 transcription of how the authors' model initialises its Adapter.
 """
 
