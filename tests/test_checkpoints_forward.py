@@ -33,7 +33,7 @@ def deit_lora():
   """DeiT-distilled + LayerScale + LoRA (rank 4) + LN eps 1e-3 (large enough that a
   wrong eps fails the 1e-5 check), both heads averaged."""
   cfg = checkpoint_model(distilled=True, distilled_eval='avg', layerscale=True, lora_rank=4,
-                    ln_eps=1e-3, num_classes=5)
+                         ln_eps=1e-3, num_classes=5)
   model = build_model(cfg)
   return cfg, jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
 

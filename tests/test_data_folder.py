@@ -142,7 +142,7 @@ def test_folder_aliases_and_jpeg(tmp_path):
   for folder_name, task, label in (('cifar', 'cifar100', 99),
                                    ('oxford_pet', 'oxford_iiit_pet', 36)):
     write_split(tmp_path / folder_name, 'train800val200', [image], [label],
-                 ext='jpg')
+                ext='jpg')
     data = get_data({'source': 'folder', 'task': task,
                      'data_dir': str(tmp_path)}, 'train800val200', 1,
                     image_size=16, train=False, seed=0)
@@ -243,9 +243,9 @@ def _cli_folder(root: Path, n_train=40, n_test=4):
   """A cifar10 task folder the tiny config can train on (batch 40, 32 px)."""
   task_dir = root / 'cifar10'
   write_split(task_dir, 'train800val200', grey_id_images(n_train),
-               [i % 10 for i in range(n_train)])
+              [i % 10 for i in range(n_train)])
   write_split(task_dir, 'test', grey_id_images(n_test), [1] * n_test,
-               ext='jpg')
+              ext='jpg')
   return task_dir
 
 

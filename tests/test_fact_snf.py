@@ -42,7 +42,7 @@ def apply(model, params, x):
 def test_fact_forward_equals_numpy_reference(variant, method, layout):
   # rank 3, scale 0.7, mlp_dim = 2 * width: two slices each for fc1 and fc2.
   cfg = tiny_model(method, peft='fact', fact_variant=variant, fact_rank=3, fact_scale=0.7,
-             fact_tk_layout=layout)
+                   fact_tk_layout=layout)
   model, params = init(cfg)
   params = randomize(params, r'/fact/|pyra/w_d|pyra/norm')
   x = images(2)
@@ -100,7 +100,7 @@ def test_modules_start_as_the_frozen_backbone(kw):
     ('tk', 'pyra', 'authors')])
 def test_folded_fact_gives_the_same_logits_and_a_plain_tree(variant, method, layout):
   cfg = tiny_model(method, peft='fact', fact_variant=variant, fact_rank=3, fact_scale=2.0,
-             fact_tk_layout=layout)
+                   fact_tk_layout=layout)
   model, params = init(cfg)
   params = randomize(params, r'/fact/|pyra/w_d')
   folded = fold_peft(params, cfg)

@@ -170,7 +170,7 @@ def test_dot_product_attention_equals_einsum_logits_and_lora_grads(method, prop_
   einsum_model, params = init(tiny_model(method, schedule='3,3,3', **kw))
   params = randomize(params, r'lora/|pyra/w_d|pyra/norm')
   jax_model, jax_params = init(tiny_model(method, schedule='3,3,3',
-                                    attention='dot_product_attention', **kw))
+                                          attention='dot_product_attention', **kw))
   assert (jax.tree_util.tree_structure(jax_params) == jax.tree_util.tree_structure(params))
   assert jax.tree.map(jnp.shape, jax_params) == jax.tree.map(jnp.shape, params)
   x, y = images(3), jnp.array([0, 3, 4])

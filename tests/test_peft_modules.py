@@ -93,7 +93,7 @@ def test_authors_adapter_init_is_their_model_as_built():
   from scipy import stats  # pylint: disable=g-import-not-at-top
   d, k = 128, 64
   _, params = init(tiny_model('peft', peft='adapter', peft_dim=k, adapter_init='trunc_normal',
-                        width=d, mlp_dim=2 * d))
+                              width=d, mlp_dim=2 * d))
   ours, biases = [], []
   for i in range(3):
     a = params['Transformer'][f'encoderblock_{i}']['adapter']
@@ -118,7 +118,7 @@ def test_lora_trunc_normal_is_the_authors_as_built():
   from scipy import stats  # pylint: disable=g-import-not-at-top
   d, h = 128, 32
   _, params = init(tiny_model('peft', lora_rank=h, lora_init='trunc_normal', width=d,
-                        mlp_dim=2 * d))
+                              mlp_dim=2 * d))
   ours = np.concatenate([np.asarray(params['Transformer'][f'encoderblock_{i}'][
       'MultiHeadDotProductAttention_0']['lora'][n]).ravel()
                          for i in range(3) for n in ('down', 'up')])

@@ -119,25 +119,25 @@ def test_a_workdir_without_a_checkpoint_ends_in_one_sentence(runs, tmp_path):
   bare.mkdir()
   shutil.copy(runs['tome'][0] / 'results.json', bare / 'results.json')
   code, _, err = tsne_cli(f'--workdir_a={bare}', f'--workdir_b={runs["pyra"][0]}',
-                     f'--out={tmp_path / "x.png"}')
+                          f'--out={tmp_path / "x.png"}')
   assert code != 0 and 'Traceback' not in err
   assert err.strip().count('\n') == 0
   assert f'No checkpoints in {bare}' in err and '--mode=train' in err
   code, _, err = tsne_cli(f'--workdir_a={tmp_path / "nothing"}',
-                     f'--workdir_b={runs["pyra"][0]}', f'--out={tmp_path / "x.png"}')
+                          f'--workdir_b={runs["pyra"][0]}', f'--out={tmp_path / "x.png"}')
   assert code != 0 and 'Traceback' not in err
   assert err.strip().count('\n') == 0
   assert 'results.json is missing' in err and 'finished training run' in err
   assert not (tmp_path / 'x.png').exists()
   code, _, err = tsne_cli(f'--workdir_a={bare}', f'--workdir_b={bare}',
-                     f'--out={tmp_path / "no_folder" / "x.png"}')
+                          f'--out={tmp_path / "no_folder" / "x.png"}')
   assert code != 0 and err.strip().count('\n') == 0
   assert 'no_folder does not exist; create it' in err
 
 
 def test_too_few_images_ends_in_one_sentence(runs, tmp_path):
   code, _, err = tsne_cli(f'--workdir_a={runs["tome"][0]}', f'--workdir_b={runs["pyra"][0]}',
-                     f'--out={tmp_path / "x.png"}', '--max_images=3')
+                          f'--out={tmp_path / "x.png"}', '--max_images=3')
   assert code != 0 and 'Traceback' not in err and err.strip().count('\n') == 0
   assert '--max_images=3: give 0 (all) or at least 5 images' in err
 

@@ -95,7 +95,7 @@ def test_all_19_tasks_on_tfds_mock_data(tmp_path):
   # is checked by the folder-layout and killed-grid tests below; each task's
   # train800 / val200 / test split strings by test_data_tfds_mock.py).
   config = quick_vtab_config('source=tfds,method=tome', batch_size=2, eval_batch_size=4,
-                        checkpoint_every_steps=1000, **{'model.num_classes': 397})
+                             checkpoint_every_steps=1000, **{'model.num_classes': 397})
   workdir = str(tmp_path / 'vtab')
   with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn):
     out = vtab.run_protocol(config, workdir)
@@ -159,7 +159,7 @@ def test_folder_layout_with_a_vtab_task_and_an_own_dataset(tmp_path):
   _write_folder(tmp_path / 'data' / 'eurosat', 10, sizes, 0)
   _write_folder(tmp_path / 'data' / 'mine', 3, sizes, 1)
   config = quick_vtab_config(f'source=folder,data_dir={tmp_path / "data"}', batch_size=4,
-                        eval_batch_size=4, checkpoint_every_steps=1000)
+                             eval_batch_size=4, checkpoint_every_steps=1000)
   workdir = str(tmp_path / 'vtab')
   out = vtab.run_protocol(config, workdir, ['eurosat', 'folder:mine'])
   tasks_dirs = ['eurosat', 'folder_mine']
