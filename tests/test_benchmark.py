@@ -16,6 +16,7 @@ from pyra_jax.experiments import plots
 from pyra_jax.training import setup
 from pyra_jax.training import steps
 from tests.helpers.cli import ROOT
+from tests.helpers.models import tiny_config
 
 # A config file as a user would write one: get_config() on top of the base.
 TINY_CONFIG = '''
@@ -309,12 +310,7 @@ def test_plot_falls_back_to_gflops_without_throughput(tmp_path):
 
 def test_reference_model_is_timed_in_the_same_rounds():
   """A shallower model timed with the full one: speed-ups are over the full one."""
-  from pyra_jax.configs import common  # pylint: disable=g-import-not-at-top
-  config = common.get_base_config()
-  m = config.model
-  m.variant, m.image_size, m.patch_size = 'Ti/8', 32, 8
-  m.width, m.depth, m.num_heads, m.mlp_dim = 32, 3, 2, 64
-  m.lora_rank, m.schedule, m.num_classes = 4, 'none', 10
+  config = tiny_config(model=dict(depth=3, schedule='none', num_classes=10))
   full = config.model.copy_and_resolve_references()
   config.model.depth = 1
   res = benchmark.run_forward(config, batch_size=2, num_iters=3, warmup=1,
@@ -374,13 +370,7 @@ def test_paper_preset_through_the_command_line_with_small_overrides(tmp_path):
 def test_every_method_at_two_schedules_in_one_run():
   """The competing methods (docs/algorithm.md §16) timed with the others, each
   compressing method at both schedules, in the same rounds; one trace each."""
-  from pyra_jax.configs import common  # pylint: disable=g-import-not-at-top
-  config = common.get_base_config()
-  m = config.model
-  m.variant, m.image_size, m.patch_size = 'Ti/8', 32, 8
-  m.width, m.depth, m.num_heads, m.mlp_dim = 32, 2, 2, 64
-  m.lora_rank, m.schedule, m.num_classes = 4, '4,2', 10
-  m.tofu_prune_layers = 1
+  config = tiny_config(model=dict(num_classes=10, tofu_prune_layers=1))
   res = benchmark.run_forward(
       config, batch_size=2, num_iters=2, warmup=1, matmul_size=64, gemm_bound=False,
       methods=('peft', 'tome', 'pyra', 'evit', 'evit_own', 'tofu', 'ats', 'diffrate'),

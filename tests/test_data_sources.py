@@ -27,9 +27,8 @@ from tensorflow_datasets.testing import mocking  # pylint: disable=g-import-not-
 
 from pyra_jax.data import DataError, from_arrays, from_tf_dataset, get_data  # pylint: disable=g-import-not-at-top
 from tests.helpers.cli import ROOT  # pylint: disable=g-import-not-at-top
+from tests.helpers.data import MEAN, STD, image_ids  # pylint: disable=g-import-not-at-top
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
 # Written in this order; torchvision numbers classes by sorted name, and
 # Python sorts capitals first: C_emu, a_cat, b_dog.
 CLASSES = ('b_dog', 'a_cat', 'C_emu')
@@ -46,12 +45,6 @@ def _random_images(n, seed):
 def _grey_id(i, size=8):
   """Image i is uniformly grey with value 10 + 6 i: its id survives resizing."""
   return np.full((size, size, 3), 10 + 6 * i, np.uint8)
-
-
-def _ids(images):
-  """The ids of imagenet-normalised grey images (their mean value)."""
-  pixels = (images * STD + MEAN) * 255.0
-  return np.round((pixels.mean(axis=(1, 2, 3)) - 10) / 6).astype(int)
 
 
 def _save(path: Path, image) -> None:
@@ -156,7 +149,7 @@ def _grey_class_tree(root, sizes):
 def _split_ids(cfg, split, batch=4):
   data = get_data(cfg, split, batch, image_size=4, train=False, seed=0)
   batches = list(data)
-  got = np.concatenate([_ids(b['image'][b['mask']]) for b in batches])
+  got = np.concatenate([image_ids(b['image'][b['mask']]) for b in batches])
   labels = np.concatenate([b['label'][b['mask']] for b in batches])
   return data, got, labels
 
@@ -494,14 +487,14 @@ def test_eval_pads_and_masks_each_image_once_on_every_route(tmp_path):
       batches = list(data)
       assert [list(b['mask']) for b in batches] == [[True] * 3, [True] * 3,
                                                     [True, False, False]], route
-      ids = np.concatenate([_ids(b['image'][b['mask']]) for b in batches])
+      ids = np.concatenate([image_ids(b['image'][b['mask']]) for b in batches])
       assert sorted(ids) == list(range(n)), route
       assert (batches[-1]['image'][1:] == 0).all() and (batches[-1]['label'][1:] == 0).all()
       got = dict(zip(ids, np.concatenate([b['label'][b['mask']] for b in batches])))
       assert got == {i: labels[i] for i in range(n)}, route
   train = from_arrays(grey, labels, batch_size=batch, image_size=4, train=True, seed=1)
   assert train.steps_per_epoch == 2  # drop_remainder
-  epoch = np.concatenate([_ids(b['image']) for b in _take(train, 2)])
+  epoch = np.concatenate([image_ids(b['image']) for b in _take(train, 2)])
   assert len(set(epoch)) == 6  # Six different images in the first epoch's two batches.
 
 
