@@ -23,6 +23,7 @@ from pyra_jax.models import build_model
 from pyra_jax.training import loop
 from pyra_jax.training import steps
 from tests.helpers.cli import cli, reset_flags, run_main
+from tests.helpers.models import tiny_config
 
 IMAGE = 32
 
@@ -30,11 +31,12 @@ IMAGE = 32
 # --- DeiT: train on the class-token head, evaluate the mean of both heads -----
 
 def _deit_config(**model):
+  """The base config's training fields, the tiny model as a one-block DeiT."""
   c = common.get_base_config()
-  c.model.update(variant='Ti/8', width=32, depth=1, num_heads=2, mlp_dim=64,
-                 image_size=IMAGE, num_classes=5, lora_rank=4, method='peft',
-                 schedule='none', distilled=True, lora_dropout=0.0, drop_path=0.0)
-  c.model.update(model)
+  c.model = tiny_config(model={
+      'depth': 1, 'image_size': IMAGE, 'num_classes': 5, 'method': 'peft',
+      'schedule': 'none', 'distilled': True, 'lora_dropout': 0.0, 'drop_path': 0.0,
+      **model}).model
   c.num_epochs, c.warmup_epochs, c.lr = 2, 0, 1e-2
   return c
 
