@@ -28,7 +28,7 @@ from pyra_jax.methods.base import AttentionRequest
 from pyra_jax.models import vit
 from pyra_jax.models.peft import PeftSettings
 from tests.helpers import reference_methods as ref
-from tests.helpers.cli import ROOT, cli, one_sentence
+from tests.helpers.cli import ROOT, cli, one_sentence, reset_flags, run_main
 from tests.helpers.data import require_offline_mnist
 from tests.helpers.models import jit_features, random_params, tiny_config
 
@@ -482,12 +482,14 @@ def test_a_search_short_of_its_target_says_what_to_change():
   assert "no 'diffrate' group" in msg and '(now' not in msg
 
 
-def test_ltmp_training_reports_both_flops_figures(tmp_path):
+def test_ltmp_training_reports_both_flops_figures(tmp_path, capsys, monkeypatch):
   require_offline_mnist()
   wd = tmp_path / 'ltmp'
-  code, out, err = cli('--config=configs/tiny.py:method=ltmp', f'--workdir={wd}',
-                       '--config.num_epochs=1', '--config.model.ltmp_flops_target=0.6',
-                       '--config.model.ltmp_merge_init=0.5', timeout=900)
+  code, out, err = run_main(capsys, monkeypatch, '--config=configs/tiny.py:method=ltmp',
+                            f'--workdir={wd}', '--config.num_epochs=1',
+                            '--config.model.ltmp_flops_target=0.6',
+                            '--config.model.ltmp_merge_init=0.5')
+  reset_flags()
   assert code == 0, err
   assert 'static shapes run all tokens: 1.0' in out
   r = json.loads((wd / 'results.json').read_text())['ltmp']
