@@ -443,6 +443,9 @@ def main(argv: list[str]) -> None:
     from pyra_jax.training import evaluation, loop, setup  # pylint: disable=g-import-not-at-top
     from pyra_jax.training import export as export_lib  # pylint: disable=g-import-not-at-top
     logging.info('JAX devices: %s', jax.devices())
+    if mode != 'train':  # (train resolves it under the workdir's lock)
+      from pyra_jax import speedup_timer  # pylint: disable=g-import-not-at-top
+      speedup_timer.resolve(config, _WORKDIR.value)  # 'speedup:<x>': the workdir's choice
     if mode == 'train':
       r = loop.train_and_evaluate(
           config, _WORKDIR.value,
