@@ -1064,6 +1064,14 @@ def define_flags() -> dict[str, Any]:
           'profile_calls', 0, 'train mode: after timing, profile this many calls of '
           'each step and print ms by phase (forward, backward, optimizer) and part '
           '(dense/attention matmuls, softmax, GELU, LayerNorm, RNG, merge, other).'),
+      curve=flags.DEFINE_bool(
+          'curve', False, 'Print the measured speed-up vs FLOPs ratio over the '
+          'schedule families of --methods (PYRA: Eq. 8; ToMe: constant r), the '
+          "choices model.schedule='speedup:<x>' picks from; --batch_size, "
+          '--num_iters apply (pyra_jax/speedup_curve.py).'),
+      curve_points=flags.DEFINE_integer('curve_points', 10,
+                                        '--curve: schedules timed per family.'),
+      curve_png=flags.DEFINE_string('curve_png', '', '--curve: also plot it to this PNG.'),
       preset=flags.DEFINE_enum(
           'preset', '', ['', 'paper'],
           "paper: the authors' timing (batch 512, 10 s warm-up, then rounds "
@@ -1096,6 +1104,7 @@ FLAG_RANGES: dict[str, field_ranges.Range] = {
     'matmul_size': field_ranges.Range(1, integer=True, why='n of the reference matmul'),
     'num_classes': field_ranges.Range(1, integer=True, why='the head size'),
     'profile_calls': field_ranges.Range(0, integer=True, why='profiled calls per step'),
+    'curve_points': field_ranges.Range(2, integer=True, why='schedules timed per family'),
 }
 
 
@@ -1135,6 +1144,11 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
     check_flags({k: fl[k].value for k in FLAG_RANGES})
   except BenchmarkError as e:
     raise SystemExit(f'error: {e}') from None
+  if fl['curve'].value:
+    run_curve(config, fl, methods)
+    return
+  if fl['curve_png'].value:
+    raise app.UsageError('--curve_png plots the --curve measurement: add --curve.')
   train = fl['mode'].value == 'train'
   defaults = {'batch_size': 8 if jax.devices()[0].platform == 'cpu' else 64,
               'num_iters': 5 if train else 10, 'min_seconds': 0.0,
@@ -1174,6 +1188,34 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
     with open(out, 'w') as f:
       json.dump(res, f, indent=2)
     print(f'wrote {out}')
+  sys.stdout.flush()
+
+
+def run_curve(config: ml_collections.ConfigDict, fl: dict[str, Any],
+              methods: Sequence[str]) -> None:
+  """--curve: speedup_curve's table (and JSON with --out, PNG with --curve_png)."""
+  from pyra_jax import speedup_curve, speedup_timer  # pylint: disable=g-import-not-at-top
+  if fl['mode'].value == 'train':
+    raise app.UsageError('--curve times deployed models: drop --mode=train.')
+  config = ml_collections.ConfigDict(config.to_dict())
+  if fl['image_size'].value:
+    config.model.image_size = fl['image_size'].value
+  if fl['dtype'].value != 'float32':
+    config.dtype = fl['dtype'].value
+  try:
+    res = speedup_curve.curve(
+        config, methods=methods, points=fl['curve_points'].value,
+        batch=fl['batch_size'].value or speedup_timer.default_batch(),
+        rounds=fl['num_iters'].value or 10)
+  except errors.PyraError as e:
+    raise SystemExit(f'error: {e}') from None
+  print(speedup_curve.format_curve(res))
+  for path, write in ((fl['out'].value, lambda p: json.dump(res, open(p, 'w'), indent=2)),
+                      (fl['curve_png'].value, lambda p: speedup_curve.plot_curve(res, p))):
+    if path:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      write(path)
+      print(f'wrote {path}')
   sys.stdout.flush()
 
 
