@@ -15,7 +15,7 @@ Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it when
 complete, so a run killed while saving leaves the previous step as the latest
 and the half-written directory is ignored (and cleaned up).
 
-What else keeps a user's work (README "Reliability"):
+What else keeps a user's work (docs/reliability.md):
   * retention is ours, not Orbax's: the newest `keep` *verified* checkpoints stay,
     plus the one just written. A checkpoint is verified once the step after it
     computed a finite loss from its parameters, so after a divergence the

@@ -95,7 +95,7 @@ _MULTIHOST = flags.DEFINE_bool(
     'them (or the environment variables JAX_COORDINATOR_ADDRESS, '
     'JAX_NUM_PROCESSES, JAX_PROCESS_ID). Also done automatically when such an '
     'environment with several processes is detected. Every process runs the '
-    'same command with the same config and --workdir (README, "Multi-host").')
+    'same command with the same config and --workdir (docs/usage.md, "Multi-host").')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, '--multihost: host:port of process 0, where '
     'the coordinator listens (the same on every process), e.g. localhost:12345 '
@@ -389,7 +389,7 @@ def _report_speedup(config, workdir: str) -> None:
   Stored in <workdir>/speedup.json, once: the shapes and so the speeds are
   those of the run, so a rerun of the command does not measure again.
   """
-  from pyra_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from pyra_jax import throughput  # pylint: disable=g-import-not-at-top
   method = config.model.method
   if method == 'peft':
     return
@@ -399,13 +399,8 @@ def _report_speedup(config, workdir: str) -> None:
     return
   print(f'measuring inference throughput: uncompressed vs {method} '
         f'(batch {config.eval_batch_size}, deployed models) ...', flush=True)
-  res = benchmark.run_forward(config, batch_size=config.eval_batch_size,
-                              methods=('peft', method), num_iters=5, warmup=1,
-                              matmul_size=512)
-  fast, slow = res['models'][method], res['models']['peft']
-  print(f'throughput: {method} {fast["images_per_sec"]:.1f} images/s vs uncompressed '
-        f'{slow["images_per_sec"]:.1f} images/s: {fast["speedup"]:.2f}x faster '
-        f'(FLOPs ratio {fast["flops_ratio"]:.2f}x)')
+  res = throughput.speedup_after_training(config)
+  print(throughput.speedup_line(res, method))
   from pyra_jax.training import records  # pylint: disable=g-import-not-at-top
   records.write_json(os.path.join(workdir, 'speedup.json'), res)
 

@@ -123,13 +123,13 @@ def directory_message(path: str) -> str:
             f'--export_dir={path}, benchmark it with python -m '
             f'pyra_jax.benchmark, or use it as a distillation teacher with '
             f'config.distill.teacher_export={path}; model_init takes the '
-            'pretrained backbone (README, "Pretrained weights").')
+            'pretrained backbone (docs/usage.md, "Pretrained weights").')
   if {'params', 'meta'} <= entries or 'checkpoints' in entries:
     return (f'{path} is a pyra_jax training workdir or checkpoint, not '
             'pretrained weights: evaluate it with --mode=eval --workdir=..., '
             'export it with --mode=export, or use it as a distillation teacher '
             'with config.distill.teacher_workdir; model_init takes the '
-            'pretrained backbone (README, "Pretrained weights").')
+            'pretrained backbone (docs/usage.md, "Pretrained weights").')
   weights = sorted(e for e in entries
                    if os.path.splitext(e)[1].lower() in _WEIGHT_EXTS)
   if weights:
@@ -139,7 +139,7 @@ def directory_message(path: str) -> str:
             f'{", ..." if len(weights) > 3 else ""}).')
   return (f'{path} is a directory that holds no weight file '
           f'({", ".join(_WEIGHT_EXTS)}): point model_init (or `--src`) at the '
-          'pretrained weights file (README, "Pretrained weights").')
+          'pretrained weights file (docs/usage.md, "Pretrained weights").')
 
 
 def _check_npz(path: str, head: bytes) -> None:

@@ -1,6 +1,6 @@
 """Pretrained weights by Hugging Face Hub name: `hf-hub:<owner>/<repo>`.
 
-The paper's backbones are mirrored on the Hub under timm's names (README,
+The paper's backbones are mirrored on the Hub under timm's names (docs/usage.md,
 "Pretrained weights"), which many users can reach when the original cloud
 bucket is closed to them. A spec
 
@@ -93,7 +93,7 @@ def parse(spec: str) -> HubSpec:
   if problem:
     raise common.CheckpointError(
         f'{spec!r} is not a Hub name: write hf-hub:<owner>/<repo>[/<file in '
-        f'the repo>][@<revision>] ({problem}), e.g. {_EXAMPLE} (README, '
+        f'the repo>][@<revision>] ({problem}), e.g. {_EXAMPLE} (docs/usage.md, '
         '"Pretrained weights", lists the paper\'s).')
   return HubSpec(repo_id='/'.join(parts[:2]),
                  filename='/'.join(parts[2:]) or DEFAULT_FILE,
@@ -141,7 +141,7 @@ def resolve(spec: str) -> str:
   except errors.RepositoryNotFoundError:
     raise common.CheckpointError(
         f'{spec}: the Hub has no repository {hub.repo_id} (or it is private): '
-        'check the name against the table in the README, "Pretrained '
+        'check the name against the table in docs/usage.md, "Pretrained '
         'weights".') from None
   except errors.RevisionNotFoundError:
     raise common.CheckpointError(

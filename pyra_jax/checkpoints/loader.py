@@ -54,7 +54,7 @@ RANDOM_INIT = 'random'
 
 # Where a paper backbone's weights come from, keyed by (variant, distilled), for
 # the message that refuses a run without weights: the Hugging Face Hub name(s)
-# (README "Pretrained weights" has the table) and, where the paper's original
+# (docs/usage.md, "Pretrained weights", has the table) and, where the paper's original
 # file is in the cloud bucket, that route. ViT-L/16 covers both the
 # ImageNet-21K and the MAE settings (same variant).
 _PAPER_WEIGHTS = {
@@ -81,7 +81,7 @@ def missing_weights_message(model_config) -> str:
   hub, bucket = _PAPER_WEIGHTS.get(
       (variant, bool(model_config.distilled)), (None, None))
   if hub is None:
-    fetch = (f'convert a pretrained {variant} checkpoint (a format of README '
+    fetch = (f'convert a pretrained {variant} checkpoint (a format of docs/usage.md, '
              '"Pretrained weights") once with `python -m pyra_jax.convert --src '
              'FILE --out weights.npz`')
   else:
@@ -93,7 +93,7 @@ def missing_weights_message(model_config) -> str:
       fetch += f' or from the original file (`{bucket[0]}`, then --src {bucket[1]})'
   return (f'config.model_init is empty, so the frozen {variant} backbone would be '
           f'random: {fetch}, and add init=weights.npz to the config argument '
-          '(README, "Pretrained weights"); '
+          '(docs/usage.md, "Pretrained weights"); '
           f"set --config.model_init={RANDOM_INIT} only to train on a random "
           'backbone on purpose (tests, smoke runs).')
 
@@ -153,7 +153,7 @@ def read_checkpoint(path: str, fmt: str = 'auto',
     raise CheckpointError(filecheck.unreadable_message(path)) from None
   except OSError:
     raise CheckpointError(
-        f'Checkpoint {path!r} does not exist. Download the weights (README, '
+        f'Checkpoint {path!r} does not exist. Download the weights (docs/usage.md, '
         '"Pretrained weights"), e.g. `gsutil cp gs://vit_models/imagenet21k/'
         'ViT-B_16.npz .`, and optionally convert them once with\n'
         '  python -m pyra_jax.convert --src <downloaded file> --out '

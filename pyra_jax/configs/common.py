@@ -69,7 +69,7 @@ def get_base_config() -> ml_collections.ConfigDict:
                                 # 'trunc_normal': A, B ~ N(0, 0.02²) cut at ±2
                                 # (timm's trunc_normal_), the authors' code as built
 
-  # The trainable module (docs/algorithm.md §13-15; README "PEFT modules"):
+  # The trainable module (docs/algorithm.md §13-15; docs/methods.md "PEFT modules"):
   # 'lora' (above) | 'adapter' (the authors' bottleneck Adapter after the MLP,
   # Tables 18-19) | 'convpass' (3x3 convolutional bypasses beside attention and
   # the MLP, Jie & Deng 2022; Table 20) | 'fact' (FacT, Jie & Deng 2023) |
@@ -174,7 +174,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- Pretrained weights ---------------------------------------------------
   # Path to a checkpoint, a Hub name 'hf-hub:<owner>/<repo>[/<file>][@<rev>]'
-  # (README, "Pretrained weights"), or 'random' for a random frozen backbone
+  # (docs/usage.md, "Pretrained weights"), or 'random' for a random frozen backbone
   # (tests and smoke runs only). '' (not set) is refused with the commands to
   # fetch weights.
   config.model_init = ''
@@ -230,7 +230,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.pyra_lr = -1.0         # PYRA generators; -1: same as lr (the code's behaviour)
   # DiffRate's rate logits during --mode=search (group 'diffrate'); -1: lr. The
   # method's 0.01 is for ~3,750 ImageNet steps; a VTAB-1k search has 30-100, and
-  # Adam moves a logit at most ~lr per step (README "LTMP and DiffRate").
+  # Adam moves a logit at most ~lr per step (docs/methods.md, "LTMP").
   config.diffrate_lr = 0.1
   config.warmup_init_lr = 1e-6  # learning rate at step 0
   config.min_lr = 1e-5          # learning rate at the end of the cosine
@@ -262,7 +262,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- Distillation (PE-Dist, the paper's Table 15) ----------------------------
   # Train on CE + weight·T²·KL(softmax(teacher/T) || softmax(student/T)) towards a
   # frozen teacher, one of our trained models, run in eval mode inside the step
-  # (docs/algorithm.md §10; README "PE-Dist"). Only for training: eval and
+  # (docs/algorithm.md §10; docs/usage.md "PE-Dist"). Only for training: eval and
   # export of the student never load the teacher.
   distill = config.distill = ml_collections.ConfigDict()
   distill.enabled = False       # True: distil from the teacher below (the config
@@ -288,7 +288,7 @@ def get_base_config() -> ml_collections.ConfigDict:
                                 # 'max' (the best periodic eval, what the authors' code reports)
   config.checkpoint_every_steps = 200  # Orbax checkpoint cadence (and one at the end)
   config.keep_checkpoints = 2   # how many recent good checkpoints stay (>= 1; the newest
-                                # always stays; README "Reliability")
+                                # always stays; docs/reliability.md)
   config.benchmark_after_training = False  # time the deployed model vs uncompressed
   # model.schedule = 'speedup:<x>[@<batch>]': how the speed-ups are measured
   # (deployed models, random weights, paired with the uncompressed model in

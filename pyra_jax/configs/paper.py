@@ -19,7 +19,7 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
                    ltmp | diffrate (their FLOPs targets are the level's)
   peft=P           model.peft, the trainable module: lora (default) | adapter |
                    convpass | fact | snf (Tables 18-20; any but lora turns LoRA
-                   off; README "PEFT modules"); the adapter/convpass bottleneck
+                   off; docs/methods.md "PEFT modules"); the adapter/convpass bottleneck
                    is the backbone's peft_dim below. The module is set up as its
                    authors' code runs it (`AUTHORS_MODULE_SETTINGS`): adapter gets
                    adapter_init='trunc_normal', fact gets fact_tk_layout='authors'

@@ -29,7 +29,7 @@ an hour in (a bad test image would otherwise surface only after training):
     with its end marker, which catches files cut short. Any image these
     cheap checks doubt is decoded in full by the pipeline's own decoder, which
     has the last word, so a valid image is never refused. On the real
-    CIFAR-10 test split (10,000 JPEGs) the checks take about a second (README).
+    CIFAR-10 test split (10,000 JPEGs) the checks take about a second.
 An image that passes these checks and still fails to decode (damaged inside)
 is found and named when the pipeline hits it (`locate_unreadable`).
 

@@ -13,8 +13,8 @@ relatively accurate. Training the same run on one and on two processes then
 drifted 100× further apart (largest parameter difference after 25 steps of
 the multi-host test: 8e-5 against 5e-7), because AdamW turns near-zero
 gradient components' round-off into whole steps. Reproducibility across
-device counts matters more to our users than 10 % of a CPU step (README,
-"Against the authors' code").
+device counts matters more to our users than 10 % of a CPU step (docs/performance.md,
+"Against the authors' PyTorch code").
 """
 
 from __future__ import annotations
