@@ -4,7 +4,8 @@
 built: it reads the model's shape, the device and the batch (the cache key),
 and hands `speedup.resolve_config` a timer that measures deployed models
 (LoRA folded, eval mode, random weights: speed does not depend on their
-values) round-robin against the uncompressed model in the same rounds.
+values) round-robin against the uncompressed model in the same rounds, through
+`pyra_jax.throughput` (the library side of the benchmark).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 
 from pyra_jax import speedup
+from pyra_jax import throughput
 from pyra_jax.errors import ConfigError
 from pyra_jax.methods import base as methods_base
 from pyra_jax.models import vit
@@ -74,26 +77,28 @@ def geometry_and_about(config: ml_collections.ConfigDict) -> tuple[Any, dict[str
   return geo, about
 
 
-def measure_with_benchmark(config: ml_collections.ConfigDict, schedules_: Sequence[str],
-                           batch: int, rounds: int) -> dict[str, dict[str, float]]:
-  """The one adapter onto the timing harness: `benchmark.run_forward` times the
-  uncompressed model and the method at each schedule round-robin; returns, per
-  schedule text, the paired speed-up and both throughputs."""
-  from pyra_jax import benchmark  # pylint: disable=g-import-not-at-top
+def measure(config: ml_collections.ConfigDict, schedules_: Sequence[str],
+            batch: int, rounds: int) -> dict[str, dict[str, float]]:
+  """Times the uncompressed model and the method at each schedule round-robin
+  (`throughput.build_forward`, `throughput.round_robin`: one call of each per
+  round); returns, per schedule text, the paired speed-up (median over rounds of
+  the within-round ratio), its spread, and both throughputs."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.model = uncompressed(config.model)
   method = config.model.method
-  res = benchmark.run_forward(c, batch_size=batch, dtype=c.get('dtype', 'float32'),
-                              num_iters=rounds, warmup=1, matmul_size=64,
-                              methods=('peft', method), gemm_bound=False,
-                              schedules_=tuple(schedules_))
-  base = res['models']['peft']
+  fm = throughput.build_forward(c, batch_size=batch, dtype=c.get('dtype', 'float32'),
+                                methods=('peft', method), schedules_=tuple(schedules_))
+  times = throughput.round_robin(fm.calls, num_iters=rounds, min_seconds=0.0, warmup=1)
+  base = times['peft']
   out = {}
   for s in schedules_:
-    m = res['models'][f'{method}@{s}']
-    out[s] = {'speedup': float(m['speedup']), 'images_per_sec': float(m['images_per_sec']),
-              'uncompressed_images_per_sec': float(base['images_per_sec']),
-              'rounds': int(res['settings']['rounds'])}
+    t = times[f'{method}@{s}']
+    spread = throughput.speedup_spread(base, t)
+    out[s] = {'speedup': throughput.paired_median(base, t),
+              'speedup_q25': spread['q25'], 'speedup_q75': spread['q75'],
+              'images_per_sec': batch / float(np.median(t)),
+              'uncompressed_images_per_sec': batch / float(np.median(base)),
+              'rounds': len(t)}
   return out
 
 
@@ -103,7 +108,7 @@ def make_timer(config: ml_collections.ConfigDict, batch: int, rounds: int) -> sp
 
   def timer(cands: Sequence[speedup.Candidate]) -> Mapping[str, speedup.Measurement]:
     texts = [speedup.schedule_text(method, c) for c in cands]
-    got = measure_with_benchmark(config, texts, batch, rounds)
+    got = measure(config, texts, batch, rounds)
     return {c.key: got[t] for c, t in zip(cands, texts)}
   return timer
 
