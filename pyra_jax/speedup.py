@@ -182,6 +182,7 @@ class Choice:
   measured: dict[str, Measurement]
   passes_timed: int
   gap: bool  # the pick is above tolerance and the family has nothing in between
+  exhausted: bool = False  # above tolerance after MAX_PASSES refinements
 
 
 def choose(request: Request, cands: Sequence[Candidate], timer: Timer, *,
@@ -247,8 +248,8 @@ def choose(request: Request, cands: Sequence[Candidate], timer: Timer, *,
   pick = pick_above()
   if pick is None:
     raise refuse()
-  return Choice(pick, measured[pick.key], measured, passes,
-                gap=measured[pick.key]['speedup'] - x > tolerance * x)
+  return Choice(pick, measured[pick.key], measured, passes, gap=False,
+                exhausted=measured[pick.key]['speedup'] - x > tolerance * x)
 
 
 # --------------------------------------------------------------------------- #
@@ -397,7 +398,7 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: Optional[str], *,
       'schedule': text,
       'chosen': {'schedule': list(chosen.schedule), 'param': chosen.param,
                  'flops_ratio': chosen.flops_ratio, **choice.measurement},
-      'tolerance': opts['tolerance'], 'gap': choice.gap,
+      'tolerance': opts['tolerance'], 'gap': choice.gap, 'exhausted': choice.exhausted,
       'source': 'measured' if choice.passes_timed else 'cache',
       'passes_timed': choice.passes_timed,
       'measured': sorted(({'schedule': k, **v, 'flops_ratio': next(
@@ -411,7 +412,8 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: Optional[str], *,
       pass
   config.model.schedule = text
   note = (f' (nothing in the family lies between it and the next one below {req.target:g}x)'
-          if choice.gap else '')
+          if choice.gap else f' (more than {opts["tolerance"]:.0%} above the target after '
+          f'{MAX_PASSES} refinements)' if choice.exhausted else '')
   log(f"{req.spec}: measured {choice.measurement['speedup']:.2f}x{where} "
       f"(FLOPs ratio {chosen.flops_ratio:.2f}x, from {rec['source']}){note}: "
       f'schedule {text}')

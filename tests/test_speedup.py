@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from pyra_jax import recipe
 from pyra_jax import schedules
 from pyra_jax import speedup
 from pyra_jax import speedup_curve
@@ -116,6 +117,7 @@ def test_choice_is_the_brute_force_pick_within_the_tolerance(method):
     if got.gap:  # nothing of the family lies between the pick and the one below x
       assert best == s
     else:
+      assert not got.exhausted
       assert s <= x * (1 + tol)
       assert s - best <= tol * x
     assert timer.timed < len(fam) or len(fam) <= 6 * speedup.MAX_PASSES
@@ -206,7 +208,8 @@ def test_real_timing_on_the_tiny_model(tmp_path):
               for m in rec['measured']}
   assert measured[tuple(rec['chosen']['schedule'])] == s
   assert s == min(v for v in measured.values() if v >= x)
-  if s > x * (1 + tol):  # only when the family has nothing left in between
+  assert rec['gap'] or rec['exhausted'] or s <= x * (1 + tol)
+  if rec['gap']:  # the family has nothing left in between
     below = max((TINY_RATIO(k) for k, v in measured.items() if v < x), default=1.0)
     assert not [f for f in speedup.family('pyra', TINY)
                 if below < f.flops_ratio < TINY_RATIO(tuple(rec['chosen']['schedule']))
@@ -219,6 +222,7 @@ def TINY_RATIO(sched):  # pylint: disable=invalid-name
 
 def test_cli_refuses_a_target_out_of_reach_in_one_sentence(tmp_path):
   c = tiny_config(tmp_path, 'speedup:50')
+  recipe.apply(c)  # as the command does before anything else
   geo, about = speedup_timer.geometry_and_about(c)
   fam = speedup.family('pyra', geo)
   key = speedup.cache_key({**about, 'batch': speedup_timer.default_batch()})
