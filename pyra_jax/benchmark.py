@@ -3,6 +3,12 @@ r"""Throughput, FLOPs and memory of the deployed models, side by side.
   python -m pyra_jax.benchmark --config=configs/vitb_high.py --out=bench.json
   python -m pyra_jax.benchmark --config=configs/vitb_low.py --mode=train
   python -m pyra_jax.benchmark --config=configs/vitb_high.py --peft=lora,adapter,convpass,fact,snf
+  python -m pyra_jax.benchmark --config=configs/demo.py --curve --curve_png=curve.png
+
+`--curve` (pyra_jax/speedup_curve.py) times schedules spread over each merging
+method's family (PYRA: Eq. 8; ToMe: constant r) against the uncompressed model
+and prints measured speed-up against FLOPs ratio: what each choice of
+model.schedule='speedup:<x>' or 'flops:<ratio>' buys on this device.
 
 Forward mode (default) builds, from one config, three deployed models (LoRA
 folded into q/k/v with `fold_lora` + `deployed_config`, eval mode):
