@@ -22,7 +22,7 @@ from pyra_jax import speedup
 from pyra_jax import speedup_curve
 from pyra_jax import speedup_timer
 from pyra_jax.configs import tiny
-from pyra_jax.errors import ScheduleError
+from pyra_jax.errors import ConfigError, ScheduleError
 from pyra_jax.methods.base import Geometry
 from pyra_jax.models import vit
 
@@ -257,3 +257,54 @@ def test_curve_with_a_fake_timer(tmp_path):
   speedup_curve.plot_curve(res, str(tmp_path / 'c.png'))
   with open(tmp_path / 'c.png', 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('rounds', 0, 'config.speedup.rounds = 0: use an integer >= 1'),
+    ('candidates', 1, 'config.speedup.candidates = 1: use an integer >= 2'),
+    ('tolerance', 0.0, r'config.speedup.tolerance = 0.0: use a finite number > 0')])
+def test_bad_speedup_settings_name_the_field(field, value, match):
+  from pyra_jax.training import checks  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.speedup[field] = value
+  with pytest.raises(ConfigError, match=match):
+    checks.check_config(c)
+  with pytest.raises(ConfigError, match=match):
+    speedup.settings(c)
+
+
+def test_training_records_the_choice_and_a_resumed_run_times_nothing(tmp_path, monkeypatch):
+  """Through the training loop: killed after its first checkpoint and resumed,
+  the run measures once; results.json holds the measurement."""
+  from tests.offline_data import require_offline_mnist  # pylint: disable=g-import-not-at-top
+  from pyra_jax.training import loop  # pylint: disable=g-import-not-at-top
+  require_offline_mnist()
+  timer = CountingTimer()
+  monkeypatch.setattr(speedup_timer, 'make_timer', lambda config, batch, rounds: timer)
+
+  def cfg():
+    c = tiny_config(tmp_path, 'speedup:1.3')
+    c.num_epochs, c.warmup_epochs, c.checkpoint_every_steps = 0.12, 0, 2  # 3 steps
+    c.data.eval_split, c.eval_batch_size = 'val200', 200
+    return c
+
+  original = loop.train_batches
+
+  def killed_after_two(data, start_step):
+    for i, batch in enumerate(original(data, start_step)):
+      if i == 2:
+        raise KeyboardInterrupt
+      yield batch
+  monkeypatch.setattr(loop, 'train_batches', killed_after_two)
+  wd = str(tmp_path / 'run')
+  with pytest.raises(KeyboardInterrupt):
+    loop.train_and_evaluate(cfg(), wd)
+  calls = timer.calls
+  assert calls >= 1
+  monkeypatch.setattr(loop, 'train_batches', original)
+  results = loop.train_and_evaluate(cfg(), wd)
+  assert timer.calls == calls and results['steps'] == 3
+  rec = results['speedup_schedule']
+  assert rec['request'] == 'speedup:1.3' and rec['chosen']['speedup'] >= 1.3
+  with open(os.path.join(wd, 'results.json')) as f:
+    assert json.load(f)['speedup_schedule']['schedule'] == results['config']['model']['schedule']
