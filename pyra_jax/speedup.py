@@ -214,6 +214,12 @@ def choose(request: Request, cands: Sequence[Candidate], timer: Timer, *,
     done = [by_key[k] for k in measured]
     best = max(done, key=lambda c: measured[c.key]['speedup'])
     s = measured[best.key]['speedup']
+    if math.floor(s * 100) / 100 <= 1:
+      return ScheduleError(
+          f'config.model.schedule = {request.spec!r} is out of reach: no schedule of '
+          f'the family is faster than the uncompressed model{describe} (the best '
+          f'measures {s:.2f}x), so merging does not pay here: time a larger batch '
+          "('speedup:<x>@<batch>') or keep model.schedule='none'.")
     return ScheduleError(
         f'config.model.schedule = {request.spec!r} is out of reach: the fastest '
         f'schedule of the family measures {s:.2f}x{describe} (FLOPs ratio '

@@ -135,6 +135,14 @@ def test_a_target_out_of_reach_is_refused_naming_the_best():
   assert '\n' not in msg and msg.count('. ') == 0
 
 
+def test_a_family_slower_than_uncompressed_is_refused_without_a_target():
+  slow = CountingTimer(lambda c: 0.9 + 0.05 * c.flops_ratio)  # at most 0.98x on TINY
+  with pytest.raises(ScheduleError, match=r"the best measures 0\.98x\), so merging does "
+                     r"not pay here: time a larger batch \('speedup:<x>@<batch>'\)"):
+    speedup.choose(speedup.Request('speedup:1.2', 1.2, None), speedup.family('pyra', TINY),
+                   slow, per_pass=3, tolerance=0.05)
+
+
 @pytest.mark.parametrize('spec,match', [
     ('speedup:', 'write'), ('speedup:abc', 'write'), ('speedup:2@x', 'write'),
     ('speedup:1', r'number > 1'), ('speedup:nan', 'number > 1'),
