@@ -298,14 +298,17 @@ def test_training_records_the_choice_and_a_resumed_run_times_nothing(tmp_path, m
 
   original = loop.train_batches
 
+  class Killed(Exception):
+    pass
+
   def killed_after_two(data, start_step):
     for i, batch in enumerate(original(data, start_step)):
       if i == 2:
-        raise KeyboardInterrupt
+        raise Killed()
       yield batch
   monkeypatch.setattr(loop, 'train_batches', killed_after_two)
   wd = str(tmp_path / 'run')
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(Killed):
     loop.train_and_evaluate(cfg(), wd)
   calls = timer.calls
   assert calls >= 1
