@@ -201,7 +201,9 @@ def evaluate(config: Config, workdir: Optional[str] = None, *,
     return export_lib.evaluate_export(os.fspath(export_dir), config)
   if workdir is None:
     raise ConfigError('evaluate: give workdir= (a training run) or export_dir= (an export).')
+  from pyra_jax import speedup_timer  # pylint: disable=g-import-not-at-top
   from pyra_jax.training import evaluation  # pylint: disable=g-import-not-at-top
+  speedup_timer.resolve(config, os.fspath(workdir))  # 'speedup:<x>': the run's choice
   return evaluation.evaluate_checkpoint(
       config, os.fspath(workdir), step, two_stage=two_stage,
       eval_data=_data(eval_data, config, train=False))
@@ -216,8 +218,11 @@ def export(config: Config, workdir: str, export_dir: Optional[str] = None, *,
   safetensors only; docs/deploy.md). Returns the export's folder.
   """
   from pyra_jax.training import export as export_lib  # pylint: disable=g-import-not-at-top
+  from pyra_jax import speedup_timer  # pylint: disable=g-import-not-at-top
   setting = config if isinstance(config, str) else None
-  return export_lib.export(_config(config), os.fspath(workdir), export_dir, step,
+  config = _config(config)
+  speedup_timer.resolve(config, os.fspath(workdir))  # 'speedup:<x>': the run's choice
+  return export_lib.export(config, os.fspath(workdir), export_dir, step,
                            two_stage=two_stage, export_format=format, setting=setting)
 
 

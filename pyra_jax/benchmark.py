@@ -3,6 +3,12 @@ r"""Throughput, FLOPs and memory of the deployed models, side by side.
   python -m pyra_jax.benchmark --config=configs/vitb_high.py --out=bench.json
   python -m pyra_jax.benchmark --config=configs/vitb_low.py --mode=train
   python -m pyra_jax.benchmark --config=configs/vitb_high.py --peft=lora,adapter,convpass,fact,snf
+  python -m pyra_jax.benchmark --config=configs/demo.py --curve --curve_png=curve.png
+
+`--curve` (pyra_jax/speedup_curve.py) times schedules spread over each merging
+method's family (PYRA: Eq. 8; ToMe: constant r) against the uncompressed model
+and prints measured speed-up against FLOPs ratio: what each choice of
+model.schedule='speedup:<x>' or 'flops:<ratio>' buys on this device.
 
 Forward mode (default) builds, from one config, three deployed models (LoRA
 folded into q/k/v with `fold_lora` + `deployed_config`, eval mode):
@@ -75,8 +81,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import re
 import resource
 import sys
 import time
@@ -89,7 +93,6 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-from flax import traverse_util
 
 from pyra_jax import errors
 from pyra_jax import field_ranges
@@ -98,242 +101,20 @@ from pyra_jax import profiling
 from pyra_jax import registry
 from pyra_jax import schedules
 from pyra_jax.models import vit
-from pyra_jax.models.lora import fold_lora
 from pyra_jax.errors import BenchmarkError  # pylint: disable=unused-import
+from pyra_jax.throughput import (DEFAULT_METHODS, DTYPES, METHODS, PyTree, Traced, block,
+                                 build_forward, forward_results, load_average,
+                                 matmul_call, matmul_result, median_iqr, method_config,
+                                 model_info, paired_median, per_model, results_header,
+                                 round_robin)
 from pyra_jax.training import checks as checks_lib
 from pyra_jax.training import setup as setup_lib
 from pyra_jax.training import steps as steps_lib
 
-PyTree = Any
-# Every method the model knows, plus 'evit_own': EViT at its own keep rate
-# (model.evit_keep_rate at model.evit_layers) rather than FLOPs-matched.
-METHODS = tuple(registry.METHODS) + ('evit_own',)
-# What `--methods` runs when not given: the original three.
-DEFAULT_METHODS = ('peft', 'tome', 'pyra')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
 
 # --------------------------------------------------------------------------- #
-# Models
+# Forward extras: the merge operations alone, the dense-layer ceiling
 # --------------------------------------------------------------------------- #
-
-def method_config(model_config: ml_collections.ConfigDict, method: str, *,
-                  image_size: int, num_classes: int,
-                  peft: Optional[str] = None, schedule: Optional[str] = None
-                  ) -> ml_collections.ConfigDict:
-  """The config's model section switched to `method` (and `schedule` if given),
-  and, if given, to the PEFT module `peft`.
-
-  Every compressing method gets the same schedule: tome/pyra/tofu merge its
-  r per layer, ats samples N - r slots, and evit solves the keep rate whose
-  FLOPs match it (docs/algorithm.md §16), unless the config itself is an EViT
-  config at its own keep rate, or the method is 'evit_own'.
-  """
-  if method not in METHODS:
-    raise BenchmarkError(f'Unknown method {method!r}: use some of {METHODS}.')
-  c = ml_collections.ConfigDict(model_config.to_dict())
-  if schedule is not None:
-    c.schedule = schedule
-  if method == 'evit_own':
-    c.evit_match_flops = False
-  elif method == 'evit' and (model_config.method != 'evit' or schedule is not None):
-    c.evit_match_flops = c.schedule != 'none'
-  method = 'evit' if method == 'evit_own' else method
-  c.method = method
-  if peft is not None:
-    if peft not in registry.PEFT_MODULES:
-      raise BenchmarkError(f'Unknown PEFT module {peft!r}: use some of '
-                           f'{tuple(registry.PEFT_MODULES)}.')
-    c.peft = peft
-  c.image_size = image_size
-  if c.num_classes is None:
-    c.num_classes = num_classes
-  if method == 'pyra' and c.modulation == 'none':
-    c.modulation = 'pyra'
-  if method == 'diffrate' and not c.get('diffrate_rates'):
-    c.diffrate_rates = schedule_as_diffrate_rates(c)
-  return c
-
-
-def schedule_as_diffrate_rates(model_config: ml_collections.ConfigDict) -> str:
-  """DiffRate's rates when no search has run: the schedule's r_l merged, none pruned.
-
-  DiffRate's speed depends on how many tokens each layer keeps, which a search
-  sets to meet its FLOPs target; timing it at the schedule's own counts gives
-  the same FLOPs as ToMe's, what a search aiming at that budget converges to.
-  The inline form of `model.diffrate_rates`: kept counts after pruning (none:
-  the layer's input count) ; kept counts after merging.
-  """
-  as_tome = ml_collections.ConfigDict(model_config.to_dict())
-  as_tome.method = 'tome'
-  kw = vit.model_kwargs(as_tome, num_classes=1)
-  n0 = (model_config.image_size // kw['patch_size']) ** 2 + 1 + int(kw['distilled'])
-  counts = schedules.token_counts(kw['reducer'].schedule, n0)  # n0, n1, ..., n_depth
-  prune = ','.join(str(n) for n in counts[:-1])
-  merge = ','.join(str(n) for n in counts[1:])
-  return f'{prune};{merge}'
-
-
-def _randomize(params: PyTree, pattern: str, key: jax.Array) -> PyTree:
-  """Gives zero-initialised leaves (LoRA up, PYRA w_d) random values, so the
-  folded kernels and the modulation are not trivially the initial ones."""
-  flat = traverse_util.flatten_dict(params, sep='/')
-  keys = jax.random.split(key, len(flat))
-  out = {k: (v + 0.02 * jax.random.normal(kk, v.shape, v.dtype)
-             if re.search(pattern, k) else v)
-         for kk, (k, v) in zip(keys, flat.items())}
-  return traverse_util.unflatten_dict(out, sep='/')
-
-
-def init_params(model_config: ml_collections.ConfigDict, image_size: int,
-                seed: int = 0) -> PyTree:
-  """Random training-time parameters (with LoRA) of `model_config`."""
-  model = vit.build_model(model_config)
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  params = jax.jit(lambda k: model.init(k, x))(jax.random.PRNGKey(seed))['params']
-  return _randomize(params, r'lora/up|pyra/w_d|convpass/(attn|mlp)/up|fact/v',
-                    jax.random.PRNGKey(seed + 1))
-
-
-def strip_scope(params: PyTree, name: str) -> PyTree:
-  """Drops every subtree called `name` (e.g. 'pyra' to get the ToMe tree)."""
-  if not isinstance(params, dict):
-    return params
-  return {k: strip_scope(v, name) for k, v in params.items() if k != name}
-
-
-def deployed(model_config: ml_collections.ConfigDict, image_size: int, dtype: Any,
-             params: Optional[PyTree] = None, seed: int = 0):
-  """(model, params) of the deployed model: LoRA folded, eval mode."""
-  dep = vit.deployed_config(model_config)
-  model = vit.build_model(dep, dtype=dtype)
-  if params is None:
-    params = init_params(model_config, image_size, seed)
-  if model_config.get('peft', 'lora') != 'lora' or _has_scope(params, 'fact'):
-    params = vit.fold_peft(params, model_config)  # FacT folds, SNF stays
-  elif model_config.lora_rank > 0 or _has_scope(params, 'lora'):
-    params = fold_lora(params)
-  return model, jax.device_put(params)
-
-
-def _has_scope(tree: PyTree, name: str) -> bool:
-  return isinstance(tree, dict) and any(
-      k == name or _has_scope(v, name) for k, v in tree.items())
-
-
-def load_params(path: str) -> tuple[PyTree, ml_collections.ConfigDict]:
-  """Params and config of a pyra_jax export (imported lazily: needs Orbax)."""
-  from pyra_jax.training import export  # pylint: disable=g-import-not-at-top
-  return export.load_export(path)
-
-
-def model_info(model: vit.VisionTransformer, method: str, image_size: int,
-               batch_size: int) -> dict[str, Any]:
-  """Schedule, token counts and GFLOPs per image from our counter."""
-  prefix = 1 + int(model.distilled)
-  n0 = (image_size // model.patch_size) ** 2 + prefix
-  flops = schedules.vit_flops(model.schedule, num_tokens=n0, width=model.width,
-                              mlp_ratio=model.mlp_dim / model.width)
-  info = {'method': method, 'schedule': list(model.schedule),
-          'tokens': schedules.token_counts(model.schedule, n0),
-          'gflops': flops / 1e9, 'batch_flops': flops * batch_size}
-  if method == 'ats':
-    info['tokens_note'] = ('slots the static shapes compute; repeated picks are masked, '
-                           'so fewer distinct tokens are live (live_tokens)')
-  if method == 'ltmp':
-    # Static shapes: masked tokens stay in the arrays, so every layer runs on
-    # all n0 tokens (the FLOPs above); the FLOPs of the tokens LTMP keeps
-    # depend on the images (pyra_jax.methods.ltmp.effective_flops).
-    info['note'] = ('ltmp: all tokens run (masked ones are ignored by attention); '
-                    'effective FLOPs depend on the data')
-  return info
-
-
-def live_tokens(model: vit.VisionTransformer, params: PyTree, images: jax.Array
-                ) -> list[float]:
-  """ATS: the mean count of live (unmasked) tokens after each block on `images`.
-
-  What a data-dependent implementation would compute; the static shapes
-  compute `tokens` (the slots) instead.
-  """
-  _, state = model.apply({'params': params}, images, mutable=['intermediates'])
-  inter = state['intermediates']['Transformer']
-  out = []
-  for i in range(len(model.schedule)):
-    mask = inter.get(f'size_{i}')
-    out.append(float(np.asarray(mask[0]).sum(axis=1).mean())
-               if mask is not None else float('nan'))
-  return out
-
-
-# --------------------------------------------------------------------------- #
-# Timing
-# --------------------------------------------------------------------------- #
-
-class Traced:
-  """A jitted function that counts its traces (a Python side effect runs only
-  while tracing, so count > 1 after the first call means a recompilation)."""
-
-  def __init__(self, fn: Callable[..., Any], **jit_kwargs):
-    self.traces = 0
-
-    def counted(*args):
-      self.traces += 1
-      return fn(*args)
-    self.jitted = jax.jit(counted, **jit_kwargs)
-
-  def __call__(self, *args):
-    return self.jitted(*args)
-
-
-def _block(x: Any) -> Any:
-  return jax.block_until_ready(x)
-
-
-def round_robin(calls: dict[str, Callable[[], Any]], *, num_iters: int,
-                min_seconds: float, warmup: int,
-                warmup_seconds: float = 0.0) -> dict[str, list[float]]:
-  """Times each call once per round, rounds until both limits are met.
-
-  Warm-up: `warmup` untimed calls of each (at least one, which compiles),
-  then untimed rounds until `warmup_seconds` have passed (the authors warm up
-  for 10 s: clocks and caches settle on an accelerator). Returns per-name
-  lists of seconds. Interleaving means a burst of background load slows every
-  model in the round, not just one, so ratios stay fair.
-  """
-  for fn in calls.values():
-    for _ in range(max(warmup, 1)):  # the first call compiles
-      _block(fn())
-  start = time.perf_counter()
-  while time.perf_counter() - start < warmup_seconds:
-    for fn in calls.values():
-      _block(fn())
-  times: dict[str, list[float]] = {k: [] for k in calls}
-  start = time.perf_counter()
-  rounds = 0
-  while rounds < num_iters or time.perf_counter() - start < min_seconds:
-    for name, fn in calls.items():
-      t0 = time.perf_counter()
-      _block(fn())
-      times[name].append(time.perf_counter() - t0)
-    rounds += 1
-  return times
-
-
-def _median_iqr(ts: Sequence[float]) -> tuple[float, float]:
-  q = np.percentile(np.asarray(ts), [25, 50, 75])
-  return float(q[1]), float(q[2] - q[0])
-
-
-def matmul_call(n: int, dtype: Any) -> tuple[Callable[[], Any], float]:
-  """An n x n x n matmul in `dtype` (the models' compute dtype) and its FLOPs."""
-  k1, k2 = jax.random.split(jax.random.PRNGKey(7))
-  a = jax.random.normal(k1, (n, n), jnp.float32).astype(dtype)
-  b = jax.random.normal(k2, (n, n), jnp.float32).astype(dtype)
-  f = jax.jit(jnp.matmul)
-  return (lambda: f(a, b)), 2.0 * n ** 3
-
 
 def merge_ops_call(model: vit.VisionTransformer, batch_size: int, image_size: int,
                    params: PyTree, dtype: Any) -> Optional[Callable[[], Any]]:
@@ -425,21 +206,6 @@ def dense_layers_call(model: vit.VisionTransformer, batch_size: int, image_size:
   return (lambda: f(x0, kernels)), float(flops)
 
 
-def _machine() -> dict[str, Any]:
-  dev = jax.devices()[0]
-  return {'platform': dev.platform, 'device_kind': dev.device_kind,
-          'num_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
-          'processor': platform.processor() or platform.machine(),
-          'jax': jax.__version__, 'python': platform.python_version()}
-
-
-def _load() -> list[float]:
-  try:
-    return [round(v, 2) for v in os.getloadavg()]
-  except OSError:
-    return []
-
-
 def _peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
@@ -447,81 +213,6 @@ def _peak_rss_bytes() -> int:
 # --------------------------------------------------------------------------- #
 # The two modes
 # --------------------------------------------------------------------------- #
-
-def model_name(method: str, peft: Optional[str]) -> str:
-  """'pyra' for the config's own module, 'pyra[adapter]' with --peft."""
-  return method if peft is None else f'{method}[{peft}]'
-
-
-def _setup_modules(config: ml_collections.ConfigDict, *, image_size: int,
-                   num_classes: int, methods: Sequence[str], peft_modules: Sequence[str]):
-  """Per (module, method): its model config and random training params."""
-  image_size = image_size or config.model.image_size
-  cfgs, params = {}, {}
-  for peft in peft_modules:
-    base = init_params(method_config(config.model, 'pyra', image_size=image_size,
-                                     num_classes=num_classes, peft=peft), image_size)
-    for m in methods:
-      name = model_name(m, peft)
-      cfgs[name] = method_config(config.model, m, image_size=image_size,
-                                 num_classes=num_classes, peft=peft)
-      params[name] = base if m == 'pyra' else strip_scope(base, 'pyra')
-  return image_size, cfgs, params
-
-
-def model_names(methods: Sequence[str], schedules_: Sequence[str]) -> list[tuple[str, str, Optional[str]]]:
-  """(name, method, schedule) of each model timed: with several schedules, every
-  compressing method at each ('tome@vitb_low'), peft once."""
-  if not schedules_:
-    return [(m, m, None) for m in methods]
-  out = []
-  for m in methods:
-    if m in ('peft', 'evit_own'):  # neither depends on the schedule
-      out.append((m, m, None))
-    else:
-      out.extend((f'{m}@{s}', m, s) for s in schedules_)
-  return out
-
-
-def _setup(config: ml_collections.ConfigDict, *, image_size: int, num_classes: int,
-           methods: Sequence[str], params_path: str, schedules_: Sequence[str] = ()):
-  """Per model name: its model config and (random or exported) training params."""
-  exported, export_cfg = (None, None)
-  if params_path:
-    exported, export_cfg = load_params(params_path)
-    if 'pyra' in methods and not _has_scope(exported, 'pyra'):
-      raise BenchmarkError(f'{params_path} has no PYRA generators (a ToMe or PEFT '
-                           'export): pass --methods=peft,tome.')
-  owner = export_cfg if export_cfg is not None else config
-  image_size = image_size or owner.model.image_size
-  if exported is not None and image_size != owner.model.image_size:
-    raise BenchmarkError(f'--image_size={image_size} differs from the export\'s '
-                         f'{owner.model.image_size}: drop --image_size.')
-  cfgs, params = {}, {}
-  bases = {}  # schedule -> init with PYRA's generators, whose shapes follow r_l
-  for name, m, sched in model_names(methods, schedules_):
-    src = export_cfg.model if export_cfg is not None else config.model
-    try:
-      cfgs[name] = method_config(src, m, image_size=image_size, num_classes=num_classes,
-                                 schedule=sched)
-      vit.model_kwargs(cfgs[name])  # a setting that cannot work fails here, named
-    except errors.PyraError as e:
-      raise BenchmarkError(f'{name}: {e}') from None
-    if exported is not None:
-      params[name] = exported if m == 'pyra' else strip_scope(exported, 'pyra')
-    else:
-      # One init (with pyra) per schedule; the backbone is the same in every one
-      # (flax draws each parameter from its own path), so all share it.
-      key = sched if m == 'pyra' else next(iter(bases), sched)
-      if key not in bases:
-        bases[key] = init_params(method_config(config.model, 'pyra', image_size=image_size,
-                                               num_classes=num_classes, schedule=key),
-                                 image_size)
-      params[name] = bases[key] if m == 'pyra' else strip_scope(bases[key], 'pyra')
-      if m == 'ltmp':  # its thresholds; the backbone is the same (per-path RNG)
-        params[name] = init_params(cfgs[name], image_size)
-  return image_size, cfgs, params
-
 
 def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                 dtype: str = 'float32', image_size: int = 0, num_iters: int = 10,
@@ -532,56 +223,21 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
                 warmup_seconds: float = 0.0,
                 peft_modules: Sequence[str] = (),
                 schedules_: Sequence[str] = ()) -> dict[str, Any]:
-  """Times the deployed models round-robin; returns the results dict (module doc).
+  """`throughput.run_forward` plus the tool's extras, timed in the same rounds.
 
   gemm_bound: also time each model's dense-layer matmuls alone
-  (`dense_layers_call`) in the same rounds and report the speed-up they allow.
-  reference_model: another model section (e.g. the full-depth backbone, when
-  `config` is a shallower one), deployed without merging and timed in the same
-  rounds as 'reference'; every speed-up is then over it. Throughput on a shared
-  machine drifts by 10-30 % between runs a minute apart, so a speed-up is only
-  trustworthy between models timed in the same rounds.
-  peft_modules: time every method with each of these PEFT modules (model names
-  `method[module]`, module doc); random weights only.
+  (`dense_layers_call`) and report the speed-up they allow. When something
+  merges, the merge operations alone (`merge_ops_call`) are timed too, for
+  their share of the model's time. Other arguments: `throughput.run_forward`.
   """
-  load_before = _load()
+  load_before = load_average()
   jdtype = DTYPES[dtype]
-  if peft_modules:
-    if params_path:
-      raise BenchmarkError('--peft times random weights: drop --params (an export '
-                           'holds one module only).')
-    if schedules_:
-      raise BenchmarkError('--peft times the config\'s schedule only: drop --schedules '
-                           '(or run once per schedule).')
-    image_size, cfgs, train_params = _setup_modules(
-        config, image_size=image_size, num_classes=num_classes, methods=methods,
-        peft_modules=peft_modules)
-  else:
-    image_size, cfgs, train_params = _setup(
-        config, image_size=image_size, num_classes=num_classes, methods=methods,
-        params_path=params_path, schedules_=schedules_)
-  rng = np.random.default_rng(0)
-  batches = [jnp.asarray(rng.normal(size=(batch_size, image_size, image_size, 3)),
-                         jnp.float32) for _ in range(2)]
-  names = list(cfgs)
-  timed = list(names)  # the models (without the reference)
-  if reference_model is not None:  # timed like the others, under its own name
-    cfgs['reference'] = method_config(reference_model, 'peft', image_size=image_size,
-                                      num_classes=num_classes)
-    train_params['reference'] = init_params(cfgs['reference'], image_size)
-    names.append('reference')
-  models, calls, infos, traced = {}, {}, {}, {}
-  for m in names:
-    model, params = deployed(cfgs[m], image_size, jdtype, train_params[m])
-    models[m] = (model, params)
-    infos[m] = model_info(model, cfgs[m].method, image_size, batch_size)
-    if cfgs[m].method == 'ats':
-      infos[m]['live_tokens'] = live_tokens(model, params, batches[0])
-    fn = Traced(lambda p, x, model=model: model.apply({'params': p}, x, train=False))
-    traced[m] = fn
-    counter = iter(range(1 << 62))
-    calls[m] = (lambda fn=fn, params=params, counter=counter:
-                fn(params, batches[next(counter) % 2]))
+  fm = build_forward(config, batch_size=batch_size, dtype=dtype, image_size=image_size,
+                     methods=methods, params_path=params_path, num_classes=num_classes,
+                     reference_model=reference_model, peft_modules=peft_modules,
+                     schedules_=schedules_)
+  image_size, timed, cfgs, models = fm.image_size, fm.timed, fm.cfgs, fm.models
+  calls = dict(fm.calls)
   mm, mm_flops = matmul_call(matmul_size, jdtype)
   calls['matmul'] = mm
   dense_flops = {}
@@ -601,24 +257,20 @@ def run_forward(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   t0 = time.perf_counter()
   times = round_robin(calls, num_iters=num_iters, min_seconds=min_seconds,
                       warmup=warmup, warmup_seconds=warmup_seconds)
-  elapsed = time.perf_counter() - t0
-  out = _results('forward', config, image_size, batch_size, dtype, warmup, times,
-                 elapsed, load_before, warmup_seconds)
-  out['matmul'] = _matmul_result(matmul_size, mm_flops, times['matmul'])
-  base = 'reference' if reference_model is not None else (
-      names[0] if peft_modules else None)
-  out['models'] = _per_model(names, infos, times, traced, batch_size, mm_flops, base=base)
-  if 'pyra' in times and 'tome' in times:
-    out['pyra_cost_over_tome'] = 1.0 - _paired_median(times['tome'], times['pyra'])
+  out = forward_results(config, fm, times, dtype=dtype, warmup=warmup,
+                        warmup_seconds=warmup_seconds,
+                        elapsed=time.perf_counter() - t0, load_before=load_before,
+                        matmul_size=matmul_size, matmul_flops=mm_flops)
+  recompiled = out.pop('recompiled')  # stays the last key
   if merge_call is not None:
-    sec, _ = _median_iqr(times['merge_ops'])
+    sec, _ = median_iqr(times['merge_ops'])
     out['merge_ops'] = {'model': merge_owner, 'seconds': sec,
-                        'share_of_model': _paired_median(times['merge_ops'],
-                                                         times[merge_owner])}
+                        'share_of_model': paired_median(times['merge_ops'],
+                                                        times[merge_owner])}
   if gemm_bound:
     out['gemm_bound'] = _gemm_bound(timed, times, out['models'], dense_flops,
                                     mm_flops)
-  out['recompiled'] = any(v['recompiled'] for v in out['models'].values())
+  out['recompiled'] = recompiled
   return out
 
 
@@ -629,69 +281,15 @@ def _gemm_bound(methods, times, models, dense_flops, mm_flops) -> dict[str, Any]
   out = {}
   for m in methods:
     key = f'{m}:dense'
-    sec, _ = _median_iqr(times[key])
-    bound = _paired_median(times[f'{base}:dense'], times[key])
+    sec, _ = median_iqr(times[key])
+    bound = paired_median(times[f'{base}:dense'], times[key])
     out[m] = {'seconds': sec, 'gflops': dense_flops[m] / 1e9,
               'gflops_per_s': dense_flops[m] / sec / 1e9,
               'matmul_fraction': dense_flops[m] / mm_flops
-                                 * _paired_median(times['matmul'], times[key]),
+                                 * paired_median(times['matmul'], times[key]),
               'speedup_bound': bound,
               'speedup_over_bound': models[m]['speedup'] / bound,
               'round_seconds': list(times[key])}
-  return out
-
-
-def _results(mode, config, image_size, batch_size, dtype, warmup, times, elapsed,
-             load_before, warmup_seconds: float = 0.0) -> dict[str, Any]:
-  return {'mode': mode, 'config': config.model.to_dict(), 'machine': _machine(),
-          'load_average': {'before': load_before, 'after': _load()},
-          'settings': {'batch_size': batch_size, 'dtype': dtype,
-                       'image_size': image_size, 'warmup': warmup,
-                       'warmup_seconds': warmup_seconds,
-                       'rounds': len(next(iter(times.values()))),
-                       'seconds': elapsed}}
-
-
-def _matmul_result(size: int, flops: float, ts: Sequence[float]) -> dict[str, Any]:
-  sec, _ = _median_iqr(ts)
-  return {'size': size, 'seconds': sec, 'gflops_per_s': flops / sec / 1e9,
-          'gflops_per_s_best': flops / min(ts) / 1e9, 'round_seconds': list(ts)}
-
-
-def _paired_median(num: Sequence[float], den: Sequence[float]) -> float:
-  """Median over rounds of num[i] / den[i]: both timed in the same round, so a
-  burst of background load that slows the round cancels out of the ratio."""
-  return float(np.median(np.asarray(num) / np.asarray(den)))
-
-
-def _per_model(methods, infos, times, traced, batch_size, mm_flops,
-               base: Optional[str] = None) -> dict[str, Any]:
-  """Per-model figures from the round-robin times.
-
-  images/s is from the median time. Speed-ups and matmul fractions are paired:
-  the median over rounds of the ratio within each round (the ratio of the
-  medians is kept as `speedup_of_medians`), over `base` (default: peft, else
-  the first model).
-  """
-  out = {}
-  base = base or ('peft' if 'peft' in methods else methods[0])
-  base_sec = _median_iqr(times[base])[0]
-  mm_sec = _median_iqr(times['matmul'])[0]
-  for m in methods:
-    sec, iqr = _median_iqr(times[m])
-    info = dict(infos[m])
-    flops = info.pop('batch_flops')
-    ratio = infos[base]['gflops'] / info['gflops']
-    speedup = _paired_median(times[base], times[m])
-    out[m] = dict(info, images_per_sec=batch_size / sec, seconds=sec, seconds_iqr=iqr,
-                  seconds_best=min(times[m]), speedup=speedup,
-                  speedup_of_medians=base_sec / sec, flops_ratio=ratio,
-                  speedup_over_flops_ratio=speedup / ratio,
-                  gflops_per_s=flops / sec / 1e9,
-                  matmul_fraction=flops / mm_flops * _paired_median(times['matmul'], times[m]),
-                  matmul_fraction_of_medians=flops / sec / (mm_flops / mm_sec),
-                  traces=traced[m].traces, recompiled=traced[m].traces > 1,
-                  baseline=base, round_seconds=list(times[m]))
   return out
 
 
@@ -851,7 +449,7 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   if params_path:
     raise BenchmarkError('--mode=train times the training step on random weights of '
                          'the right shapes (an export has LoRA folded in): drop --params.')
-  load_before = _load()
+  load_before = load_average()
   image_size = image_size or config.model.image_size
   calls, infos, traced, steps = {}, {}, {}, {}
   for m in methods:
@@ -866,7 +464,7 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
   mm, mm_flops = matmul_call(matmul_size, DTYPES[dtype])
   calls['matmul'] = mm
   for fn in calls.values():  # compile everything before timing anything
-    _block(fn())
+    block(fn())
   compiles_first = {m: steps[m].step_compiles() for m in methods}
   rss0 = _peak_rss_bytes()
   t0 = time.perf_counter()
@@ -885,12 +483,12 @@ def run_train(config: ml_collections.ConfigDict, *, batch_size: int = 8,
     # Traces of the step after its first call, plus those of the helpers.
     traced[m] = _Count(1 + compiles - compiles_first[m] + sum(
         steps[m].programs[p].traces - 1 for p in steps[m].programs))
-  out = _results('train', config, image_size, batch_size, dtype, warmup, times,
+  out = results_header('train', config, image_size, batch_size, dtype, warmup, times,
                  elapsed, load_before, warmup_seconds)
-  out['matmul'] = _matmul_result(matmul_size, mm_flops, times['matmul'])
-  out['models'] = _per_model(methods, infos, times, traced, batch_size, mm_flops)
+  out['matmul'] = matmul_result(matmul_size, mm_flops, times['matmul'])
+  out['models'] = per_model(methods, infos, times, traced, batch_size, mm_flops)
   if 'pyra' in times and 'tome' in times:
-    out['pyra_cost_over_tome'] = 1.0 - _paired_median(times['tome'], times['pyra'])
+    out['pyra_cost_over_tome'] = 1.0 - paired_median(times['tome'], times['pyra'])
   dev = jax.devices()[0]
   stats = dev.memory_stats() if hasattr(dev, 'memory_stats') else None
   for m in methods:
@@ -1064,6 +662,14 @@ def define_flags() -> dict[str, Any]:
           'profile_calls', 0, 'train mode: after timing, profile this many calls of '
           'each step and print ms by phase (forward, backward, optimizer) and part '
           '(dense/attention matmuls, softmax, GELU, LayerNorm, RNG, merge, other).'),
+      curve=flags.DEFINE_bool(
+          'curve', False, 'Print the measured speed-up vs FLOPs ratio over the '
+          'schedule families of --methods (PYRA: Eq. 8; ToMe: constant r), the '
+          "choices model.schedule='speedup:<x>' picks from; --batch_size, "
+          '--num_iters apply (pyra_jax/speedup_curve.py).'),
+      curve_points=flags.DEFINE_integer('curve_points', 10,
+                                        '--curve: schedules timed per family.'),
+      curve_png=flags.DEFINE_string('curve_png', '', '--curve: also plot it to this PNG.'),
       preset=flags.DEFINE_enum(
           'preset', '', ['', 'paper'],
           "paper: the authors' timing (batch 512, 10 s warm-up, then rounds "
@@ -1096,6 +702,7 @@ FLAG_RANGES: dict[str, field_ranges.Range] = {
     'matmul_size': field_ranges.Range(1, integer=True, why='n of the reference matmul'),
     'num_classes': field_ranges.Range(1, integer=True, why='the head size'),
     'profile_calls': field_ranges.Range(0, integer=True, why='profiled calls per step'),
+    'curve_points': field_ranges.Range(2, integer=True, why='schedules timed per family'),
 }
 
 
@@ -1135,6 +742,11 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
     check_flags({k: fl[k].value for k in FLAG_RANGES})
   except BenchmarkError as e:
     raise SystemExit(f'error: {e}') from None
+  if fl['curve'].value:
+    run_curve(config, fl, methods)
+    return
+  if fl['curve_png'].value:
+    raise app.UsageError('--curve_png plots the --curve measurement: add --curve.')
   train = fl['mode'].value == 'train'
   defaults = {'batch_size': 8 if jax.devices()[0].platform == 'cpu' else 64,
               'num_iters': 5 if train else 10, 'min_seconds': 0.0,
@@ -1174,6 +786,34 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
     with open(out, 'w') as f:
       json.dump(res, f, indent=2)
     print(f'wrote {out}')
+  sys.stdout.flush()
+
+
+def run_curve(config: ml_collections.ConfigDict, fl: dict[str, Any],
+              methods: Sequence[str]) -> None:
+  """--curve: speedup_curve's table (and JSON with --out, PNG with --curve_png)."""
+  from pyra_jax import speedup_curve, speedup_timer  # pylint: disable=g-import-not-at-top
+  if fl['mode'].value == 'train':
+    raise app.UsageError('--curve times deployed models: drop --mode=train.')
+  config = ml_collections.ConfigDict(config.to_dict())
+  if fl['image_size'].value:
+    config.model.image_size = fl['image_size'].value
+  if fl['dtype'].value != 'float32':
+    config.dtype = fl['dtype'].value
+  try:
+    res = speedup_curve.curve(
+        config, methods=methods, points=fl['curve_points'].value,
+        batch=fl['batch_size'].value or speedup_timer.default_batch(),
+        rounds=fl['num_iters'].value or 10)
+  except errors.PyraError as e:
+    raise SystemExit(f'error: {e}') from None
+  print(speedup_curve.format_curve(res))
+  for path, write in ((fl['out'].value, lambda p: json.dump(res, open(p, 'w'), indent=2)),
+                      (fl['curve_png'].value, lambda p: speedup_curve.plot_curve(res, p))):
+    if path:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      write(path)
+      print(f'wrote {path}')
   sys.stdout.flush()
 
 

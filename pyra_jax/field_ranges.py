@@ -136,3 +136,18 @@ def check_fields(section: Any, table: Mapping[str, Spec], prefix: str) -> None:
     present, value = _get(section, name)
     if present and not spec.admits(value):
       raise ConfigError(message(prefix + name, value, spec))
+
+
+# `model.schedule = 'speedup:<x>[@<batch>]'` (pyra_jax.speedup) and the
+# `config.speedup` section that tunes its measurement (configs/common.py).
+SPEEDUP_TARGET = Range(1, low_open=True, why=(
+    'the speed-up over the uncompressed model; 1 is the uncompressed model itself'))
+SPEEDUP_BATCH = Range(1, integer=True, why='images per timed forward pass')
+SPEEDUP_FIELDS: dict[str, Spec] = {
+    'rounds': Range(1, integer=True, why='timed rounds per measurement'),
+    'candidates': Range(2, integer=True, why=(
+        'schedules timed per pass; the first pass needs both ends of the family')),
+    'tolerance': Range(0, low_open=True, why=(
+        'how far above x, as a fraction of x, the pick may measure before '
+        'schedules in between are timed')),
+}

@@ -389,7 +389,7 @@ def _report_speedup(config, workdir: str) -> None:
   Stored in <workdir>/speedup.json, once: the shapes and so the speeds are
   those of the run, so a rerun of the command does not measure again.
   """
-  from pyra_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from pyra_jax import throughput  # pylint: disable=g-import-not-at-top
   method = config.model.method
   if method == 'peft':
     return
@@ -399,13 +399,8 @@ def _report_speedup(config, workdir: str) -> None:
     return
   print(f'measuring inference throughput: uncompressed vs {method} '
         f'(batch {config.eval_batch_size}, deployed models) ...', flush=True)
-  res = benchmark.run_forward(config, batch_size=config.eval_batch_size,
-                              methods=('peft', method), num_iters=5, warmup=1,
-                              matmul_size=512)
-  fast, slow = res['models'][method], res['models']['peft']
-  print(f'throughput: {method} {fast["images_per_sec"]:.1f} images/s vs uncompressed '
-        f'{slow["images_per_sec"]:.1f} images/s: {fast["speedup"]:.2f}x faster '
-        f'(FLOPs ratio {fast["flops_ratio"]:.2f}x)')
+  res = throughput.speedup_after_training(config)
+  print(throughput.speedup_line(res, method))
   from pyra_jax.training import records  # pylint: disable=g-import-not-at-top
   records.write_json(os.path.join(workdir, 'speedup.json'), res)
 
@@ -443,6 +438,9 @@ def main(argv: list[str]) -> None:
     from pyra_jax.training import evaluation, loop, setup  # pylint: disable=g-import-not-at-top
     from pyra_jax.training import export as export_lib  # pylint: disable=g-import-not-at-top
     logging.info('JAX devices: %s', jax.devices())
+    if mode != 'train':  # (train resolves it under the workdir's lock)
+      from pyra_jax import speedup_timer  # pylint: disable=g-import-not-at-top
+      speedup_timer.resolve(config, _WORKDIR.value)  # 'speedup:<x>': the workdir's choice
     if mode == 'train':
       r = loop.train_and_evaluate(
           config, _WORKDIR.value,

@@ -12,6 +12,9 @@ Forms accepted by `resolve_schedule` (docs/algorithm.md §3):
   * 'flops:<ratio>': the Eq. 8 schedule whose FLOPs ratio is closest to <ratio>
     (capped per layer like ToMe's forms: at low ratios Eq. 8 asks the last layer
     for more than half its tokens);
+  * not here: 'speedup:<x>[@batch]' needs timing on the device, so the commands
+    replace it by the schedule it chooses before any model is built
+    (pyra_jax/speedup.py); reaching this module it is an error;
   * an explicit list/tuple of ints, or a string 'r0,r1,...' with one int per layer.
 
 ToMe's own forms (int, ramp) are capped per layer exactly as ToMe caps them at run
@@ -164,6 +167,11 @@ def _parse(spec: ScheduleSpec, depth: int, num_patches: int, num_protected: int,
       return [0] * depth, False
     if s in NAMED_SCHEDULES:
       return list(NAMED_SCHEDULES[s]), False
+    if s.startswith('speedup:'):
+      raise ScheduleError(
+          f'config.model.schedule = {spec!r} is chosen by timing on the device '
+          'before the model is built: the commands and pyra_jax.train do it; in '
+          'Python call pyra_jax.speedup_timer.resolve(config, workdir) first.')
     if s.startswith('flops:'):
       try:
         ratio = float(s.split(':', 1)[1])

@@ -381,13 +381,11 @@ def _benchmark(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   if (not cfg.get('benchmark_after_training', False) or cfg.model.method == 'peft'
       or os.path.isfile(path)):
     return
-  from pyra_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from pyra_jax import throughput  # pylint: disable=g-import-not-at-top
   method = cfg.model.method
   print(f'  measuring inference throughput: uncompressed vs {method} '
         f'(batch {cfg.eval_batch_size}, deployed models) ...', flush=True)
-  res = benchmark.run_forward(cfg, batch_size=cfg.eval_batch_size,
-                              methods=('peft', method), num_iters=5, warmup=1,
-                              matmul_size=512)
+  res = throughput.speedup_after_training(cfg)
   _write_json(path, res)
 
 

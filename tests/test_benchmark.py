@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pyra_jax import benchmark
+from pyra_jax import throughput
 from pyra_jax.experiments import plots
 from pyra_jax.training import setup
 from pyra_jax.training import steps
@@ -220,9 +221,9 @@ def _load_config(tmp_path):
 def test_dense_layers_call_is_the_models_matmuls_at_its_token_counts(tmp_path):
   """Same result as a numpy chain over the model's own kernels; FLOPs as written."""
   config = _load_config(tmp_path)
-  cfg = benchmark.method_config(config.model, 'tome', image_size=32, num_classes=10)
-  params = benchmark.init_params(cfg, 32)
-  model, deployed_params = benchmark.deployed(cfg, 32, jnp.float32, params)
+  cfg = throughput.method_config(config.model, 'tome', image_size=32, num_classes=10)
+  params = throughput.init_params(cfg, 32)
+  model, deployed_params = throughput.deployed(cfg, 32, jnp.float32, params)
   call, flops = benchmark.dense_layers_call(model, 3, 32, deployed_params, jnp.float32)
   got = np.asarray(call())
   # Independent: tokens 17 -> 13 -> 11 (schedule '4,2'), width 32, mlp 64.
@@ -245,7 +246,7 @@ def test_dense_layers_call_is_the_models_matmuls_at_its_token_counts(tmp_path):
 
 
 def test_recompilation_is_detected():
-  f = benchmark.Traced(lambda x: x + 1)
+  f = throughput.Traced(lambda x: x + 1)
   f(jnp.zeros(2))
   f(jnp.ones(2))
   assert f.traces == 1
@@ -256,7 +257,7 @@ def test_recompilation_is_detected():
 def test_round_robin_interleaves_calls():
   order = []
   calls = {'a': lambda: order.append('a'), 'b': lambda: order.append('b')}
-  times = benchmark.round_robin(calls, num_iters=3, min_seconds=0.0, warmup=1)
+  times = throughput.round_robin(calls, num_iters=3, min_seconds=0.0, warmup=1)
   assert order == ['a', 'b'] + ['a', 'b'] * 3  # warm-up, then a, b per round
   assert [len(t) for t in times.values()] == [3, 3]
 
@@ -313,9 +314,8 @@ def test_reference_model_is_timed_in_the_same_rounds():
   config = tiny_config(model=dict(depth=3, schedule='none', num_classes=10))
   full = config.model.copy_and_resolve_references()
   config.model.depth = 1
-  res = benchmark.run_forward(config, batch_size=2, num_iters=3, warmup=1,
-                              matmul_size=64, methods=('peft',), gemm_bound=False,
-                              reference_model=full)
+  res = throughput.run_forward(config, batch_size=2, num_iters=3, warmup=1,
+                               matmul_size=64, methods=('peft',), reference_model=full)
   models = res['models']
   assert list(models) == ['peft', 'reference']
   assert models['reference']['speedup'] == 1.0 and models['peft']['baseline'] == 'reference'
@@ -334,7 +334,7 @@ def test_round_robin_warms_up_for_the_given_seconds():
   order = []
   calls = {'a': lambda: (order.append('a'), time.sleep(0.01))}
   t0 = time.perf_counter()
-  times = benchmark.round_robin(calls, num_iters=2, min_seconds=0.0, warmup=1,
+  times = throughput.round_robin(calls, num_iters=2, min_seconds=0.0, warmup=1,
                                 warmup_seconds=0.1)
   assert time.perf_counter() - t0 >= 0.1 + 2 * 0.01
   # 1 compile call + at least 0.1 s / 0.01 s untimed calls (fewer if sleeps
@@ -371,8 +371,8 @@ def test_every_method_at_two_schedules_in_one_run():
   """The competing methods (docs/algorithm.md §16) timed with the others, each
   compressing method at both schedules, in the same rounds; one trace each."""
   config = tiny_config(model=dict(num_classes=10, tofu_prune_layers=1))
-  res = benchmark.run_forward(
-      config, batch_size=2, num_iters=2, warmup=1, matmul_size=64, gemm_bound=False,
+  res = throughput.run_forward(
+      config, batch_size=2, num_iters=2, warmup=1, matmul_size=64,
       methods=('peft', 'tome', 'pyra', 'evit', 'evit_own', 'tofu', 'ats', 'diffrate'),
       schedules_=('4,2', '6,3'))
   models = res['models']
@@ -404,9 +404,9 @@ def test_diffrate_without_searched_rates_is_timed_at_the_schedules_token_counts(
   from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
   model = vitb_high.get_config().model
   for sched in ('vitb_low', 'vitb_high', '8'):
-    dr = benchmark.method_config(model, 'diffrate', image_size=224, num_classes=10,
+    dr = throughput.method_config(model, 'diffrate', image_size=224, num_classes=10,
                                  schedule=sched)
-    tome = benchmark.method_config(model, 'tome', image_size=224, num_classes=10,
+    tome = throughput.method_config(model, 'tome', image_size=224, num_classes=10,
                                    schedule=sched)
     r = vit.model_kwargs(tome)['reducer'].schedule
     prune, merge = ([int(v) for v in half.split(',')] for half in dr.diffrate_rates.split(';'))
@@ -415,7 +415,7 @@ def test_diffrate_without_searched_rates_is_timed_at_the_schedules_token_counts(
       n.append(n[-1] - ri)
     assert prune == n[:-1] and merge == n[1:]  # written out from the definition
     assert vit.model_kwargs(dr)['reducer'].schedule == r
-  given = benchmark.method_config(
+  given = throughput.method_config(
       ml_collections.ConfigDict(dict(model.to_dict(), diffrate_rates='x.json')),
       'diffrate', image_size=224, num_classes=10)
   assert given.diffrate_rates == 'x.json'  # searched rates are used as given

@@ -119,7 +119,10 @@ def get_base_config() -> ml_collections.ConfigDict:
                                 # 'evit' | 'tofu' | 'ats' | 'ltmp' | 'diffrate'
                                 # (Table 14's competitors; docs/algorithm.md §16-17)
   model.schedule = 'vitb_high'  # a named schedule, an int (ToMe constant r),
-                                # 'r,inflection', 'flops:<ratio>', or 'r0,r1,...'
+                                # 'r,inflection', 'flops:<ratio>', or 'r0,r1,...',
+                                # or 'speedup:<x>[@<batch>]': the schedule whose
+                                # speed-up measured on this device is closest to x
+                                # from above (config.speedup; docs/performance.md)
   model.prop_attn = True        # add log(size) to the key logits
   # PYRA generator form (only for method='pyra'); the ablations of Tables 6-8:
   # 'pyra' | 'wr_only' | 'wd_only' | 'sigmoid_wr_only' | 'sigmoid_wd_only' |
@@ -287,6 +290,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2   # how many recent good checkpoints stay (>= 1; the newest
                                 # always stays; docs/reliability.md)
   config.benchmark_after_training = False  # time the deployed model vs uncompressed
+  # model.schedule = 'speedup:<x>[@<batch>]': how the speed-ups are measured
+  # (deployed models, random weights, paired with the uncompressed model in
+  # the same rounds; batch: 8 on a CPU, 64 on an accelerator, unless '@<batch>').
+  speedup = config.speedup = ml_collections.ConfigDict()
+  speedup.rounds = 10           # timed rounds per measurement
+  speedup.candidates = 6        # schedules timed per pass (the first pass spreads
+                                # them over the family's FLOPs ratios)
+  speedup.tolerance = 0.05      # the pick measures within [x, x * (1 + tolerance)],
+                                # else the schedules in between are timed too (while
+                                # the family has any)
+  speedup.cache_dir = ''        # the user cache of measurements; '': $XDG_CACHE_HOME/
+                                # pyra_jax (~/.cache/pyra_jax); the workdir keeps its own
   config.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16'
 
   # --- VTAB-1k protocol (`python -m pyra_jax.vtab`, docs/algorithm.md §11) ---

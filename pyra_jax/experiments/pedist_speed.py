@@ -6,7 +6,7 @@ On the offline demo pair (docs/results.md, "PE-Dist"): the deployed models
 (LoRA folded, eval mode) of `configs/demo.py:method=peft` at TEACHER_DEPTH
 (default 12) and STUDENT_DEPTH (default 6) blocks, random weights of the right
 shapes (speed does not depend on their values), timed round-robin with
-`pyra_jax.benchmark.round_robin` so that background load hits both alike.
+`pyra_jax.throughput.round_robin` so that background load hits both alike.
 Prints JSON: images/s of each, the paired median speed-up (median over rounds
 of teacher time / student time), GFLOPs per image from our counter
 (`schedules.vit_flops`, blocks only) and the load average before and after.
@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pyra_jax import benchmark
 from pyra_jax import schedules
+from pyra_jax import throughput
 from pyra_jax.configs import demo
 
 
@@ -31,7 +31,7 @@ def main(argv):
   for name, depth in zip(('teacher', 'student'), depths):
     c = demo.get_config('method=peft')
     c.model.image_size, c.model.num_classes, c.model.depth = size, 10, depth
-    model, params = benchmark.deployed(c.model, size, jnp.float32)
+    model, params = throughput.deployed(c.model, size, jnp.float32)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 3)),
                     jnp.float32)
     f = jax.jit(lambda p, x, m=model: m.apply({'params': p}, x, train=False))
@@ -40,7 +40,7 @@ def main(argv):
     gflops[name] = schedules.vit_flops(model.schedule, num_tokens=n0, width=model.width,
                                        mlp_ratio=model.mlp_dim / model.width) / 1e9
   load0 = open('/proc/loadavg').read().split()[:3]
-  times = benchmark.round_robin(calls, num_iters=rounds, min_seconds=0.0, warmup=1)
+  times = throughput.round_robin(calls, num_iters=rounds, min_seconds=0.0, warmup=1)
   load1 = open('/proc/loadavg').read().split()[:3]
   med = {k: float(np.median(v)) for k, v in times.items()}
   paired = float(np.median(np.asarray(times['teacher']) / np.asarray(times['student'])))

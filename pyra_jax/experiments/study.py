@@ -19,7 +19,7 @@ run resumes from its last checkpoint (pyra_jax.training). With --deadline=HH:MM
 
 Throughput for the accuracy-throughput plot: for every schedule of a stage with
 `bench=True`, the deployed (LoRA folded, eval-mode) peft/tome/pyra models are
-timed forward once (pyra_jax.benchmark.run_forward, round-robin, median
+timed forward once (pyra_jax.throughput.run_forward, round-robin, median
 images/s at the study's resolution and `study.bench_batch_size`), written to
 `<outdir>/bench/<schedule>.json`. Ablation variants take the throughput of
 their method (the generator's cost is negligible, Table 5); cells without a
@@ -329,7 +329,7 @@ def parse_deadline(text: str, now: Optional[datetime.datetime] = None
 def run_bench(config: ml_collections.ConfigDict, bench: Bench) -> dict:
   """Forward images/s of the deployed peft/tome/pyra at one schedule, or of
   one no-merging variant's model (as 'peft')."""
-  from pyra_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from pyra_jax import throughput  # pylint: disable=g-import-not-at-top
   c = base_config(config)
   reference = None
   if bench.variant:
@@ -344,13 +344,12 @@ def run_bench(config: ml_collections.ConfigDict, bench: Bench) -> dict:
     c.model.method = 'pyra'
     c.model.modulation = 'pyra'
     methods = ('peft', 'tome', 'pyra')
-  return benchmark.run_forward(
+  return throughput.run_forward(
       c, batch_size=int(config.study.get('bench_batch_size', 8)),
       image_size=int(c.model.image_size),
       num_iters=int(config.study.get('bench_iters', 10)),
       matmul_size=int(config.study.get('bench_matmul_size', 256)),
-      methods=methods, num_classes=10, gemm_bound=False,
-      reference_model=reference)
+      methods=methods, num_classes=10, reference_model=reference)
 
 
 def run_study(config: ml_collections.ConfigDict, outdir: str, *, only: str = '',

@@ -18,7 +18,7 @@ import numpy as np
 
 from pyra_jax import optim
 from pyra_jax.errors import ConfigError
-from pyra_jax.field_ranges import Choices, Range, check_fields
+from pyra_jax.field_ranges import SPEEDUP_FIELDS, Choices, Range, check_fields
 
 
 # config.headline: which accuracy a run reports first; config.eval_epochs: which
@@ -95,6 +95,8 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
   model that is only tested in float32 and bfloat16).
   """
   check_fields(config, EVAL_FIELDS, 'config.')
+  if 'speedup' in config:
+    check_fields(config.speedup, SPEEDUP_FIELDS, 'config.speedup.')
   dtype = config.get('dtype', 'float32')
   if dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"config.dtype = {dtype!r}: use 'float32' or 'bfloat16' "

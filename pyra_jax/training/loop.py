@@ -36,6 +36,8 @@ from pyra_jax import metrics as metrics_lib
 from pyra_jax import optim
 from pyra_jax import param_counts
 from pyra_jax import recipe as recipe_lib
+from pyra_jax import speedup as speedup_lib
+from pyra_jax import speedup_timer
 from pyra_jax.errors import ConfigError, DivergedError
 from pyra_jax.training import checks
 from pyra_jax.training import evaluation
@@ -226,6 +228,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         allow_config_change: Collection[str], data: tuple) -> dict:
   """The run, in its steps: data, model, restore, train, final evaluation."""
   t_start = time.time()
+  # 'speedup:<x>' becomes the schedule it measures to (or reads from this
+  # workdir's record when resuming), before anything is built from the config.
+  speedup_timer.resolve(config, workdir, log=_print0)
   line = recipe_lib.describe(config)
   if line and jax.process_index() == 0:
     print(line, flush=True)
@@ -261,6 +266,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       writer.flush()
   results = _final_results(run, progress, eval_data, steps_per_epoch, speed,
                            trainable_params, t_start)
+  chosen = speedup_lib.read_record(workdir)
+  if chosen is not None and chosen.get('schedule') == config.model.schedule:
+    # The measurement that chose the schedule.
+    results['speedup_schedule'] = chosen
   if jax.process_index() == 0:
     writer.write(results['steps'], final_accuracy=results['final_accuracy'],
                  max_accuracy_paper_protocol=results['max_accuracy_paper_protocol'])
@@ -336,6 +345,11 @@ def _check_same_teacher(meta: dict, run: setup.Run, directory: str) -> None:
         f'a teacher with other weights ({where}, step {meta["teacher"].get("step")}) '
         f'than the one loaded now ({run.teacher.path}, step {run.teacher.step}): '
         'give the same teacher to resume, or use a new --workdir.')
+
+
+def _print0(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, flush=True)
 
 
 def _records_without_checkpoint(workdir: str, config: ml_collections.ConfigDict,
