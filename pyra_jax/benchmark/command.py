@@ -191,4 +191,6 @@ def run() -> None:
   from pyra_jax import configs  # pylint: disable=g-import-not-at-top
   configs.resolve_argv(sys.argv)  # A packaged setting by name: --config=vitb_high.
   fl = define_flags()
+  for holder in fl.values():  # --help lists the flags of the program run (argv[0])
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[holder.name])
   app.run(lambda argv: main(argv, fl))
