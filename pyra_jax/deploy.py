@@ -270,6 +270,7 @@ def _speedup(workdir: str, method: str) -> dict[str, Any] | None:
   if not isinstance(fast, dict) or method == 'peft':
     return None
   return {'speedup': fast.get('speedup'),
+          'speedup_spread': fast.get('speedup_spread'),
           'images_per_sec': fast.get('images_per_sec'),
           'uncompressed_images_per_sec': (slow or {}).get('images_per_sec'),
           'flops_ratio': fast.get('flops_ratio'),

@@ -398,7 +398,7 @@ def _report_speedup(config, workdir: str) -> None:
     print(f'throughput: measured earlier, see {path}')
     return
   print(f'measuring inference throughput: uncompressed vs {method} '
-        f'(batch {config.eval_batch_size}, deployed models) ...', flush=True)
+        f'(batch {throughput.after_training_batch(config)}, deployed models) ...', flush=True)
   res = throughput.speedup_after_training(config)
   print(throughput.speedup_line(res, method))
   from pyra_jax.training import records  # pylint: disable=g-import-not-at-top

@@ -384,7 +384,7 @@ def _benchmark(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   from pyra_jax import throughput  # pylint: disable=g-import-not-at-top
   method = cfg.model.method
   print(f'  measuring inference throughput: uncompressed vs {method} '
-        f'(batch {cfg.eval_batch_size}, deployed models) ...', flush=True)
+        f'(batch {throughput.after_training_batch(cfg)}, deployed models) ...', flush=True)
   res = throughput.speedup_after_training(cfg)
   _write_json(path, res)
 

@@ -78,6 +78,12 @@ def test_forward_cli_writes_sane_json(tmp_path):
   assert all(len(t) == res['settings']['rounds'] for t in rounds.values())
   assert models['pyra']['speedup'] == pytest.approx(
       np.median(rounds['peft'] / rounds['pyra']))
+  # Its spread: the extremes and quartiles of the same per-round ratios.
+  ratios = rounds['peft'] / rounds['pyra']
+  spread = models['pyra']['speedup_spread']
+  assert spread['min'] == pytest.approx(ratios.min()) and spread['max'] == pytest.approx(ratios.max())
+  assert spread['rounds'] == len(ratios)
+  assert spread['min'] <= spread['q25'] <= models['pyra']['speedup'] <= spread['q75'] <= spread['max']
   assert models['pyra']['speedup_of_medians'] == pytest.approx(
       models['pyra']['images_per_sec'] / models['peft']['images_per_sec'])
   assert res['pyra_cost_over_tome'] == pytest.approx(

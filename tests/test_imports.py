@@ -268,6 +268,47 @@ def test_only_the_commands_import_the_training_loop():
   assert importers <= LOOP_IMPORTERS, sorted(importers - LOOP_IMPORTERS)
 
 
+# The benchmark is a tool apart from the library: training, vtab, main, the models,
+# the methods and the API time models through `pyra_jax.throughput` and never
+# reach `pyra_jax.benchmark`, directly or through another module.
+LIBRARY_PACKAGES = ('pyra_jax.training', 'pyra_jax.models', 'pyra_jax.methods')
+LIBRARY_MODULES = ('pyra_jax.vtab', 'pyra_jax.main', 'pyra_jax.api', 'pyra_jax.throughput')
+TOOL = 'pyra_jax.benchmark'
+
+
+def reached(package: Package, start: str) -> set[str]:
+  """Every module `start` imports, directly or through the modules it imports."""
+  seen, todo = set(), [start]
+  while todo:
+    for target in package.graph.get(todo.pop(), ()):
+      if target not in seen:
+        seen.add(target)
+        todo.append(target)
+  return seen
+
+
+def imports_of_the_tool(package: Package, library: list[str], tool: str) -> dict[str, list[str]]:
+  """Library module -> the modules of `tool` it reaches (only those that reach one)."""
+  out = {}
+  for module in library:
+    hits = sorted(m for m in reached(package, module) if m == tool or m.startswith(tool + '.'))
+    if hits:
+      out[module] = hits
+  return out
+
+
+def test_the_library_does_not_import_the_benchmark():
+  library = [m for m in PACKAGE.files
+             if m in LIBRARY_MODULES or m.startswith(tuple(p + '.' for p in LIBRARY_PACKAGES))
+             or m in LIBRARY_PACKAGES]
+  # The selection itself: else the check below checks nothing.
+  assert {'pyra_jax.training.loop', 'pyra_jax.models.vit', 'pyra_jax.main',
+          'pyra_jax.vtab', 'pyra_jax.api', 'pyra_jax.throughput'} <= set(library)
+  assert any(m.startswith('pyra_jax.methods.') for m in library)
+  assert f'{TOOL}.forward' in PACKAGE.files and f'{TOOL}.__main__' in PACKAGE.files
+  assert imports_of_the_tool(PACKAGE, library, TOOL) == {}
+
+
 def test_no_module_uses_another_modules_underscore_names():
   uses = PACKAGE.underscore_uses()
   new = [str(u) for u in uses if (u.file, u.written) not in KNOWN_UNDERSCORE_USES]
@@ -405,3 +446,16 @@ def test_shared_test_code_lives_in_helpers():
 ])
 def test_the_detector_sees_every_spelling(source, want):
   assert [m for _, m in imported_test_modules(source)] == want
+
+
+def test_a_tool_reached_through_another_module_is_named(tmp_path):
+  package = _write(tmp_path, {
+      '__init__.py': '',
+      'lib.py': 'def f():\n  from pkg import helper\n  return helper\n',
+      'helper.py': 'import pkg.tool.run as run\n',
+      'clean.py': 'from pkg import helper2\n',
+      'helper2.py': 'import os\n',
+      'tool/__init__.py': '',
+      'tool/run.py': 'from pkg import lib\n'})
+  assert imports_of_the_tool(package, ['pkg.lib', 'pkg.clean'], 'pkg.tool') == {
+      'pkg.lib': ['pkg.tool.run']}

@@ -211,13 +211,14 @@ class Ours:
   def __init__(self, method: str, batch_size: int):
     import jax  # pylint: disable=g-import-not-at-top
     from pyra_jax import benchmark  # pylint: disable=g-import-not-at-top
+    from pyra_jax import throughput  # pylint: disable=g-import-not-at-top
     from pyra_jax.configs import vitb_high  # pylint: disable=g-import-not-at-top
     from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
     self.jax = jax
     config = vitb_high.get_config()
-    mc = benchmark.method_config(config.model, method, image_size=224,
-                                 num_classes=NUM_CLASSES)
-    model, params = benchmark.deployed(mc, 224, benchmark.DTYPES['float32'])
+    mc = throughput.method_config(config.model, method, image_size=224,
+                                  num_classes=NUM_CLASSES)
+    model, params = throughput.deployed(mc, 224, throughput.DTYPES['float32'])
     x = jax.device_put(np.random.default_rng(0).normal(
         size=(batch_size, 224, 224, 3)).astype(np.float32))
     apply = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
