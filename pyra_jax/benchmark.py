@@ -1131,10 +1131,7 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
   bad = [m for m in methods if m not in METHODS]
   if bad or not methods:
     raise app.UsageError(f'--methods: use some of {tuple(registry.METHODS)}, got {methods}.')
-  try:
-    check_flags({k: fl[k].value for k in FLAG_RANGES})
-  except BenchmarkError as e:
-    raise SystemExit(f'error: {e}') from None
+  check_flags({k: fl[k].value for k in FLAG_RANGES})
   train = fl['mode'].value == 'train'
   defaults = {'batch_size': 8 if jax.devices()[0].platform == 'cpu' else 64,
               'num_iters': 5 if train else 10, 'min_seconds': 0.0,
@@ -1162,10 +1159,8 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
   elif train and fl['schedules'].value:
     raise app.UsageError('--schedules is for the forward mode: use one config per '
                          'schedule with --mode=train.')
-  try:
-    res = (run_train if train else run_forward)(config, **kwargs)
-  except errors.PyraError as e:  # a setting that cannot run: one sentence, no traceback
-    raise SystemExit(f'error: {e}') from None
+  # A setting that cannot run raises a PyraError: one `Error:` line (cli.run).
+  res = (run_train if train else run_forward)(config, **kwargs)
   res['settings']['preset'] = fl['preset'].value or None
   print(format_table(res))
   out = fl['out'].value
@@ -1179,10 +1174,11 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
 
 def run() -> None:
   """The `pyra-jax-benchmark` command (also `python -m pyra_jax.benchmark`)."""
+  from pyra_jax import cli  # pylint: disable=g-import-not-at-top
   from pyra_jax import configs  # pylint: disable=g-import-not-at-top
   configs.resolve_argv(sys.argv)  # A packaged setting by name: --config=vitb_high.
   fl = define_flags()
-  app.run(lambda argv: main(argv, fl))
+  cli.run(lambda argv: main(argv, fl))  # One `Error:` line per user error; quiet.
 
 
 if __name__ == '__main__':
