@@ -209,6 +209,8 @@ def run() -> None:
   """`python -m pyra_jax.param_counts --config=...` (no TensorFlow: shapes only)."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from pyra_jax import cli  # pylint: disable=g-import-not-at-top
+  from pyra_jax import configs  # pylint: disable=g-import-not-at-top
+  configs.resolve_argv(sys.argv)  # A packaged setting by name: --config=vitb_high.
   config_flags.DEFINE_config_file(
       'config', None, 'A config file with get_config(), e.g. configs/vitb_high.py.',
       lock_config=False)

@@ -440,9 +440,11 @@ BANNERS = ('oneDNN', 'TF_ENABLE_ONEDNN_OPTS', 'cpu_feature_guard',
 
 
 def test_eval_prints_no_library_banner_unless_verbosity_is_given(reference):
-  # In a fresh process, as from a terminal where TF_CPP_MIN_LOG_LEVEL is not set.
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  # In a fresh process, as from a terminal where neither TF_CPP_MIN_LOG_LEVEL
+  # nor JAX_PLATFORMS is set (JAX probes for accelerators).
+  env = dict(os.environ)
   env.pop('TF_CPP_MIN_LOG_LEVEL', None)
+  env.pop('JAX_PLATFORMS', None)
   runs = {}
   for name, extra in (('quiet', []), ('verbose', ['--verbosity=0'])):
     proc = subprocess.run(
