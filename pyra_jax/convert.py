@@ -25,15 +25,16 @@ to the same --out overwrites).
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 import time
 import warnings
 
+from absl import flags
 import numpy as np
 
+from pyra_jax import cli
 from pyra_jax import errors
 from pyra_jax.checkpoints import common
 from pyra_jax.checkpoints import hub
@@ -155,21 +156,29 @@ def _raise_terminated(signum, frame) -> None:
   raise _Terminated()
 
 
+# The command's flags, in their own FlagValues: `main(argv)` is also called
+# in-process (tests), beside other commands' flags.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('src', None, 'checkpoint to convert: a file or a Hub name, '
+                    'hf-hub:<owner>/<repo>[/<file>][@<revision>]', flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_string('out', None, 'output .npz', flag_values=FLAGS, required=True)
+flags.DEFINE_enum('format', 'auto', ('auto',) + tuple(f for f in common.FORMATS
+                                                     if f != 'pyra_jax'),
+                  'the checkpoint format (auto: from the file)', flag_values=FLAGS)
+flags.DEFINE_integer('num_heads', 0, 'heads to split fused PyTorch q/k/v into '
+                     '(0: width // 64, right for timm/HF/MAE/DINOv2)', lower_bound=0,
+                     flag_values=FLAGS)
+flags.DEFINE_bool('overwrite', False, 'replace an existing --out', flag_values=FLAGS)
+cli.define_verbosity(FLAGS)
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m pyra_jax.convert', description=__doc__.split('\n')[0])
-  parser.add_argument('--src', required=True,
-                      help='checkpoint to convert: a file or a Hub name, '
-                           'hf-hub:<owner>/<repo>[/<file>][@<revision>]')
-  parser.add_argument('--out', required=True, help='output .npz')
-  parser.add_argument('--format', default='auto',
-                      choices=('auto',) + tuple(f for f in common.FORMATS
-                                                if f != 'pyra_jax'))
-  parser.add_argument('--num_heads', type=int, default=0,
-                      help='heads to split fused PyTorch q/k/v into '
-                           '(default: width // 64, right for timm/HF/MAE/DINOv2)')
-  parser.add_argument('--overwrite', action='store_true')
-  args = parser.parse_args(argv)
+  """The command (argv without the program name; None: sys.argv[1:]); returns
+  its exit status: 0, 1 for a user error (one `Error:` line), 130 / 143 when
+  interrupted / terminated."""
+  cli.parse(FLAGS, argv, prog='python -m pyra_jax.convert', doc=__doc__)
+  args = FLAGS
   t0 = time.time()
   try:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -179,12 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = convert(args.src, args.out, args.format, args.num_heads or None,
                    args.overwrite)
   except errors.PyraError as e:  # CheckpointError, ConfigError, ...: one sentence
-    print(f'error: {e}', file=sys.stderr)
+    cli.print_error(str(e))
     return 1
   except KeyboardInterrupt as e:
     how = 'terminated (SIGTERM)' if isinstance(e, _Terminated) else 'interrupted'
-    print(f'error: {how}: {args.out} was not written and nothing was left '
-          'behind; run the same command again to convert.', file=sys.stderr)
+    cli.print_error(f'{how}: {args.out} was not written and nothing was left '
+                    'behind; run the same command again to convert.')
     return 143 if isinstance(e, _Terminated) else 130
   finally:
     if previous is not None:

@@ -41,11 +41,12 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from pyra_jax import cli
 from pyra_jax import config_docs
 from pyra_jax import configs
 from pyra_jax import errors
 from pyra_jax import recipe
-from pyra_jax.cli import _config_arg, check_overrides, load_config  # pylint: disable=unused-import
+from pyra_jax.cli import check_overrides, load_config  # pylint: disable=unused-import
 from pyra_jax.errors import UsageError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -111,8 +112,7 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     'processes to join at the coordinator before ending with a message '
     '(a missing process, a wrong --coordinator_address).')
 
-_HELP_FLAGS = ('--help', '-help', '--helpfull', '-helpfull', '--helpshort',
-               '-h', '-?', '--helpxml')
+_HELP_FLAGS = cli.HELP_FLAGS
 
 
 
@@ -183,7 +183,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   """
   configs.resolve_argv(argv)
   configs.resolve_argv(sys.argv)
-  spec = _config_arg(argv)
+  cli.quiet_libraries(not cli.verbosity_given(argv))
+  spec = cli.config_arg(argv)
   try:
     config = load_config(spec) if spec else None
     if config is not None and not any(a in _HELP_FLAGS for a in argv):
@@ -195,29 +196,17 @@ def parse_flags(argv: list[str]) -> list[str]:
   if any(a in _HELP_FLAGS for a in argv):
     try:
       flags.FLAGS(argv)
-    except SystemExit:
+    except SystemExit:  # absl's help flags exit 1: asking for help is no error.
       if config is not None:
         print(config_help(config, field_docs()))
       else:
         print('\nGive --config=configs/<setting>.py to list its config fields.')
-      raise
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(f'{str(e).strip().splitlines()[-1]}', 2)
-  except (KeyError, AttributeError, TypeError, ValueError) as e:
-    msg = str(e).strip().strip('\'"').replace('\\n', ' ')
-    _fail(f'Bad command line: {msg.splitlines()[-1] if msg else type(e).__name__}', 2)
+      sys.exit(0)
+  return cli.parse_global(argv)
 
 
-def _fail(message: str, code: int = 1):
-  print(f'Error: {message}', file=sys.stderr)
-  sys.exit(code)
-
-
-def _is_user_error(e: BaseException) -> bool:
-  """`pyra_jax.errors.PyraError`s (and a missing file) carry messages meant for users."""
-  return isinstance(e, (errors.PyraError, FileNotFoundError))
+_fail = cli.fail
+_is_user_error = cli.is_user_error
 
 
 def _env_int(name: str) -> int | None:
@@ -408,7 +397,7 @@ def _report_speedup(config, workdir: str) -> None:
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietOrbax())
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    _fail(f'Unexpected arguments: {" ".join(argv[1:])}', 2)
   config = _CONFIG.value
   if config is None:
     _fail('Give a setting with --config=configs/<setting>.py (see configs/).', 2)

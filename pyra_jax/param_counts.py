@@ -193,27 +193,28 @@ def report_text(config: ml_collections.ConfigDict) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-  del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from pyra_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.no_arguments(argv)
   config = flags.FLAGS.config
   if config is None:
-    raise SystemExit('Give --config=configs/<setting>.py, e.g. configs/vitb_high.py.')
+    cli.fail('Give --config=configs/<setting>.py, e.g. configs/vitb_high.py.', cli.USAGE_EXIT)
   try:
     print(report_text(config))
   except ValueError as e:  # model_kwargs' and get_task's config checks
-    raise SystemExit(f'{e}') from None
+    cli.fail(str(e), 1)
 
 
 def run() -> None:
-  """`python -m pyra_jax.param_counts --config=...`."""
-  from absl import app  # pylint: disable=g-import-not-at-top
+  """`python -m pyra_jax.param_counts --config=...` (no TensorFlow: shapes only)."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from pyra_jax import cli  # pylint: disable=g-import-not-at-top
   from pyra_jax import configs  # pylint: disable=g-import-not-at-top
-  configs.resolve_argv(sys.argv)
+  configs.resolve_argv(sys.argv)  # A packaged setting by name: --config=vitb_high.
   config_flags.DEFINE_config_file(
       'config', None, 'A config file with get_config(), e.g. configs/vitb_high.py.',
       lock_config=False)
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -60,10 +60,10 @@ from ml_collections import config_flags
 import numpy as np
 
 from pyra_jax import cli
-from pyra_jax import configs
 from pyra_jax import errors
 from pyra_jax import recipe as recipe_lib
 from pyra_jax import registry
+from pyra_jax import sweep
 from pyra_jax.errors import ConfigError, UsageError
 
 # Exit status of a worker that left final runs waiting on other workers.
@@ -364,10 +364,7 @@ def selection(task_runs: Sequence[RunSpec]) -> dict | None:
 # Running.
 # ----------------------------------------------------------------------------
 
-def _write_json(path: str, obj: Any) -> None:
-  from pyra_jax.training import records  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  records.write_json(path, obj)
+_write_json = sweep.write_json
 
 
 def _benchmark(cfg: ml_collections.ConfigDict, workdir: str) -> None:
@@ -397,34 +394,45 @@ def train_one(spec: RunSpec, cfg: ml_collections.ConfigDict) -> dict | None:
   read only if its stored config is `cfg` (`check_same_config`). A selection
   run that diverges is recorded in its DIVERGED_FILE and returns that record
   (with 'diverged': True), so the choice goes to the other grid values.
+  The rules are the sweep runner's (`pyra_jax.sweep`).
   """
-  done = read_results(spec.workdir)
-  diverged = read_diverged(spec.workdir) if done is None else None
-  for record in (done, diverged):
-    if record is not None:
-      check_same_config(spec, cfg, record)
-  if diverged is not None:
-    print(f'[vtab] {spec.name}: diverged earlier ({spec.workdir}/{DIVERGED_FILE}), '
-          'left out of the choice', flush=True)
-    return diverged
-  if done is not None:
-    print(f'[vtab] {spec.name}: finished earlier, read {spec.workdir}/results.json',
-          flush=True)
-  else:
+
+  def make(s: RunSpec) -> dict:
     from pyra_jax.training import loop  # pylint: disable=g-import-not-at-top
-    print(f'[vtab] {spec.name}: training in {spec.workdir} '
+    print(f'[vtab] {s.name}: training in {s.workdir} '
           f'({cfg.data.train_split} -> {cfg.data.eval_split}, '
           f'pyra_lr {cfg.pyra_lr:g})', flush=True)
-    os.makedirs(spec.workdir, exist_ok=True)
-    try:
-      done = loop.train_and_evaluate(cfg, spec.workdir)
-    except errors.WorkdirInUseError as e:
-      print(f'[vtab] {spec.name}: left to the process that holds it: {e}', flush=True)
-      return None
-    except errors.DivergedError as e:
-      if spec.stage != 'select':
-        raise
-      return _record_divergence(spec, cfg, e)
+    os.makedirs(s.workdir, exist_ok=True)
+    return loop.train_and_evaluate(cfg, s.workdir)
+
+  runner = sweep.Sweep(
+      finished=lambda s: read_results(s.workdir),
+      # Only a selection run's divergence is a result (a failed candidate);
+      # a final run that diverges stops the protocol.
+      failure_file=lambda s: (os.path.join(s.workdir, DIVERGED_FILE)
+                              if s.stage == 'select' else None),
+      read_failure=lambda path: read_diverged(os.path.dirname(path)),
+      failure_errors=(errors.DivergedError,),
+      failure_record=lambda s, e: divergence_record(s, cfg, e),
+      check=lambda s, record, failed: check_same_config(s, cfg, record),
+      leave_busy=True, log=lambda m: print(f'[vtab] {m}', flush=True))
+  out = runner.run(spec, make)
+  if out.status == sweep.BUSY:
+    return None
+  if out.failed:
+    if out.status == sweep.SKIPPED:
+      print(f'[vtab] {spec.name}: diverged earlier ({spec.workdir}/{DIVERGED_FILE}), '
+            'left out of the choice', flush=True)
+    else:
+      first = out.record['error'].split(': training stopped')[0]
+      print(f'[vtab] {spec.name}: diverged ({first}); recorded in '
+            f'{spec.workdir}/{DIVERGED_FILE} and left out of the choice (delete that '
+            'folder to try this value again)', flush=True)
+    return out.record
+  done = out.record
+  if out.status == sweep.SKIPPED:
+    print(f'[vtab] {spec.name}: finished earlier, read {spec.workdir}/results.json',
+          flush=True)
   what = 'max accuracy' if headline_of(done) == 'max' else 'accuracy'
   print(f'[vtab] {spec.name}: {done["eval_split"]} {what} '
         f'{100 * headline_accuracy(done):.2f}%', flush=True)
@@ -433,23 +441,17 @@ def train_one(spec: RunSpec, cfg: ml_collections.ConfigDict) -> dict | None:
   return done
 
 
-def _record_divergence(spec: RunSpec, cfg: ml_collections.ConfigDict,
-                       error: Exception) -> dict:
-  """Writes the DIVERGED_FILE of a selection run whose loss became non-finite.
+def divergence_record(spec: RunSpec, cfg: ml_collections.ConfigDict,
+                      error: BaseException) -> dict:
+  """The DIVERGED_FILE of a selection run whose loss became non-finite.
 
   The grid value is then a failed candidate, like one with a poor val200
   accuracy: the protocol goes on with the others, and a rerun does not train
   it again (which would diverge again from its last checkpoint).
   """
   from pyra_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  first = str(error).split(': training stopped')[0]
-  record = {'diverged': True, 'pyra_lr': spec.pyra_lr, 'error': str(error),
-            'config': checkpointing.config_to_dict(cfg)}
-  _write_json(os.path.join(spec.workdir, DIVERGED_FILE), record)
-  print(f'[vtab] {spec.name}: diverged ({first}); recorded in '
-        f'{spec.workdir}/{DIVERGED_FILE} and left out of the choice (delete that '
-        'folder to try this value again)', flush=True)
-  return record
+  return {'diverged': True, 'pyra_lr': spec.pyra_lr, 'error': str(error),
+          'config': checkpointing.config_to_dict(cfg)}
 
 
 def _sleep(seconds: float) -> None:
@@ -773,12 +775,7 @@ def write_summary(workdir: str, tasks: Sequence[str] | None = None, *,
     s['last_command_wall_time_s'] = command_wall_time_s
   os.makedirs(workdir, exist_ok=True)
   md = to_markdown(s)
-  from pyra_jax.training import records  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
-    f.write(md)
-  records.write_json(os.path.join(workdir, 'summary.json'), s)
-  with open(os.path.join(workdir, 'summary.csv'), 'w') as f:
-    f.write(to_csv(s))
+  sweep.write_summary(workdir, s, {'summary.md': md, 'summary.csv': to_csv(s)})
   print(md, flush=True)
   return s
 
@@ -798,9 +795,7 @@ def check_workdir(workdir: str, *, must_exist: bool) -> None:
                      'runs of an earlier protocol there; check the path.')
 
 
-def _fail(message: str, code: int = 1):
-  print(f'Error: {message}', file=sys.stderr)
-  sys.exit(code)
+_fail = cli.fail
 
 
 class _QuietOrbax:
@@ -883,31 +878,7 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
 
 def run() -> None:
   fl = define_flags()
-  app.run(lambda argv: main(argv, fl), flags_parser=_parse_flags)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing with packaged setting names and one-line errors.
-
-  As `pyra_jax.main`: a setting may be named (`--config=vitb_high`), and a
-  missing config file or a misspelt --config.<field> is one sentence.
-  """
-  configs.resolve_argv(argv)
-  configs.resolve_argv(sys.argv)
-  if not any(a in ('--help', '--helpfull', '-h', '--helpshort') for a in argv):
-    spec = cli._config_arg(argv)  # pylint: disable=protected-access
-    try:
-      if spec:
-        cli.check_overrides(cli.load_config(spec), argv)
-    except UsageError as e:
-      _fail(str(e), 2)
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(f'{str(e).strip().splitlines()[-1]}', 2)
-  except (KeyError, AttributeError, TypeError, ValueError) as e:
-    msg = str(e).strip().strip('\'"').replace('\\n', ' ')
-    _fail(f'Bad command line: {msg.splitlines()[-1] if msg else type(e).__name__}', 2)
+  app.run(lambda argv: main(argv, fl), flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':

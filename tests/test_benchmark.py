@@ -183,7 +183,7 @@ def test_train_mode_refuses_an_export_in_one_sentence(tmp_path):
   assert proc.returncode != 0
   assert 'Traceback' not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
-      'error: --mode=train times the training step on random weights of the right '
+      'Error: --mode=train times the training step on random weights of the right '
       'shapes (an export has LoRA folded in): drop --params.')
 
 

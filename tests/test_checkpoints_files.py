@@ -87,7 +87,7 @@ def test_convert_refuses_bad_file_in_one_sentence(case, bad_files, tmp_path,
   assert convert_lib.main(['--src', str(path), '--out', str(out)]) == 1
   captured = capsys.readouterr()
   err = captured.err.strip()
-  assert err.startswith(f'error: {path}') and phrase in err, err
+  assert err.startswith(f'Error: {path}') and phrase in err, err
   assert len(err.splitlines()) == 1 and 'Traceback' not in err
   assert not out.exists() and not list(tmp_path.iterdir())  # Nothing left behind.
 
@@ -129,5 +129,5 @@ def test_convert_refuses_unwritable_out_before_reading(bad_files, tmp_path,
                       (tmp_path, 'is a directory')):
     assert convert_lib.main(['--src', str(src), '--out', str(out)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f'error: --out {out}') and phrase in err, err
+    assert err.startswith(f'Error: --out {out}') and phrase in err, err
     assert len(err.splitlines()) == 1

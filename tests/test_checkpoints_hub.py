@@ -181,7 +181,7 @@ def test_offline_with_an_empty_cache_says_what_to_do(hub_cache, tmp_path, capsys
   out = tmp_path / 'out.npz'
   assert convert_lib.main(['--src', SPEC, '--out', str(out)]) == 1
   _one_sentence(capsys.readouterr().err,
-                f'error: {SPEC}: model.safetensors of {REPO} is not in the Hugging '
+                f'Error: {SPEC}: model.safetensors of {REPO} is not in the Hugging '
                 f'Face cache {hub_cache}', 'HF_HUB_OFFLINE is set',
                 'run once with network access', 'point HF_HUB_CACHE at a cache',
                 f'download https://huggingface.co/{REPO}/resolve/main/model.safetensors')
@@ -230,7 +230,7 @@ def test_hub_errors_online_say_what_to_do(error, phrase, hub_cache, tmp_path, ca
     raise exc
   monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fail)
   assert convert_lib.main(['--src', SPEC, '--out', str(tmp_path / 'o.npz')]) == 1
-  _one_sentence(capsys.readouterr().err, f'error: {SPEC}: ', phrase)
+  _one_sentence(capsys.readouterr().err, f'Error: {SPEC}: ', phrase)
 
 
 def test_without_huggingface_hub_installed(tmp_path, capsys, monkeypatch):

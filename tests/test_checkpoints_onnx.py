@@ -115,5 +115,5 @@ def test_knn_probe_without_a_vtab1k_folder_says_what_to_do(tmp_path):
       [sys.executable, '-m', 'pyra_jax.experiments.knn_probe', f'--data_dir={tmp_path}'],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and 'Traceback' not in proc.stderr
-  assert proc.stderr.strip() == (f'{tmp_path} has no train800val200.txt (the VTAB-1k '
+  assert proc.stderr.strip() == (f'Error: {tmp_path} has no train800val200.txt (the VTAB-1k '
                                  'folder layout); pass --data_dir.')

@@ -36,10 +36,7 @@ KNOWN_CYCLES: list[frozenset[str]] = []
 
 # Uses of another module's underscore name left to fix elsewhere, as
 # (file relative to the repository, the name as written, e.g. 'vit._foo').
-KNOWN_UNDERSCORE_USES: list[tuple[str, str]] = [
-    ('pyra_jax/main.py', 'from pyra_jax.cli import _config_arg'),
-    ('pyra_jax/vtab.py', 'cli._config_arg'),
-]
+KNOWN_UNDERSCORE_USES: list[tuple[str, str]] = []
 
 
 @dataclasses.dataclass(frozen=True)

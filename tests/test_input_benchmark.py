@@ -32,7 +32,7 @@ def test_a_missing_root_says_what_to_pass(tmp_path):
   rc, _, err = benchmark_cli(f'--root={tmp_path / "nowhere"}')
   assert rc != 0 and 'Traceback' not in err
   # (TensorFlow's own start-up lines may come first on stderr.)
-  assert err.strip().split('\n')[-1] == (f'error: --root {tmp_path / "nowhere"} is not a directory: '
+  assert err.strip().split('\n')[-1] == (f'Error: --root {tmp_path / "nowhere"} is not a directory: '
                          'pass a VTAB-1k root (with --task) or one task folder.')
 
 
@@ -41,4 +41,4 @@ def test_a_folder_that_is_no_task_ends_in_one_sentence(tmp_path):
   rc, _, err = benchmark_cli(f'--root={tmp_path}', '--task=cifar10')
   assert rc != 0 and 'Traceback' not in err
   last = err.strip().split('\n')[-1]
-  assert last.startswith('error: ') and 'cifar10' in last
+  assert last.startswith('Error: ') and 'cifar10' in last

@@ -65,9 +65,9 @@ def test_vitb_high_pyra_trains_035_percent_of_the_backbone():
 
 
 @pytest.mark.parametrize('args,message', [
-    ([], 'Give --config=configs/<setting>.py, e.g. configs/vitb_high.py.'),
+    ([], 'Error: Give --config=configs/<setting>.py, e.g. configs/vitb_high.py.'),
     (['--config=configs/tiny.py', '--config.model.modulation=xyz'],
-     "model.modulation must be one of ('pyra', "),
+     "Error: model.modulation must be one of ('pyra', "),
 ])
 def test_bad_command_lines_fail_with_one_sentence(args, message):
   code, _, err = cli(*args, module='pyra_jax.param_counts')

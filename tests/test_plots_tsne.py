@@ -147,7 +147,8 @@ def test_a_split_the_task_lacks_ends_in_one_sentence(runs, tmp_path, capsys):
     plots.main(['tsne', f'--workdir_a={runs["tome"][0]}',
                 f'--workdir_b={runs["pyra"][0]}', f'--out={tmp_path / "x.png"}',
                 '--split=no_such_split'])
-  message = str(e.value.code)
-  assert message.startswith('plots tsne: ') and 'no_such_split' in message
+  message = capsys.readouterr().err
+  assert e.value.code == 1
+  assert message.startswith('Error: ') and 'no_such_split' in message
   assert '\n' not in message.strip()
   assert not (tmp_path / 'x.png').exists()

@@ -228,7 +228,7 @@ def test_a_hub_name_that_leaves_its_repository_is_refused_up_front(
   assert 'Trainable parameters' not in out  # Refused before the model is built.
   assert convert_lib.main(['--src', spec, '--out', str(tmp_path / 'w.npz')]) == 1
   err = capsys.readouterr().err.strip()
-  assert err.startswith(f"error: '{spec}' is not a Hub name") and len(err.splitlines()) == 1
+  assert err.startswith(f"Error: '{spec}' is not a Hub name") and len(err.splitlines()) == 1
 
 
 # Converts with the writer wrapped: once the temporary file is written (and
@@ -261,7 +261,7 @@ def test_an_interrupted_convert_leaves_nothing_behind(tmp_path, sig, code, word)
        '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
   err = proc.stderr.strip()
   assert proc.returncode == code, err
-  assert err.startswith(f'error: {word}') and len(err.splitlines()) == 1, err
+  assert err.startswith(f'Error: {word}') and len(err.splitlines()) == 1, err
   assert list((tmp_path / 'out').iterdir()) == []
 
 
@@ -275,7 +275,7 @@ def test_weights_holding_nan_are_refused_naming_the_tensor(tmp_path, capsys,
   out = tmp_path / 'converted.npz'
   assert convert_lib.main(['--src', str(src), '--out', str(out)]) == 1
   err = capsys.readouterr().err.strip()
-  assert err.startswith(f'error: {src} (npz): tensor cls holds 1 NaN and 0 infinite')
+  assert err.startswith(f'Error: {src} (npz): tensor cls holds 1 NaN and 0 infinite')
   assert len(err.splitlines()) == 1 and not out.exists()
   # Training from them is refused the same way, not blamed on the lr later.
   code, _, err = main(capsys, monkeypatch, tmp_path / 'run', f'--config.model_init={src}')

@@ -358,3 +358,35 @@ def test_a_read_only_file_system_and_a_too_long_name_are_one_sentence(
   code, out, err = main(capsys, monkeypatch, target)
   assert one_sentence(code, err) and f'read-only file system: {target}' in err, err
   reset_flags()
+
+
+# ---------------------------------------------------------------------------
+# Quiet by default: a terminal shows the command's lines, not the libraries'.
+# ---------------------------------------------------------------------------
+
+# The libraries' start-up notices a user saw before (TensorFlow's oneDNN and CPU
+# lines, XLA's TPU probing, Orbax's "read only"), as they appear on a terminal.
+BANNERS = ('oneDNN', 'TF_ENABLE_ONEDNN_OPTS', 'cpu_feature_guard',
+           'This TensorFlow binary is optimized', 'libtpu', 'is read only',
+           'Unable to initialize backend', 'absl::InitializeLog')
+
+
+def test_eval_prints_no_library_banner_unless_verbosity_is_given(reference):
+  # In a fresh process, as from a terminal where neither TF_CPP_MIN_LOG_LEVEL
+  # nor JAX_PLATFORMS is set (JAX probes for accelerators).
+  env = dict(os.environ)
+  env.pop('TF_CPP_MIN_LOG_LEVEL', None)
+  env.pop('JAX_PLATFORMS', None)
+  runs = {}
+  for name, extra in (('quiet', []), ('verbose', ['--verbosity=0'])):
+    proc = subprocess.run(
+        [sys.executable, '-m', 'pyra_jax.main', *TINY, f'--workdir={reference}',
+         '--mode=eval', *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs[name] = proc.stdout + proc.stderr
+  shown = [b for b in BANNERS if b in runs['quiet']]
+  assert not shown, runs['quiet'][-3000:]
+  assert 'checkpoint step 50: val200 accuracy' in runs['quiet']  # Its own result line.
+  # --verbosity brings them back (and shows that the check above can fail).
+  assert any(b in runs['verbose'] for b in BANNERS), runs['verbose'][-3000:]

@@ -185,7 +185,7 @@ def test_benchmark_refuses_a_negative_batch_in_one_sentence():
        '--batch_size=-3'], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines() == [
-      'error: --batch_size = -3: use an integer >= 0 (images per call; 0: 8 on CPU, '
+      'Error: --batch_size = -3: use an integer >= 0 (images per call; 0: 8 on CPU, '
       '64 otherwise).'], proc.stderr
 
 

@@ -351,4 +351,4 @@ def test_study_command_without_config_says_what_to_do(tmp_path):
   rc, _, err = study_cli(f'--outdir={tmp_path}')
   assert rc != 0 and 'Traceback' not in err
   assert err.strip().split('\n')[-1] == (
-      '--config is required (e.g. pyra_jax/experiments/study_small.py).')
+      'Error: --config is required (e.g. pyra_jax/experiments/study_small.py).')

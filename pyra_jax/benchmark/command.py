@@ -14,6 +14,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from pyra_jax import cli
 from pyra_jax import errors
 from pyra_jax import field_ranges
 from pyra_jax import registry
@@ -150,10 +151,7 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
   bad = [m for m in methods if m not in METHODS]
   if bad or not methods:
     raise app.UsageError(f'--methods: use some of {tuple(registry.METHODS)}, got {methods}.')
-  try:
-    check_flags({k: fl[k].value for k in FLAG_RANGES})
-  except BenchmarkError as e:
-    raise SystemExit(f'error: {e}') from None
+  check_flags({k: fl[k].value for k in FLAG_RANGES})
   if fl['curve'].value:
     run_curve(config, fl, methods)
     return
@@ -186,10 +184,8 @@ def main(argv: Sequence[str], fl: dict[str, Any]) -> None:
   elif train and fl['schedules'].value:
     raise app.UsageError('--schedules is for the forward mode: use one config per '
                          'schedule with --mode=train.')
-  try:
-    res = (train_step.run_train if train else forward.run_forward)(config, **kwargs)
-  except errors.PyraError as e:  # a setting that cannot run: one sentence, no traceback
-    raise SystemExit(f'error: {e}') from None
+  # A setting that cannot run raises a PyraError: one `Error:` line (cli.run).
+  res = (train_step.run_train if train else forward.run_forward)(config, **kwargs)
   res['settings']['preset'] = fl['preset'].value or None
   print(formatting.format_table(res))
   out = fl['out'].value
@@ -212,13 +208,10 @@ def run_curve(config: ml_collections.ConfigDict, fl: dict[str, Any],
     config.model.image_size = fl['image_size'].value
   if fl['dtype'].value != 'float32':
     config.dtype = fl['dtype'].value
-  try:
-    res = speedup_curve.curve(
-        config, methods=methods, points=fl['curve_points'].value,
-        batch=fl['batch_size'].value or speedup_timer.default_batch(),
-        rounds=fl['num_iters'].value or 10)
-  except errors.PyraError as e:
-    raise SystemExit(f'error: {e}') from None
+  res = speedup_curve.curve(  # A PyraError is one `Error:` line (cli.run).
+      config, methods=methods, points=fl['curve_points'].value,
+      batch=fl['batch_size'].value or speedup_timer.default_batch(),
+      rounds=fl['num_iters'].value or 10)
   print(speedup_curve.format_curve(res))
   for path, write in ((fl['out'].value, lambda p: json.dump(res, open(p, 'w'), indent=2)),
                       (fl['curve_png'].value, lambda p: speedup_curve.plot_curve(res, p))):
@@ -236,4 +229,4 @@ def run() -> None:
   fl = define_flags()
   for holder in fl.values():  # --help lists the flags of the program run (argv[0])
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[holder.name])
-  app.run(lambda argv: main(argv, fl))
+  cli.run(lambda argv: main(argv, fl))  # One `Error:` line per user error; quiet.

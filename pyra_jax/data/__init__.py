@@ -12,25 +12,59 @@ numpy batch dicts; docs/architecture.md, "Data batches"):
   * `from_tf_dataset(ds, *, num_classes, batch_size, image_size, train, ...)`.
 """
 
+import importlib
+import importlib.util
+from typing import Any
+
 from pyra_jax.errors import MissingExtraError
 
 # TensorFlow and TFDS are the `data` extra: a serving install (`pip install
 # pyra_jax`) builds, loads and runs models without them, and reading data
-# without them ends in one sentence naming the install command.
+# without them ends in one sentence naming the install command. Whether they
+# are installed is checked here without importing them: the names below are
+# imported on first use, so `pyra_jax.data.tasks` (the task table: names,
+# class counts, splits) is read without loading TensorFlow (param_counts).
 _EXTRA_MODULES = ('tensorflow', 'tensorflow_datasets')
 
-try:
-  from pyra_jax.data.errors import DataError
-  from pyra_jax.data.input_pipeline import Data, SOURCES, get_data
-  from pyra_jax.data.memory import from_arrays, from_tf_dataset
-  from pyra_jax.data.tasks import EXTRA_TASKS, SPLITS, TASKS, Task, get_task
-except ImportError as e:
-  if (e.name or '').partition('.')[0] not in _EXTRA_MODULES:
-    raise
+
+def _missing_extra() -> str | None:
+  for name in _EXTRA_MODULES:
+    try:
+      if importlib.util.find_spec(name) is None:
+        return name
+    except (ImportError, ValueError):  # A None entry in sys.modules: blocked.
+      return name
+  return None
+
+
+if (_missing := _missing_extra()) is not None:
   raise MissingExtraError(
       f'Reading data (training, evaluation, the VTAB-1k and TFDS tasks) needs '
-      f'TensorFlow and TFDS, which are not installed ({e}): install them with '
-      "pip install 'pyra_jax[data]'.") from None
+      f'TensorFlow and TFDS, which are not installed (no module named '
+      f"{_missing!r}): install them with pip install 'pyra_jax[data]'.")
 
-__all__ = ['Data', 'DataError', 'EXTRA_TASKS', 'SOURCES', 'SPLITS', 'TASKS',
-           'Task', 'from_arrays', 'from_tf_dataset', 'get_data', 'get_task']
+# name -> the module that defines it.
+_EXPORTS = {
+    'DataError': 'pyra_jax.data.errors',
+    'Data': 'pyra_jax.data.input_pipeline',
+    'SOURCES': 'pyra_jax.data.input_pipeline',
+    'get_data': 'pyra_jax.data.input_pipeline',
+    'from_arrays': 'pyra_jax.data.memory',
+    'from_tf_dataset': 'pyra_jax.data.memory',
+    'EXTRA_TASKS': 'pyra_jax.data.tasks',
+    'SPLITS': 'pyra_jax.data.tasks',
+    'TASKS': 'pyra_jax.data.tasks',
+    'Task': 'pyra_jax.data.tasks',
+    'get_task': 'pyra_jax.data.tasks',
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _EXPORTS:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))

@@ -28,14 +28,25 @@ tensor; they are plain tf code, so they run inside `tf.data.Dataset.map`.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
-from typing import Callable, Mapping
-
-import tensorflow as tf
+from typing import Any, Callable, Mapping
 
 from pyra_jax.data.errors import DataError
 
-Example = Mapping[str, tf.Tensor]
+
+class _TensorFlow:
+  """`tensorflow`, imported when a label or image function first runs (inside
+  tf.data), so that the task table itself (names, class counts, splits) is read
+  without loading TensorFlow: `param_counts` and the commands' checks."""
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(importlib.import_module('tensorflow'), name)
+
+
+tf = _TensorFlow()
+
+Example = Mapping[str, Any]  # A TFDS example: feature name -> tf.Tensor.
 
 # The four VTAB-1k splits every task defines.
 SPLITS = ('train800', 'val200', 'train800val200', 'test')

@@ -1,7 +1,7 @@
 r"""Input-pipeline throughput, in images per second (no model involved).
 
   python -m pyra_jax.experiments.input_benchmark \
-      --root /work/shared/data/vtab1k/cifar10 --image_size 224 --batch_size 64
+      --root=data/vtab1k/cifar10 --image_size=224 --batch_size=64
 
 Training iteration is timed in two phases: the first epoch (decode + resize,
 filling the in-memory cache) and the steady state after it (cached uint8 ->
@@ -12,11 +12,13 @@ shuffle -> batch -> normalise -> numpy), which is what a 100-epoch run sees.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
+from typing import Any
 
-from pyra_jax import errors
+from absl import flags
+
+from pyra_jax import cli
 
 
 def _rate(iterator, num_batches: int, batch_size: int) -> tuple[float, float]:
@@ -28,34 +30,42 @@ def _rate(iterator, num_batches: int, batch_size: int) -> tuple[float, float]:
   return num_batches * batch_size / seconds, seconds
 
 
+# The command's flags, in their own FlagValues (main(argv) runs in-process too).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('root', None, 'VTAB-1k folder root, or one task folder',
+                    required=True, flag_values=FLAGS)
+flags.DEFINE_string('task', '', 'task name; default: the --root folder name',
+                    flag_values=FLAGS)
+flags.DEFINE_enum('source', 'folder', ('folder', 'tfds', 'mnist'), 'data source',
+                  flag_values=FLAGS)
+flags.DEFINE_string('split', 'train800val200', 'the training split', flag_values=FLAGS)
+flags.DEFINE_integer('image_size', 224, 'image size (px)', lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_integer('batch_size', 64, 'images per batch', lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_integer('steps', 200, 'steady-state training batches to time',
+                     lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_string('normalization', 'imagenet', 'config.data.normalization',
+                    flag_values=FLAGS)
+flags.DEFINE_integer('num_parallel_calls', -1, 'tf.data parallelism (-1: autotune)',
+                     flag_values=FLAGS)
+flags.DEFINE_string('eval_split', '', "also time one eval pass over this split, e.g. 'test'",
+                    flag_values=FLAGS)
+cli.define_verbosity(FLAGS)
+
+
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--root', required=True,
-                      help='VTAB-1k folder root, or one task folder')
-  parser.add_argument('--task', default='',
-                      help='task name; default: the --root folder name')
-  parser.add_argument('--source', default='folder',
-                      choices=('folder', 'tfds', 'mnist'))
-  parser.add_argument('--split', default='train800val200')
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--batch_size', type=int, default=64)
-  parser.add_argument('--steps', type=int, default=200,
-                      help='steady-state training batches to time')
-  parser.add_argument('--normalization', default='imagenet')
-  parser.add_argument('--num_parallel_calls', type=int, default=-1)
-  parser.add_argument('--eval_split', default='',
-                      help="also time one eval pass over this split, e.g. 'test'")
-  args = parser.parse_args(argv)
-  if args.source == 'folder' and not Path(args.root).is_dir():
-    raise SystemExit(f'error: --root {args.root} is not a directory: pass a VTAB-1k '
-                     'root (with --task) or one task folder.')
-  try:
-    _time_pipeline(args)
-  except errors.PyraError as e:  # An unknown task or split, a missing folder: one sentence.
-    raise SystemExit(f'error: {e}') from None
+  """The command (argv without the program name; None: sys.argv[1:])."""
+  cli.parse(FLAGS, argv, prog='python -m pyra_jax.experiments.input_benchmark',
+            doc=__doc__)
+  if FLAGS.source == 'folder' and not Path(FLAGS.root).is_dir():
+    cli.fail(f'--root {FLAGS.root} is not a directory: pass a VTAB-1k '
+             'root (with --task) or one task folder.', cli.USAGE_EXIT)
+  # An unknown task or split, a missing folder: one sentence (cli.call).
+  cli.call(lambda: _time_pipeline(FLAGS))
 
 
-def _time_pipeline(args: argparse.Namespace) -> None:
+def _time_pipeline(args: Any) -> None:
   """Prints the training (first epoch, steady state) and eval rates."""
   # TensorFlow loads only here, so a wrong command line is answered at once.
   from pyra_jax.data.input_pipeline import get_data  # pylint: disable=g-import-not-at-top

@@ -17,13 +17,14 @@ here depends on model internals. Reads the folder with PIL (no TensorFlow).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
 
+from absl import flags
 import numpy as np
 
+from pyra_jax import cli
 from pyra_jax.checkpoints import loader
 from pyra_jax.checkpoints import onnx_dinov2
 
@@ -87,19 +88,35 @@ def knn_accuracy(train_f, train_y, test_f, test_y, k: int) -> float:
   return correct / len(test_y)
 
 
+# The command's flags, in their own FlagValues (main(argv) runs in-process too).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('data_dir', str(DEFAULT_DATA), 'a VTAB-1k-style task folder',
+                    flag_values=FLAGS)
+flags.DEFINE_integer('image_size', 112, 'image size (px)', lower_bound=14,
+                     flag_values=FLAGS)
+flags.DEFINE_integer('k', 10, 'neighbours that vote', lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_string('train_split', 'train800val200', 'the neighbours\' split',
+                    flag_values=FLAGS)
+flags.DEFINE_integer('num_test', 1000, 'test images (0: all)', lower_bound=0,
+                     flag_values=FLAGS)
+flags.DEFINE_integer('batch', 100, 'images per forward call', lower_bound=1,
+                     flag_values=FLAGS)
+cli.define_verbosity(FLAGS)
+
+
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m pyra_jax.experiments.knn_probe')
-  parser.add_argument('--data_dir', default=str(DEFAULT_DATA))
-  parser.add_argument('--image_size', type=int, default=112)
-  parser.add_argument('--k', type=int, default=10)
-  parser.add_argument('--train_split', default='train800val200')
-  parser.add_argument('--num_test', type=int, default=1000, help='0: all')
-  parser.add_argument('--batch', type=int, default=100)
-  args = parser.parse_args(argv)
+  """The command (argv without the program name; None: sys.argv[1:])."""
+  cli.parse(FLAGS, argv, prog='python -m pyra_jax.experiments.knn_probe', doc=__doc__)
+  args = FLAGS
   root = Path(args.data_dir)
   if not (root / f'{args.train_split}.txt').exists():
-    raise SystemExit(f'{root} has no {args.train_split}.txt (the VTAB-1k folder '
-                     'layout); pass --data_dir.')
+    cli.fail(f'{root} has no {args.train_split}.txt (the VTAB-1k folder '
+             'layout); pass --data_dir.', cli.USAGE_EXIT)
+  cli.call(lambda: _probe(args, root))  # Missing weights: one `Error:` line.
+
+
+def _probe(args, root: Path) -> None:
+  """Loads the model and the two splits, prints the k-NN accuracy."""
   t0 = time.time()
   apply, _ = vit_s14_feature_model(args.image_size)
   xtr, ytr = read_split(root, args.train_split, 0, args.image_size)

@@ -1,7 +1,10 @@
 r"""Accuracy against throughput (the paper's Figs. 2 and 4) from results files.
 
-  python -m pyra_jax.experiments.plots --results 'workdirs/*/results.json' \
-      --benchmarks 'bench/*.json' --out plot.png
+  python -m pyra_jax.experiments.plots --results='workdirs/*/results.json' \
+      --benchmarks='bench/*.json' --out=plot.png
+
+`--results` and `--benchmarks` take a file or a quoted glob pattern and may be
+repeated; further results files may follow as arguments.
 
 Inputs (JSON; every key is optional unless said otherwise, files that cannot be
 used are skipped with a message naming them):
@@ -36,7 +39,6 @@ t-SNE (scikit-learn, the `plots` extra) and coloured by class:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import json
@@ -45,12 +47,14 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from pyra_jax import checkpointing
+from pyra_jax import cli
 from pyra_jax import errors
 from pyra_jax import schedules
 from pyra_jax.models import vit
@@ -226,27 +230,55 @@ def plot(points: list[dict], out: str, x: str = 'throughput', title: str = '') -
   return x
 
 
+# The two commands' flags, each in its own FlagValues (main(argv) runs
+# in-process too, beside other commands' flags).
+FLAGS = flags.FlagValues()
+flags.DEFINE_multi_string('results', None, 'results.json files or glob patterns '
+                          '(quote them); repeat the flag for more', required=True,
+                          flag_values=FLAGS)
+flags.DEFINE_multi_string('benchmarks', [], 'benchmark JSONs (pyra_jax.benchmark '
+                          '--out) to take images/s from', flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'the PNG to write', required=True, flag_values=FLAGS)
+flags.DEFINE_enum('x', 'throughput', ('throughput', 'gflops'), 'the x axis',
+                  flag_values=FLAGS)
+flags.DEFINE_string('title', '', 'the plot title', flag_values=FLAGS)
+cli.define_verbosity(FLAGS)
+
+TSNE_FLAGS = flags.FlagValues()
+for _side, _default in (('a', 'ToMe'), ('b', 'PYRA')):
+  flags.DEFINE_string(f'workdir_{_side}', None, 'a finished run (its results.json '
+                      'and checkpoints)', required=True, flag_values=TSNE_FLAGS)
+  flags.DEFINE_string(f'label_{_side}', _default, 'its panel\'s title',
+                      flag_values=TSNE_FLAGS)
+flags.DEFINE_string('out', None, 'the PNG to write', required=True,
+                    flag_values=TSNE_FLAGS)
+flags.DEFINE_string('split', None, "split to embed (default: each run's "
+                    'data.eval_split)', flag_values=TSNE_FLAGS)
+flags.DEFINE_integer('max_images', 0, 'embed only the first N images of the split '
+                     '(0: all)', flag_values=TSNE_FLAGS)
+flags.DEFINE_float('perplexity', 30.0, "t-SNE's perplexity", flag_values=TSNE_FLAGS)
+flags.DEFINE_integer('seed', 0, "t-SNE's random state", flag_values=TSNE_FLAGS)
+flags.DEFINE_string('title', '', 'the figure title', flag_values=TSNE_FLAGS)
+cli.define_verbosity(TSNE_FLAGS)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
+  """The command (argv without the program name; None: sys.argv[1:]);
+  `tsne` as the first argument draws the t-SNE figure instead."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ['tsne']:
     tsne_main(argv[1:])
     return
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--results', required=True, nargs='+',
-                      help="results.json files or glob patterns (quote them)")
-  parser.add_argument('--benchmarks', nargs='*', default=[],
-                      help='benchmark JSONs (pyra_jax.benchmark --out) to take '
-                           'images/s from')
-  parser.add_argument('--out', required=True, help='the PNG to write')
-  parser.add_argument('--x', choices=('throughput', 'gflops'), default='throughput')
-  parser.add_argument('--title', default='')
-  args = parser.parse_args(argv)
+  more = cli.parse(FLAGS, argv, prog='python -m pyra_jax.experiments.plots',
+                   doc=__doc__, positional=1_000_000)
+  args = FLAGS
+  patterns = list(args.results) + more
   expand = lambda pats: sorted({p for pat in pats for p in (glob.glob(pat) or [pat])})
-  results = expand(args.results)
+  results = expand(patterns)
   points = collect(results, benchmark_table(expand(args.benchmarks)))
   if not points:
-    raise SystemExit(f'plots: no usable results among {len(results)} file(s) '
-                     f'matching {args.results}.')
+    cli.fail(f'no usable results among {len(results)} file(s) matching '
+             f'{patterns}: give results.json files of finished runs with --results.')
   x = plot(points, args.out, args.x, args.title)
   for p in points:
     ips = f"{p['images_per_sec']:.2f}" if p['images_per_sec'] else '-'
@@ -403,33 +435,22 @@ def tsne_panel(workdir: str, label: str, split: Optional[str], max_images: int,
 
 
 def tsne_main(argv: Sequence[str]) -> None:
-  parser = argparse.ArgumentParser(
-      prog='python -m pyra_jax.experiments.plots tsne',
-      description="t-SNE of two runs' class-token features, side by side "
-                  "(the paper's Fig. 5).")
-  for side, default in (('a', 'ToMe'), ('b', 'PYRA')):
-    parser.add_argument(f'--workdir_{side}', required=True,
-                        help='a finished run (its results.json and checkpoints)')
-    parser.add_argument(f'--label_{side}', default=default)
-  parser.add_argument('--out', required=True, help='the PNG to write')
-  parser.add_argument('--split', default=None,
-                      help="split to embed (default: each run's data.eval_split)")
-  parser.add_argument('--max_images', type=int, default=0,
-                      help='embed only the first N images of the split (0: all)')
-  parser.add_argument('--perplexity', type=float, default=30.0)
-  parser.add_argument('--seed', type=int, default=0, help="t-SNE's random state")
-  parser.add_argument('--title', default='')
-  args = parser.parse_args(argv)
+  """`plots tsne`: t-SNE of two runs' class-token features, side by side
+  (the paper's Fig. 5)."""
+  cli.parse(TSNE_FLAGS, argv, prog='python -m pyra_jax.experiments.plots tsne',
+            doc="t-SNE of two runs' class-token features, side by side (the "
+                "paper's Fig. 5).")
+  args = TSNE_FLAGS
   if args.max_images < 0 or 0 < args.max_images < 5:
-    raise SystemExit(f'plots tsne: --max_images={args.max_images}: give 0 (all) '
-                     'or at least 5 images, fewer cannot be embedded.')
+    cli.fail(f'--max_images={args.max_images}: give 0 (all) or at least 5 '
+             'images, fewer cannot be embedded.', cli.USAGE_EXIT)
   if args.perplexity <= 0:
-    raise SystemExit(f'plots tsne: --perplexity={args.perplexity:g}: give a '
-                     'positive number (scikit-learn suggests 5 to 50).')
+    cli.fail(f'--perplexity={args.perplexity:g}: give a positive number '
+             '(scikit-learn suggests 5 to 50).', cli.USAGE_EXIT)
   folder = os.path.dirname(os.path.abspath(args.out))
   if not os.path.isdir(folder):
-    raise SystemExit(f'plots tsne: --out={args.out}: the folder {folder} does not '
-                     'exist; create it or give another path.')
+    cli.fail(f'--out={args.out}: the folder {folder} does not exist; create it '
+             'or give another path.', cli.USAGE_EXIT)
   try:
     panels = [tsne_panel(wd, label, args.split, args.max_images,
                          args.perplexity, args.seed)
@@ -440,7 +461,7 @@ def tsne_main(argv: Sequence[str]) -> None:
             f"{panels[1]['task']}): a colour means a different class in each panel.")
     plot_tsne(panels, args.out, args.title)
   except (errors.PyraError, FileNotFoundError) as e:
-    raise SystemExit(f'plots tsne: {e}') from None
+    cli.fail(str(e), 1)
   print(f'wrote {args.out}')
 
 

@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import ml_collections
 from pyra_jax import recipe as recipe_lib
+from pyra_jax import sweep
 from pyra_jax.errors import StudyError  # pylint: disable=unused-import
 
 MERGE_METHODS = ('tome', 'pyra')
@@ -284,16 +285,23 @@ def is_done(outdir: str, item: Cell | Bench,
   if config is not None:
     with open(path) as f:
       stored = json.load(f).get('config', {})
-    # A field added since the run counts as its default (as when resuming).
-    from pyra_jax import checkpointing  # pylint: disable=g-import-not-at-top
-    diff = config_diff(_plain(cell_config(config, item).to_dict()),
-                       checkpointing.stored_config(_plain(stored)))
-    if diff:
-      raise StudyError(
-          f'{path} was trained with another config than the study asks for '
-          f'({"; ".join(diff[:5])}). Use a fresh --outdir for a changed '
-          'recipe, or delete that workdir to rerun it.')
+    check_recipe(config, item, stored, path)
   return True
+
+
+def check_recipe(config: ml_collections.ConfigDict, cell: Cell, stored: dict,
+                 path: str) -> None:
+  """Refuses a finished run (its results.json at `path`, its stored config)
+  trained with another config than the study asks for (`is_done`)."""
+  # A field added since the run counts as its default (as when resuming).
+  from pyra_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  diff = config_diff(_plain(cell_config(config, cell).to_dict()),
+                     checkpointing.stored_config(_plain(stored)))
+  if diff:
+    raise StudyError(
+        f'{path} was trained with another config than the study asks for '
+        f'({"; ".join(diff[:5])}). Use a fresh --outdir for a changed '
+        'recipe, or delete that workdir to rerun it.')
 
 
 def failed_path(outdir: str, cell: Cell) -> str:
@@ -366,50 +374,57 @@ def run_study(config: ml_collections.ConfigDict, outdir: str, *, only: str = '',
   propagates: a broken setup should stop the study loudly.
   """
   from pyra_jax import errors  # pylint: disable=g-import-not-at-top
-  from pyra_jax.training import loop  # pylint: disable=g-import-not-at-top
-  train_error = errors.TrainingError
   if train_fn is None:
+    from pyra_jax.training import loop  # pylint: disable=g-import-not-at-top
     train_fn = loop.train_and_evaluate
   items = select(plan(config), only)
-  statuses, launched = [], 0
-  for i, item in enumerate(items):
-    status = {'name': item.name, 'stage': item.stage}
-    if is_done(outdir, item, config):
-      statuses.append(dict(status, status='skipped'))
-      continue
-    now = datetime.datetime.now(datetime.timezone.utc)
-    if (deadline is not None and now >= deadline) or (
-        0 <= max_runs <= launched):
-      statuses.append(dict(status, status='not_started'))
-      continue
-    launched += 1
+
+  def finished(item: Cell | Bench) -> Optional[dict]:
+    if isinstance(item, Bench):
+      return sweep.read_json(bench_path(outdir, item.key))
+    return sweep.read_json(os.path.join(workdir_of(outdir, item), 'results.json'))
+
+  def check(item: Cell | Bench, record: dict, failed: bool) -> None:
+    # Diverged: deterministic, rerunning would diverge again. A finished run
+    # must be of this recipe (is_done).
+    if isinstance(item, Cell) and not failed:
+      check_recipe(config, item, record.get('config', {}),
+                   os.path.join(workdir_of(outdir, item), 'results.json'))
+
+  def failed(item: Cell | Bench, error: BaseException) -> dict:
+    # A diverged run is a result of the recipe (reported in the summary),
+    # not a reason to stop the grid; any other error stops it loudly.
+    log(f'    FAILED: {error}')
+    return {'error': str(error)}
+
+  def make(item: Cell | Bench) -> dict:
     t0 = time.time()
-    log(f'[{now:%H:%M:%S}] ({i + 1}/{len(items)}) {item.name}')
     if isinstance(item, Bench):
       result = run_bench(config, item)
-      os.makedirs(os.path.dirname(bench_path(outdir, item.key)), exist_ok=True)
-      _write_json(bench_path(outdir, item.key), result)
+      sweep.write_json(bench_path(outdir, item.key), result)
       summary = {m: round(v['images_per_sec'], 1)
                  for m, v in result['models'].items()}
       log(f'    images/s {summary}')
-    else:
-      workdir = workdir_of(outdir, item)
-      try:
-        result = train_fn(cell_config(config, item), workdir)
-      except train_error as e:
-        # A diverged run is a result of the recipe (reported in the summary),
-        # not a reason to stop the grid; any other error stops it loudly.
-        os.makedirs(workdir, exist_ok=True)
-        _write_json(failed_path(outdir, item), {'error': str(e)})
-        log(f'    FAILED: {e}')
-        statuses.append(dict(status, status='failed', seconds=time.time() - t0))
-        continue
-      if config.study.get('delete_checkpoints', False):
-        shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
-      log(f'    accuracy {100 * result["final_accuracy"]:.2f}% '
-          f'in {time.time() - t0:.0f} s')
-    statuses.append(dict(status, status='done', seconds=time.time() - t0))
-  return statuses
+      return result
+    workdir = workdir_of(outdir, item)
+    result = train_fn(cell_config(config, item), workdir)
+    if config.study.get('delete_checkpoints', False):
+      shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
+    log(f'    accuracy {100 * result["final_accuracy"]:.2f}% '
+        f'in {time.time() - t0:.0f} s')
+    return result
+
+  def announce(i: int, item: Cell | Bench) -> None:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    log(f'[{now:%H:%M:%S}] ({i + 1}/{len(items)}) {item.name}')
+
+  runner = sweep.Sweep(
+      finished=finished, check=check,
+      failure_file=lambda item: failed_path(outdir, item) if isinstance(item, Cell) else None,
+      failure_errors=(errors.TrainingError,), failure_record=failed,
+      budget=sweep.Budget(deadline, max_runs), log=log)
+  outcomes = runner.run_all(items, make, announce)
+  return [dict(o.as_dict(), stage=item.stage) for o, item in zip(outcomes, items)]
 
 
 def enable_compilation_cache(cache_dir: str) -> None:
@@ -423,13 +438,6 @@ def enable_compilation_cache(cache_dir: str) -> None:
   os.makedirs(cache_dir, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', cache_dir)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------
@@ -724,9 +732,7 @@ def write_summary(config: ml_collections.ConfigDict, outdir: str,
   targets = [os.path.join(outdir, 'summary')] + ([publish] if publish else [])
   for target in targets:
     os.makedirs(os.path.join(target, 'runs'), exist_ok=True)
-    _write_json(os.path.join(target, 'summary.json'), summary)
-    with open(os.path.join(target, 'summary.md'), 'w') as f:
-      f.write(summary_markdown(summary))
+    sweep.write_summary(target, summary, {'summary.md': summary_markdown(summary)})
     for cell in load_results(config, outdir):
       shutil.copyfile(os.path.join(workdir_of(outdir, cell), 'results.json'),
                       os.path.join(target, 'runs', f'{cell.name}.json'))
@@ -751,7 +757,8 @@ def write_summary(config: ml_collections.ConfigDict, outdir: str,
 
 def main(argv: Sequence[str]) -> None:
   from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from pyra_jax import cli  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags
   config_flags.DEFINE_config_file(
       'config', None, 'A study config, e.g. pyra_jax/experiments/study_small.py.',
@@ -771,7 +778,8 @@ def main(argv: Sequence[str]) -> None:
   flags.DEFINE_string('publish', '', 'Also copy the summary, plots and per-run '
                       'results.json here (e.g. docs/study).')
 
-  def _main(_):
+  def _main(args):
+    cli.no_arguments(args)
     fl = flags.FLAGS
     if not fl.outdir:
       raise app.UsageError('--outdir is required (e.g. /work/study_runs).')
@@ -798,7 +806,7 @@ def main(argv: Sequence[str]) -> None:
     summary = write_summary(config, fl.outdir, fl.publish)
     print(summary_markdown(summary))
 
-  app.run(_main, argv=argv)
+  app.run(cli.guarded(_main), argv=argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':
