@@ -168,6 +168,21 @@ def prune_params(flat: Mapping[str, Any], head_idx: Sequence[Sequence[int]],
   return out
 
 
+def uniform_widths(geo: base.Geometry, target: float) -> str:
+  """Inline widths keeping one fraction of every block's heads and units, the
+  largest within the budget: a searched configuration's stand-in where no search
+  ran (the benchmark times the FLOPs level, not a search's choice)."""
+  best = '1,' * (geo.depth - 1) + '1;' + '1,' * (geo.depth - 1) + '1'
+  for i in range(1, 1001):
+    f = i / 1000
+    h = counts(np.full(geo.depth, f), geo.num_heads)
+    m = counts(np.full(geo.depth, f), geo.mlp_dim)
+    if flops_fraction(h, m, geo) > target:
+      break
+    best = ','.join(map(str, h)) + ';' + ','.join(map(str, m))
+  return best
+
+
 def write_widths(path: str, heads, mlps, head_idx, unit_idx, extra: Mapping[str, Any]) -> None:
   with open(path, 'w') as f:
     json.dump(dict(heads=list(map(int, heads)), mlp=list(map(int, mlps)),
