@@ -31,8 +31,8 @@ def test_selector_matches_the_original_predictor(heads, hd):
   x = rng.normal(size=(2, 7, heads * hd)).astype(np.float32)
   policy = (rng.random(size=(2, 7)) > 0.3).astype(np.float32)
   policy[:, 0] = 1
-  log_s, soft_s = spvit_lib.Selector(heads).apply({'params': params}, jnp.asarray(x),
-                                                  jnp.asarray(policy))
+  log_s, soft_s, _ = spvit_lib.Selector(heads).apply({'params': params}, jnp.asarray(x),
+                                                     jnp.asarray(policy))
   want_log, want_soft = ref.spvit_predictor(x, policy[..., None], params, heads)
   np.testing.assert_allclose(np.asarray(log_s), want_log, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(soft_s), want_soft, rtol=1e-4, atol=1e-5)

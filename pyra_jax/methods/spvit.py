@@ -61,15 +61,18 @@ _INIT = nn.initializers.truncated_normal(stddev=0.02)
 
 
 class Selector(nn.Module):
-  """The per-layer token selector; returns (log-score, soft score), (B, M, 2).
+  """The per-layer token selector: (log-score, soft score) (B, M, 2), keep or None.
 
   x (B, M, C) the non-protected tokens; policy (B, M) 1 for active tokens
   (the global feature averages over them). Index 0 of the last axis is keep.
+  With `gumbel` (training) also the hard Gumbel-softmax keep decision (B, M),
+  drawn from the 'dropout' rng.
   """
   num_heads: int
 
   @nn.compact
-  def __call__(self, x: Array, policy: Array) -> tuple[Array, Array]:
+  def __call__(self, x: Array, policy: Array, *, gumbel: bool = False
+               ) -> tuple[Array, Array, Optional[Array]]:
     b, m, c = x.shape
     h = self.num_heads
     hd = c // h
@@ -93,7 +96,8 @@ class Selector(nn.Module):
     wsum = w.sum(axis=2)
     log_score = (jax.nn.log_softmax(logits) * w).sum(axis=2) / wsum
     soft_score = (jax.nn.softmax(logits) * w).sum(axis=2) / wsum
-    return log_score, soft_score
+    keep = gumbel_hard_keep(log_score, self.make_rng('dropout')) if gumbel else None
+    return log_score, soft_score, keep
 
 
 def gumbel_hard_keep(log_score: Array, key: Array) -> Array:
@@ -293,14 +297,13 @@ class SPViT(base.TokenReducer):
     if train:
       tokens = tokens.with_mask()
       prev = tokens.mask[:, p:]
-      log_score, soft = selector(tokens.x[:, p:], prev)
-      keep = gumbel_hard_keep(log_score, selector.make_rng('dropout'))
+      _, soft, keep = selector(tokens.x[:, p:], prev, gumbel=True)
       x, mask = spvit_train_reduce(tokens.x, tokens.mask, keep, soft[..., 0],
                                    num_protected=p, num_packages=j)
       kept = mask[:, p:p + self.num_patches].mean(axis=1)
       return base.Tokens(x, None, None, mask), (kept, mask[:, p:].sum(axis=1))
     rest = tokens.x[:, p:]
-    log_score, soft = selector(rest, jnp.ones(rest.shape[:2], rest.dtype))
+    log_score, soft, _ = selector(rest, jnp.ones(rest.shape[:2], rest.dtype))
     x = spvit_prune(tokens.x, log_score[..., 0], soft[..., 0], self.keeps[j],
                     num_protected=p, num_packages=j)
     return base.Tokens(x, None, None, None), None
