@@ -246,7 +246,8 @@ class RaP(base.TokenReducer):
 
   name: ClassVar[str] = 'rap'
   traces_source: ClassVar[bool] = True
-  config_fields: ClassVar[tuple[str, ...]] = ('rap_widths', 'rap_candidates', 'rap_score_batches')
+  config_fields: ClassVar[tuple[str, ...]] = (
+      'rap_widths', 'rap_candidates', 'rap_score_batches', 'stage1_workdir')
   field_ranges: ClassVar[dict] = {
       'rap_candidates': Range(1, integer=True, why='random configurations RaP scores'),
       'rap_score_batches': Range(1, integer=True, why=(

@@ -250,7 +250,7 @@ class SPViT(base.TokenReducer):
   traces_source: ClassVar[bool] = False
   has_regulariser: ClassVar[bool] = True
   config_fields: ClassVar[tuple[str, ...]] = (
-      'spvit_layers', 'spvit_keep_ratios', 'spvit_ratio_weight')
+      'spvit_layers', 'spvit_keep_ratios', 'spvit_ratio_weight', 'stage1_workdir')
   field_ranges: ClassVar[dict] = {
       'spvit_ratio_weight': Range(0, why=(
           'the weight of the keep-ratio loss, e.g. 2.0')),
