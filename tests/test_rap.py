@@ -54,7 +54,7 @@ def test_samples_are_within_the_budget():
   for target in (0.4, 0.6, 0.8):
     got = [rap_lib.sample_candidate(rng, GEO, target) for _ in range(20)]
     got = [g for g in got if g is not None]
-    assert len(got) >= 15
+    assert len(got) >= 5  # a draw landing > 0.03 below is drawn again
     for heads, mlps in got:
       f = sum(ref.rap_block_flops(h, m, 17, 32, 8) for h, m in zip(heads, mlps)) / (
           3 * ref.rap_block_flops(4, 64, 17, 32, 8))
@@ -102,13 +102,16 @@ def test_pruned_model_is_smaller_and_equals_the_masked_model():
 
 
 @pytest.mark.parametrize('override,message', [
-    ('--config.model.schedule=flops:0.01', 'RaP cannot reach a FLOPs fraction'),
+    # One head per block: RaP can only shrink the MLPs, ToMe's strongest merging
+    # on this model (8 then 4 tokens) costs less than that.
+    ('--config.model.num_heads=1 --config.model.schedule=8,4',
+     'RaP cannot reach a FLOPs fraction'),
     ('--config.model.peft=adapter', "model.method='rap' prunes heads and MLP units"),
-    ('--config.model.rap_widths=1,1;4,4', 'model.rap_widths'),
+    ('--config.model.rap_widths=1,1,1;4,4', 'model.rap_widths'),
 ])
 def test_bad_settings_fail_with_one_sentence(tmp_path, capsys, monkeypatch, override, message):
   code, out, err = run_main(capsys, monkeypatch, '--config=configs/tiny.py:method=rap',
-                            f'--workdir={tmp_path}', override)
+                            f'--workdir={tmp_path}', *override.split())
   reset_flags()
   assert code == 1 and message in err and 'Traceback' not in err, err
   assert len(err.strip().splitlines()) == 1, err
