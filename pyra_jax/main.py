@@ -430,10 +430,23 @@ def main(argv: list[str]) -> None:
     if mode != 'train':  # (train resolves it under the workdir's lock)
       from pyra_jax import speedup_timer  # pylint: disable=g-import-not-at-top
       speedup_timer.resolve(config, _WORKDIR.value)  # 'speedup:<x>': the workdir's choice
-    if mode == 'train':
+    from pyra_jax.training import stages  # pylint: disable=g-import-not-at-top
+    pipeline = config.model.method in stages.METHODS
+    if pipeline and mode == 'train':  # RaP, SPViT: LoRA, prune, retrain.
+      r = stages.run_pipeline(
+          config, _WORKDIR.value,
+          allow_config_change=[f.strip() for f in _ALLOW_CONFIG_CHANGE.value])
+      config = stages.final_config(config, _WORKDIR.value)
+      if jax.process_index() == 0:
+        print(f"pruning ({config.model.method}): "
+              f"{os.path.join(_WORKDIR.value, stages.STAGE2)}")
+    elif pipeline and _WORKDIR.value:  # eval / export read stage 3's pruned model.
+      config = stages.final_config(config, _WORKDIR.value)
+    if mode == 'train' and not pipeline:
       r = loop.train_and_evaluate(
           config, _WORKDIR.value,
           allow_config_change=[f.strip() for f in _ALLOW_CONFIG_CHANGE.value])
+    if mode == 'train':
       if jax.process_index() == 0:
         split = f'{r["eval_split"]}, {r["num_test_images"]} images'
         lines = [f'final accuracy ({split}): {100 * r["final_accuracy"]:.2f}%',

@@ -26,6 +26,8 @@ METHODS: dict[str, str] = {
     'ats': 'pyra_jax.methods.ats:ATS',            # Table 14 (Fayyaz et al. 2022)
     'ltmp': 'pyra_jax.methods.ltmp:LTMP',         # Table 14 (Bonnaerens & Dambre 2023)
     'diffrate': 'pyra_jax.methods.diffrate:DiffRate',  # Table 14 (Chen et al. 2023)
+    'spvit': 'pyra_jax.methods.spvit:SPViT',      # Tables 2-5 (Kong et al. 2022)
+    'rap': 'pyra_jax.methods.rap:RaP',            # Tables 2-5 (Li et al. 2022)
 }
 
 # model.peft -> what it is (docs/algorithm.md §13-15). Any module but 'lora'

@@ -31,7 +31,8 @@ from tests.helpers.models import tiny_config
 
 # Module fields that are not config fields, so a default there is no second copy.
 # Wiring between modules (set by the block for the method at hand), not config.
-NOT_CONFIG_FIELDS = {'trace_source', 'hidden', 'kernel_init', 'request'}
+# head_dim and out_dim: a pruned block's widths (RaP), set by the block.
+NOT_CONFIG_FIELDS = {'trace_source', 'hidden', 'kernel_init', 'request', 'head_dim', 'out_dim'}
 UNSET_FIELDS = ('num_classes', 'width', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
 
 

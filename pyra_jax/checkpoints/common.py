@@ -23,7 +23,7 @@ FORMATS = ('npz', 'timm', 'pyra_torch', 'dinov2_hf', 'onnx_dinov2', 'pyra_jax')
 # the PYRA generators, every PEFT module (config model.peft) and the learned
 # parts of LTMP and DiffRate.
 TASK_SCOPES = re.compile(
-    r'^(head|head_dist)/|/(lora|adapter|convpass|fact|snf|pyra|ltmp|diffrate)/')
+    r'^(head|head_dist)/|/(lora|adapter|convpass|fact|snf|pyra|ltmp|diffrate|spvit)/')
 
 
 

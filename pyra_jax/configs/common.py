@@ -118,6 +118,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.method = 'pyra'         # 'peft' (no merging) | 'tome' | 'pyra' |
                                 # 'evit' | 'tofu' | 'ats' | 'ltmp' | 'diffrate'
                                 # (Table 14's competitors; docs/algorithm.md §16-17)
+                                # | 'spvit' | 'rap' (Tables 2-5's competitors, §18:
+                                # --mode=train runs their three stages)
   model.schedule = 'vitb_high'  # a named schedule, an int (ToMe constant r),
                                 # 'r,inflection', 'flops:<ratio>', or 'r0,r1,...',
                                 # or 'speedup:<x>[@<batch>]': the schedule whose
@@ -171,6 +173,27 @@ def get_base_config() -> ml_collections.ConfigDict:
                                 # on ViT-B/16; diffrate_flops_weight unused)
   model.diffrate_granularity = 4  # tokens between candidate kept counts (the method's)
   model.diffrate_search_epochs = 3  # epochs of --mode=search (the method's 3)
+  # SPViT (method='spvit'): a learned token selector per pruning layer, the pruned
+  # tokens packaged into one token; training masks (hard Gumbel-softmax), inference
+  # keeps a static count per layer. Its layers, 0-based ('3,6,9'); '': the method's
+  # 3,6,9 of 12 layers, scaled to the depth
+  model.spvit_layers = ''
+  # Kept fraction of the patch tokens at each of its layers, decreasing, in (0, 1)
+  # ('0.7,0.49,0.34'); '': base, base^2, ... with base solved so the deployed
+  # model's FLOPs match model.schedule's (the setting's budget)
+  model.spvit_keep_ratios = ''
+  model.spvit_ratio_weight = 2.0  # weight of the keep-ratio loss (the method's 2.0)
+  # RaP (method='rap'): attention heads and MLP units pruned per block, to the FLOPs
+  # of model.schedule (the setting's budget), by a random search in stage 2.
+  model.rap_widths = ''         # the pruned widths: <workdir>/stage2_prune/rap_widths.json
+                                # (set by the pipeline), or inline 'h0,h1,...;m0,m1,...'
+                                # (heads and MLP units kept per block); '': unpruned
+  model.rap_candidates = 50     # random channel configurations the search scores
+  model.rap_score_batches = 2   # training batches each candidate's loss is measured on
+  # SPViT and RaP train in three stages (LoRA without compression, prune, retrain);
+  # stage 1's workdir: '' = <workdir>/stage1_peft; or an earlier method='peft' run
+  # of the same setting, reused as it is
+  model.stage1_workdir = ''
 
   # --- Pretrained weights ---------------------------------------------------
   # Path to a checkpoint, a Hub name 'hf-hub:<owner>/<repo>[/<file>][@<rev>]'
@@ -258,6 +281,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.trainable.lora_head = r'(.*/(lora|adapter|convpass|fact|snf)/.*|^head.*)'
   config.trainable.ltmp = r'.*/ltmp/.*'  # LTMP's thresholds (lr: lr)
   config.trainable.diffrate = r'.*/diffrate/.*'  # DiffRate search logits (lr: diffrate_lr)
+  config.trainable.spvit = r'.*/spvit/.*'  # SPViT's token selectors (lr: lr)
 
   # --- Distillation (PE-Dist, the paper's Table 15) ----------------------------
   # Train on CE + weight·T²·KL(softmax(teacher/T) || softmax(student/T)) towards a

@@ -16,7 +16,9 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
                    evit | tofu | ats (Table 14's competitors: at a level, EViT's
                    keep rate is solved to match the level's FLOPs; tofu and ats
                    use the level's schedule; configs/vitb_evit.py is EViT's own) |
-                   ltmp | diffrate (their FLOPs targets are the level's)
+                   ltmp | diffrate (their FLOPs targets are the level's) |
+                   spvit | rap (Tables 2-5's competitors, in three stages; their
+                   budget is the level's FLOPs)
   peft=P           model.peft, the trainable module: lora (default) | adapter |
                    convpass | fact | snf (Tables 18-20; any but lora turns LoRA
                    off; docs/methods.md "PEFT modules"); the adapter/convpass bottleneck

@@ -49,6 +49,7 @@ class Geometry:
   num_protected: int  # the class token, and DeiT's distillation token
   width: int
   mlp_dim: int
+  num_heads: int = 0  # 0 where unknown (a Geometry rebuilt inside the encoder)
 
   @property
   def num_tokens(self) -> int:
@@ -153,6 +154,10 @@ class TokenReducer:
              train: bool) -> tuple[Tokens, Any]:  # pylint: disable=unused-argument
     """The block's reduction; returns (tokens, aux for the regulariser or None)."""
     return tokens, None
+
+  def block_widths(self, layer: int) -> Optional[tuple[int, int]]:  # pylint: disable=unused-argument
+    """(attention heads, MLP hidden units) of a structurally pruned block; None: all."""
+    return None
 
   def regulariser(self, aux: list[Any], geo: Geometry) -> tuple[Array, Array]:
     """(FLOPs fraction, penalty) from every layer's aux; only if `has_regulariser`."""

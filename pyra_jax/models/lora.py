@@ -8,7 +8,8 @@ linear map A @ B, it folds into the frozen q/k/v kernels exactly for deployment.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -35,6 +36,7 @@ class LoRA(nn.Module):
   dropout: float
   init_scheme: str  # not `init`, which would hide nn.Module.init
   dtype: Any
+  out_dim: Optional[int] = None  # q/k/v width when heads are pruned (RaP); None: D
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -46,7 +48,7 @@ class LoRA(nn.Module):
     else:
       down_init = up_init = timm_trunc_normal(0.02)
     down = self.param('down', down_init, (dim, self.rank))
-    up = self.param('up', up_init, (self.rank, 3 * dim))
+    up = self.param('up', up_init, (self.rank, 3 * (self.out_dim or dim)))
     x = nn.Dropout(rate=self.dropout, deterministic=not train)(x)
     return (x @ down.astype(self.dtype)) @ up.astype(self.dtype)
 
@@ -70,7 +72,8 @@ def fold_lora(params: Mapping[str, Any]) -> dict[str, Any]:
       delta = jnp.asarray(lora['down']) @ jnp.asarray(lora['up'])  # (D, 3D)
       for i, proj in enumerate(('query', 'key', 'value')):
         kernel = out[proj]['kernel']
-        d = delta[:, i * kernel.shape[0]:(i + 1) * kernel.shape[0]]
+        w = math.prod(kernel.shape[1:])  # (D, H, hd): H heads (fewer if pruned)
+        d = delta[:, i * w:(i + 1) * w]
         out[proj] = dict(out[proj], kernel=kernel + d.reshape(kernel.shape))
     return out
   return fold(params)

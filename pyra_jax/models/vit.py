@@ -233,6 +233,7 @@ class Attention(nn.Module):
   dtype: Any
   implementation: str
   request: AttentionRequest = AttentionRequest()
+  head_dim: Optional[int] = None  # None: D / num_heads; set when heads are pruned (RaP)
 
   @nn.compact
   def __call__(self, x: Array, size: Optional[Array], *, train: bool,
@@ -240,14 +241,16 @@ class Attention(nn.Module):
                mask: Optional[Array] = None) -> tuple[Array, Attended]:
     b, n, d = x.shape
     h = self.num_heads
-    hd = d // h
+    hd = self.head_dim or d // h
+    e = h * hd  # the q/k/v width: D, or fewer with pruned heads
     peft, request = self.peft, self.request
     bias_shape = (h, hd) if self.qkv_bias else None
     delta = None
     if peft.lora_rank > 0:
       delta = LoRA(rank=peft.lora_rank, dropout=peft.lora_dropout,
                    init_scheme=peft.lora_init, dtype=self.dtype,
-                   name='lora')(x, train=train)  # (B, N, 3D)
+                   out_dim=None if e == d else e,
+                   name='lora')(x, train=train)  # (B, N, 3E)
     fact_delta = None
     if fact is not None:
       fact_delta = fact_lib.FactDelta(peft.fact_scale, peft.fact_dropout, self.dtype,
@@ -258,11 +261,11 @@ class Attention(nn.Module):
       # concatenation is a copy of the kernels on every call that XLA does not
       # hoist (parameters are arguments), ~9% of a merged ViT-B's time on CPU.
       kernel, bias = ParamsOnly((d, h, hd), bias_shape, name=name)()
-      y = x @ kernel.reshape(d, d).astype(self.dtype)
+      y = x @ kernel.reshape(d, e).astype(self.dtype)
       if bias is not None:
-        y = y + bias.reshape(d).astype(self.dtype)
+        y = y + bias.reshape(e).astype(self.dtype)
       if delta is not None:
-        y = y + delta[..., i * d:(i + 1) * d]
+        y = y + delta[..., i * e:(i + 1) * e]
       if fact_delta is not None:
         y = y + fact_delta(x, fact, name, train=train)
       heads.append(y.reshape(b, n, h, hd))
@@ -282,13 +285,13 @@ class Attention(nn.Module):
         out = _attention_einsum(q, k, v, size)
       if request.cls_attn:
         cls_attn = _class_attention(q, k, size)
-    out = out.reshape(b, n, d)
+    out = out.reshape(b, n, e)
     w_out, b_out = ParamsOnly((h, hd, d), (d,), name='out')()
-    y = out @ w_out.reshape(d, d).astype(self.dtype) + b_out.astype(self.dtype)
+    y = out @ w_out.reshape(e, d).astype(self.dtype) + b_out.astype(self.dtype)
     if fact_delta is not None:
       y = y + fact_delta(out, fact, 'out', train=train)
     if request.value_norm:
-      value_norm = jnp.linalg.norm(v.reshape(b, n, d).astype(jnp.float32), axis=-1)
+      value_norm = jnp.linalg.norm(v.reshape(b, n, e).astype(jnp.float32), axis=-1)
     return y, Attended(k.mean(axis=2), cls_attn=cls_attn, value_norm=value_norm,
                        mean_attn=mean_attn)
 
@@ -394,9 +397,12 @@ class EncoderBlock(nn.Module):
     h = nn.LayerNorm(epsilon=arch.ln_eps, dtype=arch.dtype, name='LayerNorm_0')(x)
     request = self.reducer.attention(self.layer, train=train)
     attn_size = size if (arch.prop_attn or request.size_bias) else None
+    # A structurally pruned model (RaP) keeps fewer heads and MLP units here.
+    heads, mlp_dim = self.reducer.block_widths(self.layer) or (self.num_heads, self.mlp_dim)
     y, attended = Attention(
-        num_heads=self.num_heads, qkv_bias=arch.qkv_bias, peft=peft, dtype=arch.dtype,
+        num_heads=heads, qkv_bias=arch.qkv_bias, peft=peft, dtype=arch.dtype,
         implementation=arch.attention, request=request,
+        head_dim=x.shape[-1] // self.num_heads,
         name='MultiHeadDotProductAttention_0')(
             h, attn_size, train=train, fact=fact, mask=mask if request.masked else None)
     if arch.layerscale:
@@ -414,7 +420,7 @@ class EncoderBlock(nn.Module):
 
     shortcut = x if snf is None else snf(x, 'mlp')
     h = nn.LayerNorm(epsilon=arch.ln_eps, dtype=arch.dtype, name='LayerNorm_1')(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dtype=arch.dtype, peft=peft, name='MlpBlock_0')(
+    y = MlpBlock(mlp_dim=mlp_dim, dtype=arch.dtype, peft=peft, name='MlpBlock_0')(
         h, train=train, fact=fact)
     if arch.layerscale:
       y = LayerScale(name='LayerScale_1')(y)
@@ -708,7 +714,8 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
       _field(c, name)
   _field(c, 'schedule')
   geo = Geometry(depth=depth, num_patches=(image_size // patch) ** 2,
-                 num_protected=1 + int(distilled), width=width, mlp_dim=mlp)
+                 num_protected=1 + int(distilled), width=width, mlp_dim=mlp,
+                 num_heads=heads)
   reducer = reducer_cls.from_config(c, geo)
   # Last, so the checks above that know the model (its depth, the FLOPs a
   # method can reach) speak first; nothing above misbehaves on a value the

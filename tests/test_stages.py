@@ -1,0 +1,85 @@
+"""The three-stage pipeline of RaP and SPViT through the CLI, on the tiny config:
+stage 1 (method=peft) reused, a killed stage 2 (RaP's search) and a killed
+stage 3 resumed, eval of the pruned model (docs/algorithm.md §18.3)."""
+
+import json
+import os
+
+import numpy as np
+
+from pyra_jax import checkpointing
+from pyra_jax.methods import rap as rap_lib
+from pyra_jax.training import loop
+from pyra_jax.training import stages
+from tests.test_train_cli import reset_flags, run_main
+
+
+def _args(tmp_path, method, *extra):
+  return ('--config=configs/tiny.py:method=' + method, f'--workdir={tmp_path}',
+          '--config.num_epochs=2', '--config.warmup_epochs=0', *extra)
+
+
+def test_rap_pipeline_resumes_killed_stages(tmp_path, capsys, monkeypatch):
+  args = _args(tmp_path, 'rap', '--config.model.rap_candidates=4',
+               '--config.model.rap_score_batches=1')
+  sample = rap_lib.sample_candidate
+  calls = []
+
+  def dying_sample(*a, **k):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt()  # as a kill: exit 130, resumable
+    return sample(*a, **k)
+  monkeypatch.setattr(rap_lib, 'sample_candidate', dying_sample)
+  code, out, err = run_main(capsys, monkeypatch, *args)
+  reset_flags()
+  assert code == 130, err
+  s1, s2 = tmp_path / stages.STAGE1, tmp_path / stages.STAGE2
+  assert (s1 / 'results.json').exists()
+  stage1_time = os.path.getmtime(s1 / 'results.json')
+  first = (s2 / stages.CANDIDATES_FILE).read_text().splitlines()
+  assert 1 <= len(first) <= 2 and not (s2 / stages.PRUNED_FILE).exists()
+
+  # Stage 3 killed after 30 of its 50 steps (checkpoint at 25).
+  monkeypatch.setattr(rap_lib, 'sample_candidate', sample)
+  original = loop.train_batches
+
+  def dying_batches(data, start_step):
+    for i, batch in enumerate(original(data, start_step)):
+      if i == 30:
+        raise KeyboardInterrupt()  # as a kill: exit 130, resumable
+      yield batch
+  monkeypatch.setattr(loop, 'train_batches', dying_batches)
+  code, out, err = run_main(capsys, monkeypatch, *args)
+  reset_flags()
+  assert code == 130, err
+  lines = (s2 / stages.CANDIDATES_FILE).read_text().splitlines()
+  assert lines[:len(first)] == first and len(lines) == 4  # resumed, not restarted
+  widths = json.loads((s2 / rap_lib.WIDTHS_FILE).read_text())
+  best = min((json.loads(l) for l in lines), key=lambda r: r['loss'])
+  assert widths['heads'] == best['heads'] and widths['mlp'] == best['mlp']
+  assert checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 25
+
+  monkeypatch.setattr(loop, 'train_batches', original)
+  code, out, err = run_main(capsys, monkeypatch, *args)
+  reset_flags()
+  assert code == 0, err
+  assert 'final accuracy' in out
+  assert os.path.getmtime(s1 / 'results.json') == stage1_time  # stage 1 reused
+  assert checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 50
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert results['steps'] == 50
+  # The pruned model is evaluated with its own widths.
+  code, out, err = run_main(capsys, monkeypatch, *args, '--mode=eval')
+  reset_flags()
+  assert code == 0, err
+
+
+def test_spvit_pipeline_trains_the_selectors(tmp_path, capsys, monkeypatch):
+  code, out, err = run_main(capsys, monkeypatch, *_args(tmp_path, 'spvit'))
+  reset_flags()
+  assert code == 0, err
+  info = json.loads((tmp_path / stages.STAGE2 / stages.SPVIT_FILE).read_text())
+  assert info['layers'] == [0, 1] and len(info['keeps']) == 2
+  pruned = np.load(tmp_path / stages.STAGE2 / stages.PRUNED_FILE)
+  assert any('/spvit/' in k for k in pruned.files)
