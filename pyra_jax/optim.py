@@ -136,12 +136,15 @@ NO_DECAY = re.compile(r'(cls|dist|Transformer/posembed_input/pos_embedding)')
 def decay_mask(params: PyTree) -> PyTree:
   """True for leaves that get weight decay: matrices and kernels (ndim >= 2),
   not the tokens and position embeddings of `NO_DECAY`."""
-  if not isinstance(params, Mapping):
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
-  flat = traverse_util.flatten_dict(params, sep='/')
-  return traverse_util.unflatten_dict(
-      {k: v.ndim >= 2 and not NO_DECAY.fullmatch(k) for k, v in flat.items()},
-      sep='/')
+  # With paths from the pytree itself: inside optax.partition the tree holds
+  # empty `MaskedNode`s in place of the other groups' leaves.
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and not NO_DECAY.fullmatch(path_name(path)), params)
+
+
+def path_name(path) -> str:
+  """A jax key path as our '/'-joined parameter path ('Transformer/encoder_norm/scale')."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
 def model_depth(config: ml_collections.ConfigDict) -> int:
@@ -177,10 +180,9 @@ def layer_id(path: str, depth: int) -> int:
 
 def layer_scales(params: PyTree, layer_decay: float, depth: int) -> PyTree:
   """A tree like `params` of each leaf's lr multiplier, decay ** (depth + 1 - id)."""
-  flat = traverse_util.flatten_dict(params, sep='/')
-  return traverse_util.unflatten_dict(
-      {k: float(layer_decay) ** (depth + 1 - layer_id(k, depth)) for k in flat},
-      sep='/')
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: float(layer_decay) ** (depth + 1 - layer_id(path_name(path), depth)),
+      params)
 
 
 def scale_by_layer(layer_decay: float, depth: int) -> optax.GradientTransformation:
@@ -188,7 +190,7 @@ def scale_by_layer(layer_decay: float, depth: int) -> optax.GradientTransformati
   def scale(updates, params=None):
     del params
     scales = layer_scales(updates, layer_decay, depth)
-    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales)
+    return jax.tree.map(lambda u, k: u * jnp.asarray(k, u.dtype), updates, scales)
   return optax.stateless(scale)
 
 

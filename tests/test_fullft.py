@@ -250,7 +250,8 @@ def test_full_finetune_preset_through_the_cli(tmp_path, capsys, monkeypatch):
   assert code == 0, err
   results = json.loads((tmp_path / 'results.json').read_text())
   trained = results['trainable_params']
-  assert trained['lora'] == 0 and trained['backbone'] > 0
+  assert trained['lora'] == 0 and trained['other_trained'] == trained['backbone'] > 0
+  assert trained['trainable_percent_of_backbone'] > 100
   export_dir = tmp_path / 'deploy'
   code, out, err = run_main(capsys, monkeypatch, *common, '--mode=export',
                             f'--export_dir={export_dir}')
