@@ -466,7 +466,7 @@ class VisionTransformer(nn.Module):
   distilled_train: str  # 'cls' | 'avg' (resolved: `distilled_train_head`)
   drop_path: float
   head_init_std: float
-  pool: str = 'cls'  # 'cls' | 'gap' (POOLS; config model.pool)
+  pool: str  # 'cls' | 'gap' (POOLS; config model.pool)
   trace_source: bool = False  # a debugging output, not a config field
 
   @property
@@ -566,7 +566,7 @@ class Encoder(nn.Module):
   reducer: TokenReducer
   drop_path: float
   trace_source: bool
-  final_norm: bool = True
+  final_norm: bool  # False for model.pool='gap'
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Tokens:
