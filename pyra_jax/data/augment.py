@@ -147,10 +147,10 @@ def solarize_add(image: tf.Tensor, add: tf.Tensor, threshold: int = 128) -> tf.T
 
 def auto_contrast(image: tf.Tensor) -> tf.Tensor:
   """PIL `ImageOps.autocontrast` (cutoff 0): each channel stretched to [0, 255]."""
-  x = tf.cast(image, tf.float32)
+  x = tf.cast(image, tf.float64)  # Python floats, as PIL's table is computed.
   lo = tf.reduce_min(x, axis=[0, 1])
   hi = tf.reduce_max(x, axis=[0, 1])
-  i = tf.range(256, dtype=tf.float32)[None, :]
+  i = tf.range(256, dtype=tf.float64)[None, :]
   scale = 255.0 / tf.maximum(hi - lo, 1.0)
   table = tf.clip_by_value(tf.floor(i * scale[:, None] - lo[:, None] * scale[:, None]),
                            0.0, 255.0)
@@ -180,7 +180,8 @@ def grayscale(image: tf.Tensor) -> tf.Tensor:
 
 
 def blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """PIL `Image.blend(degenerate, image, factor)` (ImageEnhance): truncated to uint8."""
+  """PIL `Image.blend(degenerate, image, factor)` (ImageEnhance): in single
+  precision as PIL's C code, truncated to uint8."""
   d = tf.cast(degenerate, tf.float32)
   out = d + tf.cast(factor, tf.float32) * (tf.cast(image, tf.float32) - d)
   return tf.cast(tf.floor(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
@@ -194,7 +195,7 @@ def color(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
 
 def contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
   """PIL `ImageEnhance.Contrast`: blend with the mean grey level, int(mean + 0.5)."""
-  mean = tf.floor(tf.reduce_mean(tf.cast(grayscale(image), tf.float32)) + 0.5)
+  mean = tf.floor(tf.reduce_mean(tf.cast(grayscale(image), tf.float64)) + 0.5)
   return blend(tf.fill(tf.shape(image), mean), image, factor)
 
 
@@ -229,6 +230,10 @@ def affine(image: tf.Tensor, matrix: Sequence[tf.Tensor],
   fill_t = tf.constant(fill, tf.float32)
   x = tf.cast(image, tf.float32) - fill_t  # Fill 0 below = `fill` after adding back.
   a, b, c, d, e, f = (tf.cast(v, tf.float32) for v in matrix)
+  # PIL maps pixel centres (x + 0.5, y + 0.5) and samples at the result - 0.5;
+  # TF maps pixel indices: shift the offsets so both sample the same points.
+  c = c + 0.5 * (a + b) - 0.5
+  f = f + 0.5 * (d + e) - 0.5
   transform = tf.stack([a, b, c, d, e, f, 0.0, 0.0])[None]
   out = tf.raw_ops.ImageProjectiveTransformV3(
       images=x[None], transforms=transform, output_shape=tf.shape(image)[:2],
