@@ -19,11 +19,26 @@ Groups:
   * frozen   -> `optax.set_to_zero()`: no update and no optimiser state.
 
 Weight decay (decoupled, AdamW) applies only to leaves with ndim >= 2 (kernels,
-LoRA matrices, W_r, W_D), never to biases, norms or other 1-D parameters, and
-not to a DeiT distillation head the training loss does not read
+LoRA matrices, W_r, W_D), never to biases, norms or other 1-D parameters, nor
+to the class/distillation tokens and the position embeddings (timm's and MAE's
+`no_weight_decay()` list: they are embeddings, not weights; they only train in
+full fine-tuning), and not to a DeiT distillation head the training loss does not read
 (`model.distilled_train`): PyTorch's AdamW skips a parameter without a
 gradient, so the authors' untrained head stays exactly at its initial values,
 and so does ours (zero gradient, zero Adam step, no decay).
+
+Full fine-tuning (`configs.paper.full_finetune`, the config argument
+`finetune=full`): one more group, 'backbone', matching every path, after the
+default groups (PYRA's generators keep `pyra_lr`), so nothing is frozen.
+
+Layer-wise lr decay (`config.layer_decay` < 1, MAE's util/lr_decay.py, from
+BEiT/ELECTRA): every parameter gets a layer id (the patch embedding, class
+token and position embeddings 0, block i: i + 1, everything after the blocks
+-- final norm, head -- depth + 1) and its update is multiplied by
+layer_decay ** (depth + 1 - id). Scaling AdamW's whole update equals scaling
+its learning rate (decay included), which is what MAE's per-group `lr_scale`
+does; the multiplier is a stateless transform after the groups, so the
+optimiser state is the same as without it.
 
 Learning-rate schedules (`config.lr_schedule`, docs/algorithm.md §4 and §8):
   * 'per_step' -> linear warm-up, then a half cosine, evaluated at every step
@@ -111,9 +126,72 @@ def merge_params(trainable: PyTree, frozen: PyTree) -> PyTree:
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
+# Paths that never get weight decay whatever their rank: the class and
+# distillation tokens and the position embeddings (timm's VisionTransformer
+# `no_weight_decay()` = {pos_embed, cls_token, dist_token}, which MAE's
+# fine-tuning passes to its optimiser).
+NO_DECAY = re.compile(r'(cls|dist|Transformer/posembed_input/pos_embedding)')
+
+
 def decay_mask(params: PyTree) -> PyTree:
-  """True for leaves that get weight decay: matrices and kernels (ndim >= 2)."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True for leaves that get weight decay: matrices and kernels (ndim >= 2),
+  not the tokens and position embeddings of `NO_DECAY`."""
+  # With paths from the pytree itself: inside optax.partition the tree holds
+  # empty `MaskedNode`s in place of the other groups' leaves.
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and not NO_DECAY.fullmatch(path_name(path)), params)
+
+
+def path_name(path) -> str:
+  """A jax key path as our '/'-joined parameter path ('Transformer/encoder_norm/scale')."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def model_depth(config: ml_collections.ConfigDict) -> int:
+  """The number of transformer blocks of config.model (set, or the variant's)."""
+  model = config.get('model')
+  if model is None:
+    raise ConfigError('config.layer_decay needs config.model to know the depth.')
+  if model.get('depth'):
+    return int(model.depth)
+  from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
+  name = str(model.get('variant', '')).partition('/')[0]
+  if name not in vit.VARIANTS:
+    raise ConfigError(f'model.variant {model.get("variant")!r} is not one of '
+                      f'{sorted(vit.VARIANTS)} (any patch size): the layer-wise lr '
+                      'decay needs its depth.')
+  return vit.VARIANTS[name][1]
+
+
+_BLOCK = re.compile(r'Transformer/encoderblock_(\d+)/.*')
+_EMBEDDING = re.compile(r'(embedding/.*|cls|dist|Transformer/posembed_input/.*)')
+
+
+def layer_id(path: str, depth: int) -> int:
+  """MAE's `get_layer_id_for_vit` on our paths: embeddings 0, block i -> i + 1,
+  anything else (final norm, fc_norm, head, FacT's shared factors) depth + 1."""
+  if _EMBEDDING.fullmatch(path):
+    return 0
+  m = _BLOCK.fullmatch(path)
+  if m:
+    return int(m.group(1)) + 1
+  return depth + 1
+
+
+def layer_scales(params: PyTree, layer_decay: float, depth: int) -> PyTree:
+  """A tree like `params` of each leaf's lr multiplier, decay ** (depth + 1 - id)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: float(layer_decay) ** (depth + 1 - layer_id(path_name(path), depth)),
+      params)
+
+
+def scale_by_layer(layer_decay: float, depth: int) -> optax.GradientTransformation:
+  """Multiplies each update by its layer's scale (`layer_scales`); no state."""
+  def scale(updates, params=None):
+    del params
+    scales = layer_scales(updates, layer_decay, depth)
+    return jax.tree.map(lambda u, k: u * jnp.asarray(k, u.dtype), updates, scales)
+  return optax.stateless(scale)
 
 
 def unused_heads(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -253,6 +331,9 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
   transforms[FROZEN] = optax.set_to_zero()
   tx = optax.partition(transforms,
                        lambda p: param_labels(p, config.trainable))
+  layer_decay = float(config.get('layer_decay', 1.0))
+  if layer_decay != 1.0:  # Only then: the optimiser state stays as before.
+    tx = optax.chain(tx, scale_by_layer(layer_decay, model_depth(config)))
   if config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   base = make_schedule(config.lr, config, steps_per_epoch)

@@ -105,13 +105,15 @@ def abstract_params(model_config: ml_collections.ConfigDict, num_classes: int) -
 
 
 def trainable_report(trainable: PyTree, frozen: PyTree) -> dict[str, Any]:
-  """What a run trains, split as in Table 1, and its share of the frozen backbone.
+  """What a run trains, split as in Table 1, and its share of the backbone.
 
   `trainable` and `frozen` are the two halves of `optim.split_params`, so a
   parameter counts as trained exactly when the optimiser updates it.
   """
   trained = count_by_category(trainable)
-  backbone = count_by_category(frozen)['backbone']
+  # The backbone's size whether frozen or not: full fine-tuning trains all of it
+  # (then 'other_trained' holds it, and the share is over 100 %).
+  backbone = count_by_category(frozen)['backbone'] + trained['backbone']
   total = sum(trained.values())
   paper_like = trained['lora'] + trained['module'] + trained['generators']
   pct = lambda n: 100.0 * n / backbone if backbone else float('nan')

@@ -63,6 +63,7 @@ SETTINGS: tuple[str, ...] = (
     'deits_peft', 'vitb_pedist', 'vits_pedist',
     'vitb_low_convpass', 'vitb_high_convpass', 'vitb_low_fact', 'vitb_high_fact',
     'vitb_low_snf', 'vitb_high_snf',
+    'vitb_mae_fullft', 'vitl_mae_fullft', 'demo_fullft',
 )
 
 

@@ -16,7 +16,7 @@ from pyra_jax.configs import paper
 from pyra_jax.models import vit
 
 CONFIG_DIR = configs.SETTINGS_DIR
-HELPERS = {"common.py", "paper.py", "__init__.py"}
+HELPERS = {"common.py", "paper.py", "fullft.py", "__init__.py"}
 SETTINGS = sorted(p.name for p in CONFIG_DIR.glob('*.py') if p.name not in HELPERS)
 
 VITB_HIGH = (40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3)

@@ -19,11 +19,12 @@ from pyra_jax.errors import CheckpointError  # pylint: disable=unused-import
 FORMATS = ('npz', 'timm', 'pyra_torch', 'dinov2_hf', 'onnx_dinov2', 'pyra_jax')
 
 # Scopes that are task-specific and re-initialised for each task, unless a
-# checkpoint of ours or of the authors' code carries trained values: the heads,
+# checkpoint of ours or of the authors' code carries trained values: the heads
+# (and the pooled feature's norm of model.pool='gap'),
 # the PYRA generators, every PEFT module (config model.peft) and the learned
 # parts of LTMP and DiffRate.
 TASK_SCOPES = re.compile(
-    r'^(head|head_dist)/|/(lora|adapter|convpass|fact|snf|pyra|ltmp|diffrate|spvit)/')
+    r'^(head|head_dist|fc_norm)/|/(lora|adapter|convpass|fact|snf|pyra|ltmp|diffrate|spvit)/')
 
 
 

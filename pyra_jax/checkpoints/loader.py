@@ -287,6 +287,19 @@ def fit_to_model(conv: common.Converted, init_params: Mapping[str, Any],
     for k in keys:
       del src[k]
 
+  notes = list(conv.notes)
+  if 'fc_norm/scale' in init and 'Transformer/encoder_norm/scale' not in init:
+    # model.pool='gap': as MAE's fine-tuning, the final norm is dropped and the
+    # pooled feature gets a fresh norm of its own (fc_norm).
+    dropped = [k for k in src if k.startswith('Transformer/encoder_norm/')]
+    for k in dropped:
+      del src[k]
+    if dropped:
+      notes = [n for n in notes if 'fc_norm' not in n]
+      notes.append("model.pool='gap': the checkpoint's final norm is not used; "
+                   'the pooled feature is normalised by a fresh fc_norm (as MAE '
+                   'fine-tunes).')
+
   unexpected = list(conv.unexpected)
   if not trained_ok:  # only pyra_torch/pyra_jax may carry LoRA/PYRA tensors.
     unexpected += [k for k in src if common.TASK_SCOPES.search(k)]
@@ -316,7 +329,7 @@ def fit_to_model(conv: common.Converted, init_params: Mapping[str, Any],
     raise CheckpointError(_mismatch_report(
         where, src, init, missing, extra, unexpected, mismatched))
 
-  for msg in conv.notes:
+  for msg in notes:
     warnings.warn(f'{where}: {msg}', common.CheckpointWarning, stacklevel=3)
   if conv.ignored:
     warnings.warn(

@@ -56,6 +56,12 @@ def get_base_config() -> ml_collections.ConfigDict:
                                      # | 'cls' | 'avg'; the authors' code trains 'cls'
                                      # and evaluates 'avg' (recipe=authors_code)
   model.drop_path = 0.1         # stochastic depth, linear 0 -> this over depth
+  # What the head reads: 'cls' (the class token after the final LayerNorm) |
+  # 'gap' (MAE's global_pool: the mean of the patch tokens, class token
+  # excluded, through a LayerNorm of its own, `fc_norm`, initialised at 1/0;
+  # the final LayerNorm is not applied). With merging the mean is weighted by
+  # token size, so it stays the mean over the original patches (ToMe's MAE patch).
+  model.pool = 'cls'
   model.head_init_std = 0.02    # truncated normal std of the re-initialised head
   # How attention is computed (same parameters, same result up to round-off):
   # 'einsum' (our matmuls, tuned and fastest on CPU) | 'dot_product_attention'
@@ -241,6 +247,16 @@ def get_base_config() -> ml_collections.ConfigDict:
                                 # every run of a seed sweep tests on the same images
   data.normalization = 'imagenet'  # 'imagenet' mean/std | 'inception' ([-1, 1])
   data.shuffle_buffer = 1000    # tf.data shuffle buffer (>= split size: a full shuffle)
+  # Training augmentation (none by default: the paper's VTAB-1k recipe). MAE's
+  # fine-tuning (timm's create_transform): random_resized_crop=True, flip=True,
+  # randaugment='rand-m9-mstd0.5-inc1', random_erasing=0.25. Deterministic per
+  # seed and image position, so a resumed run sees the same images.
+  data.random_resized_crop = False  # crop scale (0.08, 1), ratio (3/4, 4/3), bicubic
+  data.flip = False             # random horizontal flip, probability 0.5
+  data.randaugment = ''         # timm's RandAugment spec 'rand-m<M>[-n<N>][-mstd<S>][-inc1]'
+                                # ('': off; pyra_jax/data/augment.py lists the ops)
+  data.random_erasing = 0.0     # probability of erasing one box with normal noise
+                                # (timm's RandomErasing, mode 'pixel')
   data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
 
   # --- Optimisation -----------------------------------------------------------
@@ -273,7 +289,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # memory cannot hold the paper's batch.
   config.grad_accum_steps = 1
   # Regexes over '/'-joined parameter paths; the first group that matches wins,
-  # everything that matches none is frozen.
+  # everything that matches none is frozen. Full fine-tuning (the config argument
+  # finetune=full, configs/paper.py) adds trainable.backbone = '.*' after these
+  # groups, so every parameter trains, and turns LoRA off.
   config.trainable = ml_collections.ConfigDict()
   config.trainable.pyra = r'.*/pyra/.*'  # PYRA generators + their LayerNorm (lr: pyra_lr)
   # The PEFT module (whichever model.peft selects: each lives under a scope of its
@@ -282,6 +300,25 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.trainable.ltmp = r'.*/ltmp/.*'  # LTMP's thresholds (lr: lr)
   config.trainable.diffrate = r'.*/diffrate/.*'  # DiffRate search logits (lr: diffrate_lr)
   config.trainable.spvit = r'.*/spvit/.*'  # SPViT's token selectors (lr: lr)
+  # Layer-wise lr decay (MAE, BEiT): the update of a parameter in layer id
+  # (patch embedding, class token, position embeddings: 0; block i: i + 1;
+  # final norm and head: depth + 1) is scaled by layer_decay ** (depth + 1 - id).
+  # 1: off. MAE fine-tunes ViT-B with 0.65, ViT-L with 0.75.
+  config.layer_decay = 1.0
+  # Label smoothing of the training targets: (1 - s) one-hot + s / classes.
+  config.label_smoothing = 0.0
+  # Mixup / CutMix on each training batch, as timm's `Mixup` in 'batch' mode
+  # (MAE's fine-tuning: mixup 0.8, cutmix 1.0, switch 0.5, prob 1): with
+  # probability `prob` the batch is mixed with its reverse, by CutMix with
+  # probability `switch_prob` when both alphas are > 0, else Mixup; the mixing
+  # weight is drawn from Beta(alpha, alpha) (CutMix: the box's area, and the
+  # label weight is the area actually pasted). Labels are mixed the same way,
+  # after label smoothing. Both alphas 0: off.
+  mixup = config.mixup = ml_collections.ConfigDict()
+  mixup.mixup_alpha = 0.0       # Mixup's Beta(alpha, alpha); 0: no Mixup (MAE: 0.8)
+  mixup.cutmix_alpha = 0.0      # CutMix's Beta(alpha, alpha); 0: no CutMix (MAE: 1.0)
+  mixup.prob = 1.0              # probability that a batch is mixed at all
+  mixup.switch_prob = 0.5       # CutMix rather than Mixup, when both alphas are > 0
 
   # --- Distillation (PE-Dist, the paper's Table 15) ----------------------------
   # Train on CE + weight·T²·KL(softmax(teacher/T) || softmax(student/T)) towards a
@@ -340,3 +377,4 @@ def get_base_config() -> ml_collections.ConfigDict:
   # and own settings): no paper number.
   vtab.backbone = ''
   return config
+

@@ -43,6 +43,8 @@ pairs, e.g. `configs/vitb_high.py:task=dtd,method=tome`:
                    code differs from the paper set to the code's: lr schedule,
                    LoRA/Adapter init, DeiT heads, evaluation epochs, headline
                    = max over evaluations, PE-Dist's loss; docs/algorithm.md §8)
+  finetune=F       peft (default: LoRA or the PEFT module on a frozen backbone) |
+                   full (every parameter trains, LoRA off: `full_finetune`)
 
 Everything else: `--config.<field>=<value>` (see configs/common.py).
 """
@@ -81,7 +83,8 @@ BACKBONES = {
 }
 LEVELS = ('low', 'high')
 ARG_KEYS = ('task', 'method', 'peft', 'modulation', 'pyra_lr', 'lr', 'source',
-            'data_dir', 'init', 'teacher', 'teacher_export', 'recipe')
+            'data_dir', 'init', 'teacher', 'teacher_export', 'recipe', 'finetune')
+FINETUNE = ('peft', 'full')
 PEFT_MODULES = tuple(registry.PEFT_MODULES)
 # What `peft=` sets besides model.peft: the module as the code behind the
 # published numbers builds it (docs/algorithm.md §13-14). The base config keeps
@@ -143,11 +146,29 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None
     if kv['recipe'] not in recipe_lib.RECIPES:
       raise ValueError(f"recipe={kv['recipe']!r}: use one of {', '.join(recipe_lib.RECIPES)}.")
     config.recipe = kv['recipe']  # Resolved when the run starts (pyra_jax/recipe.py).
+  if 'finetune' in kv:
+    if kv['finetune'] not in FINETUNE:
+      raise ValueError(f"finetune={kv['finetune']!r}: use one of {', '.join(FINETUNE)}.")
+    if kv['finetune'] == 'full':
+      full_finetune(config)
   for key, field in (('teacher', 'teacher_workdir'),
                      ('teacher_export', 'teacher_export')):
     if key in kv:
       config.distill.enabled = True
       config.distill[field] = kv[key]
+  return config
+
+
+def full_finetune(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Trains every parameter: the backbone, the head and the method's own.
+
+  Adds the group `trainable.backbone = '.*'` after the default groups (so PYRA's
+  generators keep pyra_lr, LTMP's and DiffRate's parameters theirs) and turns
+  LoRA off (model.lora_rank = 0): a fully trained backbone needs no low-rank
+  increment, and there is nothing to fold at export.
+  """
+  config.trainable.backbone = r'.*'
+  config.model.lora_rank = 0
   return config
 
 

@@ -15,7 +15,9 @@ Sources (`config.data.source`, configs/common.py):
   * 'mnist': the offline MNIST task (mnist.py).
 
 Every source yields examples {'image': uint8 (H, W, 3), 'label': int}; the same
-preprocessing then follows (the recipe of docs/algorithm.md §4, no augmentation):
+preprocessing then follows (the recipe of docs/algorithm.md §4, no augmentation;
+the optional training augmentation of config.data, e.g. MAE's fine-tuning
+recipe, is augment.py's and is described there):
 
   1. resize to image_size x image_size, bicubic, no crop, aspect ratio not kept;
      `antialias=True`, so downscaling filters like PIL's bicubic resize that
@@ -53,6 +55,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+from pyra_jax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
 from pyra_jax.data import folder  # pylint: disable=g-import-not-at-top
 from pyra_jax.data import imagefolder
 from pyra_jax.data import mnist
@@ -183,7 +186,8 @@ def get_data(data_config: Any, split: str, batch_size: int, *,
       shuffle_buffer=int(_field(data_config, 'shuffle_buffer', 1000)),
       num_parallel_calls=int(_field(data_config, 'num_parallel_calls', -1)),
       to_example=examples.to_example, locate_failure=examples.locate_failure,
-      class_names=examples.class_names)
+      class_names=examples.class_names,
+      augment=augment_lib.from_config(data_config) if train else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +299,8 @@ def build_data(ds: tf.data.Dataset, num_examples: int, *, num_classes: int,
                shuffle_buffer: int = 1000, num_parallel_calls: int = -1,
                to_example: Callable[[Any], dict[str, tf.Tensor]] | None = None,
                locate_failure: Callable[[], str | None] | None = None,
-               class_names: tuple[str, ...] | None = None) -> Data:
+               class_names: tuple[str, ...] | None = None,
+               augment: augment_lib.Augment | None = None) -> Data:
   """Resizes, batches and normalises a source's examples into a `Data`.
 
   Every source ends here, so all share the preprocessing and the iteration
@@ -313,6 +318,11 @@ def build_data(ds: tf.data.Dataset, num_examples: int, *, num_classes: int,
     shuffle_buffer: training shuffle buffer (capped at num_examples).
     num_parallel_calls: tf.data parallelism, -1 for AUTOTUNE.
     locate_failure, class_names: kept on the `Data`.
+    augment: the training augmentation (`augment.from_config`); None: none.
+      Each example's draws come from (seed, its position in the repeated
+      stream), so they are the same on every iteration and after a resume.
+      With a random resized crop the crop replaces the resize, so the
+      original images are cached (when they fit) rather than resized ones.
 
   Returns:
     A `Data`.
@@ -331,6 +341,18 @@ def build_data(ds: tf.data.Dataset, num_examples: int, *, num_classes: int,
     return {'image': resize_image(example['image'], image_size),
             'label': example['label']}
 
+  def decode(example):  # A random resized crop reads the original image.
+    if to_example is not None:
+      example = to_example(example)
+    return {'image': example['image'], 'label': example['label']}
+
+  def augmented(index, example):
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
+    image = augment.uint8_ops(example['image'], image_size, key)
+    image = augment.float_ops(normalise(image), key)
+    image.set_shape([image_size, image_size, 3])
+    return {'image': image, 'label': example['label']}
+
   if train and num_examples < batch_size:
     raise DataError(f'Task {task!r} split {split!r} has {num_examples} '
                     f'examples, fewer than one batch of {batch_size}.')
@@ -338,7 +360,8 @@ def build_data(ds: tf.data.Dataset, num_examples: int, *, num_classes: int,
   buffer = max(1, min(int(shuffle_buffer), num_examples))
 
   def train_finish(batch):
-    return {'image': normalise(batch['image']), 'label': batch['label'],
+    image = batch['image'] if augment is not None else normalise(batch['image'])
+    return {'image': image, 'label': batch['label'],
             'mask': tf.ones([batch_size], tf.bool)}
 
   def eval_finish(batch):
@@ -352,12 +375,17 @@ def build_data(ds: tf.data.Dataset, num_examples: int, *, num_classes: int,
   train_npc = (os.cpu_count() or 1) if npc == tf.data.AUTOTUNE else npc
 
   def make_dataset() -> tf.data.Dataset:
-    out = ds.map(resize, num_parallel_calls=train_npc if train else npc)
+    crops = augment is not None and augment.crops
+    out = ds.map(decode if crops else resize,
+                 num_parallel_calls=train_npc if train else npc)
     if train:
       if cache:
         out = out.cache()
       out = out.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-      out = out.repeat().batch(batch_size, drop_remainder=True)
+      out = out.repeat()
+      if augment is not None:
+        out = out.enumerate().map(augmented, num_parallel_calls=train_npc)
+      out = out.batch(batch_size, drop_remainder=True)
       out = out.map(train_finish, num_parallel_calls=train_npc)
     else:
       out = out.batch(batch_size).map(eval_finish, num_parallel_calls=npc)

@@ -65,6 +65,9 @@ ATTENTION_IMPLEMENTATIONS = ('einsum', 'dot_product_attention')
 # the evaluation's, the behaviour before the two could differ).
 DISTILLED_HEADS = ('cls', 'avg')
 DISTILLED_TRAIN = ('as_eval',) + DISTILLED_HEADS
+# What the head reads (config.model.pool): the class token, or the global
+# average of the patch tokens (MAE's fine-tuning, `global_average_pool`).
+POOLS = ('cls', 'gap')
 
 
 def distilled_train_head(model_config: ml_collections.ConfigDict) -> str:
@@ -440,8 +443,9 @@ class VisionTransformer(nn.Module):
 
   `apply({'params': p}, images, train=False)` -> logits (B, num_classes). In
   training pass `rngs={'dropout': key}` (LoRA dropout, stochastic depth).
-  `apply(..., features=True)` -> the class token after the final LayerNorm,
-  (B, width) float32: what the head reads, so `head(features)` is the logits
+  `apply(..., features=True)` -> the class token after the final LayerNorm
+  (model.pool='gap': the size-weighted mean of the patch tokens after
+  `fc_norm`), (B, width) float32: what the head reads, so `head(features)` is the logits
   (of the 'cls' head for a DeiT model; its distillation token is not
   returned). It is the image's embedding for probes, retrieval or a head of
   one's own, computed with the same merging as the logits. With
@@ -468,6 +472,7 @@ class VisionTransformer(nn.Module):
   distilled_train: str  # 'cls' | 'avg' (resolved: `distilled_train_head`)
   drop_path: float
   head_init_std: float
+  pool: str  # 'cls' | 'gap' (POOLS; config model.pool)
   trace_source: bool = False  # a debugging output, not a config field
 
   @property
@@ -504,11 +509,17 @@ class VisionTransformer(nn.Module):
       prefix.append(self.param('dist', nn.initializers.zeros, (1, 1, self.width)))
     prefix = [jnp.broadcast_to(t.astype(x.dtype), (b, 1, self.width)) for t in prefix]
     x = jnp.concatenate(prefix + [x], axis=1)
-    x = Encoder(num_heads=self.num_heads, mlp_dim=self.mlp_dim, arch=self.arch,
-                peft=self.peft, reducer=self.reducer, drop_path=self.drop_path,
-                trace_source=self.trace_source, name='Transformer')(x, train=train)
-
-    cls_feature = x[:, 0].astype(jnp.float32)
+    tokens = Encoder(num_heads=self.num_heads, mlp_dim=self.mlp_dim, arch=self.arch,
+                     peft=self.peft, reducer=self.reducer, drop_path=self.drop_path,
+                     trace_source=self.trace_source, final_norm=self.pool == 'cls',
+                     name='Transformer')(x, train=train)
+    x = tokens.x
+    if self.pool == 'gap':
+      pooled = global_average_pool(tokens, self.reducer.num_protected)
+      cls_feature = nn.LayerNorm(epsilon=self.arch.ln_eps, dtype=jnp.float32,
+                                 name='fc_norm')(pooled)
+    else:
+      cls_feature = x[:, 0].astype(jnp.float32)
     if features:  # Before the head, so the head's parameters are not needed.
       return cls_feature
     head_init = nn.initializers.truncated_normal(stddev=self.head_init_std)
@@ -522,8 +533,31 @@ class VisionTransformer(nn.Module):
     return logits
 
 
+def global_average_pool(tokens: Tokens, num_protected: int) -> Array:
+  """(B, D) float32: the mean of the patch tokens, the class (and distillation)
+  token excluded, as MAE's `global_pool`.
+
+  Merged tokens count by their size: sum_i s_i x_i / sum_i s_i over the patch
+  tokens is the mean over the original patches, which is what ToMe's MAE patch
+  (tome/patch/mae.py) computes as sum_i s_i x_i / T. A token a method masked
+  out (LTMP, DiffRate's search) has weight 0.
+  """
+  x = tokens.x[:, num_protected:].astype(jnp.float32)
+  w = jnp.ones(x.shape[:2] + (1,), jnp.float32)
+  if tokens.size is not None:
+    w = tokens.size[:, num_protected:].astype(jnp.float32)
+  if tokens.mask is not None:
+    w = w * tokens.mask[:, num_protected:, None].astype(jnp.float32)
+  return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1e-6)
+
+
 class Encoder(nn.Module):
   """`Transformer/`: position embeddings, the blocks, the final LayerNorm.
+
+  Returns the final `Tokens` (with their sizes and masks, which a pooled head
+  reads); `x` after the final LayerNorm `encoder_norm`, or without it when
+  `final_norm` is False (model.pool='gap': MAE removes the final norm and
+  normalises the pooled feature instead, `fc_norm`).
 
   A method that learns its compression (`reducer.has_regulariser`: LTMP, the
   DiffRate search) adds a FLOPs regulariser to the training loss: its value
@@ -538,9 +572,10 @@ class Encoder(nn.Module):
   reducer: TokenReducer
   drop_path: float
   trace_source: bool
+  final_norm: bool  # False for model.pool='gap'
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
+  def __call__(self, x: Array, *, train: bool) -> Tokens:
     peft, reducer = self.peft, self.reducer
     depth = len(reducer.schedule)
     x = AddPositionEmbs(name='posembed_input')(x)
@@ -583,8 +618,10 @@ class Encoder(nn.Module):
       self.sow('losses', 'flops_penalty', penalty,
                init_fn=lambda: 0.0, reduce_fn=lambda _, v: v)
       self.sow('intermediates', 'flops_fraction', fraction)
-    return nn.LayerNorm(epsilon=self.arch.ln_eps, dtype=self.arch.dtype,
-                        name='encoder_norm')(tokens.x)
+    if not self.final_norm:
+      return tokens
+    return tokens._replace(x=nn.LayerNorm(epsilon=self.arch.ln_eps, dtype=self.arch.dtype,
+                                          name='encoder_norm')(tokens.x))
 
 
 class AddPositionEmbs(nn.Module):
@@ -622,6 +659,8 @@ BACKBONE_FIELDS: dict[str, Range | Choices] = {
     'drop_path': Range(0, 1, high_open=True, why=(
         'the stochastic depth rate, the probability of dropping a residual branch')),
     'head_init_std': Range(0, why="the standard deviation of the new head's init"),
+    'pool': Choices(POOLS, why=(
+        "the class token, or MAE's global average of the patch tokens with fc_norm")),
 }
 
 
@@ -721,6 +760,10 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
   # method can reach) speak first; nothing above misbehaves on a value the
   # table refuses.
   check_fields(c, model_field_ranges(), 'model.')
+  pool = _field(c, 'pool')
+  if pool == 'gap' and distilled:
+    raise ConfigError("model.pool='gap' pools the patch tokens for one head; a distilled "
+                      "(DeiT) model has two token heads: use model.pool='cls'.")
   block = BlockSettings(
       qkv_bias=_field(c, 'qkv_bias'), layerscale=_field(c, 'layerscale'),
       ln_eps=_field(c, 'ln_eps'), prop_attn=_field(c, 'prop_attn'), attention=attention,
@@ -730,7 +773,7 @@ def model_kwargs(model_config: ml_collections.ConfigDict, *,
       num_heads=heads, mlp_dim=mlp, arch=block, peft=peft, reducer=reducer,
       distilled=distilled, distilled_eval=_field(c, 'distilled_eval'),
       distilled_train=distilled_train, drop_path=_field(c, 'drop_path'),
-      head_init_std=_field(c, 'head_init_std'))
+      head_init_std=_field(c, 'head_init_std'), pool=pool)
 
 
 def build_model(model_config: ml_collections.ConfigDict, *,

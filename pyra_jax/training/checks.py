@@ -82,6 +82,15 @@ TRAIN_FIELDS: dict[str, Range | Choices] = {
     'distill.weight': Range(0, why='0 trains on the cross-entropy alone'),
     'data.shuffle_buffer': Range(1, integer=True, why=(
         'the tf.data shuffle buffer; 1 does not shuffle')),
+    'layer_decay': Range(0, 1, low_open=True, why=(
+        "layer-wise lr decay, each layer's lr scaled by decay ** (depth + 1 - id); 1: off")),
+    'label_smoothing': Range(0, 1, high_open=True, why='0: one-hot targets'),
+    'mixup.mixup_alpha': Range(0, why='Beta(alpha, alpha) of Mixup; 0: off'),
+    'mixup.cutmix_alpha': Range(0, why='Beta(alpha, alpha) of CutMix; 0: off'),
+    'mixup.prob': Range(0, 1, why='the probability that a batch is mixed'),
+    'mixup.switch_prob': Range(0, 1, why=(
+        'the probability of CutMix rather than Mixup when both are on')),
+    'data.random_erasing': Range(0, 1, why='the probability of erasing a box'),
 }
 
 

@@ -19,10 +19,15 @@ from pyra_jax import checkpointing
 from pyra_jax import optim
 from pyra_jax.errors import TrainingError
 from pyra_jax.training import distill
+from pyra_jax.training import mixup
 from pyra_jax.training import setup
 
 PyTree = setup.PyTree
 
+
+# Mixup's key is fold_in(step key, MIX_KEY): the micro-batches' dropout keys
+# are fold_in(step key, j) with j < grad_accum_steps, far below it.
+MIX_KEY = 0x6D6978
 
 # Fields that never change a compiled train step.
 _NOT_IN_STEP = ('seed', 'model_init', 'model_init_format',
@@ -32,15 +37,21 @@ _NOT_IN_STEP = ('seed', 'model_init', 'model_init_format',
                 'vtab', 'recipe', 'eval_epochs', 'headline')
 
 
-def _masked_xent(logits, labels, mask, total=None):
+def _masked_xent(logits, labels, mask, total=None, targets=None):
   """(sum of the unmasked rows' cross-entropy / total, correct, count).
 
   `total` defaults to the batch's own mask count (its mean loss); a
   micro-batch of an accumulated step divides by the whole batch's count.
+  With `targets` (B, C) (label smoothing, mixup/cutmix: `training.mixup`) the
+  cross-entropy is against those soft targets; `correct` still counts the
+  argmax against the integer labels.
   """
   w = mask.astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels)
+  if targets is None:
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels)
+  else:
+    ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
   if total is None:
     total = jnp.maximum(w.sum(), 1.0)
   loss = (ce * w).sum() / total
@@ -74,7 +85,8 @@ def training_loss(model, trainable: PyTree, frozen: PyTree, batch: dict,
   else:
     logits, state = model.apply(variables, batch['image'], train=True,
                                 rngs={'dropout': rng}), {}
-  loss, correct, count = _masked_xent(logits, batch['label'], batch['mask'], total)
+  loss, correct, count = _masked_xent(logits, batch['label'], batch['mask'], total,
+                                      batch.get('target'))
   if teacher is not None:
     teacher_logits = jax.lax.stop_gradient(teacher.model.apply(
         {'params': teacher_params}, batch['image'], train=False))
@@ -144,6 +156,8 @@ def make_train_step(run: setup.Run, steps_per_epoch: int) -> Callable:
   """
   tx = make_optimizer(run, steps_per_epoch)[0]
   accum = int(run.config.grad_accum_steps)
+  mixing = mixup.enabled(run.config)
+  num_classes = int(run.model.num_classes) if mixing else 0
   teacher = run.teacher
   loss_and_grad = jax.value_and_grad(
       functools.partial(training_loss, run.model, teacher=teacher), has_aux=True)
@@ -152,6 +166,9 @@ def make_train_step(run: setup.Run, steps_per_epoch: int) -> Callable:
     if (teacher is None) != (teacher_params is None):
       raise ValueError('Pass teacher_params exactly when the run has a teacher.')
     rng = jax.random.fold_in(key, step)
+    if mixing:  # On the whole batch (timm's 'batch' mode), before micro-batches.
+      batch = mixup.mix_batch(batch, jax.random.fold_in(rng, MIX_KEY), num_classes,
+                              run.config)
     if accum == 1:
       (loss, (correct, count)), grads = loss_and_grad(
           trainable, frozen, batch, rng, teacher_params=teacher_params)

@@ -148,7 +148,7 @@ def convpass_bypass(h, c, source, scale):
 def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
                 prop_attn: bool = True, pyra: bool = False, ln_eps: float = 1e-6,
                 pyra_eps: float = 1e-5, peft: str = 'lora',
-                convpass_scale: float = 1.0) -> np.ndarray:
+                convpass_scale: float = 1.0, pool: str = 'cls') -> np.ndarray:
   """A numpy forward of our parameter tree (LoRA unfolded), merging per schedule.
 
   peft='adapter' / 'convpass' adds the block's `adapter` / `convpass` modules
@@ -215,6 +215,12 @@ def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
     x = x + m
     if peft == 'convpass':
       x = x + convpass_bypass(y, blk['convpass']['mlp'], source, convpass_scale)
+  if pool == 'gap':  # MAE's global_pool as ToMe's MAE patch weights it by size
+    t = (h // patch) * (w // patch)
+    pooled = (x * size)[:, 1:, :].sum(1) / t
+    fc = p['fc_norm']
+    feature = layer_norm(pooled, fc['scale'], fc['bias'], ln_eps)
+    return feature @ p['head']['kernel'] + p['head']['bias']
   en = p['Transformer']['encoder_norm']
   x = layer_norm(x, en['scale'], en['bias'], ln_eps)
   return x[:, 0] @ p['head']['kernel'] + p['head']['bias']
