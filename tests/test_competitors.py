@@ -318,7 +318,7 @@ def test_one_compilation_and_static_token_counts(method):
   model = whole_model(method)
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32) for _ in range(3)]
-  params = model.init(jax.random.PRNGKey(0), batches[0])['params']
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batches[0])['params']
   traces = []
 
   def loss(p, images):
@@ -346,7 +346,7 @@ def test_prefix_tokens_are_never_dropped_or_merged(method, distilled=True):
       model.reducer, schedule=(0,) * len(model.schedule)))
   rng = np.random.default_rng(1)
   images = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
-  params = model.init(jax.random.PRNGKey(0), images)['params']
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), images)['params']
   # Layer 0 reduces in every method here; the prefix rows after block 0 are
   # computed before any reduction could touch them, so they must be equal.
   p = 1 + int(distilled)

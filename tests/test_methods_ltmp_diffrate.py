@@ -114,20 +114,22 @@ def test_ltmp_with_thresholds_that_never_fire_is_the_uncompressed_model():
   _, model = _tiny_model('ltmp', ltmp_merge_init=1.0, ltmp_prune_init=0.0)
   _, peft = _tiny_model('peft')
   x = jnp.asarray(_rng(4).normal(size=(2, 32, 32, 3)), jnp.float32)
-  params = model.init({'params': jax.random.key(0)}, x)['params']
-  out, state = model.apply({'params': params}, x, mutable=['intermediates'])
+  params = jax.jit(model.init)({'params': jax.random.key(0)}, x)['params']
+  out, state = jax.jit(lambda p: model.apply({'params': p}, x, mutable=['intermediates']))(
+      params)
   for i in range(2):
     assert (np.asarray(state['intermediates']['Transformer'][f'mask_{i}'][0]) == 1).all()
   strip = lambda t: {k: strip(v) for k, v in t.items() if k != 'ltmp'} if isinstance(t, dict) else t
-  want = peft.apply({'params': strip(params)}, x)
+  want = jax.jit(lambda p: peft.apply({'params': p}, x))(strip(params))
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_ltmp_class_token_stays_and_the_regulariser_reaches_the_thresholds():
   c, model = _tiny_model('ltmp', ltmp_merge_init=0.3, ltmp_prune_init=0.05)
   x = jnp.asarray(_rng(5).normal(size=(4, 32, 32, 3)), jnp.float32)
-  params = model.init({'params': jax.random.key(0)}, x)['params']
-  _, state = model.apply({'params': params}, x, mutable=['intermediates', 'losses'])
+  params = jax.jit(model.init)({'params': jax.random.key(0)}, x)['params']
+  _, state = jax.jit(lambda p: model.apply({'params': p}, x,
+                                           mutable=['intermediates', 'losses']))(params)
   inter = state['intermediates']['Transformer']
   masks = [np.asarray(inter[f'mask_{i}'][0]) for i in range(2)]
   assert all((m[:, 0] == 1).all() for m in masks)
@@ -143,7 +145,7 @@ def test_ltmp_class_token_stays_and_the_regulariser_reaches_the_thresholds():
   def loss(p):
     _, st = model.apply({'params': p}, x, mutable=['losses'])
     return st['losses']['Transformer']['flops_penalty']
-  g = jax.grad(loss)(params)
+  g = jax.jit(jax.grad(loss))(params)
   gt = [float(g['Transformer'][f'encoderblock_{i}']['ltmp'][k][0])
         for i in range(2) for k in ('merge_threshold', 'prune_threshold')]
   assert any(v != 0.0 for v in gt) and all(np.isfinite(gt))
@@ -348,15 +350,16 @@ def test_diffrate_rates_fix_the_token_counts_and_the_flops():
   assert model.reducer.kept == ((17, 15), (13, 9))
   assert vit.num_tokens(model, 32) == [17, 15, 9]
   x = jnp.asarray(_rng(8).normal(size=(2, 32, 32, 3)), jnp.float32)
-  params = model.init({'params': jax.random.key(0)}, x)['params']
-  _, state = model.apply({'params': params}, x, mutable=['intermediates'])
+  params = jax.jit(model.init)({'params': jax.random.key(0)}, x)['params']
+  _, state = jax.jit(lambda p: model.apply({'params': p}, x, mutable=['intermediates']))(
+      params)
   sizes = state['intermediates']['Transformer']
   assert sizes['size_0'][0].shape == (2, 15, 1) and sizes['size_1'][0].shape == (2, 9, 1)
   # Uncompressed rates: exactly the model without reduction.
   _, full = _tiny_model('diffrate', diffrate_rates='17,17;17,17')
   _, peft = _tiny_model('peft')
-  np.testing.assert_allclose(np.asarray(full.apply({'params': params}, x)),
-                             np.asarray(peft.apply({'params': params}, x)), rtol=1e-6)
+  logits = lambda m: np.asarray(jax.jit(lambda p: m.apply({'params': p}, x))(params))
+  np.testing.assert_allclose(logits(full), logits(peft), rtol=1e-6)
 
 
 @pytest.mark.parametrize('method,overrides', [
@@ -365,7 +368,7 @@ def test_diffrate_rates_fix_the_token_counts_and_the_flops():
 def test_one_compilation_per_method(method, overrides):
   _, model = _tiny_model(method, **overrides)
   x = jnp.asarray(_rng(9).normal(size=(4, 32, 32, 3)), jnp.float32)
-  params = model.init({'params': jax.random.key(0)}, x)['params']
+  params = jax.jit(model.init)({'params': jax.random.key(0)}, x)['params']
   traces = []
 
   @jax.jit
