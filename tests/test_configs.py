@@ -4,7 +4,6 @@ Expected numbers are the paper's (Tables 10-13 and "86M + 9.4K" for ViT-B high,
 as transcribed in docs/algorithm.md §1-4), not values read from the configs.
 """
 
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ from flax import traverse_util
 from pyra_jax import configs
 from pyra_jax.configs import paper
 from pyra_jax.models import vit
+from tests.helpers.models import load_setting
 
 CONFIG_DIR = configs.SETTINGS_DIR
 HELPERS = {"common.py", "paper.py", "fullft.py", "__init__.py"}
@@ -46,11 +46,7 @@ PAPER = {
 }
 
 
-def load(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f'_cfg_{name[:-3]}', CONFIG_DIR / name)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
+load = load_setting
 
 
 def test_every_paper_setting_has_a_file():

@@ -18,24 +18,19 @@ import pytest
 from flax import traverse_util
 
 from pyra_jax import optim
-from pyra_jax.configs import tiny
 from pyra_jax.models import build_model
 from pyra_jax.training import mixup
 from pyra_jax.training import steps
-from tests import reference_merge as ref
+from tests.helpers import reference_merge as ref
+from tests.helpers.models import load_setting, tiny_config
 
 IMAGE = 32
 
 
 def _config(method='pyra', pool='gap', **kw):
-  c = tiny.get_config(f'finetune=full,method={method}')
-  c.model.num_classes = 5
-  c.model.pool = pool
-  c.model.drop_path = 0.0
-  c.num_epochs, c.warmup_epochs = 2, 0
-  for k, v in kw.items():
-    c[k] = v
-  return c
+  return tiny_config(f'finetune=full,method={method}',
+                     model=dict(num_classes=5, pool=pool, drop_path=0.0),
+                     num_epochs=2, warmup_epochs=0, **kw)
 
 
 def _images(n=4, seed=0):
@@ -236,8 +231,8 @@ def test_mixup_draws_follow_the_probabilities():
 # --- The preset through the command line. -------------------------------------
 
 def test_full_finetune_preset_through_the_cli(tmp_path, capsys, monkeypatch):
-  from tests.offline_data import require_offline_mnist
-  from tests.test_train_cli import reset_flags, run_main
+  from tests.helpers.data import require_offline_mnist
+  from tests.helpers.cli import reset_flags, run_main
   require_offline_mnist()
   common = ['--config=configs/tiny.py:finetune=full', f'--workdir={tmp_path}',
             '--config.data.eval_split=val200', '--config.eval_batch_size=64',
@@ -270,11 +265,10 @@ def test_full_finetune_preset_through_the_cli(tmp_path, capsys, monkeypatch):
 # --- The settings: MAE's values (FINETUNE.md, main_finetune.py), Table 21. ------
 
 def test_mae_settings_carry_maes_recipe():
-  from tests.test_configs import load
   for name, (variant, epochs, lr, decay, drop, depth) in {
       'vitb_mae_fullft.py': ('B/16', 100, 5e-4 * 1024 / 256, 0.65, 0.1, 12),
       'vitl_mae_fullft.py': ('L/16', 50, 1e-3 * 1024 / 256, 0.75, 0.2, 24)}.items():
-    c = load(name)
+    c = load_setting(name)
     m = c.model
     assert (m.variant, m.method, m.pool, m.drop_path, m.head_init_std, m.lora_rank,
             m.prop_attn) == (variant, 'pyra', 'gap', drop, 2e-5, 0, False)
@@ -290,4 +284,4 @@ def test_mae_settings_carry_maes_recipe():
     assert (d.random_resized_crop, d.flip, d.randaugment, d.random_erasing) == (
         True, True, 'rand-m9-mstd0.5-inc1', 0.25)
     assert c.trainable.backbone == '.*'
-    assert load(name, 'method=tome').model.method == 'tome'
+    assert load_setting(name, 'method=tome').model.method == 'tome'

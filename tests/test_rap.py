@@ -14,9 +14,9 @@ from pyra_jax.methods import rap as rap_lib
 from pyra_jax.methods.base import Geometry
 from pyra_jax.models import vit
 from pyra_jax.training import stages
-from tests import reference_spvit_rap as ref
-from tests.test_methods_ltmp_diffrate import random_params
-from tests.test_train_cli import reset_flags, run_main
+from tests.helpers import reference_spvit_rap as ref
+from tests.helpers.models import random_params
+from tests.helpers.cli import reset_flags, run_main
 
 GEO = Geometry(depth=3, num_patches=16, num_protected=1, width=32, mlp_dim=64, num_heads=4)
 

@@ -284,7 +284,7 @@ def test_bad_speedup_settings_name_the_field(field, value, match):
 def test_training_records_the_choice_and_a_resumed_run_times_nothing(tmp_path, monkeypatch):
   """Through the training loop: killed after its first checkpoint and resumed,
   the run measures once; results.json holds the measurement."""
-  from tests.offline_data import require_offline_mnist  # pylint: disable=g-import-not-at-top
+  from tests.helpers.data import require_offline_mnist  # pylint: disable=g-import-not-at-top
   from pyra_jax.training import loop  # pylint: disable=g-import-not-at-top
   require_offline_mnist()
   timer = CountingTimer()

@@ -13,8 +13,8 @@ from pyra_jax.configs import tiny
 from pyra_jax.methods import spvit as spvit_lib
 from pyra_jax.methods.base import Geometry
 from pyra_jax.models import vit
-from tests import reference_spvit_rap as ref
-from tests.test_train_cli import reset_flags, run_main
+from tests.helpers import reference_spvit_rap as ref
+from tests.helpers.cli import reset_flags, run_main
 
 
 def _selector_params(rng, heads, hd):

@@ -11,7 +11,7 @@ from pyra_jax import checkpointing
 from pyra_jax.methods import rap as rap_lib
 from pyra_jax.training import loop
 from pyra_jax.training import stages
-from tests.test_train_cli import reset_flags, run_main
+from tests.helpers.cli import reset_flags, run_main
 
 
 def _args(tmp_path, method, *extra):

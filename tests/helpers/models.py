@@ -10,6 +10,8 @@ most forward-pass tests compare with the numpy references.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 import re
 from typing import Any
 
@@ -19,6 +21,8 @@ import ml_collections
 import numpy as np
 
 from pyra_jax.configs import tiny
+
+CONFIG_DIR = Path(tiny.__file__).resolve().parent
 from pyra_jax.models import build_model
 
 IMAGE = 32  # configs/tiny.py's image size.
@@ -48,6 +52,14 @@ def tiny_config(arg: str | None = None, **overrides: Any) -> ml_collections.Conf
   for key, value in overrides.items():
     _override(config, key, value)
   return config
+
+
+def load_setting(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The config of the setting file configs/<name> (e.g. 'vitb_high.py'), for `arg`."""
+  spec = importlib.util.spec_from_file_location(f'_setting_{name[:-3]}', CONFIG_DIR / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
 
 
 # The tiny run's command line (tests.helpers.cli.TINY) as config overrides:

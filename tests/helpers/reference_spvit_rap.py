@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from tests.reference_merge import gelu, layer_norm
+from tests.helpers.reference_merge import gelu, layer_norm
 
 
 def _linear(x, p):
