@@ -200,10 +200,10 @@ def test_a_resumed_run_times_nothing(tmp_path):
 
 
 def test_real_timing_on_the_tiny_model(tmp_path):
-  """One real measurement (tiny model, batch 64, 5 rounds): the pick is what
+  """One real measurement (tiny model, batch 64, 3 rounds): the pick is what
   the docs promise of the numbers it was chosen on."""
   c = tiny_config(tmp_path, 'speedup:1.05@64')
-  c.speedup.rounds, c.speedup.candidates = 5, 4
+  c.speedup.rounds, c.speedup.candidates = 3, 3
   x, tol = 1.05, c.speedup.tolerance
   try:
     rec = speedup_timer.resolve(c, str(tmp_path / 'run'), log=lambda line: None)
@@ -292,7 +292,8 @@ def test_training_records_the_choice_and_a_resumed_run_times_nothing(tmp_path, m
 
   def cfg():
     c = tiny_config(tmp_path, 'speedup:1.3')
-    c.num_epochs, c.warmup_epochs, c.checkpoint_every_steps = 0.12, 0, 2  # 3 steps
+    # One epoch of 1,000 digits at batch 200: 5 steps, checkpoints at 2 and 4.
+    c.num_epochs, c.warmup_epochs, c.batch_size, c.checkpoint_every_steps = 1, 0, 200, 2
     c.data.eval_split, c.eval_batch_size = 'val200', 200
     return c
 
@@ -301,12 +302,12 @@ def test_training_records_the_choice_and_a_resumed_run_times_nothing(tmp_path, m
   class Killed(Exception):
     pass
 
-  def killed_after_two(data, start_step):
+  def killed_after_three(data, start_step):
     for i, batch in enumerate(original(data, start_step)):
-      if i == 2:
+      if i == 3:
         raise Killed()
       yield batch
-  monkeypatch.setattr(loop, 'train_batches', killed_after_two)
+  monkeypatch.setattr(loop, 'train_batches', killed_after_three)
   wd = str(tmp_path / 'run')
   with pytest.raises(Killed):
     loop.train_and_evaluate(cfg(), wd)
@@ -314,7 +315,7 @@ def test_training_records_the_choice_and_a_resumed_run_times_nothing(tmp_path, m
   assert calls >= 1
   monkeypatch.setattr(loop, 'train_batches', original)
   results = loop.train_and_evaluate(cfg(), wd)
-  assert timer.calls == calls and results['steps'] == 3
+  assert timer.calls == calls and results['steps'] == 5
   rec = results['speedup_schedule']
   assert rec['request'] == 'speedup:1.3' and rec['chosen']['speedup'] >= 1.3
   with open(os.path.join(wd, 'results.json')) as f:
