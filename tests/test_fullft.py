@@ -67,8 +67,8 @@ def test_full_finetune_trains_every_parameter(model_and_params):
   params = traverse_util.unflatten_dict(flat, sep='/')
   batch = {'image': _images(4), 'label': jnp.array([0, 1, 2, 3]),
            'mask': jnp.ones(4, bool)}
-  grads = jax.grad(lambda t: steps.training_loss(
-      model, t, {}, batch, jax.random.PRNGKey(2))[0])(params)
+  grads = jax.jit(jax.grad(lambda t: steps.training_loss(
+      model, t, {}, batch, jax.random.PRNGKey(2))[0]))(params)
   for k, g in _flat(grads).items():
     assert float(jnp.abs(g).max()) > 0, f'{k} receives no gradient'
   tx, _ = optim.make_optimizer(c, steps_per_epoch=10)
@@ -165,7 +165,7 @@ def test_gap_head_is_the_size_weighted_mean_of_the_patches(method):
           for k, v in _flat(params).items()}
   params = traverse_util.unflatten_dict(flat, sep='/')
   x = _images(2, seed=5)
-  got = model.apply({'params': params}, x)
+  got = jax.jit(lambda p: model.apply({'params': p}, x))(params)
   want = ref.vit_forward(jax.tree.map(lambda a: np.asarray(a, np.float64), params),
                          np.asarray(x, np.float64), model.schedule, num_heads=2,
                          pyra=method == 'pyra', pool='gap')
