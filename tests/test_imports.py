@@ -256,7 +256,7 @@ def test_no_import_cycle():
 # The training loop is an entry point's business: besides these, no module imports
 # it (evaluation, export and the benchmark need `training.setup` and `.steps` only).
 LOOP_IMPORTERS = {'pyra_jax', 'pyra_jax.api', 'pyra_jax.main', 'pyra_jax.vtab', 'pyra_jax.experiments.study',
-                  'pyra_jax.training.search'}
+                  'pyra_jax.training.search', 'pyra_jax.training.stages'}
 
 
 def test_only_the_commands_import_the_training_loop():
