@@ -23,7 +23,7 @@ GEO = Geometry(depth=3, num_patches=16, num_protected=1, width=32, mlp_dim=64, n
 
 def _config(widths=''):
   c = tiny.get_config('method=rap')
-  c.model.depth, c.model.num_heads, c.model.schedule = 3, 4, 'flops:0.6'
+  c.model.depth, c.model.num_heads, c.model.schedule = 3, 4, 'flops:1.6'
   c.model.rap_widths = widths
   return c
 

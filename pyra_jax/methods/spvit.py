@@ -106,7 +106,8 @@ def gumbel_hard_keep(log_score: Array, key: Array) -> Array:
   g = jax.random.gumbel(key, log_score.shape, jnp.float32)
   soft = jax.nn.softmax(log_score + g, axis=-1)
   hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), 2, dtype=soft.dtype)
-  return (hard + soft - jax.lax.stop_gradient(soft))[..., 0]
+  # hard + (soft - soft) is exactly hard forward (the 0/1 mask), soft's gradient.
+  return (hard + (soft - jax.lax.stop_gradient(soft)))[..., 0]
 
 
 def spvit_train_reduce(x: Array, mask: Array, keep: Array, soft_keep: Array, *,
