@@ -37,6 +37,8 @@ def command_modules() -> list[str]:
       if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
           and isinstance(node.test.left, ast.Name) and node.test.left.id == '__name__'):
         parts = path.relative_to(ROOT).with_suffix('').parts
+        if parts[-1] == '__main__':  # A package run as `python -m package`.
+          parts = parts[:-1]
         out.append('.'.join(parts))
   return out
 

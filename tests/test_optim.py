@@ -120,7 +120,7 @@ def test_groups_use_their_own_learning_rate():
 def test_group_lr_minus_one_means_the_base_lr():
   c = _config(lr=2e-3, pyra_lr=-1.0, diffrate_lr=-1.0)
   assert optim.group_lrs(c) == {'pyra': 2e-3, 'lora_head': 2e-3, 'ltmp': 2e-3,
-                                'diffrate': 2e-3}
+                                'diffrate': 2e-3, 'spvit': 2e-3}
   c.diffrate_lr = 0.05
   assert optim.group_lrs(c)['diffrate'] == 0.05 and optim.group_lrs(c)['pyra'] == 2e-3
 

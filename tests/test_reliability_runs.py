@@ -371,7 +371,7 @@ BANNERS = ('oneDNN', 'TF_ENABLE_ONEDNN_OPTS', 'cpu_feature_guard',
            'Unable to initialize backend', 'absl::InitializeLog')
 
 
-def test_eval_prints_no_library_banner_unless_verbosity_is_given(reference):
+def test_eval_prints_no_library_banner_unless_verbosity_is_given(tiny_workdir):
   # In a fresh process, as from a terminal where neither TF_CPP_MIN_LOG_LEVEL
   # nor JAX_PLATFORMS is set (JAX probes for accelerators).
   env = dict(os.environ)
@@ -380,7 +380,7 @@ def test_eval_prints_no_library_banner_unless_verbosity_is_given(reference):
   runs = {}
   for name, extra in (('quiet', []), ('verbose', ['--verbosity=0'])):
     proc = subprocess.run(
-        [sys.executable, '-m', 'pyra_jax.main', *TINY, f'--workdir={reference}',
+        [sys.executable, '-m', 'pyra_jax.main', *TINY, f'--workdir={tiny_workdir}',
          '--mode=eval', *extra], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
