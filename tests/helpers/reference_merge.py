@@ -145,19 +145,12 @@ def convpass_bypass(h, c, source, scale):
   return scale * (z @ c['up']['kernel'] + c['up']['bias'])
 
 
-def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
-                prop_attn: bool = True, pyra: bool = False, ln_eps: float = 1e-6,
-                pyra_eps: float = 1e-5, peft: str = 'lora',
-                convpass_scale: float = 1.0, pool: str = 'cls') -> np.ndarray:
-  """A numpy forward of our parameter tree (LoRA unfolded), merging per schedule.
-
-  peft='adapter' / 'convpass' adds the block's `adapter` / `convpass` modules
-  (their definitions above); LoRA is used wherever the tree has it.
-  """
-  p = {k: v for k, v in p.items()}
-  kernel = np.asarray(p['embedding']['kernel'])
+def embed(p: dict, images: np.ndarray, kernel_dtype=None) -> np.ndarray:
+  """Patch embedding by an explicit loop over the patches, then the class token
+  and position embeddings: (B, 1 + N, D). `kernel_dtype`: cast the kernel first."""
+  kernel = np.asarray(p['embedding']['kernel'], kernel_dtype)
   patch, dim = kernel.shape[0], kernel.shape[-1]
-  bsz, h, w, c = images.shape
+  bsz, h, w, _ = images.shape
   x = np.zeros((bsz, (h // patch) * (w // patch), dim))
   for bi in range(bsz):
     t = 0
@@ -168,6 +161,21 @@ def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
         t += 1
   cls = np.broadcast_to(np.asarray(p['cls']), (bsz, 1, dim))
   x = np.concatenate([cls, x], 1) + np.asarray(p['Transformer']['posembed_input']['pos_embedding'])
+  return x
+
+
+def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
+                prop_attn: bool = True, pyra: bool = False, ln_eps: float = 1e-6,
+                pyra_eps: float = 1e-5, peft: str = 'lora',
+                convpass_scale: float = 1.0, pool: str = 'cls') -> np.ndarray:
+  """A numpy forward of our parameter tree (LoRA unfolded), merging per schedule.
+
+  peft='adapter' / 'convpass' adds the block's `adapter` / `convpass` modules
+  (their definitions above); LoRA is used wherever the tree has it.
+  """
+  p = {k: v for k, v in p.items()}
+  x = embed(p, images)
+  bsz, dim = x.shape[0], x.shape[-1]
   size = np.ones(x.shape[:2] + (1,))
   source = np.broadcast_to(np.eye(x.shape[1]), (bsz,) + (x.shape[1],) * 2).copy()
   hd = dim // num_heads

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from tests.helpers.reference_merge import gelu, layer_norm
+from tests.helpers.reference_merge import embed, gelu, layer_norm
 
 
 def ltmp_block(x, size, mask, metric, importance, merge_t, prune_t, num_protected=1):
@@ -193,19 +193,8 @@ def vit_forward(p: dict, images: np.ndarray, *, method: str, num_heads: int,
   image tokens; a layer reorganises unless that keeps all M (keep = M - 1
   reorganises too).
   """
-  kernel = np.asarray(p['embedding']['kernel'], np.float64)
-  patch, dim = kernel.shape[0], kernel.shape[-1]
-  bsz, h, w, _ = images.shape
-  x = np.zeros((bsz, (h // patch) * (w // patch), dim))
-  for bi in range(bsz):
-    t = 0
-    for gy in range(h // patch):
-      for gx in range(w // patch):
-        tile = images[bi, gy * patch:(gy + 1) * patch, gx * patch:(gx + 1) * patch]
-        x[bi, t] = np.einsum('ijc,ijcd->d', tile, kernel) + p['embedding']['bias']
-        t += 1
-  cls = np.broadcast_to(np.asarray(p['cls']), (bsz, 1, dim))
-  x = np.concatenate([cls, x], 1) + np.asarray(p['Transformer']['posembed_input']['pos_embedding'])
+  x = embed(p, images, np.float64)
+  bsz, dim = x.shape[0], x.shape[-1]
   size = np.ones(x.shape[:2] + (1,))
   mask = np.ones(x.shape[:2])
   for li in range(depth):

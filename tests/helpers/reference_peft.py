@@ -150,19 +150,8 @@ def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int, peft: 
   """Logits of our parameter tree with FacT or SNF, merging per `schedule`.
 
   SNF acts in the first `snf_blocks` blocks (None: all); the others are plain."""
-  kernel = np.asarray(p['embedding']['kernel'])
-  patch, dim = kernel.shape[0], kernel.shape[-1]
-  bsz, h, w, _ = images.shape
-  x = np.zeros((bsz, (h // patch) * (w // patch), dim))
-  for bi in range(bsz):
-    t = 0
-    for gy in range(h // patch):
-      for gx in range(w // patch):
-        tile = images[bi, gy * patch:(gy + 1) * patch, gx * patch:(gx + 1) * patch]
-        x[bi, t] = np.einsum('ijc,ijcd->d', tile, kernel) + p['embedding']['bias']
-        t += 1
-  cls = np.broadcast_to(np.asarray(p['cls']), (bsz, 1, dim))
-  x = np.concatenate([cls, x], 1) + p['Transformer']['posembed_input']['pos_embedding']
+  x = ref.embed(p, images)
+  bsz, dim = x.shape[0], x.shape[-1]
   size = np.ones(x.shape[:2] + (1,))
   hd = dim // num_heads
   for li, r in enumerate(schedule):
