@@ -10,7 +10,6 @@ values) round-robin against the uncompressed model in the same rounds, through
 
 from __future__ import annotations
 
-import platform
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -28,24 +27,12 @@ from pyra_jax.models import vit
 DEFAULT_BATCH_CPU, DEFAULT_BATCH_ACCELERATOR = 8, 64
 
 
-def cpu_name() -> str:
-  """The CPU's model name (/proc/cpuinfo), or platform.processor()."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def device_kind() -> str:
   """jax's device kind; on a CPU (kind 'cpu') with the CPU's name, since the
   speeds differ between CPUs."""
   dev = jax.devices()[0]
   if dev.platform == 'cpu':
-    return f'cpu ({cpu_name()})'
+    return f'cpu ({throughput.cpu_name()})'
   return dev.device_kind
 
 

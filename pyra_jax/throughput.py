@@ -308,6 +308,18 @@ def matmul_call(n: int, dtype: Any) -> tuple[Callable[[], Any], float]:
   return (lambda: f(a, b)), 2.0 * n ** 3
 
 
+def cpu_name() -> str:
+  """The CPU's model name (/proc/cpuinfo), or platform.processor()."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
   """What the figures were measured on (platform, device, cores, versions)."""
   dev = jax.devices()[0]

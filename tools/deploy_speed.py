@@ -29,7 +29,6 @@ import datetime
 import importlib
 import json
 import os
-import platform
 import runpy
 import statistics
 import sys
@@ -42,20 +41,10 @@ import numpy as np
 from flax import traverse_util
 
 from pyra_jax import deploy
+from pyra_jax import throughput
 from pyra_jax.models import vit
 
 NUM_CLASSES = {'demo': 10}  # MNIST; the paper settings' default task is CIFAR-100.
-
-
-def cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def random_deployed(setting: str):
@@ -126,7 +115,7 @@ def main() -> None:
   parser.add_argument('--json', default='')
   args = parser.parse_args()
   load_before = list(os.getloadavg())
-  res = {'cpu': cpu_name(), 'cpu_count': os.cpu_count(),
+  res = {'cpu': throughput.cpu_name(), 'cpu_count': os.cpu_count(),
          'date': datetime.date.today().isoformat(), 'jax': jax.__version__,
          'device': jax.devices()[0].device_kind, 'load_average_before': load_before,
          'rounds': args.rounds, 'settings': []}
