@@ -176,6 +176,7 @@ def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
   p = {k: v for k, v in p.items()}
   x = embed(p, images)
   bsz, dim = x.shape[0], x.shape[-1]
+  num_patches = x.shape[1] - 1
   size = np.ones(x.shape[:2] + (1,))
   source = np.broadcast_to(np.eye(x.shape[1]), (bsz,) + (x.shape[1],) * 2).copy()
   hd = dim // num_heads
@@ -224,8 +225,7 @@ def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
     if peft == 'convpass':
       x = x + convpass_bypass(y, blk['convpass']['mlp'], source, convpass_scale)
   if pool == 'gap':  # MAE's global_pool as ToMe's MAE patch weights it by size
-    t = (h // patch) * (w // patch)
-    pooled = (x * size)[:, 1:, :].sum(1) / t
+    pooled = (x * size)[:, 1:, :].sum(1) / num_patches
     fc = p['fc_norm']
     feature = layer_norm(pooled, fc['scale'], fc['bias'], ln_eps)
     return feature @ p['head']['kernel'] + p['head']['bias']
