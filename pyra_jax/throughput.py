@@ -150,6 +150,19 @@ def init_params(model_config: ml_collections.ConfigDict, image_size: int,
                     jax.random.PRNGKey(seed + 1))
 
 
+def param_shapes(model_config: ml_collections.ConfigDict, image_size: int) -> PyTree:
+  """The shapes `init_params` would give (traced, nothing computed)."""
+  model = vit.build_model(model_config)
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)['params']
+
+
+def same_shapes(params: PyTree, shapes: PyTree) -> bool:
+  """Whether two parameter trees have the same paths and array shapes."""
+  a, b = jax.tree_util.tree_flatten_with_path(params), jax.tree_util.tree_flatten_with_path(shapes)
+  return (a[1] == b[1] and all(np.shape(x) == tuple(y.shape) for (_, x), (_, y) in zip(a[0], b[0])))
+
+
 def strip_scope(params: PyTree, name: str) -> PyTree:
   """Drops every subtree called `name` (e.g. 'pyra' to get the ToMe tree)."""
   if not isinstance(params, dict):
@@ -190,6 +203,12 @@ def model_info(model: vit.VisionTransformer, method: str, image_size: int,
   n0 = (image_size // model.patch_size) ** 2 + prefix
   flops = schedules.vit_flops(model.schedule, num_tokens=n0, width=model.width,
                               mlp_ratio=model.mlp_dim / model.width)
+  widths = [model.reducer.block_widths(layer) for layer in range(model.depth)]
+  if any(w is not None for w in widths):  # RaP: fewer heads and MLP units per block
+    from pyra_jax.methods import rap  # pylint: disable=g-import-not-at-top
+    flops = sum(rap.block_flops(*(w or (model.num_heads, model.mlp_dim)), num_tokens=n0,
+                                width=model.width, head_dim=model.width // model.num_heads)
+                for w in widths)
   info = {'method': method, 'schedule': list(model.schedule),
           'tokens': schedules.token_counts(model.schedule, n0),
           'gflops': flops / 1e9, 'batch_flops': flops * batch_size}
@@ -412,7 +431,9 @@ def _setup(config: ml_collections.ConfigDict, *, image_size: int, num_classes: i
                                                num_classes=num_classes, schedule=key),
                                  image_size)
       params[name] = bases[key] if m == 'pyra' else strip_scope(bases[key], 'pyra')
-      if m == 'ltmp':  # its thresholds; the backbone is the same (per-path RNG)
+      if not same_shapes(params[name], param_shapes(cfgs[name], image_size)):
+        # A method with parameters of its own (LTMP's thresholds, SPViT's
+        # selectors) or a smaller backbone (RaP's pruned widths): its own init.
         params[name] = init_params(cfgs[name], image_size)
   return image_size, cfgs, params
 

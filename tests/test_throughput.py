@@ -45,3 +45,31 @@ def test_speedup_after_training_is_paired_over_few_rounds_with_its_spread():
           f"per-round {ratios.min():.2f}-{ratios.max():.2f}x; FLOPs ratio")
   assert want in line, line
   assert re.match(r'throughput: pyra [\d.]+ images/s vs uncompressed [\d.]+ images/s', line)
+
+
+@pytest.mark.parametrize('method,field,value', [
+    ('rap', 'rap_widths', '1,2;16,40'),  # pruned heads; MLP units per block
+    ('spvit', 'spvit_layers', '1'),      # a selector of its own in block 1
+])
+def test_methods_with_parameters_of_their_own_are_timed_with_them(method, field, value):
+  """RaP's smaller blocks and SPViT's selectors get their own weights (not the
+  full backbone's), and RaP's FLOPs are those of its pruned widths, counted
+  here from the deployed parameters' shapes."""
+  config = _tiny_config(8)
+  config.model.method = method
+  config.model[field] = value
+  fm = throughput.build_forward(config, batch_size=2, dtype='float32',
+                                methods=('peft', method))
+  _, params = fm.models[method]
+  n, d = 17, 32
+  total = 0.0
+  for layer in range(2):
+    blk = params['Transformer'][f'encoderblock_{layer}']
+    heads = blk['MultiHeadDotProductAttention_0']['query']['kernel'].shape[1]
+    units = blk['MlpBlock_0']['Dense_0']['kernel'].shape[1]
+    e = heads * d // 2
+    total += 2 * (4 * n * d * e + 2 * n * n * e) + 2 * (2 * n * d * units)
+  if method == 'rap':
+    assert fm.infos[method]['gflops'] == pytest.approx(total / 1e9, rel=1e-12)
+  res = throughput.speedup_after_training(config)
+  assert res['models'][method]['speedup'] > 0 and res['recompiled'] is False
