@@ -45,7 +45,7 @@ import math
 import re
 from typing import Callable, Optional, Sequence
 
-import tensorflow as tf
+from pyra_jax.data.tf_import import tf
 
 from pyra_jax.data.errors import DataError
 

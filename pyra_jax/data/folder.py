@@ -51,7 +51,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 from PIL import UnidentifiedImageError
-import tensorflow as tf
+from pyra_jax.data.tf_import import tf
 
 from pyra_jax.data.errors import DataError
 from pyra_jax.data.tasks import CUSTOM_PREFIX, SPLITS, Task, custom_folder_name

@@ -61,7 +61,7 @@ from pathlib import Path
 import zlib
 
 import numpy as np
-import tensorflow as tf
+from pyra_jax.data.tf_import import tf
 
 from pyra_jax.data import folder
 from pyra_jax.data.errors import DataError

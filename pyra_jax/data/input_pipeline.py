@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TF's first import.
 
 import numpy as np  # pylint: disable=g-import-not-at-top
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
+from pyra_jax.data.tf_import import tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 from pyra_jax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-import tensorflow as tf
+from pyra_jax.data.tf_import import tf
 
 from pyra_jax.data.errors import DataError
 from pyra_jax.data.input_pipeline import Data, build_data, checked_label

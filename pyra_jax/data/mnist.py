@@ -18,7 +18,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
+from pyra_jax.data.tf_import import tf
 
 from pyra_jax.data.errors import DataError
 from pyra_jax.data.tasks import check_split
