@@ -45,15 +45,16 @@ def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argumen
 
 
 # The modules holding the longest tests (a minute or more each on a 2-core CPU:
-# the notebooks, the multi-host run, the VTAB protocol, the killed DiffRate
-# search), run first. pytest-xdist hands out the first quarter of the tests
+# the notebooks, the multi-host run, the StableHLO export, the three-stage
+# pipelines, the VTAB protocol, the killed DiffRate search, the benchmark), run first. pytest-xdist hands out the first quarter of the tests
 # round-robin to its workers and the rest as workers free up, so long tests at
 # the end of the order leave one worker idle while the other finishes them;
 # first, they are shared out and the short tests fill in behind. Whole modules
 # move, keeping each module's tests together (module-scoped fixtures are made
 # once).
-LONG_MODULES = ('test_notebooks.py', 'test_multihost.py', 'test_vtab.py',
-                'test_methods_ltmp_diffrate.py')
+LONG_MODULES = ('test_notebooks.py', 'test_multihost.py', 'test_deploy.py',
+                'test_stages.py', 'test_vtab.py', 'test_methods_ltmp_diffrate.py',
+                'test_benchmark.py')
 
 
 def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument

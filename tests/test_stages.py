@@ -14,9 +14,9 @@ from pyra_jax.training import stages
 from tests.helpers.cli import reset_flags, run_main
 
 
-def _args(tmp_path, method, *extra):
+def _args(tmp_path, method, *extra, epochs=2):
   return ('--config=configs/tiny.py:method=' + method, f'--workdir={tmp_path}',
-          '--config.num_epochs=2', '--config.warmup_epochs=0', *extra)
+          f'--config.num_epochs={epochs}', '--config.warmup_epochs=0', *extra)
 
 
 def test_rap_pipeline_resumes_killed_stages(tmp_path, capsys, monkeypatch):
@@ -76,7 +76,7 @@ def test_rap_pipeline_resumes_killed_stages(tmp_path, capsys, monkeypatch):
 
 
 def test_spvit_pipeline_trains_the_selectors(tmp_path, capsys, monkeypatch):
-  code, out, err = run_main(capsys, monkeypatch, *_args(tmp_path, 'spvit'))
+  code, out, err = run_main(capsys, monkeypatch, *_args(tmp_path, 'spvit', epochs=1))
   reset_flags()
   assert code == 0, err
   info = json.loads((tmp_path / stages.STAGE2 / stages.SPVIT_FILE).read_text())

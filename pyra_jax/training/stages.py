@@ -182,7 +182,10 @@ def spvit_insert(config: ml_collections.ConfigDict, flat: dict, num_classes: int
   model = vit.build_model(config.model, num_classes=num_classes)
   size = config.model.image_size
   images = jnp.zeros((1, size, size, 3), jnp.float32)
-  init = model.init({'params': jax.random.key(config.seed)}, images)['params']
+  # Jitted: run op by op, init compiles every operation of the model separately
+  # (most of stage 2's time on a small model).
+  init = jax.jit(lambda k: model.init({'params': k}, images))(
+      jax.random.key(config.seed))['params']
   out = traverse_util.flatten_dict(jax.device_get(init), sep='/')
   for k, v in flat.items():
     if k in out:
