@@ -15,6 +15,7 @@ from pyra_jax.methods.base import Geometry
 from pyra_jax.models import vit
 from tests.helpers import reference_spvit_rap as ref
 from tests.helpers.cli import reset_flags, run_main
+from tests.helpers.models import load_setting
 
 
 def _selector_params(rng, heads, hd):
@@ -136,6 +137,44 @@ def test_budget_sets_geometric_ratios_matching_the_schedules_flops():
   geo = dict(num_tokens=65, width=32, mlp_ratio=2.0)
   got = schedules.vit_flops(red.schedule, **geo) / schedules.vit_flops((0, 0), **geo)
   assert got == pytest.approx(1 / 1.5, abs=0.05)
+
+
+def _block_flops_by_tokens(n_in: int, n_out: int, d: int) -> float:
+  """One block counted by hand: attention on n_in tokens, the MLP (ratio 4) on n_out."""
+  return 2 * (4 * n_in * d * d + 2 * n_in * n_in * d) + 2 * (2 * 4 * n_out * d * d)
+
+
+@pytest.mark.parametrize('setting,want', [
+    ('vitb_low.py', (3, 6, 9)),    # the method's own layers reach the low level
+    ('vitb_high.py', (0, 3, 6)),   # they cannot reach the high one: from block 0
+    ('vitl_high.py', (0, 6, 12)),  # 24 layers: 6, 12, 18 scaled, from block 0
+])
+def test_default_layers_reach_the_settings_flops(setting, want):
+  c = load_setting(setting, 'method=spvit')
+  model = vit.build_model(c.model, num_classes=10)
+  red = model.reducer
+  assert red.layers == want
+  # Tokens through the blocks, by hand: at a pruning layer the kept patches, the
+  # class token and one package token per pruning layer so far go on.
+  depth, d, n0 = model.depth, model.width, 197
+  total, n, packages = 0.0, n0, 0
+  for layer in range(depth):
+    n_out = n
+    if layer in red.layers:
+      packages += 1
+      n_out = 1 + red.keeps[red.layers.index(layer)] + packages
+    total += _block_flops_by_tokens(n, n_out, d)
+    n = n_out
+  schedule_flops = schedules.vit_flops(
+      vit.build_model(load_setting(setting).model, num_classes=10).schedule,
+      num_tokens=n0, width=d)
+  assert total == pytest.approx(schedule_flops, rel=0.05)
+  assert min(red.ratios) > 0.1  # no layer keeps a handful of tokens
+  # Named explicitly, the method's layers at the high level are refused.
+  if want[0] == 0:
+    c.model.spvit_layers = ','.join(str(l + (3 if depth == 12 else 6)) for l in want)
+    with pytest.raises(Exception, match='cannot reach the FLOPs'):
+      vit.build_model(c.model, num_classes=10)
 
 
 @pytest.mark.parametrize('override,message', [

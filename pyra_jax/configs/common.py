@@ -182,7 +182,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # SPViT (method='spvit'): a learned token selector per pruning layer, the pruned
   # tokens packaged into one token; training masks (hard Gumbel-softmax), inference
   # keeps a static count per layer. Its layers, 0-based ('3,6,9'); '': the method's
-  # 3,6,9 of 12 layers, scaled to the depth
+  # 3,6,9 of 12 layers, scaled to the depth, or (when those cannot reach the
+  # schedule's FLOPs: the high levels) the same spacing from block 0 ('0,3,6')
   model.spvit_layers = ''
   # Kept fraction of the patch tokens at each of its layers, decreasing, in (0, 1)
   # ('0.7,0.49,0.34'); '': base, base^2, ... with base solved so the deployed

@@ -237,6 +237,26 @@ def ratios_for_flops(target: float, layers: Sequence[int], *, depth: int,
   return tuple(best ** (j + 1) for j in range(len(layers)))
 
 
+def default_layers_for_flops(target: float, *, depth: int, **kw) -> tuple[
+    tuple[int, ...], tuple[float, ...]]:
+  """The default pruning layers (`model.spvit_layers=''`) and their keep ratios.
+
+  The method's layers (3, 6, 9 of 12, scaled to the depth) when their geometric
+  keep ratios reach `target` within 5 %. Otherwise (the paper's high levels:
+  the tokens must go before block 3 for the FLOPs to fall far enough) the same
+  spacing from block 0 (0, 3, 6): of the layers moved earlier together, these
+  reach the FLOPs with the mildest keep ratios (on ViT-B/16 high 0.50, 0.25,
+  0.12 of the patches, where 2, 5, 8 would keep 0.24, 0.06, 0.01). Raises
+  ConfigError (ratios_for_flops's) when neither reaches it.
+  """
+  layers = schedules.evit_default_layers(depth)
+  try:
+    return layers, ratios_for_flops(target, layers, depth=depth, **kw)
+  except ConfigError:
+    moved = tuple(l - layers[0] for l in layers)
+    return moved, ratios_for_flops(target, moved, depth=depth, **kw)
+
+
 @dataclasses.dataclass(frozen=True)
 class SPViT(base.TokenReducer):
   """Selectors at `layers`; `keeps` patch tokens kept there at inference."""
@@ -261,16 +281,19 @@ class SPViT(base.TokenReducer):
   def from_config(cls, c: ml_collections.ConfigDict, geo: base.Geometry) -> 'SPViT':
     """From its keep ratios, or ('' ) the geometric ratios matching model.schedule's FLOPs."""
     layers = base.layer_list(c, 'spvit_layers', geo.depth)
-    if layers is None:
-      layers = schedules.evit_default_layers(geo.depth)
-    ratios = parse_ratios(c.spvit_keep_ratios, len(layers))
+    ratios = parse_ratios(c.spvit_keep_ratios,
+                          len(layers or schedules.evit_default_layers(geo.depth)))
     if ratios is None:
       target = schedules.vit_flops(base.config_schedule(c, geo), num_tokens=geo.num_tokens,
                                    width=geo.width, mlp_ratio=geo.mlp_ratio)
-      ratios = ratios_for_flops(target, layers, depth=geo.depth,
-                                num_patches=geo.num_patches,
-                                num_protected=geo.num_protected, width=geo.width,
-                                mlp_ratio=geo.mlp_ratio)
+      kw = dict(depth=geo.depth, num_patches=geo.num_patches,
+                num_protected=geo.num_protected, width=geo.width, mlp_ratio=geo.mlp_ratio)
+      if layers is None:
+        layers, ratios = default_layers_for_flops(target, **kw)
+      else:
+        ratios = ratios_for_flops(target, layers, **kw)
+    elif layers is None:
+      layers = schedules.evit_default_layers(geo.depth)
     keeps = keep_counts(ratios, geo.num_patches)
     check_keeps(keeps, ratios, geo.num_patches)
     w = c.spvit_ratio_weight
