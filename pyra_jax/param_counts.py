@@ -182,9 +182,17 @@ def report_text(config: ml_collections.ConfigDict) -> str:
     paper_text = f'{paper / 1e3:.2f}K' if paper is not None else '-'
     lines.append(f"{kind:<16} {counts['generators']:>11,} {counts['generator_norms']:>12,} "
                  f"{paper_text:>9}  {where}")
+  method = m.method if m.method != 'pyra' else f'pyra ({m.modulation})'
+  if m.method == 'rap' and not m.get('rap_widths'):
+    # Before its search RaP has no widths: count the pruned model at the
+    # setting's FLOPs with every block pruned alike (what the benchmark times).
+    from pyra_jax import throughput  # pylint: disable=g-import-not-at-top
+    m = ml_collections.ConfigDict(m.to_dict())
+    m.rap_widths = throughput.rap_uniform_widths(m)
+    heads, units = (part.split(',')[0] for part in m.rap_widths.split(';'))
+    method = f'rap, every block at {heads} heads and {units} MLP units (the FLOPs of the level)'
   params = abstract_params(m, n_cls)
   trainable, frozen = optim.split_params(params, config.trainable)
-  method = m.method if m.method != 'pyra' else f'pyra ({m.modulation})'
   lines.append(f'This config ({method}): ' + format_trainable(trainable_report(trainable, frozen)))
   peft = m.get('peft', 'lora')
   if peft in PAPER_PEFT_COUNTS:
@@ -197,7 +205,7 @@ def report_text(config: ml_collections.ConfigDict) -> str:
     paper = ', '.join(f'{b} {l} {v}%' for (b, l), v in PAPER_TRAINABLE_PERCENT_RAP.items())
     lines.append(f'Paper (Tables 2-5, RaP): {paper}. Our RaP trains LoRA + head of the '
                  'pruned model (set --config.model.rap_widths to a stage 2 rap_widths.json '
-                 'to count the pruned shapes); SPViT also its selectors ("other").')
+                 'to count the widths its search chose); SPViT also its selectors ("other").')
   elif peft == 'adapter':
     lines.append(f'Paper (Tables 18-19, Adapter at ViT-B high): '
                  f'{PAPER_TRAINABLE_PERCENT_ADAPTER_VITB_HIGH}% (Adapter + generators).')

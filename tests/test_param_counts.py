@@ -1,11 +1,13 @@
 """Parameter counts (Tables 1 and 6-8) against hand-written formulas."""
 
+import re
 
 import pytest
 
 from pyra_jax.configs import vitb_high
 from pyra_jax import optim
 from pyra_jax import param_counts
+from pyra_jax import schedules
 from tests.helpers.cli import cli
 from tests.helpers.models import tiny_config
 
@@ -62,6 +64,29 @@ def test_vitb_high_pyra_trains_035_percent_of_the_backbone():
   assert report['head'] == 768 * 100 + 100
   assert round(report['lora_generators_percent_of_backbone'], 2) == 0.35
   assert report['trainable'] == lora + generators + 12 * 2 * 768 + 768 * 100 + 100
+
+
+def test_rap_before_its_search_counts_the_pruned_model_at_the_levels_flops():
+  """RaP at ViT-B/16 high: every block pruned alike to the level's FLOPs, LoRA on the
+  remaining heads' q/k/v, the head; the widths' FLOPs counted here by hand."""
+  config = vitb_high.get_config('method=rap')
+  text = param_counts.report_text(config)
+  line = next(l for l in text.splitlines() if l.startswith('This config (rap'))
+  heads, units = map(int, re.search(r'every block at (\d+) heads and (\d+) MLP units',
+                                    line).groups())
+  n, d, hd = 197, 768, 64
+
+  def block(h, m):
+    e = h * hd
+    return 2 * (4 * n * d * e + 2 * n * n * e) + 2 * (2 * n * d * m)
+  fraction = block(heads, units) / block(12, 3072)
+  uniform = schedules.vit_flops((0,) * 12, num_tokens=n, width=d)
+  high = (40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3)  # the paper's ViT-B/16 high r_l
+  target = schedules.vit_flops(high, num_tokens=n, width=d) / uniform
+  assert target - 0.03 <= fraction <= target
+  lora = 12 * (d * 8 + 8 * 3 * heads * hd)
+  want = lora + d * 100 + 100
+  assert f'Trainable parameters: {want:,} ' in line and f'LoRA {lora:,}' in line
 
 
 @pytest.mark.parametrize('args,message', [
