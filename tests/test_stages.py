@@ -1,5 +1,5 @@
 """The three-stage pipeline of RaP and SPViT through the CLI, on the tiny config:
-stage 1 (method=peft) reused, a killed stage 2 (RaP's search) and a killed
+stage 1 (method=peft) reused (by SPViT from RaP's workdir too), a killed stage 2 (RaP's search) and a killed
 stage 3 resumed, eval of the pruned model (docs/algorithm.md §18.3)."""
 
 import json
@@ -14,13 +14,17 @@ from pyra_jax.training import stages
 from tests.helpers.cli import reset_flags, run_main
 
 
-def _args(tmp_path, method, *extra, epochs=2):
-  return ('--config=configs/tiny.py:method=' + method, f'--workdir={tmp_path}',
-          f'--config.num_epochs={epochs}', '--config.warmup_epochs=0', *extra)
+def _args(workdir, method, *extra):
+  return ('--config=configs/tiny.py:method=' + method, f'--workdir={workdir}',
+          '--config.num_epochs=2', '--config.warmup_epochs=0', *extra)
 
 
-def test_rap_pipeline_resumes_killed_stages(tmp_path, capsys, monkeypatch):
-  args = _args(tmp_path, 'rap', '--config.model.rap_candidates=4',
+def test_rap_pipeline_resumes_killed_stages_and_spvit_reuses_its_stage_1(
+    tmp_path, capsys, monkeypatch):
+  """RaP's three stages, stages 2 and 3 killed and resumed; then SPViT's pipeline
+  on RaP's stage 1 (`model.stage1_workdir`), which it reuses untouched."""
+  rap_dir, spvit_dir = tmp_path / 'rap', tmp_path / 'spvit'
+  args = _args(rap_dir, 'rap', '--config.model.rap_candidates=4',
                '--config.model.rap_score_batches=1')
   sample = rap_lib.sample_candidate
   calls = []
@@ -34,7 +38,7 @@ def test_rap_pipeline_resumes_killed_stages(tmp_path, capsys, monkeypatch):
   code, out, err = run_main(capsys, monkeypatch, *args)
   reset_flags()
   assert code == 130, err
-  s1, s2 = tmp_path / stages.STAGE1, tmp_path / stages.STAGE2
+  s1, s2 = rap_dir / stages.STAGE1, rap_dir / stages.STAGE2
   assert (s1 / 'results.json').exists()
   stage1_time = os.path.getmtime(s1 / 'results.json')
   first = (s2 / stages.CANDIDATES_FILE).read_text().splitlines()
@@ -58,7 +62,7 @@ def test_rap_pipeline_resumes_killed_stages(tmp_path, capsys, monkeypatch):
   widths = json.loads((s2 / rap_lib.WIDTHS_FILE).read_text())
   best = min((json.loads(l) for l in lines), key=lambda r: r['loss'])
   assert widths['heads'] == best['heads'] and widths['mlp'] == best['mlp']
-  assert checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 25
+  assert checkpointing.Checkpointer(str(rap_dir / 'checkpoints')).latest_step() == 25
 
   monkeypatch.setattr(loop, 'train_batches', original)
   code, out, err = run_main(capsys, monkeypatch, *args)
@@ -66,20 +70,23 @@ def test_rap_pipeline_resumes_killed_stages(tmp_path, capsys, monkeypatch):
   assert code == 0, err
   assert 'final accuracy' in out
   assert os.path.getmtime(s1 / 'results.json') == stage1_time  # stage 1 reused
-  assert checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 50
-  results = json.loads((tmp_path / 'results.json').read_text())
+  assert checkpointing.Checkpointer(str(rap_dir / 'checkpoints')).latest_step() == 50
+  results = json.loads((rap_dir / 'results.json').read_text())
   assert results['steps'] == 50
   # The pruned model is evaluated with its own widths.
   code, out, err = run_main(capsys, monkeypatch, *args, '--mode=eval')
   reset_flags()
   assert code == 0, err
 
-
-def test_spvit_pipeline_trains_the_selectors(tmp_path, capsys, monkeypatch):
-  code, out, err = run_main(capsys, monkeypatch, *_args(tmp_path, 'spvit', epochs=1))
+  # SPViT on RaP's stage 1: the pruning methods' own settings differ, stage 1 does not.
+  code, out, err = run_main(capsys, monkeypatch, *_args(
+      spvit_dir, 'spvit', f'--config.model.stage1_workdir={s1}'))
   reset_flags()
   assert code == 0, err
-  info = json.loads((tmp_path / stages.STAGE2 / stages.SPVIT_FILE).read_text())
+  assert os.path.getmtime(s1 / 'results.json') == stage1_time
+  assert not (spvit_dir / stages.STAGE1).exists()
+  info = json.loads((spvit_dir / stages.STAGE2 / stages.SPVIT_FILE).read_text())
   assert info['layers'] == [0, 1] and len(info['keeps']) == 2
-  pruned = np.load(tmp_path / stages.STAGE2 / stages.PRUNED_FILE)
+  pruned = np.load(spvit_dir / stages.STAGE2 / stages.PRUNED_FILE)
   assert any('/spvit/' in k for k in pruned.files)
+  assert json.loads((spvit_dir / 'results.json').read_text())['steps'] == 50

@@ -52,8 +52,18 @@ def stage1_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def stage1_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The same run without compression (method='peft')."""
+  """The same run without compression (method='peft').
+
+  The pruning methods' own fields (and `model.stage1_workdir`, which says where
+  stage 1 is, not how it trains) are reset to their defaults: stage 1 is the
+  same run for RaP and SPViT, so one method's pipeline can reuse the other's
+  (`model.stage1_workdir`) without a config mismatch.
+  """
+  from pyra_jax.configs import common  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(config.to_dict())
+  defaults = common.get_base_config().model
+  for field in (*rap_lib.RaP.config_fields, *spvit_lib.SPViT.config_fields):
+    c.model[field] = defaults[field]
   c.model.method = 'peft'
   c.benchmark_after_training = False
   return c
