@@ -186,9 +186,9 @@ def report_text(config: ml_collections.ConfigDict) -> str:
   if m.method == 'rap' and not m.get('rap_widths'):
     # Before its search RaP has no widths: count the pruned model at the
     # setting's FLOPs with every block pruned alike (what the benchmark times).
-    from pyra_jax import throughput  # pylint: disable=g-import-not-at-top
+    from pyra_jax.models import vit  # pylint: disable=g-import-not-at-top
     m = ml_collections.ConfigDict(m.to_dict())
-    m.rap_widths = throughput.rap_uniform_widths(m)
+    m.rap_widths = vit.rap_uniform_widths(m)
     heads, units = (part.split(',')[0] for part in m.rap_widths.split(';'))
     method = f'rap, every block at {heads} heads and {units} MLP units (the FLOPs of the level)'
   params = abstract_params(m, n_cls)

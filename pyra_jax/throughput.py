@@ -91,23 +91,8 @@ def method_config(model_config: ml_collections.ConfigDict, method: str, *,
   if method == 'diffrate' and not c.get('diffrate_rates'):
     c.diffrate_rates = schedule_as_diffrate_rates(c)
   if method == 'rap' and not c.get('rap_widths'):
-    c.rap_widths = rap_uniform_widths(c)
+    c.rap_widths = vit.rap_uniform_widths(c)
   return c
-
-
-def rap_uniform_widths(model_config: ml_collections.ConfigDict) -> str:
-  """RaP's widths when no search has run: one keep fraction for every block, at
-  the schedule's FLOPs (the level a search would meet; `rap.uniform_widths`)."""
-  from pyra_jax.methods import base as base_lib  # pylint: disable=g-import-not-at-top
-  from pyra_jax.methods import rap as rap_lib  # pylint: disable=g-import-not-at-top
-  as_peft = ml_collections.ConfigDict(model_config.to_dict())
-  as_peft.method = 'peft'
-  kw = vit.model_kwargs(as_peft, num_classes=1)
-  geo = base_lib.Geometry(
-      depth=kw['depth'], num_patches=(model_config.image_size // kw['patch_size']) ** 2,
-      num_protected=1 + int(kw['distilled']), width=kw['width'], mlp_dim=kw['mlp_dim'],
-      num_heads=kw['num_heads'])
-  return rap_lib.uniform_widths(geo, rap_lib.budget(model_config, geo))
 
 
 def schedule_as_diffrate_rates(model_config: ml_collections.ConfigDict) -> str:

@@ -785,6 +785,22 @@ def build_model(model_config: ml_collections.ConfigDict, *,
 
 
 
+def rap_uniform_widths(model_config: ml_collections.ConfigDict) -> str:
+  """RaP's widths (`model.rap_widths`) when no search has run: one keep fraction
+  for every block, at the schedule's FLOPs (the level a search would meet;
+  `methods.rap.uniform_widths`). What the benchmark times and `param_counts`
+  counts for RaP before its stage 2."""
+  from pyra_jax.methods import rap as rap_lib  # pylint: disable=g-import-not-at-top
+  as_peft = ml_collections.ConfigDict(model_config.to_dict())
+  as_peft.method = 'peft'
+  kw = model_kwargs(as_peft, num_classes=1)
+  geo = Geometry(
+      depth=kw['depth'], num_patches=(model_config.image_size // kw['patch_size']) ** 2,
+      num_protected=1 + int(kw['distilled']), width=kw['width'], mlp_dim=kw['mlp_dim'],
+      num_heads=kw['num_heads'])
+  return rap_lib.uniform_widths(geo, rap_lib.budget(model_config, geo))
+
+
 def deployed_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config of the deployed model: LoRA folded in (rank 0), no dropout.
 
