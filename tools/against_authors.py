@@ -249,6 +249,7 @@ def compare(authors_repo: str, *, methods=METHODS, batch_size: int = 8,
   tv = _torchvision_or_stand_in()
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+  from pyra_jax import throughput  # pylint: disable=g-import-not-at-top
   if threads:
     torch.set_num_threads(threads)
   sync_jax = jax.block_until_ready
@@ -291,7 +292,7 @@ def compare(authors_repo: str, *, methods=METHODS, batch_size: int = 8,
                       'image_size': 224, 'dtype': 'float32', 'num_classes': NUM_CLASSES,
                       'schedule': 'high', 'seconds': elapsed,
                       'compile_and_warmup_seconds': t_compile},
-         'machine': {'cpu': _cpu_model(), 'cpu_count': os.cpu_count(),
+         'machine': {'cpu': throughput.cpu_name(), 'cpu_count': os.cpu_count(),
                      'torch': torch.__version__, 'torch_threads': torch.get_num_threads(),
                      'jax': jax.__version__, 'python': platform.python_version(),
                      'torchvision': tv},
@@ -552,17 +553,6 @@ def format_profiles(res: dict) -> str:
     lines.append(f"| wall time while profiled | {o['wall_ms']:.1f} | {t['wall_ms']:.1f} | "
                  f"{o['wall_ms'] - t['wall_ms']:+.1f} |")
   return '\n'.join(lines)
-
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def format_table(res: dict) -> str:

@@ -164,6 +164,37 @@ def embed(p: dict, images: np.ndarray, kernel_dtype=None) -> np.ndarray:
   return x
 
 
+def attention(y, att, size, mask, num_heads):
+  """Multi-head attention of our parameter tree (LoRA unfolded), float64.
+
+  Keys get the log-size bias when `size` is given and weight 0 where `mask`
+  is 0. Returns (output after the projection, weights (B, H, N, N), keys
+  (B, N, H, hd))."""
+  bsz, n, dim = y.shape
+  hd = dim // num_heads
+  proj = lambda name: np.einsum('bnd,dhk->bnhk', y, att[name]['kernel']) + att[name]['bias']
+  q, k, v = proj('query'), proj('key'), proj('value')
+  if 'lora' in att:
+    delta = (y @ att['lora']['down']) @ att['lora']['up']
+    q = q + delta[..., :dim].reshape(q.shape)
+    k = k + delta[..., dim:2 * dim].reshape(k.shape)
+    v = v + delta[..., 2 * dim:].reshape(v.shape)
+  out = np.zeros_like(q)
+  probs = np.zeros((bsz, num_heads, n, n))
+  for bi in range(bsz):
+    for hh in range(num_heads):
+      logits = q[bi, :, hh] @ k[bi, :, hh].T / math.sqrt(hd)
+      if size is not None:
+        logits = logits + np.log(size[bi, :, 0])[None, :]
+      e = np.exp(logits - logits.max(-1, keepdims=True))
+      if mask is not None:
+        e = e * mask[bi][None, :]
+      probs[bi, hh] = e / e.sum(-1, keepdims=True)
+      out[bi, :, hh] = probs[bi, hh] @ v[bi, :, hh]
+  out = np.einsum('bnhk,hkd->bnd', out, att['out']['kernel']) + att['out']['bias']
+  return out, probs, k
+
+
 def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
                 prop_attn: bool = True, pyra: bool = False, ln_eps: float = 1e-6,
                 pyra_eps: float = 1e-5, peft: str = 'lora',
@@ -175,33 +206,15 @@ def vit_forward(p: dict, images: np.ndarray, schedule, *, num_heads: int,
   """
   p = {k: v for k, v in p.items()}
   x = embed(p, images)
-  bsz, dim = x.shape[0], x.shape[-1]
-  num_patches = x.shape[1] - 1
+  bsz, num_patches = x.shape[0], x.shape[1] - 1
   size = np.ones(x.shape[:2] + (1,))
   source = np.broadcast_to(np.eye(x.shape[1]), (bsz,) + (x.shape[1],) * 2).copy()
-  hd = dim // num_heads
   for li, r in enumerate(schedule):
     blk = p['Transformer'][f'encoderblock_{li}']
     ln0 = blk['LayerNorm_0']
     y = layer_norm(x, ln0['scale'], ln0['bias'], ln_eps)
-    att = blk['MultiHeadDotProductAttention_0']
-    proj = lambda name: (np.einsum('bnd,dhk->bnhk', y, att[name]['kernel'])
-                         + att[name]['bias'])
-    q, k, v = proj('query'), proj('key'), proj('value')
-    if 'lora' in att:
-      delta = (y @ att['lora']['down']) @ att['lora']['up']
-      q = q + delta[..., :dim].reshape(q.shape)
-      k = k + delta[..., dim:2 * dim].reshape(k.shape)
-      v = v + delta[..., 2 * dim:].reshape(v.shape)
-    out = np.zeros_like(q)
-    for bi in range(bsz):
-      for hh in range(num_heads):
-        logits = q[bi, :, hh] @ k[bi, :, hh].T / math.sqrt(hd)
-        if prop_attn:
-          logits = logits + np.log(size[bi, :, 0])[None, :]
-        e = np.exp(logits - logits.max(-1, keepdims=True))
-        out[bi, :, hh] = (e / e.sum(-1, keepdims=True)) @ v[bi, :, hh]
-    out = np.einsum('bnhk,hkd->bnd', out, att['out']['kernel']) + att['out']['bias']
+    out, _, k = attention(y, blk['MultiHeadDotProductAttention_0'],
+                          size if prop_attn else None, None, num_heads)
     x = x + out
     if peft == 'convpass':
       x = x + convpass_bypass(y, blk['convpass']['attn'], source, convpass_scale)

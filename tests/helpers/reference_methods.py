@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from tests.helpers.reference_merge import embed, gelu, layer_norm
+from tests.helpers.reference_merge import attention, embed, gelu, layer_norm
 
 
 def ltmp_block(x, size, mask, metric, importance, merge_t, prune_t, num_protected=1):
@@ -147,37 +147,6 @@ def evit_block(x, cls_attn, keep):
   return np.stack(outs)
 
 
-def _attention(y, att, size, mask, num_heads):
-  """Multi-head attention of our parameter tree (LoRA unfolded), float64.
-
-  Keys get the log-size bias when `size` is given and weight 0 where `mask`
-  is 0. Returns (output after the projection, weights (B, H, N, N), keys
-  (B, N, H, hd))."""
-  bsz, n, dim = y.shape
-  hd = dim // num_heads
-  proj = lambda name: np.einsum('bnd,dhk->bnhk', y, att[name]['kernel']) + att[name]['bias']
-  q, k, v = proj('query'), proj('key'), proj('value')
-  if 'lora' in att:
-    delta = (y @ att['lora']['down']) @ att['lora']['up']
-    q = q + delta[..., :dim].reshape(q.shape)
-    k = k + delta[..., dim:2 * dim].reshape(k.shape)
-    v = v + delta[..., 2 * dim:].reshape(v.shape)
-  out = np.zeros_like(q)
-  probs = np.zeros((bsz, num_heads, n, n))
-  for bi in range(bsz):
-    for hh in range(num_heads):
-      logits = q[bi, :, hh] @ k[bi, :, hh].T / math.sqrt(hd)
-      if size is not None:
-        logits = logits + np.log(size[bi, :, 0])[None, :]
-      e = np.exp(logits - logits.max(-1, keepdims=True))
-      if mask is not None:
-        e = e * mask[bi][None, :]
-      probs[bi, hh] = e / e.sum(-1, keepdims=True)
-      out[bi, :, hh] = probs[bi, hh] @ v[bi, :, hh]
-  out = np.einsum('bnhk,hkd->bnd', out, att['out']['kernel']) + att['out']['bias']
-  return out, probs, k
-
-
 def vit_forward(p: dict, images: np.ndarray, *, method: str, num_heads: int,
                 depth: int, ln_eps: float = 1e-6, diffrate_kept=(), evit_keep_rate=0.7,
                 evit_layers=(), prop_attn: bool = True) -> np.ndarray:
@@ -202,7 +171,7 @@ def vit_forward(p: dict, images: np.ndarray, *, method: str, num_heads: int,
     ln0 = blk['LayerNorm_0']
     y = layer_norm(x, ln0['scale'], ln0['bias'], ln_eps)
     use_size = size if (prop_attn and method != 'evit') else None
-    out, probs, k = _attention(y, blk['MultiHeadDotProductAttention_0'], use_size,
+    out, probs, k = attention(y, blk['MultiHeadDotProductAttention_0'], use_size,
                                mask if method == 'ltmp' else None, num_heads)
     x = x + out
     if method == 'ltmp':
