@@ -201,15 +201,9 @@ def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
 
   def wrapped(argv: list[str]) -> Any:
     try:
-      return main(argv)
-    except app.UsageError as e:
+      return call(lambda: main(argv))
+    except app.UsageError as e:  # `call` leaves absl's own usage errors to us
       fail(str(e), USAGE_EXIT)
-    except UsageError as e:
-      fail(str(e), USAGE_EXIT)
-    except Exception as e:  # pylint: disable=broad-except
-      if not is_user_error(e):
-        raise
-      fail(str(e), 1)
 
   return wrapped
 
