@@ -34,6 +34,7 @@ from pyra_jax.training import teacher as teacher_lib
 from tests.helpers.cli import NoCapture, one_sentence, reset_flags, run_main
 from tests.helpers.data import require_offline_mnist
 from tests.helpers.models import tiny_run_config
+from tests.helpers.runs import Killed, kill_after
 
 # The tiny setting, 1 epoch (25 steps of 40 digits), evaluated on val200.
 TINY = ['--config.data.eval_split=val200', '--config.eval_batch_size=64',
@@ -308,10 +309,6 @@ def test_the_step_trains_lora_and_head_only_and_compiles_once(teacher_wd, monkey
 # Resume after a kill; the teacher recorded with the run.
 # ---------------------------------------------------------------------------
 
-class Killed(Exception):
-  pass
-
-
 def test_a_killed_distillation_run_resumes_to_the_same_weights(
     teacher_wd, teacher_export, tmp_path, monkeypatch):
   config = student_config(teacher_workdir=str(teacher_wd))
@@ -319,14 +316,7 @@ def test_a_killed_distillation_run_resumes_to_the_same_weights(
   ref = loop.train_and_evaluate(config, str(tmp_path / 'ref'))
   assert ref['teacher']['fingerprint'] and ref['teacher']['step'] == STEPS
 
-  original = loop.train_batches
-
-  def dies_after_13(data, start_step):
-    for i, b in enumerate(original(data, start_step)):
-      if i == 13:
-        raise Killed()
-      yield b
-  monkeypatch.setattr(loop, 'train_batches', dies_after_13)
+  monkeypatch.setattr(loop, 'train_batches', kill_after(13))
   wd = tmp_path / 'killed'
   with pytest.raises(Killed):
     loop.train_and_evaluate(config, str(wd))

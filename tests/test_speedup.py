@@ -286,6 +286,7 @@ def test_training_records_the_choice_and_a_resumed_run_times_nothing(tmp_path, m
   the run measures once; results.json holds the measurement."""
   from tests.helpers.data import require_offline_mnist  # pylint: disable=g-import-not-at-top
   from pyra_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from tests.helpers.runs import Killed, kill_after  # pylint: disable=g-import-not-at-top
   require_offline_mnist()
   timer = CountingTimer()
   monkeypatch.setattr(speedup_timer, 'make_timer', lambda config, batch, rounds: timer)
@@ -298,16 +299,7 @@ def test_training_records_the_choice_and_a_resumed_run_times_nothing(tmp_path, m
     return c
 
   original = loop.train_batches
-
-  class Killed(Exception):
-    pass
-
-  def killed_after_three(data, start_step):
-    for i, batch in enumerate(original(data, start_step)):
-      if i == 3:
-        raise Killed()
-      yield batch
-  monkeypatch.setattr(loop, 'train_batches', killed_after_three)
+  monkeypatch.setattr(loop, 'train_batches', kill_after(3))
   wd = str(tmp_path / 'run')
   with pytest.raises(Killed):
     loop.train_and_evaluate(cfg(), wd)

@@ -12,6 +12,7 @@ from pyra_jax.methods import rap as rap_lib
 from pyra_jax.training import loop
 from pyra_jax.training import stages
 from tests.helpers.cli import reset_flags, run_main
+from tests.helpers.runs import kill_after
 
 
 def _args(workdir, method, *extra):
@@ -47,13 +48,7 @@ def test_rap_pipeline_resumes_killed_stages_and_spvit_reuses_its_stage_1(
   # Stage 3 killed after 30 of its 50 steps (checkpoint at 25).
   monkeypatch.setattr(rap_lib, 'sample_candidate', sample)
   original = loop.train_batches
-
-  def dying_batches(data, start_step):
-    for i, batch in enumerate(original(data, start_step)):
-      if i == 30:
-        raise KeyboardInterrupt()  # as a kill: exit 130, resumable
-      yield batch
-  monkeypatch.setattr(loop, 'train_batches', dying_batches)
+  monkeypatch.setattr(loop, 'train_batches', kill_after(30, KeyboardInterrupt))  # exit 130
   code, out, err = run_main(capsys, monkeypatch, *args)
   reset_flags()
   assert code == 130, err

@@ -23,27 +23,11 @@ from pyra_jax.training import setup
 from pyra_jax.training import steps
 from tests.helpers.data import require_offline_mnist
 from tests.helpers.models import tiny_run_config
-from tests.helpers.runs import losses, trained_params
+from tests.helpers.runs import Killed, kill_after, losses, trained_params
 
 require_offline_mnist(module_level=True)
 
 STEPS = 50  # 2 epochs of 1,000 digits at batch 40; checkpoints at 25 and 50.
-
-
-class Killed(Exception):
-  pass
-
-
-def kill_after(n):
-  """A train_batches that dies after n batches, like a SIGKILL between steps."""
-  original = loop.train_batches
-
-  def batches(data, start_step):
-    for i, batch in enumerate(original(data, start_step)):
-      if i == n:
-        raise Killed()
-      yield batch
-  return batches
 
 
 @pytest.fixture(scope='module')

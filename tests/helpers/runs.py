@@ -10,8 +10,27 @@ import numpy as np
 from flax import traverse_util
 
 from pyra_jax import metrics
+from pyra_jax.training import loop
 from pyra_jax.training import setup
 from tests.helpers.models import tiny_run_config
+
+
+class Killed(Exception):
+  """What `kill_after`'s batches raise: a kill between two training steps."""
+
+
+def kill_after(n: int, error: type[BaseException] = Killed):
+  """A `loop.train_batches` (set it with monkeypatch) that raises `error` instead
+  of yielding its (n+1)-th batch, like a SIGKILL between steps (KeyboardInterrupt:
+  a Ctrl-C, which the command line turns into exit 130)."""
+  original = loop.train_batches
+
+  def batches(data, start_step):
+    for i, batch in enumerate(original(data, start_step)):
+      if i == n:
+        raise error()
+      yield batch
+  return batches
 
 
 def checkpoint_steps(workdir) -> list[int]:
