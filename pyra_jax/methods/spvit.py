@@ -281,19 +281,19 @@ class SPViT(base.TokenReducer):
   def from_config(cls, c: ml_collections.ConfigDict, geo: base.Geometry) -> 'SPViT':
     """From its keep ratios, or ('' ) the geometric ratios matching model.schedule's FLOPs."""
     layers = base.layer_list(c, 'spvit_layers', geo.depth)
-    ratios = parse_ratios(c.spvit_keep_ratios,
-                          len(layers or schedules.evit_default_layers(geo.depth)))
+    default_layers = layers is None
+    if default_layers:
+      layers = schedules.evit_default_layers(geo.depth)
+    ratios = parse_ratios(c.spvit_keep_ratios, len(layers))
     if ratios is None:
       target = schedules.vit_flops(base.config_schedule(c, geo), num_tokens=geo.num_tokens,
                                    width=geo.width, mlp_ratio=geo.mlp_ratio)
       kw = dict(depth=geo.depth, num_patches=geo.num_patches,
                 num_protected=geo.num_protected, width=geo.width, mlp_ratio=geo.mlp_ratio)
-      if layers is None:
+      if default_layers:  # moved earlier when they cannot reach the FLOPs
         layers, ratios = default_layers_for_flops(target, **kw)
       else:
         ratios = ratios_for_flops(target, layers, **kw)
-    elif layers is None:
-      layers = schedules.evit_default_layers(geo.depth)
     keeps = keep_counts(ratios, geo.num_patches)
     check_keeps(keeps, ratios, geo.num_patches)
     w = c.spvit_ratio_weight
